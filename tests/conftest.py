@@ -1,0 +1,40 @@
+"""Shared fixtures: the real sample files and one small synthetic data dir per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+SYNTHETIC = dict(rows=1500, patients=60, positive_rate=0.03, image_size=64, test_rows=100, seed=7)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """tests/fixtures: 5 real train rows and the 3 real test rows with their crops."""
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic data dir in the Kaggle layout (see SYNTHETIC), made once per session."""
+    from utils.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    summary = generate(root / "data", workers=1, **SYNTHETIC)
+    return summary.out_dir
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (real PH2 and HAM10000); tests that need it skip, saying why, without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real external data not found at {SHARED_DATA}")
+    return SHARED_DATA

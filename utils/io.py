@@ -1,0 +1,151 @@
+"""Reading the Kaggle-layout data dir: metadata CSVs with Polars and JPEG crops from hdf5."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import polars as pl
+
+from utils.schema import SCHEMAS, SchemaError, validate_columns, validate_frame
+
+TRAIN_METADATA = "train-metadata.csv"
+TRAIN_IMAGES = "train-image.hdf5"
+TEST_METADATA = "test-metadata.csv"
+TEST_IMAGES = "test-image.hdf5"
+SAMPLE_SUBMISSION = "sample_submission.csv"
+
+cv2.setNumThreads(1)  # one decode per DataLoader worker; OpenCV's own pool would oversubscribe
+
+
+class ImageReadError(KeyError):
+    """An image is missing from the hdf5 file or cannot be decoded; carries the isic_id."""
+
+    def __init__(self, isic_id: str, source: str | Path, reason: str):
+        super().__init__(isic_id)
+        self.isic_id = isic_id
+        self.message = f"{source}: image {isic_id!r} {reason}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def read_metadata(path: str | Path, kind: str, *, validate: bool = True) -> pl.DataFrame:
+    """Read a train or test metadata CSV into the schema's dtypes (columns in file order).
+
+    Extra columns are kept as strings only when `validate` is False; otherwise a missing or
+    unexpected column raises SchemaError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} metadata file not found: {path}")
+    header = pl.read_csv(path, n_rows=0).columns
+    if validate:
+        validate_columns(header, kind, path)
+    schema = SCHEMAS[kind]
+    overrides = {c: schema.get(c, pl.String) for c in header}
+    try:
+        df = pl.read_csv(path, schema_overrides=overrides, infer_schema=False)
+    except pl.exceptions.ComputeError as err:
+        raise SchemaError(f"{path}: a value does not fit the schema's dtype: {err}") from err
+    if validate:
+        validate_frame(df, kind, path)
+    return df
+
+
+def decode_jpeg(
+    data: bytes | np.ndarray, isic_id: str = "?", source: str | Path = "?"
+) -> np.ndarray:
+    """Decode JPEG bytes to an RGB uint8 array of shape (H, W, 3)."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
+    image = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if image is None:
+        raise ImageReadError(isic_id, source, "is not a decodable JPEG")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class HDF5Images:
+    """Lazy, read-only access to an hdf5 file with one JPEG byte string per isic_id.
+
+    The file is opened on first use and once per process, so one instance can be handed to
+    DataLoader workers (each worker opens its own handle after the fork or spawn).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"image file not found: {self.path}")
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def _handle(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_file": None, "_pid": None}
+
+    def __contains__(self, isic_id: str) -> bool:
+        return isic_id in self._handle()
+
+    def __len__(self) -> int:
+        return len(self._handle())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handle().keys())
+
+    def read_bytes(self, isic_id: str) -> np.ndarray:
+        """The stored JPEG bytes for `isic_id` as a uint8 array."""
+        handle = self._handle()
+        if isic_id not in handle:
+            raise ImageReadError(isic_id, self.path, "is missing from the hdf5 file")
+        raw = handle[isic_id][()]
+        return np.frombuffer(raw.tobytes() if isinstance(raw, np.ndarray) else raw, np.uint8)
+
+    def read(self, isic_id: str) -> np.ndarray:
+        """Decoded RGB uint8 image (H, W, 3) for `isic_id`."""
+        return decode_jpeg(self.read_bytes(isic_id), isic_id, self.path)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+def check_ids_match(metadata: pl.DataFrame, images: HDF5Images, source: str) -> list[str]:
+    """isic_ids of `metadata` absent from `images` (a later stage decides the fallback)."""
+    keys = set(images)
+    return [i for i in metadata["isic_id"].to_list() if i not in keys]
+
+
+class DataDir:
+    """Paths of a Kaggle-layout data dir, with the readers bound to them."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data dir not found: {self.root}")
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def train_metadata(self) -> pl.DataFrame:
+        return read_metadata(self.path(TRAIN_METADATA), "train")
+
+    def test_metadata(self) -> pl.DataFrame:
+        return read_metadata(self.path(TEST_METADATA), "test")
+
+    def train_images(self) -> HDF5Images:
+        return HDF5Images(self.path(TRAIN_IMAGES))
+
+    def test_images(self) -> HDF5Images:
+        return HDF5Images(self.path(TEST_IMAGES))

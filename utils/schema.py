@@ -1,0 +1,195 @@
+"""Column schema of the ISIC 2024 (SLICE-3D) metadata files, as the real Kaggle files use it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+
+Str = pl.String
+F64 = pl.Float64
+
+# The 44 columns of test-metadata.csv, in file order.
+TEST_COLUMNS: dict[str, pl.DataType] = {
+    "isic_id": Str,
+    "patient_id": Str,
+    "age_approx": F64,
+    "sex": Str,
+    "anatom_site_general": Str,
+    "clin_size_long_diam_mm": F64,
+    "image_type": Str,
+    "tbp_tile_type": Str,
+    "tbp_lv_A": F64,
+    "tbp_lv_Aext": F64,
+    "tbp_lv_B": F64,
+    "tbp_lv_Bext": F64,
+    "tbp_lv_C": F64,
+    "tbp_lv_Cext": F64,
+    "tbp_lv_H": F64,
+    "tbp_lv_Hext": F64,
+    "tbp_lv_L": F64,
+    "tbp_lv_Lext": F64,
+    "tbp_lv_areaMM2": F64,
+    "tbp_lv_area_perim_ratio": F64,
+    "tbp_lv_color_std_mean": F64,
+    "tbp_lv_deltaA": F64,
+    "tbp_lv_deltaB": F64,
+    "tbp_lv_deltaL": F64,
+    "tbp_lv_deltaLB": F64,
+    "tbp_lv_deltaLBnorm": F64,
+    "tbp_lv_eccentricity": F64,
+    "tbp_lv_location": Str,
+    "tbp_lv_location_simple": Str,
+    "tbp_lv_minorAxisMM": F64,
+    "tbp_lv_nevi_confidence": F64,
+    "tbp_lv_norm_border": F64,
+    "tbp_lv_norm_color": F64,
+    "tbp_lv_perimeterMM": F64,
+    "tbp_lv_radial_color_std_max": F64,
+    "tbp_lv_stdL": F64,
+    "tbp_lv_stdLExt": F64,
+    "tbp_lv_symm_2axis": F64,
+    "tbp_lv_symm_2axis_angle": F64,
+    "tbp_lv_x": F64,
+    "tbp_lv_y": F64,
+    "tbp_lv_z": F64,
+    "attribution": Str,
+    "copyright_license": Str,
+}
+
+# The 11 columns only train-metadata.csv has (labels and pathology); never model inputs.
+TRAIN_ONLY_COLUMNS: dict[str, pl.DataType] = {
+    "target": pl.Int8,
+    "lesion_id": Str,
+    "iddx_full": Str,
+    "iddx_1": Str,
+    "iddx_2": Str,
+    "iddx_3": Str,
+    "iddx_4": Str,
+    "iddx_5": Str,
+    "mel_mitotic_index": Str,
+    "mel_thick_mm": F64,
+    "tbp_lv_dnn_lesion_confidence": F64,
+}
+
+
+def _train_order() -> dict[str, pl.DataType]:
+    """The 55 train columns in the real file's order: target after isic_id, the rest at the end."""
+    cols = {"isic_id": Str, "target": pl.Int8}
+    cols.update({k: v for k, v in TEST_COLUMNS.items() if k != "isic_id"})
+    cols.update({k: v for k, v in TRAIN_ONLY_COLUMNS.items() if k != "target"})
+    return cols
+
+
+TRAIN_COLUMNS: dict[str, pl.DataType] = _train_order()
+
+ID_COLUMNS = ("isic_id", "patient_id")
+
+# Free-text columns that describe provenance, not the lesion.
+PROVENANCE_COLUMNS = ("image_type", "copyright_license")
+
+# Categorical model inputs and the values the real data uses (train plus the public test rows).
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "sex": ("female", "male"),
+    "anatom_site_general": (
+        "anterior torso",
+        "head/neck",
+        "lower extremity",
+        "posterior torso",
+        "upper extremity",
+    ),
+    "tbp_tile_type": ("3D: white", "3D: XP"),
+    "tbp_lv_location": (
+        "Head & Neck",
+        "Left Arm",
+        "Left Arm - Lower",
+        "Left Arm - Upper",
+        "Left Leg",
+        "Left Leg - Lower",
+        "Left Leg - Upper",
+        "Right Arm",
+        "Right Arm - Lower",
+        "Right Arm - Upper",
+        "Right Leg",
+        "Right Leg - Lower",
+        "Right Leg - Upper",
+        "Torso Back",
+        "Torso Back Bottom Third",
+        "Torso Back Middle Third",
+        "Torso Back Top Third",
+        "Torso Front",
+        "Torso Front Bottom Half",
+        "Torso Front Top Half",
+        "Unknown",
+    ),
+    "tbp_lv_location_simple": (
+        "Head & Neck",
+        "Left Arm",
+        "Left Leg",
+        "Right Arm",
+        "Right Leg",
+        "Torso Back",
+        "Torso Front",
+        "Unknown",
+    ),
+    "attribution": (
+        "ACEMID MIA",
+        "Department of Dermatology, Hospital Clínic de Barcelona",
+        "Department of Dermatology, University of Athens, Andreas Syggros Hospital of Skin "
+        "and Venereal Diseases, Alexandra Hospital",
+        "FNQH Cairns",
+        "Frazer Institute, The University of Queensland, Dermatology Research Centre",
+        "Memorial Sloan Kettering Cancer Center",
+        "University Hospital of Basel",
+        "ViDIR Group, Department of Dermatology, Medical University of Vienna",
+    ),
+}
+CATEGORICAL_COLUMNS: tuple[str, ...] = tuple(CATEGORIES)
+
+NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c, t in TEST_COLUMNS.items() if t == F64)
+
+IDDX_1_VALUES = ("Benign", "Indeterminate", "Malignant")
+LICENCES = ("CC-0", "CC-BY", "CC-BY-NC")
+
+SCHEMAS = {"train": TRAIN_COLUMNS, "test": TEST_COLUMNS}
+
+
+class SchemaError(ValueError):
+    """A metadata file does not have the columns or values the pipeline needs."""
+
+
+def validate_columns(
+    columns: Iterable[str], kind: str, source: str | Path, *, allow_extra: bool = False
+) -> None:
+    """Raise SchemaError naming `source` and the missing (or unexpected) columns for `kind`."""
+    expected = SCHEMAS[kind]
+    present = list(columns)
+    missing = [c for c in expected if c not in present]
+    extra = [c for c in present if c not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing column(s) {missing}")
+    if extra and not allow_extra:
+        problems.append(f"unexpected column(s) {extra}")
+    if problems:
+        raise SchemaError(f"{source}: {kind} metadata has " + " and ".join(problems))
+
+
+def validate_frame(df: pl.DataFrame, kind: str, source: str | Path) -> None:
+    """Check columns, unique non-null ids, and (train) a 0/1 target without nulls."""
+    validate_columns(df.columns, kind, source)
+    for col in ID_COLUMNS:
+        nulls = df[col].null_count()
+        if nulls:
+            raise SchemaError(f"{source}: column {col!r} has {nulls} empty value(s)")
+    dupes = df.filter(pl.col("isic_id").is_duplicated())["isic_id"].unique().sort()
+    if len(dupes):
+        raise SchemaError(f"{source}: duplicate isic_id(s) {dupes.head(5).to_list()}")
+    if kind == "train":
+        bad = df.filter(pl.col("target").is_null() | ~pl.col("target").is_in([0, 1]))
+        if len(bad):
+            raise SchemaError(
+                f"{source}: column 'target' must be 0 or 1; bad rows for isic_id "
+                f"{bad['isic_id'].head(5).to_list()}"
+            )

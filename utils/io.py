@@ -102,10 +102,10 @@ class HDF5Images:
 
     def read_bytes(self, isic_id: str) -> np.ndarray:
         """The stored JPEG bytes for `isic_id` as a uint8 array."""
-        handle = self._handle()
-        if isic_id not in handle:
-            raise ImageReadError(isic_id, self.path, "is missing from the hdf5 file")
-        raw = handle[isic_id][()]
+        try:
+            raw = self._handle()[isic_id][()]
+        except KeyError:
+            raise ImageReadError(isic_id, self.path, "is missing from the hdf5 file") from None
         return np.frombuffer(raw.tobytes() if isinstance(raw, np.ndarray) else raw, np.uint8)
 
     def read(self, isic_id: str) -> np.ndarray:

@@ -1,0 +1,336 @@
+"""utils.kaggle_build: metadata rules, self-contained builds, the kaggle client's push offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from io import BytesIO
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from utils import kaggle_build as kb
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = "probe_kernel"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write a metadata file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _edit(path: Path, **changes) -> None:
+    """Change (value) or drop (None) keys of a metadata file."""
+    data = kb.read_json(path)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    _write_json(path, data)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A copy of the committed kernels/ and top-level metadata to break on purpose."""
+    shutil.copytree(kb.KERNELS_DIR, tmp_path / "kernels")
+    shutil.copy(kb.TOP_LEVEL_METADATA, tmp_path / kb.KERNEL_METADATA)
+    return tmp_path
+
+
+def _problems(tree: Path) -> list[str]:
+    """validate() on the copied tree."""
+    return kb.validate(tree / "kernels", tree / kb.KERNEL_METADATA)
+
+
+def test_committed_metadata_is_valid():
+    assert kb.validate() == []
+
+
+def test_every_stage_has_one_kernel_folder_and_the_top_level_is_the_submission():
+    names = {p.name for p in kb.kernel_folders()}
+    assert names == {
+        "01_image_convnextv2_nano", "01_image_vit_tiny", "01_image_vit_tiny_suspicious",
+        "01_image_vit_small_suspicious", "02_tune_gbdt", "03_gbdt", "04_inference",
+    }  # fmt: skip
+    top = kb.read_json(kb.TOP_LEVEL_METADATA)
+    assert top["enable_internet"] is False and top["enable_gpu"] is True
+    assert top["machine_shape"] == "NvidiaTeslaT4"
+    assert top["competition_sources"] == ["isic-2024-challenge"]
+    assert set(kb.defined_datasets()) == set(kb.DATASET_CONTENTS)
+
+
+BREAKS = [
+    ("04_inference", {"enable_internet": True}, "must set enable_internet false"),
+    ("03_gbdt", {"enable_internet": None}, "missing required field(s) ['enable_internet']"),
+    ("03_gbdt", {"enable_internet": "false"}, "enable_internet must be JSON true/false"),
+    ("01_image_vit_tiny", {"id": "fusionnetx/FusionNetX_ViT"}, "must match"),
+    ("01_image_vit_tiny", {"id": "fusionnetx/vit"}, "must be 5..50 characters"),
+    ("01_image_vit_tiny", {"title": "FusionNetX ViT Tiny"}, "slugifies to 'fusionnetx-vit-tiny'"),
+    ("01_image_vit_tiny", {"machine_shape": "NvidiaTeslaP100"}, "needs machine_shape"),
+    ("01_image_vit_tiny", {"machine_shape": None}, "needs machine_shape 'NvidiaTeslaT4'"),
+    ("03_gbdt", {"dataset_sources": ["someone/weights-x"]}, "neither defined in kernels/datasets"),
+    (
+        "03_gbdt",
+        {"dataset_sources": []},
+        "parameters read input 'fusionnetx-isic2024-image-models'",
+    ),
+    ("03_gbdt", {"competition_sources": []}, "competition_sources must be"),
+    ("03_gbdt", {"code_file": "gbdt.ipynb"}, "code_file must be 03_gbdt.ipynb"),
+    ("03_gbdt", {"kernel_type": "script"}, "kernel_type must be 'notebook'"),
+]
+
+
+@pytest.mark.parametrize(("kernel", "changes", "expected"), BREAKS)
+def test_validate_names_each_broken_rule(tree: Path, kernel: str, changes: dict, expected: str):
+    path = tree / "kernels" / kernel / kb.KERNEL_METADATA
+    _edit(path, **changes)
+    problems = _problems(tree)
+    assert any(expected in p and str(path) in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"licenses": [{"name": "MIT"}]}, "license 'MIT' is not one Kaggle accepts"),
+        ({"licenses": []}, "exactly one entry"),
+        ({"title": "Mods"}, "6..50 characters"),
+        ({"subtitle": "too short"}, "subtitle must be 20..80"),
+        ({"id": "fusionnetx/other-name"}, "folder name must equal the dataset slug"),
+    ],
+)
+def test_validate_checks_dataset_metadata(tree: Path, changes: dict, expected: str):
+    path = tree / "kernels" / "datasets" / kb.GBDT_DATASET / kb.DATASET_METADATA
+    _edit(path, **changes)
+    assert any(expected in p for p in _problems(tree))
+
+
+def test_top_level_must_mirror_the_submission_kernel(tree: Path):
+    _edit(tree / kb.KERNEL_METADATA, enable_internet=True)
+    assert any("differs from" in p and "enable_internet" in p for p in _problems(tree))
+
+
+def test_input_path_finds_files_in_any_mount_layout(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(kb.KAGGLE_INPUT_ENV, str(tmp_path))
+    (tmp_path / "competitions" / "isic-2024-challenge").mkdir(parents=True)
+    (tmp_path / "competitions" / "isic-2024-challenge" / "test-metadata.csv").write_text("x")
+    (tmp_path / "my-models" / "v1" / "gbdt").mkdir(parents=True)
+    comp = kb.input_path("isic-2024-challenge", "test-metadata.csv")
+    assert comp == tmp_path / "competitions" / "isic-2024-challenge" / "test-metadata.csv"
+    assert kb.input_path("my-models", "gbdt") == tmp_path / "my-models" / "v1" / "gbdt"
+    with pytest.raises(FileNotFoundError, match=r"'my-models' \(mounted at .*\) has no 'vit'"):
+        kb.input_path("my-models", "vit")
+    with pytest.raises(FileNotFoundError, match=r"'absent' \(not mounted\).*\['competitions'"):
+        kb.input_path("absent", "gbdt")
+    linked = kb.link_inputs({"gbdt": "my-models", "vit_tiny": "my-models"}, tmp_path / "joined")
+    assert (linked / "gbdt").resolve() == (tmp_path / "my-models" / "v1" / "gbdt").resolve()
+    assert sorted(p.name for p in linked.iterdir()) == ["gbdt"]
+    assert "WARNING: vit_tiny left out" in capsys.readouterr().err
+
+
+def test_utils_archive_is_deterministic_and_holds_the_package():
+    archive = kb.utils_archive()
+    assert archive == kb.utils_archive()
+    names = zipfile.ZipFile(BytesIO(archive)).namelist()
+    assert {"utils/__init__.py", "utils/kaggle_build.py", "utils/metric.py"} <= set(names)
+    assert not any("__pycache__" in n or not n.endswith(".py") for n in names)
+
+
+def test_owner_fills_kernel_id_and_repo_datasets_only():
+    meta = {"id": "fusionnetx/abcde-fgh", "dataset_sources": ["fusionnetx/mine", "pub/theirs"]}
+    out = kb.with_owner(meta, "alice", {"fusionnetx/mine"})
+    assert out == {"id": "alice/abcde-fgh", "dataset_sources": ["alice/mine", "pub/theirs"]}
+    with pytest.raises(kb.KaggleBuildError, match="'Alice Smith' is not a Kaggle user name"):
+        kb.with_owner(meta, "Alice Smith", set())
+
+
+def test_resolve_owner_prefers_argument_then_env(monkeypatch):
+    monkeypatch.setenv("KAGGLE_USERNAME", "bob")
+    assert kb.resolve_owner("alice") == "alice" and kb.resolve_owner(None) == "bob"
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    assert kb.resolve_owner(None) == kb.DEFAULT_OWNER
+
+
+PROBE_BODY = """\
+import json, os
+from pathlib import Path
+import utils
+from utils.io import read_metadata
+from utils.metric import pauc
+test = read_metadata(Path(data_dir) / "test-metadata.csv", "test")
+Path(output_dir, "probe.json").write_text(json.dumps({
+    "utils_file": utils.__file__,
+    "rows": test.height,
+    "artifacts": sorted(os.listdir(artifacts_dir)),
+    "pauc": pauc([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]),
+}))
+"""
+
+
+@pytest.fixture
+def probe(tmp_path: Path, fixtures_dir: Path) -> dict[str, Path]:
+    """A probe kernel (metadata + notebook using utils) and a fake /kaggle/input tree."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    params = nbformat.v4.new_code_cell("data_dir = None\noutput_dir = None\nartifacts_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(PROBE_BODY)])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, notebooks / f"{PROBE}.ipynb")
+    meta = kb.read_json(kb.KERNELS_DIR / kb.SUBMISSION_KERNEL / kb.KERNEL_METADATA)
+    _write_json(
+        tmp_path / "kernels" / PROBE / kb.KERNEL_METADATA, {**meta, "code_file": f"{PROBE}.ipynb"}
+    )
+    inputs = tmp_path / "input"
+    comp = inputs / "competitions" / kb.COMPETITION  # a nested mount layout on purpose
+    comp.mkdir(parents=True)
+    for name in ("test-metadata.csv", "test-image.hdf5"):
+        shutil.copy(fixtures_dir / name, comp / name)
+    (inputs / kb.GBDT_DATASET / "gbdt").mkdir(parents=True)
+    return {
+        "root": tmp_path,
+        "notebooks": notebooks,
+        "kernel": tmp_path / "kernels" / PROBE,
+        "inputs": inputs,
+    }
+
+
+PROBE_PARAMETERS = {
+    "data_dir": kb.InputPath(kb.COMPETITION, "test-metadata.csv", parent=True),
+    "output_dir": ".",
+    "artifacts_dir": kb.LinkedInputs((("gbdt", kb.GBDT_DATASET),)),
+}
+
+
+def _papermill_off_repo(notebook: Path, cwd: Path, inputs: Path) -> subprocess.CompletedProcess:
+    """Execute a notebook in cwd with no PYTHONPATH: the repository is not importable."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({kb.KAGGLE_INPUT_ENV: str(inputs), "TMPDIR": str(cwd / "tmp")})
+    (cwd / "tmp").mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "papermill", notebook.name, "executed.ipynb", "-k", "python3"]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_built_kernel_runs_with_the_repository_off_sys_path(probe):
+    built = kb.build_kernel(
+        probe["kernel"], probe["root"] / "build", "alice", PROBE_PARAMETERS, probe["notebooks"]
+    )
+    cells = nbformat.read(built / f"{PROBE}.ipynb", as_version=4).cells
+    assert kb.BOOTSTRAP_TAG in cells[0].metadata.tags
+    assert cells[1].metadata.tags == ["parameters"] and cells[2].metadata.tags == [
+        "injected-parameters"
+    ]
+    assert kb.read_json(built / kb.KERNEL_METADATA)["id"] == "alice/fusionnetx-isic2024-submission"
+
+    elsewhere = probe["root"] / "elsewhere"
+    shutil.copytree(built, elsewhere)
+    done = _papermill_off_repo(elsewhere / f"{PROBE}.ipynb", elsewhere, probe["inputs"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((elsewhere / "probe.json").read_text())
+    assert Path(result["utils_file"]).is_relative_to(elsewhere / "tmp")
+    assert not Path(result["utils_file"]).is_relative_to(REPO)
+    assert result["rows"] == 3 and result["artifacts"] == ["gbdt"]
+    assert result["pauc"] == pytest.approx(0.2)
+
+
+def test_unbuilt_notebook_cannot_import_utils_off_repo(probe):
+    """Control for the test above: without the bootstrap, the same run cannot find utils."""
+    raw = probe["root"] / "raw"
+    raw.mkdir()
+    shutil.copy(probe["notebooks"] / f"{PROBE}.ipynb", raw)
+    done = _papermill_off_repo(raw / f"{PROBE}.ipynb", raw, probe["inputs"])
+    assert done.returncode != 0 and "No module named 'utils'" in done.stderr
+
+
+def test_kaggle_client_push_dry_run_sends_the_built_notebook(probe):
+    built = kb.build_kernel(
+        probe["kernel"], probe["root"] / "build", "alice", PROBE_PARAMETERS, probe["notebooks"],
+        frozenset(kb.defined_datasets().values()),
+    )  # fmt: skip
+    request = kb.dry_run_push(built)
+    assert request.slug == "alice/fusionnetx-isic2024-submission"
+    assert request.new_title == "FusionNetX ISIC2024 Submission"
+    assert request.enable_internet is False and request.enable_gpu is True
+    assert request.machine_shape == "NvidiaTeslaT4"
+    assert request.competition_data_sources == ["isic-2024-challenge"]
+    assert request.dataset_data_sources == [
+        f"alice/{kb.IMAGE_DATASET}", f"alice/{kb.GBDT_DATASET}",
+    ]  # fmt: skip
+    sent = json.loads(request.text)
+    assert sent["cells"][0]["metadata"]["tags"] == [kb.BOOTSTRAP_TAG]
+    assert "base64.b64decode" in sent["cells"][0]["source"]
+
+
+def test_kaggle_client_rejects_a_build_without_its_notebook(probe):
+    built = kb.build_kernel(
+        probe["kernel"], probe["root"] / "build", "alice", PROBE_PARAMETERS, probe["notebooks"]
+    )
+    (built / f"{PROBE}.ipynb").unlink()
+    with pytest.raises(ValueError, match="Source file not found"):
+        kb.dry_run_push(built)
+
+
+def test_build_requires_the_notebook_and_its_parameters_cell(probe):
+    (probe["notebooks"] / f"{PROBE}.ipynb").unlink()
+    with pytest.raises(kb.KaggleBuildError, match=f"notebook .*{PROBE}.ipynb does not exist"):
+        kb.build_kernel(probe["kernel"], probe["root"] / "b", "alice", {}, probe["notebooks"])
+    nbformat.write(nbformat.v4.new_notebook(), probe["notebooks"] / f"{PROBE}.ipynb")
+    with pytest.raises(kb.KaggleBuildError, match="no cell tagged 'parameters'"):
+        kb.build_kernel(probe["kernel"], probe["root"] / "b", "alice", {}, probe["notebooks"])
+
+
+@pytest.mark.parametrize("slug", sorted(kb.DATASET_CONTENTS))
+def test_every_dataset_passes_the_kaggle_client_create_dry_run(tmp_path: Path, slug: str):
+    source = tmp_path / "artifacts"
+    for name in kb.DATASET_CONTENTS[slug]:
+        target = source / name
+        if name.endswith(".pth"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"weights")
+        else:
+            target.mkdir(parents=True)
+            (target / "oof.csv").write_text("isic_id\n")
+    folder = kb.build_dataset(slug, source, tmp_path / "out", owner="alice")
+    request, uploads = kb.dry_run_dataset_create(folder)
+    assert (request.owner_slug, request.slug) == ("alice", slug)
+    assert request.is_private is True and request.license_name in kb.KAGGLE_LICENSES
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [kb.DATASET_METADATA, *kb.DATASET_CONTENTS[slug]]
+    )
+    assert uploads == [None]
+
+
+def test_dataset_build_names_missing_artifacts(tmp_path: Path):
+    (tmp_path / "vit_tiny").mkdir()
+    with pytest.raises(kb.KaggleBuildError, match=r"missing \['convnextv2_nano', 'vit_tiny_s"):
+        kb.build_dataset(kb.IMAGE_DATASET, tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kernel", sorted(p.name for p in kb.kernel_folders()))
+def test_real_kernel_builds_validates_and_passes_the_client_dry_run(tmp_path: Path, kernel: str):
+    """Needs notebooks/<kernel>.ipynb (fails, naming it, until that notebook exists)."""
+    out = tmp_path / "build"
+    datasets = frozenset(kb.defined_datasets().values())
+    built = kb.build_kernel(
+        kb.KERNELS_DIR / kernel, out, "alice", kb.KAGGLE_PARAMETERS[kernel], kb.NOTEBOOKS_DIR,
+        datasets,
+    )  # fmt: skip
+    meta = kb.read_json(built / kb.KERNEL_METADATA)
+    assert kb._built_problems(built, meta) == []
+    request = kb.dry_run_push(built)
+    assert request.slug.startswith("alice/") and request.enable_internet is False
+    assert all(ref.startswith("alice/") for ref in request.dataset_data_sources)
+    cells = json.loads(request.text)["cells"]
+    injected = next(c["source"] for c in cells if "injected-parameters" in c["metadata"]["tags"])
+    assert "output_dir = '/kaggle/working'" in injected

@@ -1,0 +1,254 @@
+"""Image model, training loop, resume and the predict function, on tiny images on CPU."""
+
+import dataclasses
+import json
+
+import h5py
+import numpy as np
+import polars as pl
+import pytest
+import timm
+import torch
+
+import utils.train as train
+from utils.folds import assign_folds
+from utils.io import DataDir, HDF5Images
+from utils.models import BACKBONES, ImageModel
+from utils.oof import read_oof
+from utils.train import (
+    IMAGE_MODELS,
+    PRESETS,
+    TrainConfig,
+    fold_scores,
+    load_config,
+    lr_factor,
+    make_config,
+    predict,
+    train_image_model,
+)
+
+SIZE = 32
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    base = make_config(
+        "vit_tiny", "demo", n_folds=2, epochs=2, image_size=SIZE, batch_size=16, num_workers=0
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture(scope="module")
+def small_set(synthetic_dir):
+    """60 synthetic rows (positives from several patients) and their hdf5 file."""
+    meta = DataDir(synthetic_dir).train_metadata()
+    positives = meta.filter(pl.col("target") == 1).head(8)
+    negatives = meta.filter(pl.col("target") == 0).head(52)
+    return pl.concat([positives, negatives]), HDF5Images(synthetic_dir / "train-image.hdf5")
+
+
+def test_presets_and_registry():
+    full = PRESETS["full"]
+    assert (full.image_size, full.batch_size, full.lr, full.min_lr, full.warmup, full.epochs) == (
+        224,
+        32,
+        1e-4,
+        1e-6,
+        0.05,
+        30,
+    )
+    assert set(IMAGE_MODELS) == {
+        "convnextv2_nano",
+        "vit_tiny",
+        "vit_tiny_suspicious",
+        "vit_small_suspicious",
+    }
+    cfg = make_config("vit_small_suspicious", "full", epochs=None, image_size=96)
+    assert (cfg.backbone, cfg.label, cfg.epochs, cfg.image_size) == (
+        "vit_small",
+        "suspicious",
+        30,
+        96,
+    )
+    with pytest.raises(KeyError, match="unknown image model"):
+        make_config("resnet", "demo")
+    with pytest.raises(KeyError, match="unknown preset"):
+        make_config("vit_tiny", "huge")
+    with pytest.raises(ValueError, match="label"):
+        dataclasses.replace(cfg, label="iddx")
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    lrs = [1e-4 * lr_factor(s, 100, 10, 1e-4, 1e-6) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[100] == pytest.approx(1e-6)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_model_forward_returns_logits_and_loss(backbone):
+    model = ImageModel(backbone, SIZE, dropout=0.5, dropout_samples=3)
+    x, y = torch.randn(2, 3, SIZE, SIZE), torch.tensor([0.0, 1.0])
+    out = model(x, y)
+    assert out["logits"].shape == (2,) and out["loss"].ndim == 0
+    out["loss"].backward()
+    assert model.fc.weight.grad is not None
+    model.eval()
+    assert set(model(x)) == {"logits"}
+    pixels = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    normalised = (pixels / 255.0 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    assert torch.allclose(model(pixels)["logits"], model(normalised)["logits"], atol=1e-4)
+    assert torch.equal(model(x)["logits"], model(x)["logits"])  # no dropout at eval
+
+
+def test_pretrained_weights_from_local_file(tmp_path):
+    # as utils.kaggle_build.download_weights saves it: the full model, 1000-class head included
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / "vit_tiny.pth"
+    torch.save(reference.state_dict(), path)
+    model = ImageModel("vit_tiny", SIZE, weights_path=path)
+    # img_size 32 resamples the position embeddings; the patch embedding is copied as is
+    assert torch.equal(model.backbone.patch_embed.proj.weight, reference.patch_embed.proj.weight)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        ImageModel("vit_tiny", SIZE, weights_path=tmp_path / "nowhere.pth")
+
+
+def test_few_training_steps_lower_the_loss():
+    torch.manual_seed(0)
+    cfg = tiny_config(lr=1e-3, warmup=0.0, dropout=0.0)
+    model = ImageModel(cfg.backbone, SIZE)
+    batch = {"image": torch.randn(8, 3, SIZE, SIZE), "target": torch.tensor([1.0, 0.0] * 4)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.eval()
+    before = model(batch["image"], batch["target"])["loss"].item()
+    cpu = torch.device("cpu")
+    train.train_one_epoch(model, [batch] * 8, optimizer, scheduler, scaler, cfg, cpu, "t")
+    model.eval()
+    after = model(batch["image"], batch["target"])["loss"].item()
+    assert after < 0.5 * before
+
+
+class Interrupted(Exception):
+    pass
+
+
+def counting(monkeypatch, fail_at: int | None = None) -> list:
+    """Patch train_one_epoch to count calls and optionally raise on call number `fail_at`."""
+    calls = []
+    real = train.train_one_epoch
+
+    def wrapper(*args, **kwargs):
+        calls.append(args[-1])
+        if fail_at is not None and len(calls) == fail_at:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", wrapper)
+    return calls
+
+
+def test_train_resume_oof_and_predict(small_set, tmp_path, monkeypatch):
+    meta, images = small_set
+    cfg = tiny_config(label="suspicious")
+    out = tmp_path / "run"
+    run_dir = out / cfg.model_name
+    calls = counting(monkeypatch, fail_at=4)  # interrupt fold 1 epoch 1, the 4th epoch overall
+    with pytest.raises(Interrupted):
+        train_image_model(cfg, meta, images, out, torch.device("cpu"))
+    assert (run_dir / "fold0.pt").is_file() and (run_dir / "fold1.last.pt").is_file()
+    assert not (run_dir / "fold1.pt").exists()
+    stamp = (run_dir / "fold0.pt").stat().st_mtime_ns
+
+    monkeypatch.undo()
+    calls = counting(monkeypatch)
+    oof = train_image_model(dataclasses.replace(cfg, num_workers=1), meta, images, out)
+    assert calls == [f"{cfg.model_name} fold 1 epoch 1"]  # fold 0 skipped, fold 1 continued
+    assert (run_dir / "fold0.pt").stat().st_mtime_ns == stamp
+    assert not list(run_dir.glob("*.last.pt")) and not list(run_dir.glob("*.best.pt"))
+
+    written = read_oof(run_dir / "oof.csv")
+    assert sorted(written["isic_id"]) == sorted(meta["isic_id"])
+    assert written["pred"].is_between(0, 1).all()
+    expected_folds = dict(zip(meta["isic_id"], assign_folds(meta, 2, cfg.seed), strict=True))
+    assert all(expected_folds[i] == f for i, f in written.select("isic_id", "fold").rows())
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["folds"] == {"n_folds": 2, "seed": cfg.seed, "source": "assign_folds"}
+    assert load_config(run_dir) == dataclasses.replace(cfg, num_workers=1)  # latest run's
+    history = pl.read_csv(run_dir / "history.csv")
+    assert history.select("fold", "epoch").rows() == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert fold_scores(oof)["rows"].to_list() == [
+        (oof["fold"] == 0).sum(),
+        (oof["fold"] == 1).sum(),
+        len(meta),
+    ]
+
+    # the resumed run equals an uninterrupted one
+    monkeypatch.undo()
+    again = train_image_model(cfg, meta, images, tmp_path / "straight", torch.device("cpu"))
+    assert np.allclose(again.sort("isic_id")["pred"], oof.sort("isic_id")["pred"], atol=1e-5)
+
+    # a different config in the same run dir is refused
+    with pytest.raises(ValueError, match="other settings"):
+        train_image_model(dataclasses.replace(cfg, lr=1.0), meta, images, out)
+
+    # predict: one pass over the images with both fold models; unreadable images are NaN
+    bad = tmp_path / "bad.hdf5"
+    ids = meta["isic_id"].head(3).to_list()
+    with h5py.File(bad, "w") as f:
+        f[ids[0]] = np.void(images.read_bytes(ids[0]).tobytes())
+        f[ids[1]] = np.void(b"not a jpeg")
+    pred = predict(run_dir, bad, ids, batch_size=2, num_workers=0)
+    assert pred["isic_id"].to_list() == ids
+    assert pred["image_ok"].to_list() == [True, False, False]
+    assert 0 < pred["pred"][0] < 1 and pred["pred"][1:].is_nan().all()
+    fold_preds = [predict_one_fold(run_dir, k, images, ids[:1]) for k in range(2)]
+    assert pred["pred"][0] == pytest.approx(np.mean(fold_preds), abs=1e-6)
+
+
+def predict_one_fold(run_dir, fold, images, ids) -> float:
+    cfg = load_config(run_dir)
+    model = train.build_model(cfg)
+    model.load_state_dict(torch.load(run_dir / f"fold{fold}.pt", weights_only=True)["state_dict"])
+    probs, _ = train.predict_with_models([model], images, ids, cfg.image_size, 4, 0)
+    return float(probs[0, 0])
+
+
+def test_bad_training_input_is_named(small_set, tmp_path):
+    meta, images = small_set
+    cfg = tiny_config()
+    with pytest.raises(KeyError, match="patient_id"):
+        train_image_model(cfg, meta.drop("patient_id"), images, tmp_path)
+    with pytest.raises(ValueError, match="duplicate isic_id"):
+        train_image_model(cfg, pl.concat([meta, meta.head(1)]), images, tmp_path)
+    ghost = meta.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0)
+        .then(pl.lit("ISIC_ghost"))
+        .otherwise(pl.col("isic_id"))
+        .alias("isic_id")
+    )
+    with pytest.raises(ValueError, match=r"train-image.hdf5: 1 training image\(s\) missing"):
+        train_image_model(cfg, ghost, images, tmp_path)
+    with pytest.raises(ValueError, match="fold outside 0..1"):
+        train_image_model(cfg, meta.with_columns(pl.lit(3).alias("fold")), images, tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        predict(tmp_path / "nothing", images, ["x"])
+
+
+def test_external_style_metadata_with_given_folds(small_set, tmp_path):
+    """The external-evaluation stage's form: minimal columns, own folds and training label."""
+    meta, images = small_set
+    minimal = meta.select(
+        "isic_id",
+        "patient_id",
+        "target",
+        pl.col("target").alias("suspicious"),
+        (pl.int_range(pl.len()) % 2).alias("fold"),
+    )
+    cfg = tiny_config(label="suspicious", epochs=1)
+    oof = train_image_model(cfg, minimal, images.path, tmp_path, torch.device("cpu"))
+    given = dict(minimal.select("isic_id", "fold").rows())
+    assert all(given[i] == f for i, f in oof.select("isic_id", "fold").rows())
+    record = json.loads((tmp_path / cfg.model_name / "config.json").read_text())
+    assert record["folds"]["source"] == "metadata"

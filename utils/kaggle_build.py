@@ -1,0 +1,809 @@
+"""Kaggle packaging: metadata validation, self-contained kernel builds, input paths at run time.
+
+Commands (see docs/kaggle.md):
+    python -m utils.kaggle_build validate [--built build/kernels]
+    python -m utils.kaggle_build build [--owner NAME] [--out build/kernels] [--tuned]
+    python -m utils.kaggle_build dry-run [--out build/kernels]
+    python -m utils.kaggle_build dataset SLUG --from DIR [--owner NAME] [--out build/datasets]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import nbformat
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+UTILS_DIR = REPO_ROOT / "utils"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+KERNELS_DIR = REPO_ROOT / "kernels"
+DATASETS_DIR = KERNELS_DIR / "datasets"
+TOP_LEVEL_METADATA = REPO_ROOT / "kernel-metadata.json"
+DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "kernels"
+DEFAULT_DATASET_BUILD_DIR = REPO_ROOT / "build" / "datasets"
+
+KERNEL_METADATA = "kernel-metadata.json"
+DATASET_METADATA = "dataset-metadata.json"
+DEFAULT_OWNER = "fusionnetx"
+COMPETITION = "isic-2024-challenge"
+GPU_SHAPE = "NvidiaTeslaT4"
+SUBMISSION_KERNEL = "04_inference"
+KAGGLE_INPUT_ENV = "FUSIONNETX_KAGGLE_INPUT"
+KAGGLE_INPUT_ROOT = "/kaggle/input"
+KAGGLE_WORKING = "/kaggle/working"
+BOOTSTRAP_TAG = "fusionnetx-bootstrap"
+INJECTED_TAG = "injected-parameters"
+
+WEIGHTS_DATASET = "fusionnetx-timm-weights"
+IMAGE_DATASET = "fusionnetx-isic2024-image-models"
+TUNING_DATASET = "fusionnetx-isic2024-gbdt-tuning"
+GBDT_DATASET = "fusionnetx-isic2024-gbdt-models"
+IMAGE_MODELS = ("convnextv2_nano", "vit_tiny", "vit_tiny_suspicious", "vit_small_suspicious")
+# Pretrained backbone (utils.models.BACKBONES name) of each image model; its file is <name>.pth.
+IMAGE_BACKBONES = {
+    "convnextv2_nano": "convnextv2_nano",
+    "vit_tiny": "vit_tiny",
+    "vit_tiny_suspicious": "vit_tiny",
+    "vit_small_suspicious": "vit_small",
+}
+WEIGHT_FILES = tuple(sorted({f"{b}.pth" for b in IMAGE_BACKBONES.values()}))
+# What each repo-defined dataset holds: names copied from the source folder by `dataset`.
+DATASET_CONTENTS: dict[str, tuple[str, ...]] = {
+    WEIGHTS_DATASET: WEIGHT_FILES,
+    IMAGE_DATASET: IMAGE_MODELS,
+    TUNING_DATASET: ("tuning",),
+    GBDT_DATASET: ("gbdt",),
+}
+# Public datasets a kernel may reference without the repo defining them: id -> why it is trusted.
+# Empty on purpose: every input is defined here, so `validate` rejects any unknown source.
+PUBLIC_DATASETS: dict[str, str] = {}
+
+# From the kaggle client (kernels_push, _validate_slug_syntax) and Kaggle's dataset docs.
+SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+OWNER_RE = re.compile(r"^[a-z0-9]+(?:[_-][a-z0-9]+)*$")
+KAGGLE_LICENSES = frozenset(
+    [
+        "CC0-1.0",
+        "CC-BY-SA-3.0",
+        "CC-BY-SA-4.0",
+        "CC-BY-NC-SA-4.0",
+        "GPL-2.0",
+        "ODbL-1.0",
+        "DbCL-1.0",
+        "copyright-authors",
+        "other",
+        "unknown",
+        "CC-BY-4.0",
+        "CC-BY-NC-4.0",
+        "PDDL",
+        "CC-BY-3.0",
+        "CC-BY-3.0-IGO",
+        "US-Government-Works",
+        "CC-BY-NC-SA-3.0-IGO",
+        "CDLA-Permissive-1.0",
+        "CDLA-Sharing-1.0",
+        "CC-BY-ND-4.0",
+        "CC-BY-NC-ND-4.0",
+        "ODC-BY-1.0",
+        "LGPL-3.0",
+        "AGPL-3.0",
+        "FDL-1.3",
+        "EU-ODP-Legal-Notice",
+        "apache-2.0",
+        "GPL-3.0",
+    ]
+)
+RETIRED_SHAPES = frozenset({"NvidiaTeslaP100", "TpuV38", "Tpu1VmV38"})
+KERNEL_REQUIRED = (
+    "id",
+    "title",
+    "code_file",
+    "language",
+    "kernel_type",
+    "is_private",
+    "enable_gpu",
+    "enable_internet",
+    "competition_sources",
+    "dataset_sources",
+)
+
+
+class KaggleBuildError(ValueError):
+    """A kernel or dataset definition that cannot be built or pushed."""
+
+
+# ---------------------------------------------------------------- run time (inside a kernel)
+
+
+def kaggle_input_root() -> Path:
+    """Root of the mounted Kaggle inputs (env FUSIONNETX_KAGGLE_INPUT overrides /kaggle/input)."""
+    return Path(os.environ.get(KAGGLE_INPUT_ENV, KAGGLE_INPUT_ROOT))
+
+
+def _first_match(root: Path, name: str, max_depth: int) -> Path | None:
+    """Shallowest path named `name` under root (depth 0..max_depth), sorted for determinism."""
+    for depth in range(max_depth + 1):
+        hits = sorted(root.glob("/".join(["*"] * depth + [name])))
+        if hits:
+            return hits[0]
+    return None
+
+
+def input_path(slug: str, name: str) -> Path:
+    """Path of file/folder `name` inside the mounted input `slug` (any Kaggle mount layout)."""
+    root = kaggle_input_root()
+    mount = _first_match(root, slug, max_depth=2)
+    found = _first_match(mount, name, max_depth=3) if mount is not None and mount.is_dir() else None
+    if found is None:
+        mounted = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        where = f"mounted at {mount}" if mount is not None else "not mounted"
+        raise FileNotFoundError(
+            f"Kaggle input {slug!r} ({where}) has no {name!r} under {root}; mounted inputs: "
+            f"{mounted}. Add {slug!r} to the kernel's sources and check the dataset's files."
+        )
+    return found
+
+
+def link_inputs(sources: dict[str, str], out_dir: str | Path | None = None) -> Path:
+    """One folder of symlinks `name -> input_path(slug, name)`: several inputs seen as one dir.
+
+    A missing name is left out with a loud warning, so the notebook can fall back (the
+    submission kernel scores with metadata-only members when image models are absent).
+    """
+    out = Path(out_dir) if out_dir else Path(tempfile.gettempdir()) / "fusionnetx-artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, slug in sources.items():
+        link = out / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        try:
+            link.symlink_to(input_path(slug, name), target_is_directory=True)
+        except FileNotFoundError as err:
+            print(f"WARNING: {name} left out of {out}: {err}", file=sys.stderr)
+    return out
+
+
+# ---------------------------------------------------------------- Kaggle parameters per kernel
+
+
+@dataclass(frozen=True)
+class InputPath:
+    """A parameter that is the path of `name` in input `slug` (its folder when parent=True)."""
+
+    slug: str
+    name: str
+    parent: bool = False
+
+    def render(self) -> str:
+        """Python expression evaluated in the kernel."""
+        expr = f"input_path({self.slug!r}, {self.name!r})"
+        return f"str({expr}.parent)" if self.parent else f"str({expr})"
+
+
+@dataclass(frozen=True)
+class LinkedInputs:
+    """A parameter that is one folder joining named subfolders of several inputs."""
+
+    sources: tuple[tuple[str, str], ...]
+
+    def render(self) -> str:
+        """Python expression evaluated in the kernel."""
+        return f"str(link_inputs({dict(self.sources)!r}))"
+
+
+COMPETITION_DATA = InputPath(COMPETITION, "train-metadata.csv", parent=True)
+IMAGE_OOF_DIRS = [InputPath(IMAGE_DATASET, name) for name in IMAGE_MODELS]
+
+
+def _image_parameters(model: str) -> dict[str, Any]:
+    """Kaggle parameters of one image-model kernel."""
+    return {
+        "data_dir": COMPETITION_DATA,
+        "output_dir": KAGGLE_WORKING,
+        "preset": "full",
+        "weights_path": InputPath(WEIGHTS_DATASET, f"{IMAGE_BACKBONES[model]}.pth"),
+        "num_workers": 4,
+    }
+
+
+KAGGLE_PARAMETERS: dict[str, dict[str, Any]] = {
+    **{f"01_image_{model}": _image_parameters(model) for model in IMAGE_MODELS},
+    "02_tune_gbdt": {
+        "data_dir": COMPETITION_DATA,
+        "output_dir": KAGGLE_WORKING,
+        "preset": "full",
+        "image_oof_dirs": IMAGE_OOF_DIRS,
+    },
+    "03_gbdt": {
+        "data_dir": COMPETITION_DATA,
+        "output_dir": KAGGLE_WORKING,
+        "preset": "full",
+        "image_oof_dirs": IMAGE_OOF_DIRS,
+    },
+    SUBMISSION_KERNEL: {
+        "data_dir": InputPath(COMPETITION, "test-metadata.csv", parent=True),
+        "output_dir": KAGGLE_WORKING,
+        "preset": "full",
+        "artifacts_dir": LinkedInputs(
+            tuple((name, IMAGE_DATASET) for name in IMAGE_MODELS) + (("gbdt", GBDT_DATASET),)
+        ),
+        "num_workers": 4,
+    },
+}
+# `build --tuned`: the GBDT kernel reads Optuna's best parameters from the tuning dataset.
+TUNED_GBDT = (
+    "03_gbdt",
+    TUNING_DATASET,
+    {"params_path": InputPath(TUNING_DATASET, "best_params.json")},
+)
+
+
+def render_value(value: Any) -> str:
+    """Python source for one parameter value (literals via repr, inputs via their expression)."""
+    if isinstance(value, InputPath | LinkedInputs):
+        return value.render()
+    if isinstance(value, list):
+        return "[" + ", ".join(render_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _input_slugs(value: Any) -> set[str]:
+    """Every input slug a parameter value reads."""
+    if isinstance(value, InputPath):
+        return {value.slug}
+    if isinstance(value, LinkedInputs):
+        return {slug for _, slug in value.sources}
+    if isinstance(value, list):
+        return set().union(*(_input_slugs(v) for v in value))
+    return set()
+
+
+def _helpers(value: Any) -> set[str]:
+    """Run-time helper functions a parameter value's expression calls."""
+    if isinstance(value, InputPath):
+        return {"input_path"}
+    if isinstance(value, LinkedInputs):
+        return {"link_inputs"}
+    if isinstance(value, list):
+        return set().union(*(_helpers(v) for v in value))
+    return set()
+
+
+def injected_source(parameters: dict[str, Any]) -> str:
+    """Source of the cell that sets Kaggle parameters after the notebook's `parameters` cell."""
+    lines = ["# Kaggle parameters, injected by `python -m utils.kaggle_build build`"]
+    helpers = sorted(set().union(*(_helpers(v) for v in parameters.values())))
+    if helpers:
+        lines.append(f"from utils.kaggle_build import {', '.join(helpers)}")
+    lines += [f"{key} = {render_value(value)}" for key, value in parameters.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- metadata loading
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A metadata JSON object, or KaggleBuildError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise KaggleBuildError(f"{path}: missing") from err
+    except json.JSONDecodeError as err:
+        raise KaggleBuildError(f"{path}: invalid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise KaggleBuildError(f"{path}: expected a JSON object")
+    return data
+
+
+def kernel_folders(kernels_dir: Path = KERNELS_DIR) -> list[Path]:
+    """Every kernel folder (those holding kernel-metadata.json)."""
+    return sorted(p.parent for p in kernels_dir.glob(f"*/{KERNEL_METADATA}"))
+
+
+def dataset_folders(datasets_dir: Path = DATASETS_DIR) -> list[Path]:
+    """Every repo-defined dataset folder (those holding dataset-metadata.json)."""
+    return sorted(p.parent for p in datasets_dir.glob(f"*/{DATASET_METADATA}"))
+
+
+def defined_datasets(datasets_dir: Path = DATASETS_DIR) -> dict[str, str]:
+    """Repo-defined datasets: slug -> id as committed."""
+    return {
+        folder.name: read_json(folder / DATASET_METADATA)["id"]
+        for folder in dataset_folders(datasets_dir)
+    }
+
+
+def split_ref(ref: Any) -> tuple[str, str]:
+    """(owner, slug) of an 'owner/slug' reference, or KaggleBuildError."""
+    if not isinstance(ref, str) or ref.count("/") != 1:
+        raise KaggleBuildError(f"reference {ref!r} is not 'owner/slug'")
+    owner, slug = ref.split("/")
+    return owner, slug
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _slug_problems(what: str, slug: str, lo: int, hi: int) -> list[str]:
+    """Kaggle's slug rules: lowercase alphanumerics and single inner hyphens, lo..hi chars."""
+    problems = []
+    if not SLUG_RE.match(slug):
+        problems.append(f"{what} slug {slug!r} must match {SLUG_RE.pattern}")
+    if not lo <= len(slug) <= hi:
+        problems.append(f"{what} slug {slug!r} must be {lo}..{hi} characters")
+    return problems
+
+
+def _ref_problems(what: str, ref: Any, lo: int, hi: int) -> list[str]:
+    """Problems of an 'owner/slug' id."""
+    try:
+        owner, slug = split_ref(ref)
+    except KaggleBuildError as err:
+        return [f"{what}: {err}"]
+    problems = [] if OWNER_RE.match(owner) else [f"{what} owner {owner!r} is not a Kaggle name"]
+    return problems + _slug_problems(what, slug, lo, hi)
+
+
+def kernel_problems(
+    meta: dict[str, Any], source: str, known_datasets: set[str], submission: bool
+) -> list[str]:
+    """Every rule a kernel-metadata.json breaks (empty when it is valid)."""
+    from slugify import slugify
+
+    missing = [key for key in KERNEL_REQUIRED if key not in meta]
+    if missing:
+        return [f"{source}: missing required field(s) {missing}"]
+    problems = _ref_problems("kernel id", meta["id"], 5, 50)
+    title = meta["title"]
+    if not isinstance(title, str) or not 5 <= len(title) <= 50:
+        problems.append(f"title {title!r} must be a string of 5..50 characters")
+    elif not problems and slugify(title) != split_ref(meta["id"])[1]:
+        problems.append(f"title {title!r} slugifies to {slugify(title)!r}, not the id's slug")
+    if meta["language"] != "python":
+        problems.append(f"language must be 'python', got {meta['language']!r}")
+    if meta["kernel_type"] != "notebook":
+        problems.append(f"kernel_type must be 'notebook', got {meta['kernel_type']!r}")
+    if not str(meta["code_file"]).endswith(".ipynb"):
+        problems.append(f"code_file {meta['code_file']!r} must be a .ipynb notebook")
+    for key in ("is_private", "enable_gpu", "enable_internet"):
+        if not isinstance(meta[key], bool):
+            problems.append(f"{key} must be JSON true/false, got {meta[key]!r}")
+    if submission and meta["enable_internet"] is not False:
+        problems.append("the submission kernel must set enable_internet false (code competition)")
+    shape = meta.get("machine_shape")
+    if meta["enable_gpu"] is True and shape != GPU_SHAPE:
+        problems.append(f"a GPU kernel needs machine_shape {GPU_SHAPE!r}, got {shape!r}")
+    if meta["enable_gpu"] is False and shape:
+        problems.append(f"a CPU kernel must not set machine_shape ({shape!r})")
+    if shape in RETIRED_SHAPES:
+        problems.append(f"machine_shape {shape!r} is retired on Kaggle")
+    if meta["competition_sources"] != [COMPETITION]:
+        problems.append(f"competition_sources must be [{COMPETITION!r}]")
+    for ref in meta["dataset_sources"]:
+        problems += _ref_problems("dataset source", ref, 3, 50)
+        if ref not in known_datasets:
+            problems.append(
+                f"dataset source {ref!r} is neither defined in kernels/datasets/ "
+                "nor listed in PUBLIC_DATASETS"
+            )
+    for key in ("kernel_sources", "model_sources"):
+        if meta.get(key):
+            problems.append(f"{key} is not used by this project, got {meta[key]!r}")
+    return [f"{source}: {p}" for p in problems]
+
+
+def dataset_problems(meta: dict[str, Any], source: str) -> list[str]:
+    """Every rule a dataset-metadata.json breaks for `kaggle datasets create`."""
+    missing = [key for key in ("id", "title", "licenses") if key not in meta]
+    if missing:
+        return [f"{source}: missing required field(s) {missing}"]
+    problems = _ref_problems("dataset id", meta["id"], 6, 50)
+    title = meta["title"]
+    if not isinstance(title, str) or not 6 <= len(title) <= 50:
+        problems.append(f"title {title!r} must be a string of 6..50 characters")
+    if "INSERT_" in json.dumps(meta):
+        problems.append("still holds a kaggle-init placeholder (INSERT_...)")
+    licenses = meta["licenses"]
+    if not isinstance(licenses, list) or len(licenses) != 1:
+        problems.append("licenses must hold exactly one entry")
+    elif licenses[0].get("name") not in KAGGLE_LICENSES:
+        problems.append(f"license {licenses[0].get('name')!r} is not one Kaggle accepts")
+    subtitle = meta.get("subtitle")
+    if subtitle is not None and not 20 <= len(subtitle) <= 80:
+        problems.append(f"subtitle must be 20..80 characters, got {len(subtitle)}")
+    return [f"{source}: {p}" for p in problems]
+
+
+def _built_problems(folder: Path, meta: dict[str, Any]) -> list[str]:
+    """A built kernel folder: its code file exists and carries the embedded utils."""
+    code = folder / str(meta.get("code_file", ""))
+    if not code.is_file():
+        return [f"{folder / KERNEL_METADATA}: code_file {code} does not exist (run build)"]
+    nb = nbformat.read(code, as_version=4)
+    tags = [cell.metadata.get("tags", []) for cell in nb.cells]
+    if not tags or BOOTSTRAP_TAG not in tags[0]:
+        return [f"{code}: first cell is not the {BOOTSTRAP_TAG} cell (built by an old build?)"]
+    return []
+
+
+def validate(
+    kernels_dir: Path = KERNELS_DIR,
+    top_level: Path | None = TOP_LEVEL_METADATA,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+    built_dir: Path | None = None,
+) -> list[str]:
+    """All problems of the committed metadata (and of a build when built_dir is given)."""
+    problems: list[str] = []
+    datasets_dir = kernels_dir / "datasets"
+    for folder in dataset_folders(datasets_dir):
+        path = folder / DATASET_METADATA
+        meta = read_json(path)
+        problems += dataset_problems(meta, str(path))
+        if str(meta.get("id", "")).partition("/")[2] != folder.name:
+            problems.append(f"{path}: folder name must equal the dataset slug")
+        if folder.name not in DATASET_CONTENTS:
+            problems.append(f"{path}: no DATASET_CONTENTS entry in utils/kaggle_build.py")
+    known = set(defined_datasets(datasets_dir).values()) | set(PUBLIC_DATASETS)
+    folders = kernel_folders(kernels_dir)
+    if not folders:
+        problems.append(f"{kernels_dir}: no kernel folders")
+    for folder in folders:
+        path = folder / KERNEL_METADATA
+        meta = read_json(path)
+        problems += kernel_problems(meta, str(path), known, folder.name == SUBMISSION_KERNEL)
+        if meta.get("code_file") != f"{folder.name}.ipynb":
+            problems.append(f"{path}: code_file must be {folder.name}.ipynb (the folder name)")
+        params = KAGGLE_PARAMETERS.get(folder.name)
+        if params is None:
+            problems.append(f"{path}: no KAGGLE_PARAMETERS entry in utils/kaggle_build.py")
+            continue
+        sources = {split_ref(r)[1] for r in meta.get("dataset_sources", []) if "/" in str(r)}
+        sources |= set(meta.get("competition_sources", []))
+        for slug in sorted(set().union(*map(_input_slugs, params.values())) - sources):
+            problems.append(f"{path}: parameters read input {slug!r}, not in its sources")
+        if built_dir is not None:
+            problems += _built_problems(built_dir / folder.name, meta)
+    if top_level is not None:
+        problems += _top_level_problems(top_level, kernels_dir / SUBMISSION_KERNEL)
+    return problems
+
+
+def _top_level_problems(top_level: Path, submission_dir: Path) -> list[str]:
+    """The top-level kernel-metadata.json is the submission kernel's, pointing at its build."""
+    top = read_json(top_level)
+    ref = read_json(submission_dir / KERNEL_METADATA)
+    expected = {**ref, "code_file": top_level_code_file()}
+    if top != expected:
+        diff = sorted(k for k in set(top) | set(expected) if top.get(k) != expected.get(k))
+        return [f"{top_level}: differs from {submission_dir / KERNEL_METADATA} in {diff}"]
+    return []
+
+
+def top_level_code_file() -> str:
+    """code_file of the top-level metadata: the built submission notebook (repo-relative)."""
+    return f"build/kernels/{SUBMISSION_KERNEL}/{SUBMISSION_KERNEL}.ipynb"
+
+
+# ---------------------------------------------------------------- build
+
+
+def utils_archive(utils_dir: Path = UTILS_DIR) -> bytes:
+    """Deterministic zip of the utils package (*.py only, fixed timestamps)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(utils_dir.rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            info = zipfile.ZipInfo(f"utils/{path.relative_to(utils_dir).as_posix()}")
+            info.date_time = (2024, 1, 1, 0, 0, 0)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
+    return buf.getvalue()
+
+
+def bootstrap_source(archive: bytes) -> str:
+    """First cell of a built kernel: unpack the embedded utils/ and import it from there."""
+    digest = hashlib.sha256(archive).hexdigest()[:12]
+    payload = base64.b64encode(archive).decode("ascii")
+    return (
+        "# FusionNetX bootstrap, written by `python -m utils.kaggle_build build`: the utils/\n"
+        "# package travels inside this notebook, so the kernel needs no repository checkout,\n"
+        "# no code dataset and no internet.\n"
+        "import base64, io, sys, tempfile, zipfile\n"
+        "from pathlib import Path\n"
+        f'FUSIONNETX_SRC = Path(tempfile.gettempdir()) / "fusionnetx-src-{digest}"\n'
+        f'zipfile.ZipFile(io.BytesIO(base64.b64decode("{payload}"))).extractall(FUSIONNETX_SRC)\n'
+        "sys.path.insert(0, str(FUSIONNETX_SRC))\n"
+        '[sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "utils"]\n'
+        "import utils\n"
+        "if not Path(utils.__file__).resolve().is_relative_to(FUSIONNETX_SRC.resolve()):\n"
+        '    raise ImportError(f"utils imported from {utils.__file__}, not the embedded copy")\n'
+        f'print("FusionNetX utils {digest} unpacked to", FUSIONNETX_SRC)\n'
+    )
+
+
+def build_notebook(
+    notebook: Path, parameters: dict[str, Any], archive: bytes
+) -> nbformat.NotebookNode:
+    """The notebook with the bootstrap cell first and Kaggle parameters after `parameters`."""
+    if not notebook.is_file():
+        raise KaggleBuildError(f"notebook {notebook} does not exist (needed by its kernel)")
+    nb = nbformat.read(notebook, as_version=4)
+    cells = [c for c in nb.cells if INJECTED_TAG not in c.metadata.get("tags", [])]
+    index = next((i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])), -1)
+    if index < 0:
+        raise KaggleBuildError(f"{notebook}: no cell tagged 'parameters'")
+    injected = nbformat.v4.new_code_cell(injected_source(parameters))
+    injected.metadata["tags"] = [INJECTED_TAG]
+    bootstrap = nbformat.v4.new_code_cell(bootstrap_source(archive))
+    bootstrap.metadata["tags"] = [BOOTSTRAP_TAG]
+    nb.cells = [bootstrap, *cells[: index + 1], injected, *cells[index + 1 :]]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    return nb
+
+
+def with_owner(meta: dict[str, Any], owner: str, repo_ids: set[str]) -> dict[str, Any]:
+    """Metadata with the default owner replaced in its id and in repo-defined dataset sources."""
+    if not OWNER_RE.match(owner):
+        raise KaggleBuildError(f"owner {owner!r} is not a Kaggle user name")
+    out = copy.deepcopy(meta)
+    out["id"] = f"{owner}/{split_ref(meta['id'])[1]}"
+    if "dataset_sources" in out:
+        out["dataset_sources"] = [
+            f"{owner}/{split_ref(ref)[1]}" if ref in repo_ids else ref
+            for ref in out["dataset_sources"]
+        ]
+    return out
+
+
+def resolve_owner(owner: str | None) -> str:
+    """--owner, else env KAGGLE_USERNAME, else the committed default owner."""
+    return owner or os.environ.get("KAGGLE_USERNAME") or DEFAULT_OWNER
+
+
+def build_kernel(
+    folder: Path,
+    out_dir: Path,
+    owner: str,
+    parameters: dict[str, Any],
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+    repo_ids: frozenset[str] = frozenset(),
+    archive: bytes | None = None,
+    extra_sources: tuple[str, ...] = (),
+) -> Path:
+    """Write out_dir/<folder.name>/ with owner-filled metadata and the self-contained notebook."""
+    meta = read_json(folder / KERNEL_METADATA)
+    meta["dataset_sources"] = [*meta.get("dataset_sources", []), *extra_sources]
+    meta = with_owner(meta, owner, set(repo_ids))
+    nb = build_notebook(notebooks_dir / meta["code_file"], parameters, archive or utils_archive())
+    target = out_dir / folder.name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    nbformat.write(nb, target / meta["code_file"])
+    (target / KERNEL_METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def build_all(
+    out_dir: Path = DEFAULT_BUILD_DIR,
+    owner: str | None = None,
+    tuned: bool = False,
+    kernels_dir: Path = KERNELS_DIR,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+) -> list[Path]:
+    """Build every kernel folder; --tuned feeds the tuning dataset to the GBDT kernel."""
+    owner = resolve_owner(owner)
+    datasets = defined_datasets(kernels_dir / "datasets")
+    archive = utils_archive()
+    built = []
+    for folder in kernel_folders(kernels_dir):
+        params, extra = dict(KAGGLE_PARAMETERS[folder.name]), ()
+        if tuned and folder.name == TUNED_GBDT[0]:
+            params.update(TUNED_GBDT[2])
+            extra = (datasets[TUNED_GBDT[1]],)
+        built.append(
+            build_kernel(
+                folder,
+                out_dir,
+                owner,
+                params,
+                notebooks_dir,
+                frozenset(datasets.values()),
+                archive,
+                extra,
+            )
+        )
+    return built
+
+
+def build_dataset(
+    slug: str, source_dir: Path, out_dir: Path = DEFAULT_DATASET_BUILD_DIR, owner: str | None = None
+) -> Path:
+    """Upload folder for a repo-defined dataset: owner-filled metadata + its contents copied."""
+    if slug not in DATASET_CONTENTS:
+        raise KaggleBuildError(f"unknown dataset {slug!r}; defined: {sorted(DATASET_CONTENTS)}")
+    missing = [n for n in DATASET_CONTENTS[slug] if not (source_dir / n).exists()]
+    if missing:
+        raise KaggleBuildError(f"{source_dir}: missing {missing} for dataset {slug!r}")
+    meta = read_json(DATASETS_DIR / slug / DATASET_METADATA)
+    meta["id"] = f"{resolve_owner(owner)}/{slug}"
+    target = out_dir / slug
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in DATASET_CONTENTS[slug]:
+        src = source_dir / name
+        if src.is_dir():
+            shutil.copytree(src, target / name)
+        else:
+            shutil.copy2(src, target / name)
+    (target / DATASET_METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def download_weights(out_dir: Path) -> list[Path]:
+    """Save each pretrained timm backbone's state dict (needs internet: run on a laptop)."""
+    import timm
+    import torch
+
+    from utils.models import BACKBONES
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in sorted(set(IMAGE_BACKBONES.values())):
+        model = timm.create_model(BACKBONES[name].timm_name, pretrained=True)
+        torch.save(model.state_dict(), out_dir / f"{name}.pth")
+        written.append(out_dir / f"{name}.pth")
+    return written
+
+
+# ---------------------------------------------------------------- offline dry run of the client
+
+
+def _kaggle_api() -> Any:
+    """The installed kaggle client's KaggleApi (its import-time auth chatter silenced)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    return KaggleApi()
+
+
+class _CapturingClient:
+    """Stands in for kagglesdk's KaggleClient: records requests instead of sending them."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        ok = SimpleNamespace(error=None, invalidTags=[], versionNumber=1, url="dry-run")
+        self.kernels = SimpleNamespace(kernels_api_client=SimpleNamespace(save_kernel=self._keep))
+        self.datasets = SimpleNamespace(
+            dataset_api_client=SimpleNamespace(create_dataset=self._keep)
+        )
+        self._response = ok
+
+    def _keep(self, request: Any) -> Any:
+        self.requests.append(request)
+        return self._response
+
+    def __enter__(self) -> _CapturingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def dry_run_push(folder: Path) -> Any:
+    """Run the real `kaggle kernels push` on folder with the network call captured; the request."""
+    api, client = _kaggle_api(), _CapturingClient()
+    api.build_kaggle_client = lambda: client
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        api.kernels_push(str(folder))
+    if "does not resolve to the specified id" in said.getvalue():
+        raise KaggleBuildError(f"{folder}: kaggle client says the title does not match the id")
+    return client.requests[-1]
+
+
+def dry_run_dataset_create(folder: Path) -> tuple[Any, list[Any]]:
+    """Run the real `kaggle datasets create` on folder offline; (request, resources uploaded)."""
+    from requests import HTTPError
+
+    api, client = _kaggle_api(), _CapturingClient()
+    owner = split_ref(read_json(folder / DATASET_METADATA)["id"])[0]
+    api.config_values = {**getattr(api, "config_values", {}), api.CONFIG_NAME_USER: owner}
+    api.build_kaggle_client = lambda: client
+    uploads: list[Any] = []
+
+    def not_found(*args: Any, **kwargs: Any) -> None:
+        raise HTTPError("404: dry run, dataset does not exist yet")
+
+    api.dataset_status = not_found
+    api.upload_files = lambda request, resources, *args, **kwargs: uploads.append(resources)
+    result = api.dataset_create_new(str(folder))
+    if result.error:
+        raise KaggleBuildError(f"{folder}: {result.error}")
+    return client.requests[-1], uploads
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _report(problems: list[str], ok: str) -> int:
+    """Print problems (exit 1) or the ok line (exit 0)."""
+    for line in problems:
+        print(f"ERROR {line}", file=sys.stderr)
+    if not problems:
+        print(ok)
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m utils.kaggle_build", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_val = sub.add_parser("validate", help="check every kernel/dataset metadata file")
+    p_val.add_argument("--built", type=Path, help="also check this build folder")
+    p_build = sub.add_parser("build", help="make self-contained kernel folders")
+    p_build.add_argument("--owner", help="Kaggle user name (default: $KAGGLE_USERNAME)")
+    p_build.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR)
+    p_build.add_argument("--tuned", action="store_true", help="GBDT kernel reads tuning dataset")
+    p_dry = sub.add_parser("dry-run", help="run the kaggle client's push offline on a build")
+    p_dry.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR)
+    p_ds = sub.add_parser("dataset", help="make an upload folder for a repo-defined dataset")
+    p_ds.add_argument("slug", choices=sorted(DATASET_CONTENTS))
+    p_ds.add_argument("--from", dest="source", type=Path, required=True)
+    p_ds.add_argument("--owner")
+    p_ds.add_argument("--out", type=Path, default=DEFAULT_DATASET_BUILD_DIR)
+    p_w = sub.add_parser("weights", help="download pretrained timm weights (internet)")
+    p_w.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KaggleBuildError as err:
+        print(f"ERROR {err}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Dispatch one parsed command."""
+    if args.command == "validate":
+        problems = validate(built_dir=args.built)
+        return _report(problems, f"ok: {len(kernel_folders())} kernels, datasets valid")
+    if args.command == "build":
+        problems = validate()
+        if problems:
+            return _report(problems, "")
+        for folder in build_all(args.out, args.owner, args.tuned):
+            print(f"built {folder}")
+        return _report(validate(built_dir=args.out), f"ok: kernels built in {args.out}")
+    if args.command == "dry-run":
+        for folder in sorted(p.parent for p in args.out.glob(f"*/{KERNEL_METADATA}")):
+            request = dry_run_push(folder)
+            print(f"{folder.name}: would push {request.slug} internet={request.enable_internet}")
+        return 0
+    if args.command == "dataset":
+        print(f"ready to upload: {build_dataset(args.slug, args.source, args.out, args.owner)}")
+        return 0
+    for path in download_weights(args.out):
+        print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Pooling layers of the image models (timm style: a pure function plus a thin module)."""
+
+from utils.layers.gem import GeM, gem
+from utils.layers.multiscale_pool import MultiScaleGeM
+from utils.layers.token_pool import TokenPool
+
+__all__ = ["GeM", "MultiScaleGeM", "TokenPool", "gem"]

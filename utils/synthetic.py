@@ -151,6 +151,9 @@ def _patients(rng: np.random.Generator, n: int, attributions: dict) -> dict[str,
         "skin_l": rng.normal(56.0, 7.0, n),
         "skin_a": rng.normal(15.0, 3.0, n),
         "skin_b": rng.normal(27.0, 4.0, n),
+        # how much redder than the skin this patient's lesions are; hides the "ugly duckling"
+        # shift of deltaA unless it is read relative to the patient
+        "lesion_da": rng.normal(4.0, 3.0, n),
     }
 
 
@@ -241,7 +244,7 @@ def _lesions(
     lesion_l = np.minimum(
         pat["lesion_l"][p] - 5.0 * c - 1.5 * m + rng.normal(0, 3.0, n), skin_l - 1.0
     )
-    lesion_a = skin_a + 4.0 + 1.2 * m + 1.5 * c + rng.normal(0, 1.5, n)
+    lesion_a = skin_a + pat["lesion_da"][p] + 1.2 * m + 1.5 * c + rng.normal(0, 1.0, n)
     lesion_b = skin_b + 1.0 + rng.normal(0, 2.0, n)
     d_l, d_a, d_b = lesion_l - skin_l, lesion_a - skin_a, lesion_b - skin_b
     delta_lb = np.hypot(d_l, d_b)

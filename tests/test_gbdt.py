@@ -1,0 +1,256 @@
+"""GBDT ensemble: params, sampling inside folds, CV, artifacts round trip, planted signal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from utils import gbdt
+from utils.features import (
+    build_features,
+    features_spec,
+    join_image_oofs,
+    without_patient_context,
+)
+from utils.folds import assign_folds, with_folds
+from utils.gbdt import (
+    DEFAULT_PARAMS,
+    ENSEMBLE,
+    GBDT_MODELS,
+    GBDTEnsemble,
+    Library,
+    Sampling,
+    ablation_table,
+    cross_validate,
+    cv_report,
+    feature_importance,
+    load_params,
+    make_members,
+    resolve_params,
+    sample_indices,
+    save_artifacts,
+)
+from utils.io import DataDir
+from utils.metric import pauc
+from utils.oof import read_oof, write_oof
+from utils.synthetic import generate
+
+
+def test_resolve_params_defaults_preset_and_overrides(tmp_path):
+    full = resolve_params()
+    assert full["lgb"]["learning_rate"] == 0.0323 and full["lgb"]["n_estimators"] == 200
+    assert full["cat"]["depth"] == 7 and full["xgb"]["lambda"] == 8.88
+    assert full["lgb_meta"] == full["lgb"]
+    assert resolve_params(preset="demo")["cat"]["iterations"] < DEFAULT_PARAMS["cat"]["iterations"]
+
+    path = tmp_path / "best_params.json"
+    path.write_text(json.dumps({"lgb": {"num_leaves": 31}, "xgb": {"max_depth": 3}}))
+    tuned = resolve_params(load_params(path))
+    assert tuned["lgb"]["num_leaves"] == 31 and tuned["lgb_meta"]["num_leaves"] == 31
+    assert tuned["xgb"]["max_depth"] == 3 and tuned["lgb"]["max_depth"] == 4
+    own = resolve_params({"lgb": {"num_leaves": 31}, "lgb_meta": {"num_leaves": 7}})
+    assert own["lgb_meta"]["num_leaves"] == 7 and own["lgb"]["num_leaves"] == 31
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [({"lightgbm": {}}, "unknown member"), ({"lgb": 3}, "object of objects"), ([1], "object")],
+)
+def test_load_params_rejects_bad_files(tmp_path, content, match):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=match):
+        load_params(path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_params(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match="preset"):
+        resolve_params(preset="huge")
+
+
+def test_sample_indices_reaches_the_ratios_from_the_given_rows_only():
+    y = np.zeros(20_000, dtype=np.int8)
+    y[:20] = 1
+    rows = np.arange(0, 20_000, 2)  # positives 0,2,..,18 -> 10 of 10,000
+    sampled, note = sample_indices(rows, y, seed=0)
+    assert set(sampled) <= set(rows)
+    n_pos = int(y[sampled].sum())
+    n_neg = sampled.size - n_pos
+    assert n_pos == int(0.003 * 9_990)  # over-sampled to 0.003 of the negatives
+    assert n_neg == int(n_pos / 0.01)  # then negatives cut to reach 0.01
+    again, _ = sample_indices(rows, y, seed=0)
+    np.testing.assert_array_equal(np.sort(sampled), np.sort(again))
+    assert "skipped" not in note
+
+
+def test_sample_indices_skips_reached_ratios_and_says_so():
+    y = np.array([1, 0, 0, 0, 0] * 20, dtype=np.int8)
+    rows = np.arange(y.size)
+    sampled, note = sample_indices(rows, y, seed=0)
+    assert np.array_equal(np.sort(sampled), rows)
+    assert "over-sampling skipped" in note and "under-sampling skipped" in note
+    with pytest.raises(ValueError, match="one class"):
+        sample_indices(rows, np.zeros_like(y), seed=0)
+
+
+def test_sampling_and_fitting_happen_inside_training_folds_only(monkeypatch):
+    """A recording library sees the row ids it is trained and scored on."""
+    n = 4_000
+    rng = np.random.default_rng(0)
+    y = (rng.random(n) < 0.002).astype(np.int8)
+    y[::400] = 1
+    folds = np.arange(n) % 4
+    frame = pl.DataFrame({"row": np.arange(n, dtype=np.float32), "noise": rng.random(n)})
+    seen = []
+
+    def fit(x, labels, params):
+        seen.append(("fit", x[:, 0].astype(int), labels))
+        return None
+
+    def predict(model, x, threads):
+        seen.append(("predict", x[:, 0].astype(int), None))
+        return np.full(len(x), 0.5)
+
+    recorder = Library(fit, predict, None, None, None, "bin")
+    monkeypatch.setitem(gbdt.LIBRARIES, "lgb", recorder)
+    members = make_members(["row", "noise"], [], resolve_params(), names=["lgb_meta"])
+    result = cross_validate(frame, y, folds, members, seeds=[0, 1], threads=1)
+    fits = [s for s in seen if s[0] == "fit"]
+    predicts = [s for s in seen if s[0] == "predict"]
+    assert len(fits) == len(predicts) == 8  # 4 folds x 2 seeds
+    for k, ((_, train_rows, labels), (_, valid_rows, _)) in enumerate(
+        zip(fits, predicts, strict=True)
+    ):
+        fold = k % 4
+        assert not (folds[train_rows] == fold).any()
+        np.testing.assert_array_equal(valid_rows, np.flatnonzero(folds == fold))
+        np.testing.assert_array_equal(labels, y[train_rows])
+        assert labels.sum() / (labels.size - labels.sum()) == pytest.approx(0.01, rel=0.05)
+    assert np.isfinite(result.oof[ENSEMBLE]).all()
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_dir, tmp_path_factory):
+    """The four members cross-validated on the synthetic dir with one fake image model."""
+    train = DataDir(synthetic_dir).train_metadata()
+    frame, meta = build_features(train)
+    frame = frame.with_columns(with_folds(train).select("fold", "target"))
+    y = frame["target"].to_numpy()
+    rng = np.random.default_rng(0)
+    image_pred = np.clip(0.4 * y + rng.random(y.size) * 0.6, 0, 1)
+    root = tmp_path_factory.mktemp("image_models")
+    oof = frame.select("isic_id", "patient_id", "fold", "target").with_columns(
+        pred=pl.Series(image_pred)
+    )
+    write_oof(oof, root / "fake_vit" / "oof.csv")
+    frame, image_cols = join_image_oofs(frame, [root / "fake_vit"])
+    small = {"lgb": {"n_estimators": 30}, "cat": {"iterations": 30}, "xgb": {"n_estimators": 30}}
+    members = make_members(meta, image_cols, resolve_params(small, preset="demo"))
+    result = cross_validate(frame, y, frame["fold"].to_numpy(), members, seeds=[0, 1], threads=1)
+    return frame, meta, image_cols, result
+
+
+def test_cross_validation_soft_votes_four_members(fitted):
+    frame, meta, image_cols, result = fitted
+    assert image_cols == ["img_fake_vit"]
+    assert list(result.members) == list(GBDT_MODELS)
+    assert result.members["lgb_meta"].features == tuple(meta)
+    assert result.members["xgb"].features == tuple(meta) + ("img_fake_vit",)
+    assert all(len(models) == 5 * 2 for models in result.models.values())
+    members = np.stack([result.oof[m] for m in GBDT_MODELS])
+    np.testing.assert_allclose(result.oof[ENSEMBLE], members.mean(axis=0))
+    assert ((members >= 0) & (members <= 1)).all()
+    scores = result.overall_scores()
+    assert scores[ENSEMBLE] > 0.05  # random is about 0.02
+    fold_scores = result.fold_scores()
+    assert fold_scores.height == 5 * (len(GBDT_MODELS) + 1)
+    importance = feature_importance(result)
+    assert set(importance["member"]) == set(GBDT_MODELS)
+    sums = importance.group_by("member").agg(pl.col("importance").sum())["importance"]
+    np.testing.assert_allclose(sums, 1.0)
+
+
+def test_ablation_and_report_follow_table_4(fitted):
+    frame, _, image_cols, result = fitted
+    images = {c: frame[c].to_numpy() for c in image_cols}
+    ablation = ablation_table(result, images)
+    settings = ablation["setting"].to_list()
+    assert settings[-1].startswith("full") and "metadata-only: lgb_meta" in settings
+    assert ablation.filter(pl.col("setting") == "image-only: img_fake_vit")["pauc"][
+        0
+    ] == pytest.approx(pauc(result.y, images["img_fake_vit"]))
+    report = cv_report(result, ablation, image_cols)
+    assert report["metadata_only"] is False
+    assert len(report["scores"][ENSEMBLE]["folds"]) == 5
+    no_images = ablation_table(result, {})
+    assert no_images["setting"].to_list()[-1].startswith("metadata-only: soft vote")
+
+
+def test_artifacts_round_trip_and_metadata_fallback(fitted, tmp_path):
+    frame, meta, image_cols, result = fitted
+    params = {m.name: dict(m.params) for m in result.members.values()}
+    report = cv_report(result, ablation_table(result, {}), image_cols)
+    out = save_artifacts(
+        tmp_path / "gbdt", result, frame, features_spec(meta, image_cols), params, report
+    )
+    for name in ("ensemble.json", "features.json", "params.json", "cv_report.json", "oof.csv"):
+        assert (out / name).is_file()
+    assert len(list((out / "models").iterdir())) == 4 * 5 * 2
+    oof = read_oof(out / "oof.csv")
+    joined = frame.select("isic_id").join(oof, on="isic_id", maintain_order="left")
+    np.testing.assert_allclose(joined["pred"], result.oof[ENSEMBLE])
+
+    ensemble = GBDTEnsemble.load(out)
+    test = frame.head(40).with_columns(
+        pl.when(pl.int_range(pl.len()) < 5)
+        .then(None)
+        .otherwise(pl.col("img_fake_vit"))
+        .alias("img_fake_vit")
+    )
+    preds = ensemble.predict(test, threads=1)
+    assert set(preds) == set(GBDT_MODELS) | {ENSEMBLE}
+    rows = np.arange(40)
+    x = frame.head(40).select(result.members["cat"].features).to_numpy().astype(np.float32)
+    direct = np.mean([m.predict_proba(x)[:, 1] for m in result.models["cat"]], axis=0)
+    np.testing.assert_allclose(preds["cat"][5:], direct[5:], rtol=1e-5)
+    missing = ensemble.image_missing(test)
+    assert missing[:5].all() and not missing[5:].any()
+    np.testing.assert_allclose(preds[ENSEMBLE][:5], preds["lgb_meta"][:5])
+    blend = np.mean([preds[m] for m in GBDT_MODELS], axis=0)
+    np.testing.assert_allclose(preds[ENSEMBLE][rows >= 5], blend[rows >= 5])
+    with pytest.raises(KeyError, match="img_fake_vit"):
+        ensemble.predict(test.drop("img_fake_vit"), threads=1)
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory):
+    """Synthetic data big enough for a stable CV: 10,000 rows, 200 patients, ~500 positives."""
+    root = tmp_path_factory.mktemp("planted")
+    return generate(
+        root / "data", rows=10_000, patients=200, positive_rate=0.05, image_size=16, workers=1
+    ).out_dir
+
+
+def test_patient_context_recovers_the_planted_ugly_duckling_signal(planted_dir):
+    """The generator makes malignant lesions darker, redder and larger than the patient's own
+    others; absolute values hide that behind patient differences, the patient context reveals
+    it. Measured at seed 0: 0.122 with every feature vs 0.103 without the context features."""
+    train = DataDir(planted_dir).train_metadata()
+    frame, names = build_features(train)
+    y = train["target"].to_numpy()
+    folds = assign_folds(train)
+    params = resolve_params(preset="demo")
+    scores = {}
+    for label, features in (("all", names), ("no_context", without_patient_context(names))):
+        members = make_members(features, [], params, names=["lgb_meta"])
+        result = cross_validate(frame, y, folds, members, threads=1)
+        scores[label] = result.overall_scores()[ENSEMBLE]
+    assert scores["all"] > scores["no_context"] + 0.01, scores
+
+
+def test_sampling_config_none_trains_on_all_training_rows():
+    y = np.array([1, 0, 0, 0] * 10 + [0] * 960, dtype=np.int8)
+    sampled, note = sample_indices(np.arange(y.size), y, 0, Sampling(over=None, under=None))
+    assert sampled.size == y.size and "pos" in note

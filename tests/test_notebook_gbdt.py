@@ -1,0 +1,90 @@
+"""Papermill run of notebooks/03_gbdt.ipynb on the small synthetic data dir."""
+
+import ast
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import papermill as pm
+import polars as pl
+
+from utils.folds import with_folds
+from utils.gbdt import ENSEMBLE, GBDT_MODELS, GBDTEnsemble
+from utils.io import DataDir
+from utils.oof import read_oof, write_oof
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "03_gbdt.ipynb"
+PARAMETERS = {
+    "data_dir",
+    "output_dir",
+    "preset",
+    "image_oof_dirs",
+    "params_path",
+    "seeds",
+    "n_folds",
+}
+PARAMETERS |= {"threads"}
+
+
+def test_notebook_is_thin_and_clean():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    assigned = {t.id for n in ast.parse(tagged[0].source).body for t in n.targets}
+    assert assigned == PARAMETERS
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None
+        tree = ast.parse(cell.source)
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+
+
+def test_notebook_writes_gbdt_artifacts(synthetic_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    train = with_folds(DataDir(synthetic_dir).train_metadata())
+    rng = np.random.default_rng(1)
+    image_pred = np.clip(0.3 * train["target"].to_numpy() + 0.7 * rng.random(train.height), 0, 1)
+    oof = train.select("isic_id", "patient_id", "fold", "target").with_columns(
+        pred=pl.Series(image_pred)
+    )
+    image_dir = write_oof(oof, tmp_path / "runs" / "vit_tiny" / "oof.csv").parent
+    params = tmp_path / "best_params.json"
+    params.write_text(json.dumps({"cat": {"iterations": 20}, "xgb": {"n_estimators": 20}}))
+    out = tmp_path / "runs"
+    pm.execute_notebook(
+        str(NOTEBOOK),
+        str(tmp_path / "executed.ipynb"),
+        parameters={
+            "data_dir": str(synthetic_dir),
+            "output_dir": str(out),
+            "preset": "demo",
+            "image_oof_dirs": [str(image_dir)],
+            "params_path": str(params),
+            "seeds": [0],
+            "threads": 1,
+        },
+        kernel_name="python3",
+        cwd=str(REPO),
+        progress_bar=False,
+    )
+    gbdt_dir = out / "gbdt"
+    report = json.loads((gbdt_dir / "cv_report.json").read_text())
+    assert report["image_columns"] == ["img_vit_tiny"] and not report["metadata_only"]
+    assert set(report["scores"]) == set(GBDT_MODELS) | {ENSEMBLE}
+    assert all(len(s["folds"]) == 5 for s in report["scores"].values())
+    assert [row["setting"] for row in report["ablation"]][-1].startswith("full")
+    assert json.loads((gbdt_dir / "params.json").read_text())["cat"]["iterations"] == 20
+    result = read_oof(gbdt_dir / "oof.csv")
+    assert sorted(result["isic_id"]) == sorted(train["isic_id"])
+    np.testing.assert_allclose(report["scores"][ENSEMBLE]["overall"], _pauc(result), rtol=1e-9)
+    for plot in ("roc.png", "importance.png", "fold_scores.png"):
+        assert (gbdt_dir / plot).stat().st_size > 1000
+    assert set(GBDTEnsemble.load(gbdt_dir).models) == set(GBDT_MODELS)
+
+
+def _pauc(oof: pl.DataFrame) -> float:
+    from utils.metric import pauc
+
+    return pauc(oof["target"].to_numpy(), oof["pred"].to_numpy())

@@ -1,0 +1,302 @@
+"""Stage 2: Optuna studies of the GBDT kinds, best_params.json for 03_gbdt, the notebook."""
+
+import ast
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import matplotlib
+import nbformat
+import numpy as np
+import optuna
+import papermill as pm
+import polars as pl
+import pytest
+from optuna.trial import TrialState
+
+from utils.folds import with_folds
+from utils.gbdt import (
+    DEFAULT_PARAMS,
+    META_MEMBER,
+    cross_validate,
+    load_params,
+    make_members,
+    resolve_params,
+)
+from utils.io import DataDir
+from utils.oof import write_oof
+from utils.pipeline import PRESETS, STAGES, make_run
+from utils.tuning import (
+    BEST_PARAMS_FILE,
+    DEFAULT_ATTR,
+    SEARCH_SPACES,
+    STORAGE_FILE,
+    TUNING_DIR,
+    centre_params,
+    default_trial_params,
+    load_tune_data,
+    make_config,
+    objective,
+    open_study,
+    param_importances,
+    plot_history,
+    plot_importances,
+    setup_of,
+    storage_url,
+    study_name,
+    summary_table,
+    tune,
+    tuned_studies,
+    write_best_params,
+)
+
+matplotlib.use("Agg")
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "02_tune_gbdt.ipynb"
+PARAMETERS = {
+    "data_dir",
+    "output_dir",
+    "preset",
+    "image_oof_dirs",
+    "n_trials",
+    "timeout",
+    "kinds",
+    "seed",
+    "threads",
+    "n_folds",
+}
+
+
+@pytest.fixture(scope="module")
+def data(synthetic_dir):
+    return load_tune_data(synthetic_dir)
+
+
+@pytest.mark.parametrize("kind", sorted(SEARCH_SPACES))
+def test_search_space_is_centred_on_published_params(kind):
+    centre = centre_params(kind, "full")
+    default = default_trial_params(kind, "full")
+    assert default == {name: DEFAULT_PARAMS[kind][name] for name in default}
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    SEARCH_SPACES[kind](trial, centre)
+    assert set(trial.distributions) == set(default)
+    for name, dist in trial.distributions.items():
+        assert dist.low < centre[name] < dist.high
+    assert {"learning_rate", "scale_pos_weight"} <= set(default)
+    assert {"n_estimators", "iterations"} & set(default)
+
+
+def test_demo_preset_lowers_rounds_only_in_the_centre():
+    assert default_trial_params("cat", "demo")["iterations"] < DEFAULT_PARAMS["cat"]["iterations"]
+    assert (
+        default_trial_params("lgb", "demo")["learning_rate"]
+        == DEFAULT_PARAMS["lgb"]["learning_rate"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kinds": ["lgbm"]}, r"unknown GBDT kind\(s\) \['lgbm'\]; choose from \['cat', 'lgb'"),
+        ({"kinds": []}, "non-empty list"),
+        ({"kinds": "lgb"}, "non-empty list"),
+        ({"kinds": ["lgb", "lgb"]}, "twice"),
+        ({"preset": "fast"}, "unknown preset 'fast'"),
+        ({"n_trials": 0}, "n_trials must be a positive integer"),
+        ({"timeout": 0}, "timeout must be positive"),
+    ],
+)
+def test_make_config_rejects_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(**kwargs)
+
+
+def test_n_trials_defaults_to_the_preset():
+    assert make_config("demo").n_trials == 3
+    assert make_config("full", ["xgb"], timeout=5).n_trials == 50
+
+
+def test_study_writes_params_stage3_uses_and_resumes(data, tmp_path):
+    config = make_config("demo", ["lgb"], n_trials=3, threads=1)
+    study = tune(data, config, tmp_path)["lgb"]
+    assert (tmp_path / TUNING_DIR / STORAGE_FILE).is_file()
+    assert len(study.trials) == 3
+    assert study.trials[0].params == default_trial_params("lgb", "demo")
+    assert study.trials[0].user_attrs[DEFAULT_ATTR]
+    for trial in study.trials:
+        folds = trial.user_attrs["fold_pauc"]
+        assert sorted(trial.intermediate_values) == [0, 1, 2, 3, 4]
+        assert trial.intermediate_values[4] == pytest.approx(np.nanmean(folds))
+
+    path = write_best_params(tuned_studies(data, config, tmp_path), tmp_path)
+    assert path == tmp_path / TUNING_DIR / BEST_PARAMS_FILE
+    params = resolve_params(load_params(path), "demo")
+    assert set(load_params(path)) == {"lgb"}
+    members = make_members(data.meta_features, data.image_columns, params)
+    for name in ("lgb", META_MEMBER):
+        assert study.best_params.items() <= members[name].params.items()
+    assert members["cat"].params == resolve_params(None, "demo")["cat"]
+    # the objective is stage 3's overall OOF pAUC of that member
+    cv = cross_validate(data.frame, data.y, data.folds, {"lgb": members["lgb"]}, threads=1)
+    assert cv.overall_scores()["lgb"] == pytest.approx(study.best_value, abs=1e-12)
+
+    first_best, first_params = study.best_value, [t.params for t in study.trials]
+    again = tune(data, dataclasses.replace(config, n_trials=2), tmp_path)["lgb"]
+    assert again.study_name == study.study_name
+    assert [t.number for t in again.trials] == [0, 1, 2, 3, 4]
+    assert [t.params for t in again.trials[:3]] == first_params
+    assert all(t.params not in first_params for t in again.trials[3:])
+    assert sum(DEFAULT_ATTR in t.user_attrs for t in again.trials) == 1
+    assert again.best_value >= first_best
+    assert optuna.get_all_study_names(f"sqlite:///{tmp_path / TUNING_DIR / STORAGE_FILE}") == [
+        study.study_name
+    ]
+
+
+def test_run_killed_during_default_trial_queues_it_again(data, tmp_path):
+    config = make_config("demo", ["lgb"], n_trials=1, threads=1)
+    open_study("lgb", data, config, storage_url(tmp_path)).ask()  # killed in trial 0
+    study = tune(data, config, tmp_path)["lgb"]
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.COMPLETE]
+    assert study.trials[1].params == default_trial_params("lgb", "demo")
+    assert summary_table({"lgb": study})["default_pauc"][0] == study.trials[1].value
+
+
+class _PruneAtOnce(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+def test_pruned_trial_stops_after_the_first_fold(data):
+    config = make_config("demo", ["lgb"], n_trials=1, threads=1)
+    study = optuna.create_study(direction="maximize", pruner=_PruneAtOnce())
+    study.optimize(functools.partial(objective, kind="lgb", data=data, config=config), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [0]
+    assert len(trial.user_attrs["fold_pauc"]) == 1
+
+
+def test_same_seed_gives_same_trials(data, tmp_path):
+    config = make_config("demo", ["lgb"], n_trials=2, threads=1)
+    runs = [tune(data, config, tmp_path / name)["lgb"] for name in ("a", "b")]
+    assert [t.params for t in runs[0].trials] == [t.params for t in runs[1].trials]
+    assert [t.value for t in runs[0].trials] == [t.value for t in runs[1].trials]
+
+
+def test_new_data_or_preset_gets_a_new_study(data):
+    config = make_config("demo")
+    name = study_name("cat", setup_of(data, config))
+    assert name.startswith("cat-demo-")
+    assert study_name("cat", setup_of(data, config)) == name
+    with_image = dataclasses.replace(
+        data,
+        frame=data.frame.with_columns(img_vit_tiny=pl.lit(0.5, pl.Float32)),
+        image_columns=("img_vit_tiny",),
+    )
+    retrained = dataclasses.replace(
+        with_image, frame=data.frame.with_columns(img_vit_tiny=pl.lit(0.25, pl.Float32))
+    )
+    names = {
+        name,
+        study_name("cat", setup_of(with_image, config)),
+        study_name("cat", setup_of(retrained, config)),
+        study_name("cat", setup_of(data, make_config("full"))),
+    }
+    assert len(names) == 4
+
+
+def _study_with_values(values: list[float]) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    dists = {"learning_rate": optuna.distributions.FloatDistribution(0.01, 0.1, log=True)}
+    for i, value in enumerate(values):
+        params = {"learning_rate": 0.01 + 0.02 * i}
+        user_attrs = {DEFAULT_ATTR: True} if i == 0 else {}
+        trial = optuna.trial.create_trial(
+            params=params, distributions=dists, value=value, user_attrs=user_attrs
+        )
+        study.add_trial(trial)
+    return study
+
+
+def test_importances_summary_and_plots_handle_few_trials():
+    one, three = _study_with_values([0.1]), _study_with_values([0.1, 0.12, 0.11])
+    assert param_importances(one) == {}
+    assert param_importances(_study_with_values([0.1, 0.1])) == {}
+    assert param_importances(three) == {"learning_rate": pytest.approx(1.0)}
+    summary = summary_table({"lgb": one, "xgb": three})
+    assert summary["default_pauc"].to_list() == [0.1, 0.1]
+    assert summary["best_pauc"].to_list() == [0.1, 0.12]
+    assert summary["best_trial"].to_list() == [0, 1]
+    assert summary["gain"].to_list() == pytest.approx([0.0, 0.02])
+    fig = plot_importances({"lgb": param_importances(one), "xgb": param_importances(three)})
+    assert "needs >= 2" in fig.axes[0].texts[0].get_text()
+    assert len(fig.axes[1].patches) == 1
+    assert len(plot_history({"lgb": one, "xgb": three}).axes) == 2
+
+
+def test_notebook_is_thin_and_accepts_pipeline_parameters(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    assigned = {t.id for n in ast.parse(tagged[0].source).body for t in n.targets}
+    assert assigned == PARAMETERS
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None
+        tree = ast.parse(cell.source)
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    (stage,) = [s for s in STAGES if s.notebook == NOTEBOOK.name]
+    for preset in PRESETS:
+        run = make_run(None, tmp_path, preset, tune=True)
+        passed = stage.parameters(run)
+        assert set(passed) <= PARAMETERS
+        best = Path(passed["output_dir"]) / TUNING_DIR / BEST_PARAMS_FILE
+        assert stage.outputs(run) == [best]
+    assert {"n_trials": 3, "timeout": 60}.items() <= stage.parameters(
+        make_run(None, tmp_path, "demo", tune=True)
+    ).items()
+
+
+def test_notebook_tunes_all_kinds(synthetic_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    train = with_folds(DataDir(synthetic_dir).train_metadata())
+    rng = np.random.default_rng(3)
+    image_pred = np.clip(0.3 * train["target"].to_numpy() + 0.7 * rng.random(train.height), 0, 1)
+    oof = train.select("isic_id", "patient_id", "fold", "target").with_columns(
+        pred=pl.Series(image_pred)
+    )
+    image_dir = write_oof(oof, tmp_path / "runs" / "vit_tiny" / "oof.csv").parent
+    out = tmp_path / "runs"
+    pm.execute_notebook(
+        str(NOTEBOOK),
+        str(tmp_path / "executed.ipynb"),
+        parameters={
+            "data_dir": str(synthetic_dir),
+            "output_dir": str(out),
+            "preset": "demo",
+            "image_oof_dirs": [str(image_dir)],
+            "n_trials": 2,
+            "timeout": 60,
+            "threads": 1,
+        },
+        kernel_name="python3",
+        cwd=str(REPO),
+        progress_bar=False,
+    )
+    tuning = out / TUNING_DIR
+    best = load_params(tuning / BEST_PARAMS_FILE)
+    assert set(best) == set(SEARCH_SPACES)
+    for kind, params in best.items():
+        assert set(params) == set(default_trial_params(kind, "demo"))
+    summary = pl.read_csv(tuning / "summary.csv")
+    assert summary["kind"].to_list() == ["lgb", "cat", "xgb"]
+    assert summary["trials"].to_list() == [2, 2, 2]
+    assert (summary["best_pauc"] >= summary["default_pauc"]).all()
+    assert summary["study"].str.split("-").list.last().n_unique() == 1  # one setup
+    for plot in ("history.png", "importance.png"):
+        assert (tuning / plot).stat().st_size > 1000
+    executed = json.loads((tmp_path / "executed.ipynb").read_text())
+    assert "img_vit_tiny" in json.dumps(executed)

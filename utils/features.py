@@ -1,0 +1,301 @@
+"""Polars feature engineering for the GBDT stage: one function for train and test.
+
+`build_features(df)` turns metadata (train or test; train-only columns are ignored) into a
+float32 feature frame keyed by isic_id / patient_id:
+- the 34 numeric metadata columns and ~41 derived lesion features of the strongest public
+  solutions (`DERIVED_FEATURES`);
+- patient context: every numeric feature normalised within the patient (`<f>_patient_norm`),
+  `count_per_patient`, the patient's total lesion area and this lesion's share of it, and for the
+  key lesion descriptors (`CONTEXT_FEATURES`) the normalisation within patient x anatomical site
+  (`<f>_site_norm`) and the percentile within the patient (`<f>_patient_pct`);
+- one-hot categoricals over the fixed lists of utils.schema.CATEGORIES plus `<col>__other` for a
+  value outside the list; a null is all zeros. Nothing depends on the train data, so unseen test
+  categories are safe and inference needs no fitted encoder.
+
+Missing values, on purpose: NaN and +-inf in the input become null; a division by zero gives
+null (never inf); every feature is finite or null, and null becomes NaN in numpy (the GBDTs'
+"missing"). A patient with one lesion (or one non-null value) has a null std: the lesion *is*
+the patient's typical lesion, so its normalised value is 0 and its percentile 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import polars as pl
+
+from utils.folds import check_folds_agree
+from utils.oof import read_oof
+from utils.schema import CATEGORIES, NUMERIC_COLUMNS, TRAIN_ONLY_COLUMNS, validate_columns
+
+EPS = 1e-5  # added to a patient's std so a constant feature does not divide by zero
+PATIENT_KEY = "patient_id"
+SITE_KEY = "anatom_site_general"
+IMAGE_PREFIX = "img_"
+OTHER = "other"
+
+c = pl.col
+
+
+def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
+    """num / den, null where den is 0 or null (the public version produced inf here)."""
+    return pl.when(den != 0).then(num / den)
+
+
+def _finite(expr: pl.Expr) -> pl.Expr:
+    """expr with NaN and +-inf turned into null (Polars' fill_nan leaves nulls alone)."""
+    return pl.when(expr.is_finite()).then(expr)
+
+
+def _dist3d(x: str, y: str, z: str) -> pl.Expr:
+    return (c(x) ** 2 + c(y) ** 2 + c(z) ** 2).sqrt()
+
+
+DERIVED_FEATURES: dict[str, pl.Expr] = {
+    "lesion_size_ratio": _ratio(c("tbp_lv_minorAxisMM"), c("clin_size_long_diam_mm")),
+    "lesion_shape_index": _ratio(c("tbp_lv_areaMM2"), c("tbp_lv_perimeterMM") ** 2),
+    "hue_contrast": (c("tbp_lv_H") - c("tbp_lv_Hext")).abs(),
+    "luminance_contrast": (c("tbp_lv_L") - c("tbp_lv_Lext")).abs(),
+    "lesion_color_difference": (
+        c("tbp_lv_deltaA") ** 2 + c("tbp_lv_deltaB") ** 2 + c("tbp_lv_deltaL") ** 2
+    ).sqrt(),
+    "border_complexity": c("tbp_lv_norm_border") + c("tbp_lv_symm_2axis"),
+    "color_uniformity": _ratio(c("tbp_lv_color_std_mean"), c("tbp_lv_radial_color_std_max")),
+    "position_distance_3d": _dist3d("tbp_lv_x", "tbp_lv_y", "tbp_lv_z"),
+    "perimeter_to_area_ratio": _ratio(c("tbp_lv_perimeterMM"), c("tbp_lv_areaMM2")),
+    "area_to_perimeter_ratio": _ratio(c("tbp_lv_areaMM2"), c("tbp_lv_perimeterMM")),
+    "lesion_visibility_score": c("tbp_lv_deltaLBnorm") + c("tbp_lv_norm_color"),
+    "symmetry_border_consistency": c("tbp_lv_symm_2axis") * c("tbp_lv_norm_border"),
+    "consistency_symmetry_border": _ratio(
+        c("tbp_lv_symm_2axis") * c("tbp_lv_norm_border"),
+        c("tbp_lv_symm_2axis") + c("tbp_lv_norm_border"),
+    ),
+    "color_consistency": _ratio(c("tbp_lv_stdL"), c("tbp_lv_Lext")),
+    "consistency_color": _ratio(
+        c("tbp_lv_stdL") * c("tbp_lv_Lext"), c("tbp_lv_stdL") + c("tbp_lv_Lext")
+    ),
+    "size_age_interaction": c("clin_size_long_diam_mm") * c("age_approx"),
+    "hue_color_std_interaction": c("tbp_lv_H") * c("tbp_lv_color_std_mean"),
+    "lesion_severity_index": (
+        c("tbp_lv_norm_border") + c("tbp_lv_norm_color") + c("tbp_lv_eccentricity")
+    )
+    / 3,
+    "shape_complexity_index": c("tbp_lv_norm_border")
+    + c("tbp_lv_symm_2axis")
+    + _ratio(c("tbp_lv_areaMM2"), c("tbp_lv_perimeterMM") ** 2),
+    "color_contrast_index": c("tbp_lv_deltaA")
+    + c("tbp_lv_deltaB")
+    + c("tbp_lv_deltaL")
+    + c("tbp_lv_deltaLBnorm"),
+    "log_lesion_area": (c("tbp_lv_areaMM2") + 1).log(),
+    "normalized_lesion_size": _ratio(c("clin_size_long_diam_mm"), c("age_approx")),
+    "mean_hue_difference": (c("tbp_lv_H") + c("tbp_lv_Hext")) / 2,
+    "std_dev_contrast": (
+        (c("tbp_lv_deltaA") ** 2 + c("tbp_lv_deltaB") ** 2 + c("tbp_lv_deltaL") ** 2) / 3
+    ).sqrt(),
+    "color_shape_composite_index": (
+        c("tbp_lv_color_std_mean") + c("tbp_lv_area_perim_ratio") + c("tbp_lv_symm_2axis")
+    )
+    / 3,
+    "lesion_orientation_3d": pl.arctan2(c("tbp_lv_y"), c("tbp_lv_x")),
+    "overall_asymmetry": (c("tbp_lv_symm_2axis") + c("tbp_lv_symm_2axis_angle")) / 2,
+    "color_variance_ratio": _ratio(c("tbp_lv_color_std_mean"), c("tbp_lv_stdLExt")),
+    "border_color_interaction": c("tbp_lv_norm_border") * c("tbp_lv_norm_color"),
+    "border_color_interaction_2": _ratio(
+        c("tbp_lv_norm_border") * c("tbp_lv_norm_color"),
+        c("tbp_lv_norm_border") + c("tbp_lv_norm_color"),
+    ),
+    "size_color_contrast_ratio": _ratio(c("clin_size_long_diam_mm"), c("tbp_lv_deltaLBnorm")),
+    "age_normalized_nevi_confidence": _ratio(c("tbp_lv_nevi_confidence"), c("age_approx")),
+    "age_normalized_nevi_confidence_2": (
+        c("clin_size_long_diam_mm") ** 2 + c("age_approx") ** 2
+    ).sqrt(),
+    "color_asymmetry_index": c("tbp_lv_radial_color_std_max") * c("tbp_lv_symm_2axis"),
+    "volume_approximation_3d": c("tbp_lv_areaMM2") * _dist3d("tbp_lv_x", "tbp_lv_y", "tbp_lv_z"),
+    "color_range": (c("tbp_lv_L") - c("tbp_lv_Lext")).abs()
+    + (c("tbp_lv_A") - c("tbp_lv_Aext")).abs()
+    + (c("tbp_lv_B") - c("tbp_lv_Bext")).abs(),
+    "shape_color_consistency": c("tbp_lv_eccentricity") * c("tbp_lv_color_std_mean"),
+    "border_length_ratio": _ratio(
+        c("tbp_lv_perimeterMM"), 2 * math.pi * (c("tbp_lv_areaMM2") / math.pi).sqrt()
+    ),
+    "age_size_symmetry_index": c("age_approx")
+    * c("clin_size_long_diam_mm")
+    * c("tbp_lv_symm_2axis"),
+    "index_age_size_symmetry": c("age_approx") * c("tbp_lv_areaMM2") * c("tbp_lv_symm_2axis"),
+}
+
+NUMERIC_FEATURES: tuple[str, ...] = NUMERIC_COLUMNS + tuple(DERIVED_FEATURES)
+
+# Lesion descriptors that top teams compared against the patient's other lesions ("ugly duckling").
+CONTEXT_FEATURES: tuple[str, ...] = (
+    "clin_size_long_diam_mm",
+    "tbp_lv_areaMM2",
+    "tbp_lv_minorAxisMM",
+    "tbp_lv_L",
+    "tbp_lv_deltaL",
+    "tbp_lv_deltaLBnorm",
+    "tbp_lv_color_std_mean",
+    "tbp_lv_radial_color_std_max",
+    "tbp_lv_norm_color",
+    "tbp_lv_norm_border",
+    "tbp_lv_eccentricity",
+    "tbp_lv_nevi_confidence",
+    "lesion_color_difference",
+    "luminance_contrast",
+    "hue_contrast",
+    "border_complexity",
+)
+PATIENT_CONTEXT_SUFFIXES = ("_patient_norm", "_site_norm", "_patient_pct")
+PATIENT_FEATURES = ("count_per_patient", "patient_total_area", "area_share_of_patient")
+
+
+def _slug(value: str) -> str:
+    """ASCII lower-case name fragment safe in LightGBM/XGBoost feature names."""
+    ascii_value = unicodedata.normalize("NFKD", value).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "_", ascii_value.lower()).strip("_")[:40]
+
+
+def one_hot_names(categories: dict[str, Sequence[str]] = CATEGORIES) -> dict[str, dict[str, str]]:
+    """column -> {category value -> feature name}, plus OTHER -> `<col>__other`."""
+    names = {}
+    for col, values in categories.items():
+        mapping = {v: f"{col}__{_slug(v)}" for v in values}
+        mapping[OTHER] = f"{col}__{OTHER}"
+        if len(set(mapping.values())) != len(mapping):
+            raise ValueError(f"one_hot_names: category names of {col!r} collide after slugging")
+        names[col] = mapping
+    return names
+
+
+ONE_HOT = one_hot_names()
+
+
+def _one_hot_exprs() -> list[pl.Expr]:
+    """Indicator columns over the fixed category lists; unseen values set `<col>__other`."""
+    exprs = []
+    for col, mapping in ONE_HOT.items():
+        known = [v for v in mapping if v != OTHER]
+        exprs += [
+            (c(col) == v).fill_null(False).alias(name) for v, name in mapping.items() if v != OTHER
+        ]
+        other = (c(col).is_not_null() & ~c(col).is_in(known)).alias(mapping[OTHER])
+        exprs.append(other)
+    return exprs
+
+
+def _patient_norm(name: str, over: str | list[str], suffix: str) -> pl.Expr:
+    """(x - group mean) / (group std + EPS); 0 where the group has one value (std is null)."""
+    std = c(name).std().over(over).fill_null(0.0)
+    norm = (c(name) - c(name).mean().over(over)) / (std + EPS)
+    return pl.when(c(name).is_not_null()).then(norm).alias(f"{name}{suffix}")
+
+
+def _patient_pct(name: str) -> pl.Expr:
+    """Centred percentile of x among the patient's non-null values: (rank - 0.5) / count."""
+    pct = (c(name).rank("average").over(PATIENT_KEY) - 0.5) / c(name).count().over(PATIENT_KEY)
+    return pct.alias(f"{name}_patient_pct")
+
+
+def _context_exprs() -> list[pl.Expr]:
+    """Patient normalisation, patient x site normalisation, percentiles and patient totals."""
+    exprs = [_patient_norm(f, PATIENT_KEY, "_patient_norm") for f in NUMERIC_FEATURES]
+    site_group = [PATIENT_KEY, "_site"]
+    exprs += [_patient_norm(f, site_group, "_site_norm") for f in CONTEXT_FEATURES]
+    exprs += [_patient_pct(f) for f in CONTEXT_FEATURES]
+    total_area = c("tbp_lv_areaMM2").sum().over(PATIENT_KEY)
+    exprs += [
+        pl.len().over(PATIENT_KEY).cast(pl.Float64).alias("count_per_patient"),
+        total_area.alias("patient_total_area"),
+        _ratio(c("tbp_lv_areaMM2"), total_area).alias("area_share_of_patient"),
+    ]
+    return exprs
+
+
+def check_no_train_only(names: Iterable[str]) -> None:
+    """Raise ValueError if a train-only column (label or pathology) is among `names`."""
+    leaked = [n for n in names if n in TRAIN_ONLY_COLUMNS]
+    if leaked:
+        raise ValueError(f"train-only column(s) {leaked} must never be features")
+
+
+def build_features(
+    df: pl.DataFrame, source: str | Path = "metadata"
+) -> tuple[pl.DataFrame, list[str]]:
+    """Feature frame (isic_id, patient_id, float32 features) and feature names; train or test."""
+    validate_columns(df.columns, "test", source, allow_extra=True)
+    numeric = [_finite(c(n).cast(pl.Float64)).alias(n) for n in NUMERIC_COLUMNS]
+    derived = [_finite(e).alias(n) for n, e in DERIVED_FEATURES.items()]
+    frame = (
+        df.lazy()
+        .select("isic_id", PATIENT_KEY, *CATEGORIES, *numeric)
+        .with_columns(derived)
+        .with_columns(c(SITE_KEY).fill_null("<null>").alias("_site"))
+        .with_columns(_finite(e) for e in _context_exprs())
+        .with_columns(_one_hot_exprs())
+        .drop("_site", *CATEGORIES)
+        .collect()
+    )
+    names = [n for n in frame.columns if n not in ("isic_id", PATIENT_KEY)]
+    check_no_train_only(names)
+    return frame.with_columns(c(n).cast(pl.Float32) for n in names), names
+
+
+def without_patient_context(names: Iterable[str]) -> list[str]:
+    """`names` minus every feature that looks at the patient's other lesions."""
+    return [
+        n for n in names if not n.endswith(PATIENT_CONTEXT_SUFFIXES) and n not in PATIENT_FEATURES
+    ]
+
+
+def image_column(model_dir: str | Path) -> str:
+    """Feature name of an image model's OOF/test probability: img_<model dir name>."""
+    return f"{IMAGE_PREFIX}{Path(model_dir).name}"
+
+
+def join_image_oofs(
+    frame: pl.DataFrame, model_dirs: Sequence[str | Path]
+) -> tuple[pl.DataFrame, list[str]]:
+    """Join each `<dir>/oof.csv` pred by isic_id as column img_<dir name>, after checking folds.
+
+    `frame` needs isic_id and fold (utils.folds); a missing id or another fold raises ValueError.
+    """
+    columns = []
+    for model_dir in model_dirs:
+        path = Path(model_dir) / "oof.csv"
+        name = image_column(model_dir)
+        if name in frame.columns or name in columns:
+            raise ValueError(f"join_image_oofs: two image models are named {name!r} ({path})")
+        oof = read_oof(path)
+        check_folds_agree(frame, oof, str(path))
+        frame = frame.join(
+            oof.select("isic_id", c("pred").cast(pl.Float32).alias(name)),
+            on="isic_id",
+            how="left",
+            maintain_order="left",
+        )
+        columns.append(name)
+    return frame, columns
+
+
+def encoding_spec() -> dict:
+    """How categoricals are encoded (saved in features.json for the inference kernel)."""
+    return {
+        "scheme": "one-hot over fixed lists; unseen value -> <col>__other; null -> all zeros",
+        "columns": {col: dict(mapping) for col, mapping in ONE_HOT.items()},
+    }
+
+
+def features_spec(meta_features: Sequence[str], image_columns: Sequence[str]) -> dict:
+    """What features.json records: the feature lists and the categorical encoding."""
+    return {
+        "meta_features": list(meta_features),
+        "image_columns": list(image_columns),
+        "features": list(meta_features) + list(image_columns),
+        "patient_epsilon": EPS,
+        "categorical_encoding": encoding_spec(),
+    }

@@ -1,0 +1,70 @@
+"""Plots every stage shows: ROC with the pAUC region, top-N feature importance, per-fold scores."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
+from matplotlib.axes import Axes
+from sklearn.metrics import roc_curve
+
+from utils.metric import pauc
+
+
+def _axes(ax: Axes | None, size: tuple[float, float]) -> Axes:
+    return ax if ax is not None else plt.subplots(figsize=size)[1]
+
+
+def plot_roc(
+    y_true: np.ndarray,
+    scores: Mapping[str, np.ndarray],
+    min_tpr: float = 0.80,
+    ax: Axes | None = None,
+) -> Axes:
+    """ROC curve per model, the region TPR >= min_tpr shaded, pAUC in the legend."""
+    ax = _axes(ax, (6, 5))
+    ax.axhspan(
+        min_tpr, 1.0, color="tab:orange", alpha=0.12, label=f"pAUC region (TPR >= {min_tpr:.0%})"
+    )
+    for name, score in scores.items():
+        fpr, tpr, _ = roc_curve(y_true, score)
+        ax.plot(fpr, tpr, label=f"{name}: pAUC {pauc(y_true, score, min_tpr):.4f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title("ROC (pAUC above 80% TPR)")
+    ax.legend(loc="lower right", fontsize="small")
+    return ax
+
+
+def plot_importance(importance: pl.DataFrame, top_n: int = 30, ax: Axes | None = None) -> Axes:
+    """Horizontal bars of the top_n features by mean importance (columns feature, importance)."""
+    top = (
+        importance.group_by("feature")
+        .agg(pl.col("importance").mean())
+        .sort("importance", descending=True)
+        .head(top_n)
+        .reverse()
+    )
+    ax = _axes(ax, (7, max(3.0, 0.25 * top.height)))
+    ax.barh(top["feature"].to_list(), top["importance"].to_list(), color="tab:blue")
+    ax.set(xlabel="mean normalised gain", title=f"Top {top.height} features")
+    return ax
+
+
+def plot_fold_scores(scores: pl.DataFrame, ax: Axes | None = None) -> Axes:
+    """Grouped bars of pAUC per fold (columns model, fold, pauc), one colour per model."""
+    models = scores["model"].unique(maintain_order=True).to_list()
+    folds = sorted(scores["fold"].unique().to_list())
+    ax = _axes(ax, (8, 4))
+    width = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        rows = scores.filter(pl.col("model") == model).sort("fold")
+        ax.bar(
+            np.array(rows["fold"].to_list()) + i * width, rows["pauc"].to_list(), width, label=model
+        )
+    ax.set_xticks(np.array(folds) + width * (len(models) - 1) / 2, [f"fold {f}" for f in folds])
+    ax.set(ylabel="pAUC", title="pAUC per fold")
+    ax.legend(fontsize="small", ncols=min(len(models), 5))
+    return ax

@@ -1,0 +1,491 @@
+"""Stage 2: Optuna tuning of the GBDT members on the CV pAUC of stage 3.
+
+One study per library kind (`SEARCH_SPACES`: "lgb", "cat", "xgb"). A trial suggests params
+around the centre (the published DEFAULT_PARAMS of utils.gbdt, rounds of the preset), and
+scores the stage-3 member of that kind with utils.gbdt.iter_cv: the same features, folds
+(utils.folds) and in-fold sampling. The objective is the pAUC of the member's OOF over all rows
+(stage 3's "overall"); after each fold the mean fold pAUC so far is reported so a MedianPruner
+can stop weak trials early. Trial 0 of a new study is the centre itself, so every study holds
+the score of the default params to compare with.
+
+Storage: `<output_dir>/tuning/optuna.sqlite3`, studies `<kind>-<preset>-<setup hash>`. The hash
+covers the data (rows, targets, folds, feature names, image OOF values) and the settings, so
+running again on the same setup adds trials to the same study (an interrupted run resumes),
+while new features or retrained image models start a new study instead of mixing objectives.
+The sampler is TPESampler(seed + trials already in the study): deterministic, and a resumed run
+does not repeat the first run's random start-up points.
+
+`best_params.json` (next to the database) holds the best trial's params of every kind tuned on
+this setup, in the format utils.gbdt.load_params reads ({"lgb": {...}, ...}); the tuned "lgb"
+params also apply to the metadata-only member lgb_meta (utils.gbdt.resolve_params). Tuned
+rounds replace the preset's: params tuned under "demo" carry demo-sized rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import optuna
+import polars as pl
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from optuna.trial import FrozenTrial, TrialState
+
+from utils.features import build_features, join_image_oofs
+from utils.folds import N_FOLDS, with_folds
+from utils.gbdt import Sampling, iter_cv, load_params, make_members, resolve_params
+from utils.io import DataDir
+from utils.metric import pauc
+
+TUNING_DIR = "tuning"
+STORAGE_FILE = "optuna.sqlite3"
+BEST_PARAMS_FILE = "best_params.json"
+DEFAULT_ATTR = "default_params"  # user attr marking trial 0, the centre of the search space
+
+Space = Callable[[optuna.Trial, Mapping[str, Any]], dict[str, Any]]
+
+
+def _log_float(trial: optuna.Trial, centre: Mapping[str, Any], name: str, factor: float) -> float:
+    """Log-uniform in [c / factor, c * factor] around the centre value c."""
+    c = float(centre[name])
+    return trial.suggest_float(name, c / factor, c * factor, log=True)
+
+
+def _log_int(trial: optuna.Trial, centre: Mapping[str, Any], name: str, factor: float) -> int:
+    """Log-uniform integer in [c / factor, c * factor] (at least 1) around c."""
+    c = int(centre[name])
+    return trial.suggest_int(name, max(1, round(c / factor)), round(c * factor), log=True)
+
+
+def _near_int(
+    trial: optuna.Trial, centre: Mapping[str, Any], name: str, span: int, low: int = 1
+) -> int:
+    """Integer in [c - span, c + span] (at least `low`) around c."""
+    c = int(centre[name])
+    return trial.suggest_int(name, max(low, c - span), c + span)
+
+
+def _fraction(
+    trial: optuna.Trial, centre: Mapping[str, Any], name: str, span: float = 0.25
+) -> float:
+    """Fraction in [c - span, c + span], clipped to [0.1, 1]."""
+    c = float(centre[name])
+    return trial.suggest_float(name, max(0.1, c - span), min(1.0, c + span))
+
+
+def lgb_space(trial: optuna.Trial, centre: Mapping[str, Any]) -> dict[str, Any]:
+    """LightGBM: rounds, learning rate, depth, leaves, leaf size, subsampling, L1/L2, pos weight."""
+    return {
+        "n_estimators": _log_int(trial, centre, "n_estimators", 2),
+        "learning_rate": _log_float(trial, centre, "learning_rate", 3),
+        "max_depth": _near_int(trial, centre, "max_depth", 2, low=2),
+        "num_leaves": _log_int(trial, centre, "num_leaves", 2),
+        "min_data_in_leaf": _log_int(trial, centre, "min_data_in_leaf", 3),
+        "colsample_bytree": _fraction(trial, centre, "colsample_bytree"),
+        "colsample_bynode": _fraction(trial, centre, "colsample_bynode"),
+        "bagging_fraction": _fraction(trial, centre, "bagging_fraction"),
+        "bagging_freq": _near_int(trial, centre, "bagging_freq", 3),
+        "lambda_l1": _log_float(trial, centre, "lambda_l1", 10),
+        "lambda_l2": _log_float(trial, centre, "lambda_l2", 10),
+        "scale_pos_weight": _log_float(trial, centre, "scale_pos_weight", 2.5),
+    }
+
+
+def cat_space(trial: optuna.Trial, centre: Mapping[str, Any]) -> dict[str, Any]:
+    """CatBoost: iterations, learning rate, depth, L2, subsample, pos weight.
+
+    min_data_in_leaf stays at the published value: CatBoost's default symmetric trees ignore it.
+    """
+    return {
+        "iterations": _log_int(trial, centre, "iterations", 2),
+        "learning_rate": _log_float(trial, centre, "learning_rate", 3),
+        "depth": _near_int(trial, centre, "depth", 2, low=2),
+        "l2_leaf_reg": _log_float(trial, centre, "l2_leaf_reg", 4),
+        "subsample": _fraction(trial, centre, "subsample"),
+        "scale_pos_weight": _log_float(trial, centre, "scale_pos_weight", 2.5),
+    }
+
+
+def xgb_space(trial: optuna.Trial, centre: Mapping[str, Any]) -> dict[str, Any]:
+    """XGBoost: rounds, learning rate, depth, row/column subsampling, L2/L1, pos weight."""
+    return {
+        "n_estimators": _log_int(trial, centre, "n_estimators", 2),
+        "learning_rate": _log_float(trial, centre, "learning_rate", 3),
+        "max_depth": _near_int(trial, centre, "max_depth", 2, low=2),
+        "subsample": _fraction(trial, centre, "subsample"),
+        "colsample_bytree": _fraction(trial, centre, "colsample_bytree"),
+        "colsample_bylevel": _fraction(trial, centre, "colsample_bylevel"),
+        "colsample_bynode": _fraction(trial, centre, "colsample_bynode"),
+        "lambda": _log_float(trial, centre, "lambda", 10),
+        "alpha": _log_float(trial, centre, "alpha", 10),
+        "scale_pos_weight": _log_float(trial, centre, "scale_pos_weight", 2.5),
+    }
+
+
+SEARCH_SPACES: dict[str, Space] = {"lgb": lgb_space, "cat": cat_space, "xgb": xgb_space}
+
+
+@dataclass(frozen=True)
+class TunePreset:
+    """Trials per kind by default, and centre values that replace the resolved params."""
+
+    n_trials: int
+    centres: Mapping[str, Mapping[str, Any]]
+
+
+# "demo": a trial takes about a second on ~1,500 rows (few rounds, shallow CatBoost trees, whose
+# cost grows with 2**depth); "full": centred on the published settings.
+TUNE_PRESETS: dict[str, TunePreset] = {
+    "demo": TunePreset(
+        n_trials=3,
+        centres={
+            "lgb": {"n_estimators": 20},
+            "cat": {"iterations": 10, "depth": 4},
+            "xgb": {"n_estimators": 20},
+        },
+    ),
+    "full": TunePreset(n_trials=50, centres={}),
+}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Everything a tuning run fixes besides the data."""
+
+    kinds: tuple[str, ...] = tuple(SEARCH_SPACES)
+    preset: str = "demo"
+    n_trials: int = 3  # new trials per kind in this run
+    timeout: float | None = None  # seconds per kind's study; None: no limit
+    seed: int = 0  # sampler seed
+    model_seeds: tuple[int, ...] = (0,)
+    threads: int | None = None
+    sampling: Sampling = Sampling()
+    n_startup_trials: int = 5  # the pruner waits for this many finished trials
+    n_warmup_steps: int = 1  # and never prunes after the first fold alone
+
+
+def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """`kinds` as a tuple; ValueError for an unknown, repeated or empty list."""
+    if isinstance(kinds, str) or not kinds:
+        raise ValueError(
+            f"kinds must be a non-empty list of {sorted(SEARCH_SPACES)}, got {kinds!r}"
+        )
+    unknown = [k for k in kinds if k not in SEARCH_SPACES]
+    if unknown:
+        raise ValueError(f"unknown GBDT kind(s) {unknown}; choose from {sorted(SEARCH_SPACES)}")
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds lists a GBDT kind twice: {list(kinds)}")
+    return tuple(kinds)
+
+
+def make_config(
+    preset: str = "demo",
+    kinds: Sequence[str] = tuple(SEARCH_SPACES),
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    **overrides: Any,
+) -> TuneConfig:
+    """A checked TuneConfig; n_trials None takes the preset's."""
+    if preset not in TUNE_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(TUNE_PRESETS)}")
+    n_trials = TUNE_PRESETS[preset].n_trials if n_trials is None else n_trials
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be positive seconds or None, got {timeout!r}")
+    return TuneConfig(
+        kinds=check_kinds(kinds), preset=preset, n_trials=n_trials, timeout=timeout, **overrides
+    )
+
+
+@dataclass(frozen=True)
+class TuneData:
+    """Stage 3's training frame: features (+ image OOF columns), target and folds."""
+
+    frame: pl.DataFrame
+    y: np.ndarray
+    folds: np.ndarray
+    meta_features: tuple[str, ...]
+    image_columns: tuple[str, ...]
+
+
+def load_tune_data(
+    data_dir: str | Path, image_oof_dirs: Sequence[str | Path] = (), n_folds: int = N_FOLDS
+) -> TuneData:
+    """Features, folds and image OOF columns exactly as notebooks/03_gbdt builds them."""
+    train = DataDir(data_dir).train_metadata()
+    frame, meta_features = build_features(train, source=data_dir)
+    frame = frame.with_columns(with_folds(train, n_folds).select("fold", "target"))
+    frame, image_columns = join_image_oofs(frame, image_oof_dirs)
+    return TuneData(
+        frame=frame,
+        y=frame["target"].to_numpy().astype(np.int8),
+        folds=frame["fold"].to_numpy(),
+        meta_features=tuple(meta_features),
+        image_columns=tuple(image_columns),
+    )
+
+
+def centre_params(kind: str, preset: str) -> dict[str, Any]:
+    """The params a search space of `kind` is centred on: resolved defaults + preset centres."""
+    return {**resolve_params(None, preset)[kind], **TUNE_PRESETS[preset].centres.get(kind, {})}
+
+
+def default_trial_params(kind: str, preset: str) -> dict[str, Any]:
+    """The searched params at the centre (enqueued as trial 0 of a new study)."""
+    centre = centre_params(kind, preset)
+    return SEARCH_SPACES[kind](optuna.trial.FixedTrial(centre), centre)
+
+
+def setup_of(data: TuneData, config: TuneConfig) -> dict[str, Any]:
+    """What makes trials comparable: data, features, folds, preset, sampling, model seeds."""
+    digest = hashlib.sha1(data.y.tobytes())
+    digest.update(np.ascontiguousarray(data.folds).tobytes())
+    digest.update(json.dumps([data.meta_features, data.image_columns]).encode())
+    if data.image_columns:
+        digest.update(data.frame.select(data.image_columns).to_numpy().tobytes())
+    return {
+        "rows": int(data.y.size),
+        "positives": int(data.y.sum()),
+        "folds": int(np.unique(data.folds).size),
+        "features": len(data.meta_features),
+        "image_columns": list(data.image_columns),
+        "preset": config.preset,
+        "model_seeds": list(config.model_seeds),
+        "sampling": asdict(config.sampling),
+        "data_hash": digest.hexdigest()[:12],
+    }
+
+
+def study_name(kind: str, setup: Mapping[str, Any]) -> str:
+    """`<kind>-<preset>-<8 hex of the setup>`: one study per kind and setup."""
+    key = hashlib.sha1(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{kind}-{setup['preset']}-{key}"
+
+
+def tuning_dir(output_dir: str | Path) -> Path:
+    """`<output_dir>/tuning`, created."""
+    path = Path(output_dir) / TUNING_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def storage_url(output_dir: str | Path) -> str:
+    """SQLite URL of the study database in `<output_dir>/tuning/`."""
+    return f"sqlite:///{(tuning_dir(output_dir) / STORAGE_FILE).resolve()}"
+
+
+def _complete(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _default_trials(study: optuna.Study, states: Sequence[TrialState]) -> list[FrozenTrial]:
+    """Trials of the centre params (trial 0 of a new study) in one of `states`."""
+    trials = study.get_trials(deepcopy=False, states=tuple(states))
+    return [t for t in trials if t.user_attrs.get(DEFAULT_ATTR)]
+
+
+def open_study(kind: str, data: TuneData, config: TuneConfig, storage: str) -> optuna.Study:
+    """Create or resume the study of `kind` for this setup; a new one gets the centre as trial 0."""
+    setup = setup_of(data, config)
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=config.n_startup_trials, n_warmup_steps=config.n_warmup_steps
+    )
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name(kind, setup),
+        direction="maximize",
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    if not study.trials:
+        study.set_user_attr("kind", kind)
+        study.set_user_attr("setup", setup)
+    # a run killed during trial 0 leaves it RUNNING for good: queue the centre again
+    if not _default_trials(study, (TrialState.COMPLETE, TrialState.WAITING)):
+        study.enqueue_trial(
+            default_trial_params(kind, config.preset), user_attrs={DEFAULT_ATTR: True}
+        )
+    study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
+    return study
+
+
+def objective(trial: optuna.Trial, kind: str, data: TuneData, config: TuneConfig) -> float:
+    """OOF pAUC of the stage-3 member `kind` with the trial's params; mean fold pAUC reported."""
+    searched = SEARCH_SPACES[kind](trial, centre_params(kind, config.preset))
+    params = resolve_params({kind: searched}, config.preset)
+    members = make_members(data.meta_features, data.image_columns, params, names=[kind])
+    sums = np.zeros(data.y.size)
+    scores: list[float] = []
+    results = iter_cv(
+        data.frame,
+        data.y,
+        data.folds,
+        members,
+        config.model_seeds,
+        config.sampling,
+        config.threads,
+    )
+    for step, fold in enumerate(results):
+        sums[fold.valid_rows] += fold.pred
+        scores.append(fold.score)
+        trial.set_user_attr("fold_pauc", scores)
+        if not np.isnan(scores).all():  # a fold without positives has no pAUC
+            trial.report(float(np.nanmean(scores)), step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"mean fold pAUC {np.nanmean(scores):.4f} after {step + 1}")
+    return pauc(data.y, sums / len(config.model_seeds))
+
+
+def tune_kind(kind: str, data: TuneData, config: TuneConfig, storage: str) -> optuna.Study:
+    """Run `config.n_trials` more trials (or until `config.timeout`) in the study of `kind`."""
+    study = open_study(kind, data, config, storage)
+    study.optimize(
+        functools.partial(objective, kind=kind, data=data, config=config),
+        n_trials=config.n_trials,
+        timeout=config.timeout,
+        show_progress_bar=True,
+    )
+    return study
+
+
+def tune(data: TuneData, config: TuneConfig, output_dir: str | Path) -> dict[str, optuna.Study]:
+    """Tune every kind of `config.kinds` in turn; the studies by kind."""
+    storage = storage_url(output_dir)
+    return {kind: tune_kind(kind, data, config, storage) for kind in config.kinds}
+
+
+def tuned_studies(
+    data: TuneData, config: TuneConfig, output_dir: str | Path
+) -> dict[str, optuna.Study]:
+    """Every kind's study of this setup found in the database (tuned now or in earlier runs)."""
+    storage = storage_url(output_dir)
+    setup = setup_of(data, config)
+    names = set(optuna.get_all_study_names(storage))
+    return {
+        kind: optuna.load_study(study_name=study_name(kind, setup), storage=storage)
+        for kind in SEARCH_SPACES
+        if study_name(kind, setup) in names
+    }
+
+
+def best_params(studies: Mapping[str, optuna.Study]) -> dict[str, dict[str, Any]]:
+    """The best trial's params per kind (kinds without a completed trial are left out)."""
+    return {kind: dict(study.best_params) for kind, study in studies.items() if _complete(study)}
+
+
+def write_best_params(studies: Mapping[str, optuna.Study], output_dir: str | Path) -> Path:
+    """Write `<output_dir>/tuning/best_params.json` and check utils.gbdt.load_params reads it."""
+    params = best_params(studies)
+    missing = sorted(set(studies) - set(params))
+    if missing:
+        warnings.warn(
+            f"no completed trial for {missing}: best_params.json keeps their defaults",
+            stacklevel=2,
+        )
+    path = tuning_dir(output_dir) / BEST_PARAMS_FILE
+    path.write_text(json.dumps(params, indent=2, sort_keys=True))
+    load_params(path)
+    return path
+
+
+def _default_value(study: optuna.Study) -> float:
+    """Objective value of the centre trial (NaN if it did not complete)."""
+    done = _default_trials(study, (TrialState.COMPLETE,))
+    return float(done[0].value) if done else math.nan
+
+
+def summary_table(studies: Mapping[str, optuna.Study]) -> pl.DataFrame:
+    """Per kind: trials (complete/pruned), pAUC of the default params, best pAUC and its trial."""
+    rows = []
+    for kind, study in studies.items():
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        complete = _complete(study)
+        best = study.best_trial if complete else None
+        default = _default_value(study)
+        rows.append(
+            {
+                "kind": kind,
+                "study": study.study_name,
+                "trials": len(states),
+                "complete": len(complete),
+                "pruned": states.count(TrialState.PRUNED),
+                "default_pauc": default,
+                "best_pauc": best.value if best else math.nan,
+                "gain": (best.value - default) if best else math.nan,
+                "best_trial": best.number if best else None,
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def history_frame(study: optuna.Study) -> pl.DataFrame:
+    """Completed trials in order: number, value and the best value so far."""
+    complete = _complete(study)
+    values = [float(t.value) for t in complete]
+    return pl.DataFrame(
+        {
+            "number": [t.number for t in complete],
+            "value": values,
+            "best_so_far": np.maximum.accumulate(values).tolist() if values else [],
+        },
+        schema={"number": pl.Int64, "value": pl.Float64, "best_so_far": pl.Float64},
+    )
+
+
+def _axes_row(n: int, width: float, height: float) -> tuple[Figure, list[plt.Axes]]:
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(width * max(n, 1), height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def plot_history(studies: Mapping[str, optuna.Study]) -> Figure:
+    """One panel per kind: each completed trial's OOF pAUC, the best so far, the default's."""
+    fig, axes = _axes_row(len(studies), 4.5, 3.5)
+    for ax, (kind, study) in zip(axes, studies.items(), strict=False):
+        history = history_frame(study)
+        ax.scatter(history["number"], history["value"], s=14, label="trial")
+        ax.step(history["number"], history["best_so_far"], where="post", label="best so far")
+        default = _default_value(study)
+        if not math.isnan(default):
+            ax.axhline(default, color="grey", linestyle=":", label="default params")
+        ax.set(title=f"{kind}: optimisation history", xlabel="trial", ylabel="OOF pAUC")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def param_importances(study: optuna.Study, seed: int = 0) -> dict[str, float]:
+    """fANOVA importance of each searched param; {} with fewer than 2 completed trials."""
+    complete = _complete(study)
+    if len(complete) < 2 or len({t.value for t in complete}) < 2:
+        return {}
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return {name: float(v) for name, v in values.items()}
+
+
+def plot_importances(importances: Mapping[str, Mapping[str, float]]) -> Figure:
+    """One panel per kind: horizontal bars of param importance, or a note why there are none."""
+    fig, axes = _axes_row(len(importances), 4.5, 4.0)
+    for ax, (kind, values) in zip(axes, importances.items(), strict=False):
+        ax.set_title(f"{kind}: parameter importance")
+        if not values:
+            ax.text(0.5, 0.5, "needs >= 2 completed trials\nwith different scores", ha="center")
+            ax.set_axis_off()
+            continue
+        names = list(values)[::-1]
+        ax.barh(names, [values[n] for n in names], color="tab:blue")
+        ax.set(xlabel="fANOVA importance")
+    fig.tight_layout()
+    return fig

@@ -115,3 +115,18 @@ def test_data_dir_reads_the_synthetic_layout(synthetic_dir):
     assert len(data.test_images()) == test.height
     with pytest.raises(FileNotFoundError, match="data dir"):
         DataDir(synthetic_dir / "nope")
+
+
+def test_contiguous_and_chunked_layouts_read_the_same_bytes(fixtures_dir, tmp_path):
+    good = HDF5Images(fixtures_dir / "test-image.hdf5").read_bytes("ISIC_0015657").tobytes()
+    path = tmp_path / "mixed.hdf5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("ISIC_plain", data=np.bytes_(good))
+        h5.create_dataset("ISIC_gzip", data=np.frombuffer(good, np.uint8), compression="gzip")
+    store = HDF5Images(path)
+    assert store.read_bytes("ISIC_plain").tobytes() == good
+    assert store.read_bytes("ISIC_gzip").tobytes() == good
+    assert store._extents["ISIC_plain"] is not None and store._extents["ISIC_gzip"] is None
+    assert np.array_equal(store.read("ISIC_plain"), store.read("ISIC_gzip"))
+    store.close()
+    assert store.read("ISIC_plain").shape == (141, 141, 3)  # reopens after close

@@ -332,5 +332,7 @@ def test_real_kernel_builds_validates_and_passes_the_client_dry_run(tmp_path: Pa
     assert request.slug.startswith("alice/") and request.enable_internet is False
     assert all(ref.startswith("alice/") for ref in request.dataset_data_sources)
     cells = json.loads(request.text)["cells"]
-    injected = next(c["source"] for c in cells if "injected-parameters" in c["metadata"]["tags"])
+    injected = next(
+        c["source"] for c in cells if "injected-parameters" in c["metadata"].get("tags", [])
+    )
     assert "output_dir = '/kaggle/working'" in injected

@@ -1,0 +1,460 @@
+"""Stage 4, the submission kernel: image models -> features -> GBDT soft vote -> submission.csv.
+
+`predict_submission(data_dir, artifacts_dir, cfg)` does, in order:
+1. reads test-metadata.csv (schema-checked, unique ids) and counts test ids absent from
+   test-image.hdf5 up front;
+2. plans: the GBDT's saved feature list (`gbdt/features.json`, image columns `img_<model>`)
+   decides which image models are needed. A needed model that is missing or unfinished under
+   `artifacts_dir` means the metadata-only member (`lgb_meta`) scores every row, said loudly
+   (the other image models are then not run: their output could not be used). A model present
+   but not read by the GBDT is skipped, and said so;
+3. prints a time estimate early: images/s measured on a few batches per model (decode and every
+   fold model included), times the rows, against Kaggle's 12 hours;
+4. runs each needed image model with `utils.train.predict`: the mean of its fold models'
+   probabilities, as its OOF was made in training (fp16 autocast on CUDA, DataLoader workers);
+5. builds features with `utils.features.build_features` (the training code) plus the image
+   columns and runs `GBDTEnsemble.predict`: each member and the soft vote;
+6. documented fallback: a row whose image is unreadable or absent from the hdf5 file gets the
+   `lgb_meta` score; the report counts those rows and names the first few.
+
+`write_submission` checks the frame with `validate_submission` (exactly the test ids in
+test-metadata order, targets finite and in [0, 1]) and refuses to write a bad file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from utils.features import IMAGE_PREFIX, build_features
+from utils.gbdt import ENSEMBLE, META_MEMBER, GBDTEnsemble
+from utils.io import TEST_METADATA, DataDir, HDF5Images, check_ids_match, read_metadata
+from utils.train import default_device, load_config, load_fold_models, predict, predict_with_models
+
+GBDT_DIR = "gbdt"
+SUBMISSION_FILE = "submission.csv"
+SUBMISSION_COLUMNS = ("isic_id", "target")
+KAGGLE_LIMIT_S = 12 * 3600
+HIDDEN_TEST_ROWS = 500_000  # about the size of the hidden test set the kernel is rerun on
+SHOW_IDS = 5  # ids named in messages
+
+
+class SubmissionError(ValueError):
+    """A submission frame that Kaggle would reject or score wrongly (message lists why)."""
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Settings of the submission kernel; saved nowhere, printed at the top of the notebook."""
+
+    preset: str = "full"
+    batch_size: int = 128
+    num_workers: int = 4
+    estimate_batches: int = 3  # batches per image model timed for the run-time estimate; 0 skips
+    threads: int | None = None  # GBDT threads; None: every core
+
+
+PRESETS: dict[str, InferenceConfig] = {
+    "full": InferenceConfig(preset="full"),
+    "demo": InferenceConfig(preset="demo", batch_size=64, num_workers=0, estimate_batches=1),
+}
+
+
+def make_config(preset: str = "full", **overrides) -> InferenceConfig:
+    """The preset with every override that is not None."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(PRESETS[preset], **given)
+
+
+# ---------------------------------------------------------------------------------- plan
+
+
+def model_dir_problem(model_dir: Path) -> str | None:
+    """Why an image model dir cannot be used (absent, no config.json, a fold missing), or None."""
+    if not model_dir.is_dir():
+        return f"{model_dir} does not exist"
+    try:
+        cfg = load_config(model_dir)
+    except (FileNotFoundError, TypeError, ValueError, json.JSONDecodeError) as err:
+        return f"{model_dir}: unreadable config ({err})"
+    folds = [f"fold{k}.pt" for k in range(cfg.n_folds)]
+    absent = [f for f in folds if not (model_dir / f).is_file()]
+    if absent:
+        return f"{model_dir}: {absent} missing (unfinished run)"
+    return None
+
+
+def image_model_name(column: str) -> str:
+    """Image model (artifact dir) name of a GBDT image column img_<name>."""
+    if not column.startswith(IMAGE_PREFIX):
+        raise ValueError(f"GBDT image column {column!r} does not start with {IMAGE_PREFIX!r}")
+    return column[len(IMAGE_PREFIX) :]
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Which image models the GBDT reads, which will run, which are missing or unused."""
+
+    needed: tuple[str, ...]  # read by the GBDT (features.json image_columns), in its order
+    run: tuple[str, ...]  # will be run on the test images
+    missing: dict[str, str]  # needed but unusable -> why
+    unused: tuple[str, ...]  # complete under artifacts_dir but not read by the GBDT
+
+    @property
+    def metadata_only(self) -> bool:
+        """True when no row can use an image feature."""
+        return not self.needed or bool(self.missing)
+
+
+def plan_images(artifacts_dir: Path, image_columns: Sequence[str]) -> ImagePlan:
+    """The ImagePlan for a GBDT reading `image_columns`, given the dirs under `artifacts_dir`."""
+    needed = tuple(image_model_name(c) for c in image_columns)
+    missing = {n: p for n in needed if (p := model_dir_problem(artifacts_dir / n)) is not None}
+    present = sorted(
+        p.name
+        for p in artifacts_dir.iterdir()
+        if p.name != GBDT_DIR and (p / "config.json").is_file()
+    )
+    usable = [n for n in present if model_dir_problem(artifacts_dir / n) is None]
+    unused = tuple(n for n in usable if n not in needed)
+    run = () if missing else needed
+    return ImagePlan(needed, run, missing, unused)
+
+
+# ---------------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """Image inference time projected from measured images/s (decode + all folds per model)."""
+
+    rows: int
+    images_per_s: dict[str, float]
+
+    def seconds(self, rows: int | None = None) -> float:
+        """Projected seconds of image inference for `rows` (default: this test set)."""
+        n = self.rows if rows is None else rows
+        return sum(n / rate for rate in self.images_per_s.values())
+
+    def fits(self, rows: int | None = None, limit_s: float = KAGGLE_LIMIT_S) -> bool:
+        return self.seconds(rows) < limit_s
+
+    def __str__(self) -> str:
+        rates = ", ".join(f"{m} {r:,.0f} img/s" for m, r in self.images_per_s.items())
+        lines = [f"measured: {rates}"]
+        for label, n in (("this test set", self.rows), ("hidden test", HIDDEN_TEST_ROWS)):
+            s = self.seconds(n)
+            verdict = "fits" if self.fits(n) else "DOES NOT FIT"
+            lines.append(
+                f"{label}: {n:,} rows x {len(self.images_per_s)} image model(s) -> "
+                f"{format_duration(s)} of image inference ({verdict} Kaggle's "
+                f"{KAGGLE_LIMIT_S / 3600:.0f} h limit: {100 * s / KAGGLE_LIMIT_S:.1f}%)"
+            )
+        return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as '12.3 s', '4.5 min' or '6.78 h'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _timed(fn: Callable[[Sequence[str]], object], ids: Sequence[str]) -> float:
+    start = time.perf_counter()
+    fn(ids)
+    return time.perf_counter() - start
+
+
+def measure_images_per_s(
+    predict_ids: Callable[[Sequence[str]], object],
+    ids: Sequence[str],
+    batch_size: int,
+    batches: int,
+) -> float:
+    """Images/s of `predict_ids` from the extra time `batches` more batches take.
+
+    After one warm-up batch it times n and 2n ids (n = batches x batch_size): the difference
+    cancels fixed costs (DataLoader start-up) that would inflate a 500k-row projection. A test
+    set smaller than 2n is cycled, so the 3-row public test set gives a real figure too.
+    """
+    if not ids:
+        raise ValueError("measure_images_per_s: no ids to time")
+    n = batches * batch_size
+    sample = [ids[i % len(ids)] for i in range(2 * n)]
+    predict_ids(sample[:batch_size])
+    t_short = _timed(predict_ids, sample[:n])
+    t_long = _timed(predict_ids, sample)
+    if t_long > t_short:
+        return n / (t_long - t_short)
+    return 2 * n / max(t_long, 1e-9)
+
+
+def estimate_time(
+    artifacts_dir: Path,
+    models: Sequence[str],
+    images: HDF5Images,
+    ids: Sequence[str],
+    cfg: InferenceConfig,
+    device: torch.device,
+) -> TimeEstimate:
+    """Measure images/s of each image model on the first batches of `ids`; project to all rows."""
+    rates = {}
+    for name in models:
+        model_cfg, fold_models = load_fold_models(artifacts_dir / name, device)
+
+        def run(part: Sequence[str], fold_models=fold_models, size=model_cfg.image_size) -> None:
+            predict_with_models(
+                fold_models, images, part, size, cfg.batch_size, cfg.num_workers, device
+            )
+
+        rates[name] = measure_images_per_s(run, ids, cfg.batch_size, cfg.estimate_batches)
+        del fold_models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return TimeEstimate(len(ids), rates)
+
+
+# ---------------------------------------------------------------------------------- predict
+
+
+@dataclass(frozen=True)
+class InferenceReport:
+    """What the kernel did: plan, fallbacks, timings and every warning it printed."""
+
+    rows: int
+    device: str
+    plan: ImagePlan
+    absent_ids: tuple[str, ...]  # test ids with no key in test-image.hdf5 (counted up front)
+    fallback_ids: tuple[str, ...]  # rows scored by lgb_meta: an image feature is missing
+    estimate: TimeEstimate | None
+    images_per_s: dict[str, float]  # measured on the full pass, per image model
+    member_means: dict[str, float]  # mean score per GBDT member and the ensemble
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def n_fallback(self) -> int:
+        return len(self.fallback_ids)
+
+    @property
+    def mode(self) -> str:
+        """How the rows were scored, in words."""
+        if not self.plan.needed:
+            return "metadata-only: the GBDT was trained without image columns"
+        if self.plan.missing:
+            missing = sorted(self.plan.missing)
+            return f"metadata-only: {META_MEMBER} for every row (missing {missing})"
+        return f"full: image models {list(self.plan.run)} + GBDT soft vote"
+
+    def summary(self) -> pl.DataFrame:
+        """One row per fact, for the notebook."""
+        facts = {
+            "rows": f"{self.rows:,}",
+            "device": self.device,
+            "mode": self.mode,
+            "image models run": ", ".join(self.plan.run) or "none",
+            "image models unused by the GBDT": ", ".join(self.plan.unused) or "none",
+            "test ids absent from the hdf5": _count_ids(self.absent_ids),
+            f"rows scored by {META_MEMBER} (fallback)": _count_ids(self.fallback_ids),
+            **{f"{m} img/s (full pass)": f"{r:,.1f}" for m, r in self.images_per_s.items()},
+            **{f"mean score {m}": f"{s:.5f}" for m, s in self.member_means.items()},
+            **{f"warning {i + 1}": w for i, w in enumerate(self.warnings)},
+        }
+        return pl.DataFrame({"item": list(facts), "value": list(facts.values())})
+
+
+def _count_ids(ids: Sequence[str]) -> str:
+    """'n' or 'n (first ids ...)'."""
+    shown = f" (e.g. {list(ids[:SHOW_IDS])})" if len(ids) else ""
+    return f"{len(ids):,}{shown}"
+
+
+def image_features(
+    artifacts_dir: Path,
+    models: Sequence[str],
+    images: HDF5Images,
+    ids: Sequence[str],
+    cfg: InferenceConfig,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> tuple[pl.DataFrame, dict[str, float]]:
+    """isic_id plus img_<model> (fold-mean probability, NaN if unreadable); images/s per model."""
+    frame = pl.DataFrame({"isic_id": list(ids)}, schema={"isic_id": pl.String})
+    rates = {}
+    for name in models:
+        start = time.perf_counter()
+        pred = predict(artifacts_dir / name, images, ids, cfg.batch_size, cfg.num_workers, device)
+        rates[name] = len(ids) / max(time.perf_counter() - start, 1e-9)
+        log(f"{name}: {len(ids):,} images in {time.perf_counter() - start:.1f}s")
+        column = pl.col("pred").cast(pl.Float32).alias(f"{IMAGE_PREFIX}{name}")
+        frame = frame.join(
+            pred.select("isic_id", column), on="isic_id", how="left", maintain_order="left"
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return frame, rates
+
+
+def predict_submission(
+    data_dir: str | Path,
+    artifacts_dir: str | Path,
+    cfg: InferenceConfig | None = None,
+    device: torch.device | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[pl.DataFrame, InferenceReport]:
+    """The submission frame (isic_id, target in test-metadata order) and what was done."""
+    cfg = cfg or PRESETS["full"]
+    device = device or default_device()
+    artifacts_dir = Path(artifacts_dir)
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        log(f"WARNING: {message}")
+
+    data = DataDir(data_dir)
+    metadata = data.test_metadata()
+    ids = metadata["isic_id"].to_list()
+    log(f"{data.path(TEST_METADATA)}: {len(ids):,} test rows; device {_device_name(device)}")
+    if not (artifacts_dir / GBDT_DIR / "ensemble.json").is_file():
+        raise FileNotFoundError(
+            f"no GBDT artifacts at {artifacts_dir / GBDT_DIR} (ensemble.json): run 03_gbdt first "
+            "or attach its dataset"
+        )
+    ensemble = GBDTEnsemble.load(artifacts_dir / GBDT_DIR)
+    plan = plan_images(artifacts_dir, ensemble.image_columns)
+    for name, why in plan.missing.items():
+        warn(f"image model {name} is needed by the GBDT but unusable: {why}")
+    if plan.missing:
+        warn(f"METADATA-ONLY SUBMISSION: every row gets the {META_MEMBER} score")
+    elif not plan.needed:
+        warn("METADATA-ONLY SUBMISSION: the GBDT was trained without image columns")
+    if plan.unused:
+        log(f"image model(s) {list(plan.unused)} present but not read by the GBDT: skipped")
+    if META_MEMBER not in ensemble.models and plan.needed:
+        warn(f"the GBDT has no {META_MEMBER} member: rows without an image cannot fall back")
+
+    absent: list[str] = []
+    estimate = None
+    image_frame = pl.DataFrame({"isic_id": ids}, schema={"isic_id": pl.String})
+    rates: dict[str, float] = {}
+    if plan.run:
+        images = data.test_images()
+        absent = check_ids_match(metadata, images, str(images.path))
+        if absent:
+            warn(f"{len(absent):,} test id(s) absent from {images.path}: {_count_ids(absent)}")
+        if cfg.estimate_batches > 0 and ids:
+            estimate = estimate_time(artifacts_dir, plan.run, images, ids, cfg, device)
+            log(f"time estimate ({_device_name(device)}):\n{estimate}")
+            if not estimate.fits():
+                warn(f"image inference needs ~{format_duration(estimate.seconds())}, over 12 h")
+        image_frame, rates = image_features(artifacts_dir, plan.run, images, ids, cfg, device, log)
+    frame, _ = build_features(metadata, source=data.path(TEST_METADATA))
+    frame = frame.join(image_frame, on="isic_id", how="left", maintain_order="left")
+    for column in ensemble.image_columns:
+        if column not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, dtype=pl.Float32).alias(column))
+    scores = ensemble.predict(frame, cfg.threads)
+    fallback = ensemble.image_missing(frame) if META_MEMBER in scores else np.zeros(len(ids), bool)
+    fallback_ids = tuple(np.asarray(ids, dtype=object)[fallback].tolist())
+    if fallback.any() and not plan.missing:
+        warn(f"{len(fallback_ids):,} row(s) fell back to {META_MEMBER}: {_count_ids(fallback_ids)}")
+    submission = pl.DataFrame(
+        {"isic_id": frame["isic_id"], "target": scores[ENSEMBLE].astype(np.float64)},
+        schema={"isic_id": pl.String, "target": pl.Float64},
+    )
+    validate_submission(submission, ids)
+    report = InferenceReport(
+        rows=len(ids),
+        device=_device_name(device),
+        plan=plan,
+        absent_ids=tuple(absent),
+        fallback_ids=fallback_ids,
+        estimate=estimate,
+        images_per_s=rates,
+        member_means={m: float(np.mean(s)) for m, s in scores.items()},
+        warnings=tuple(warnings),
+    )
+    log(f"mode: {report.mode}; {report.n_fallback:,} row(s) scored by {META_MEMBER}")
+    return submission, report
+
+
+def _device_name(device: torch.device) -> str:
+    """'cuda (GPU name), fp16 autocast' or 'cpu'."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}), fp16 autocast"
+    return device.type
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def read_test_ids(data_dir: str | Path) -> list[str]:
+    """isic_ids of `<data_dir>/test-metadata.csv` in file order (what the submission must hold)."""
+    return read_metadata(Path(data_dir) / TEST_METADATA, "test")["isic_id"].to_list()
+
+
+def submission_problems(sub: pl.DataFrame, test_ids: Sequence[str]) -> list[str]:
+    """Every reason `sub` is not a valid submission for `test_ids` (empty when valid)."""
+    if tuple(sub.columns) != SUBMISSION_COLUMNS:
+        return [f"columns must be {list(SUBMISSION_COLUMNS)}, got {sub.columns}"]
+    if not sub.schema["target"].is_numeric():
+        return [f"target must be numeric, got {sub.schema['target']}"]
+    problems = []
+    ids = sub["isic_id"].to_list()
+    expected = list(test_ids)
+    dupes = sub.filter(pl.col("isic_id").is_duplicated())["isic_id"].unique(maintain_order=True)
+    if len(dupes):
+        problems.append(f"{len(dupes)} duplicate isic_id(s): {dupes.head(SHOW_IDS).to_list()}")
+    given, wanted = set(ids), set(expected)
+    missing = [i for i in expected if i not in given]
+    if missing:
+        problems.append(f"{len(missing)} test id(s) missing: {missing[:SHOW_IDS]}")
+    extra = [i for i in ids if i not in wanted]
+    if extra:
+        problems.append(f"{len(extra)} id(s) not in the test set: {extra[:SHOW_IDS]}")
+    if not (missing or extra or len(dupes)) and ids != expected:
+        first = next(k for k, (a, b) in enumerate(zip(ids, expected, strict=True)) if a != b)
+        problems.append(f"ids not in test-metadata order: row {first} is {ids[first]!r}")
+    if len(ids) != len(expected):
+        problems.append(f"{len(ids)} rows, the test set has {len(expected)}")
+    target = sub["target"].cast(pl.Float64)
+    unscored = sub.filter(target.is_null() | target.is_nan())["isic_id"]
+    if len(unscored):
+        problems.append(f"{len(unscored)} null/NaN target(s): {unscored.head(SHOW_IDS).to_list()}")
+    outside = sub.filter(~target.is_between(0.0, 1.0) & ~target.is_nan())["isic_id"]
+    if len(outside):
+        shown = outside.head(SHOW_IDS).to_list()
+        problems.append(f"{len(outside)} target(s) outside [0, 1]: {shown}")
+    return problems
+
+
+def validate_submission(sub: pl.DataFrame, test_ids: Sequence[str]) -> None:
+    """Raise SubmissionError listing every problem unless `sub` is exactly right for `test_ids`."""
+    problems = submission_problems(sub, test_ids)
+    if problems:
+        raise SubmissionError("invalid submission:\n  " + "\n  ".join(problems))
+
+
+def write_submission(sub: pl.DataFrame, output_dir: str | Path, test_ids: Sequence[str]) -> Path:
+    """Validate, then write `<output_dir>/submission.csv` atomically; its path."""
+    validate_submission(sub, test_ids)
+    path = Path(output_dir) / SUBMISSION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    sub.write_csv(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,410 @@
+"""Stage 5: the FusionNetX recipe evaluated on external dermoscopy sets (PH2, HAM10000).
+
+Every variant is cross-validated on one fold assignment (utils.folds, grouped by patient_id,
+i.e. by lesion for HAM10000 and by image for PH2) and scored on its out-of-fold predictions:
+- `metadata`: the ensemble's metadata-only member (`lgb_meta`, LightGBM) on the dataset's own
+  metadata; categorical columns are one-hot encoded over the values present (null: all zeros);
+- `image_<model>`: an image model of utils.train.IMAGE_MODELS trained with the stage 1 loop;
+  external sets have no iddx columns, so the "suspicious" models train on the target;
+- `fusion_lgb`: LightGBM on metadata + the image OOF columns (`img_<model>`);
+- `fusion_soft_vote`: the stage 3 soft vote of lgb_meta, lgb, CatBoost and XGBoost.
+The GBDTs keep the stage 3 params, except that `min_data_in_leaf` is capped for small sets
+(see `gbdt_params`): the published 85 leaves no split at all on PH2's 160 training rows.
+
+Metrics per variant: accuracy at a stated threshold (0.5 by default; probabilities are not
+recalibrated), ROC AUC, average precision and the competition's pAUC above 80% TPR.
+`write_metrics` saves them as `<output_dir>/external_metrics.json`, one entry per dataset and
+variant with the fold scheme; `paper_table` sets them next to the paper's reported numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+
+from utils.external import ExternalDataset, load_ham10000, load_ph2, write_layout
+from utils.features import IMAGE_PREFIX, join_image_oofs, one_hot_names
+from utils.folds import with_folds
+from utils.gbdt import ENSEMBLE, META_MEMBER, cross_validate, make_members, resolve_params
+from utils.metric import pauc
+from utils.train import IMAGE_MODELS, make_config, train_image_model
+
+METRICS_FILE = "external_metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+METRICS = ("accuracy", "auc", "ap", "pauc")
+# FusionNetX paper, external evaluation (accuracy in %, as printed there).
+PAPER_RESULTS: dict[str, dict[str, float]] = {
+    "HAM10000": {"accuracy": 95.2, "auc": 0.995, "ap": 0.885},
+    "PH2": {"accuracy": 95.0, "auc": 0.9844, "ap": 0.9663},
+}
+MIN_LEAF_ROWS = 20  # a leaf needs at least 1/MIN_LEAF_ROWS of the training rows, or 5 rows
+FUSION_MEMBERS = (META_MEMBER, "lgb", "cat", "xgb")
+DATASETS = ("PH2", "HAM10000")
+HAM_METADATA = "ham10000/HAM10000_metadata.csv"
+HAM_IMAGES = "ham10000/images"  # used when present and no ham_image_dir is given
+
+
+@dataclass(frozen=True)
+class ExternalEvalConfig:
+    """Settings of one external evaluation; image settings left None take the image preset's."""
+
+    preset: str = "full"  # "demo" / "full", for the image models and the GBDTs alike
+    image_models: tuple[str, ...] = tuple(IMAGE_MODELS)
+    n_folds: int = 5
+    seed: int = 42
+    threshold: float = 0.5
+    epochs: int | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
+    num_workers: int | None = None
+    weights_path: Mapping[str, str] | None = None  # image model -> local timm weights file
+    max_image_side: int | None = None  # shrink stored images first (CPU demos)
+    gbdt_seeds: tuple[int, ...] = (0,)
+    threads: int | None = None  # GBDT threads; None: every core
+    torch_threads: int | None = None  # torch intra-op threads while training; None: unchanged
+
+    def __post_init__(self):
+        unknown = [m for m in self.image_models if m not in IMAGE_MODELS]
+        if unknown:
+            raise KeyError(f"unknown image model(s) {unknown}; known: {sorted(IMAGE_MODELS)}")
+        extra = sorted(set(self.weights_path or {}) - set(self.image_models))
+        if extra:
+            raise KeyError(f"weights_path names model(s) {extra} not in image_models")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+
+EVAL_PRESETS: dict[str, ExternalEvalConfig] = {
+    # 2 CPU cores in CI: one small ViT on 32 px crops of 64 px images, 1 epoch, 5 folds.
+    "demo": ExternalEvalConfig(
+        preset="demo",
+        image_models=("vit_tiny",),
+        epochs=1,
+        image_size=32,
+        batch_size=32,
+        num_workers=0,
+        max_image_side=64,
+        # On busy shared cores two spinning torch threads ran 10x slower than one (bench: 87-110 s
+        # vs 9 s for this demo's 5 folds while other jobs ran).
+        torch_threads=1,
+    ),
+    # A GPU and pretrained weights: the four image models at the paper's Table 1 settings.
+    "full": ExternalEvalConfig(preset="full"),
+}
+
+
+def make_eval_config(preset: str = "demo", **overrides: Any) -> ExternalEvalConfig:
+    """The preset with every override that is not None (lists become tuples)."""
+    if preset not in EVAL_PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; known: {sorted(EVAL_PRESETS)}")
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return dataclasses.replace(
+        EVAL_PRESETS[preset], **{k: v for k, v in given.items() if v is not None}
+    )
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def load_datasets(
+    data_dir: str | Path,
+    names: Sequence[str] = DATASETS,
+    ph2_dir: str | Path | None = None,
+    ham_metadata: str | Path | None = None,
+    ham_image_dir: str | Path | None = None,
+) -> list[ExternalDataset]:
+    """The datasets `names`; paths left None default to `<data_dir>/ph2`, `<data_dir>/ham10000`."""
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        raise KeyError(f"unknown external dataset(s) {unknown}; known: {list(DATASETS)}")
+    data_dir = Path(data_dir)
+    if ham_image_dir is None and (data_dir / HAM_IMAGES).is_dir():
+        ham_image_dir = data_dir / HAM_IMAGES
+    loaders = {
+        "PH2": lambda: load_ph2(ph2_dir or data_dir / "ph2"),
+        "HAM10000": lambda: load_ham10000(ham_metadata or data_dir / HAM_METADATA, ham_image_dir),
+    }
+    return [loaders[name]() for name in names]
+
+
+def dataset_summary(datasets: Sequence[ExternalDataset]) -> pl.DataFrame:
+    """Rows, positives, images and metadata columns per dataset."""
+    return pl.DataFrame(
+        [
+            {
+                "dataset": d.name,
+                "rows": d.frame.height,
+                "positives": int(d.frame["target"].sum()),
+                "patients": d.frame["patient_id"].n_unique(),
+                "images": len(d.image_paths),
+                "metadata": ", ".join(d.feature_columns),
+            }
+            for d in datasets
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def binary_metrics(y_true, y_score, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy (score >= threshold), ROC AUC, average precision and pAUC above 80% TPR."""
+    y = np.asarray(y_true, dtype=float).ravel()
+    s = np.asarray(y_score, dtype=float).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"binary_metrics: {y.size} labels but {s.size} scores")
+    if np.isnan(s).any():
+        raise ValueError(f"binary_metrics: {int(np.isnan(s).sum())} score(s) are NaN")
+    if not np.isin(y, (0.0, 1.0)).all() or np.unique(y).size < 2:
+        raise ValueError("binary_metrics: labels must be 0/1 and hold both classes")
+    return {
+        "accuracy": float(accuracy_score(y, s >= threshold)),
+        "auc": float(roc_auc_score(y, s)),
+        "ap": float(average_precision_score(y, s)),
+        "pauc": pauc(y, s),
+    }
+
+
+def fold_scheme(dataset: ExternalDataset, n_folds: int, seed: int) -> dict[str, Any]:
+    """The fold scheme as recorded with every metric entry."""
+    return {
+        "n_folds": n_folds,
+        "seed": seed,
+        "description": f"{n_folds}-fold {dataset.fold_scheme}, seed {seed} (utils.folds)",
+    }
+
+
+def metric_entry(
+    dataset: ExternalDataset,
+    variant: str,
+    description: str,
+    y: np.ndarray,
+    score: np.ndarray,
+    folds: np.ndarray,
+    cfg: ExternalEvalConfig,
+) -> dict[str, Any]:
+    """One JSON entry: dataset, variant, OOF metrics, per-fold AUC, threshold and fold scheme."""
+    per_fold = [
+        float(roc_auc_score(y[folds == k], score[folds == k]))
+        if np.unique(y[folds == k]).size == 2
+        else float("nan")
+        for k in range(cfg.n_folds)
+    ]
+    return {
+        "dataset": dataset.name,
+        "variant": variant,
+        "description": description,
+        "rows": int(y.size),
+        "positives": int(y.sum()),
+        **binary_metrics(y, score, cfg.threshold),
+        "fold_auc": per_fold,
+        "threshold": cfg.threshold,
+        "preset": cfg.preset,
+        "fold_scheme": fold_scheme(dataset, cfg.n_folds, cfg.seed),
+    }
+
+
+# ---------------------------------------------------------------------------------- variants
+
+
+def encode_metadata(dataset: ExternalDataset) -> tuple[pl.DataFrame, list[str]]:
+    """ids + target + float features: numeric columns as is, categoricals one-hot (null: zeros)."""
+    frame = dataset.frame
+    names = one_hot_names(
+        {c: sorted(frame[c].drop_nulls().unique().to_list()) for c in dataset.categorical_columns}
+    )
+    one_hot = [
+        (pl.col(col) == value).fill_null(False).cast(pl.Float32).alias(name)
+        for col, mapping in names.items()
+        for value, name in mapping.items()
+        if name != f"{col}__other"  # every value present is listed, so "other" stays empty
+    ]
+    numeric = [pl.col(c).cast(pl.Float32) for c in dataset.numeric_columns]
+    encoded = frame.select("isic_id", "patient_id", "target", *numeric, *one_hot)
+    return encoded, [c for c in encoded.columns if c not in ("isic_id", "patient_id", "target")]
+
+
+def gbdt_params(preset: str, train_rows: int) -> dict[str, dict[str, Any]]:
+    """Stage 3 params of the preset, LightGBM's min_data_in_leaf capped for small sets."""
+    params = resolve_params(None, preset)
+    cap = max(5, train_rows // MIN_LEAF_ROWS)
+    for name in (META_MEMBER, "lgb"):
+        params[name]["min_data_in_leaf"] = min(params[name]["min_data_in_leaf"], cap)
+    return params
+
+
+def run_gbdt(
+    features: pl.DataFrame,
+    meta_columns: Sequence[str],
+    image_columns: Sequence[str],
+    names: Sequence[str],
+    cfg: ExternalEvalConfig,
+) -> dict[str, np.ndarray]:
+    """OOF predictions per member `names` (and their soft vote) on `features`' fold column."""
+    folds = features["fold"].to_numpy()
+    train_rows = int(np.min([np.sum(folds != k) for k in np.unique(folds)]))
+    members = make_members(meta_columns, image_columns, gbdt_params(cfg.preset, train_rows), names)
+    y = features["target"].to_numpy()
+    result = cross_validate(features, y, folds, members, cfg.gbdt_seeds, threads=cfg.threads)
+    return result.oof
+
+
+def image_config(model: str, cfg: ExternalEvalConfig):
+    """utils.train config of `model` for this evaluation (same folds and seed)."""
+    return make_config(
+        model,
+        cfg.preset,
+        n_folds=cfg.n_folds,
+        seed=cfg.seed,
+        epochs=cfg.epochs,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        weights_path=(cfg.weights_path or {}).get(model),
+    )
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (None: as they are), then restore them."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_image_models(
+    dataset: ExternalDataset, folded: pl.DataFrame, cfg: ExternalEvalConfig, run_dir: Path
+) -> list[Path]:
+    """Train every image model on the dataset's images with the given folds; their run dirs."""
+    layout = write_layout(dataset, run_dir / "layout", cfg.max_image_side)
+    metadata = folded.select(
+        "isic_id", "patient_id", "target", pl.col("target").alias("suspicious"), "fold"
+    )
+    with torch_threads(cfg.torch_threads):
+        for model in cfg.image_models:
+            print(f"{dataset.name}: training {model} ({cfg.n_folds} folds)")
+            train_image_model(image_config(model, cfg), metadata, layout / "images.hdf5", run_dir)
+    return [run_dir / model for model in cfg.image_models]
+
+
+@dataclass(frozen=True)
+class ExternalResult:
+    """One dataset's OOF scores per variant (columns of `predictions`) and metric entries."""
+
+    name: str
+    predictions: pl.DataFrame  # isic_id, patient_id, fold, target, one column per variant
+    entries: list[dict[str, Any]]
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """Variant -> OOF scores, for plots."""
+        return {e["variant"]: self.predictions[e["variant"]].to_numpy() for e in self.entries}
+
+
+def evaluate_dataset(
+    dataset: ExternalDataset, cfg: ExternalEvalConfig, output_dir: str | Path
+) -> ExternalResult:
+    """Run every variant the dataset allows on one set of folds; write `predictions.csv`."""
+    run_dir = Path(output_dir) / dataset.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    features, meta_columns = encode_metadata(dataset)
+    features = with_folds(features, cfg.n_folds, cfg.seed)
+    variants: dict[str, tuple[str, np.ndarray]] = {}
+    if meta_columns:
+        oof = run_gbdt(features, meta_columns, (), (META_MEMBER,), cfg)
+        variants["metadata"] = (f"LightGBM ({META_MEMBER}) on metadata", oof[META_MEMBER])
+    image_columns: list[str] = []
+    if not dataset.image_paths:
+        print(f"{dataset.name}: no images given, so the metadata model only")
+    elif not cfg.image_models:
+        print(f"{dataset.name}: image_models is empty, so the metadata model only")
+    else:
+        model_dirs = run_image_models(dataset, features, cfg, run_dir)
+        features, image_columns = join_image_oofs(features, model_dirs)
+        for column in image_columns:
+            model = column.removeprefix(IMAGE_PREFIX)
+            variants[f"image_{model}"] = (f"image model {model}", features[column].to_numpy())
+    if meta_columns and image_columns:
+        oof = run_gbdt(features, meta_columns, image_columns, FUSION_MEMBERS, cfg)
+        variants["fusion_lgb"] = ("LightGBM on metadata + image OOFs", oof["lgb"])
+        variants["fusion_soft_vote"] = (
+            "soft vote of lgb_meta, LightGBM, CatBoost, XGBoost (stage 3)",
+            oof[ENSEMBLE],
+        )
+    if not variants:
+        raise ValueError(f"{dataset.name}: neither metadata columns nor images to evaluate")
+    y, folds = features["target"].to_numpy(), features["fold"].to_numpy()
+    entries = [
+        metric_entry(dataset, name, text, y, score.astype(np.float64), folds, cfg)
+        for name, (text, score) in variants.items()
+    ]
+    predictions = features.select("isic_id", "patient_id", "fold", "target").with_columns(
+        [pl.Series(name, score, dtype=pl.Float64) for name, (_, score) in variants.items()]
+    )
+    predictions.write_csv(run_dir / PREDICTIONS_FILE)
+    return ExternalResult(dataset.name, predictions, entries)
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+
+def write_metrics(
+    results: Sequence[ExternalResult], output_dir: str | Path, cfg: ExternalEvalConfig
+) -> Path:
+    """`<output_dir>/external_metrics.json`: the settings and every dataset x variant entry."""
+    path = Path(output_dir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = dataclasses.asdict(cfg)
+    record = {
+        "settings": settings,
+        "paper": PAPER_RESULTS,
+        "entries": [e for r in results for e in r.entries],
+    }
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def paper_table(entries: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    """The paper's table: per dataset our variants, then the paper's reported row."""
+    rows = []
+    for dataset in dict.fromkeys(e["dataset"] for e in entries):
+        ours = [e for e in entries if e["dataset"] == dataset]
+        rows += [
+            {
+                "dataset": dataset,
+                "model": e["variant"],
+                "accuracy_%": round(100 * e["accuracy"], 1),
+                "auc": round(e["auc"], 4),
+                "ap": round(e["ap"], 4),
+                "pauc": round(e["pauc"], 4),
+                "folds": e["fold_scheme"]["description"],
+            }
+            for e in ours
+        ]
+        if dataset in PAPER_RESULTS:
+            paper = PAPER_RESULTS[dataset]
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "model": "FusionNetX paper (reported)",
+                    "accuracy_%": paper["accuracy"],
+                    "auc": paper["auc"],
+                    "ap": paper["ap"],
+                    "pauc": None,
+                    "folds": "as reported",
+                }
+            )
+    return pl.DataFrame(rows, schema_overrides={"pauc": pl.Float64})

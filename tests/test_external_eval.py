@@ -1,16 +1,15 @@
 """External evaluation (utils.external_eval, notebook 05) on the real PH2 and HAM10000 data."""
 
-import ast
 import dataclasses
 import json
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import papermill as pm
 import polars as pl
 import pytest
 import torch
+from notebook_checks import assert_thin_and_clean
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from utils.external import load_ph2
@@ -204,16 +203,7 @@ def test_metrics_file_and_paper_table(shared_data, tmp_path):
 
 
 def test_notebook_is_thin_and_clean():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1
-    assigned = {t.id for n in ast.parse(tagged[0].source).body for t in n.targets}
-    assert assigned == PARAMETERS
-    for cell in code:
-        assert cell.outputs == [] and cell.execution_count is None
-        tree = ast.parse(cell.source)
-        assert not [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    assert_thin_and_clean(NOTEBOOK, PARAMETERS)
 
 
 def test_notebook_demo_on_the_real_data(shared_data, tmp_path, monkeypatch):

@@ -6,7 +6,6 @@ utils.train) and the GBDT stage's artifacts built on its OOF, both on the synthe
 
 from __future__ import annotations
 
-import ast
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import papermill as pm
 import polars as pl
 import pytest
+from notebook_checks import assert_thin_and_clean
 
 from utils import inference
 from utils.features import build_features, features_spec, join_image_oofs
@@ -114,16 +114,7 @@ def meta_only_scores(artifacts: Path, data_dir: Path) -> np.ndarray:
 
 
 def test_notebook_is_thin_clean_and_takes_what_pipeline_and_kaggle_pass(tmp_path):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1
-    assigned = {t.id for n in ast.parse(tagged[0].source).body for t in n.targets}
-    assert assigned == PARAMETERS
-    for cell in code:
-        assert cell.outputs == [] and cell.execution_count is None
-        tree = ast.parse(cell.source)
-        assert not [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    assert_thin_and_clean(NOTEBOOK, PARAMETERS)
     stage = next(s for s in STAGES if s.notebook == NOTEBOOK.name)
     assert set(stage.parameters(make_run(None, tmp_path, "demo"))) <= PARAMETERS
     assert set(KAGGLE_PARAMETERS[SUBMISSION_KERNEL]) <= PARAMETERS

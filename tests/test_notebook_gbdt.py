@@ -1,13 +1,12 @@
 """Papermill run of notebooks/03_gbdt.ipynb on the small synthetic data dir."""
 
-import ast
 import json
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import papermill as pm
 import polars as pl
+from notebook_checks import assert_thin_and_clean
 
 from utils.folds import with_folds
 from utils.gbdt import ENSEMBLE, GBDT_MODELS, GBDTEnsemble
@@ -29,16 +28,7 @@ PARAMETERS |= {"threads"}
 
 
 def test_notebook_is_thin_and_clean():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1
-    assigned = {t.id for n in ast.parse(tagged[0].source).body for t in n.targets}
-    assert assigned == PARAMETERS
-    for cell in code:
-        assert cell.outputs == [] and cell.execution_count is None
-        tree = ast.parse(cell.source)
-        assert not [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    assert_thin_and_clean(NOTEBOOK, PARAMETERS)
 
 
 def test_notebook_writes_gbdt_artifacts(synthetic_dir, tmp_path, monkeypatch):

@@ -1,13 +1,12 @@
 """Papermill runs of the four stage-1 notebooks on a tiny synthetic data dir."""
 
-import ast
 import json
 from pathlib import Path
 
-import nbformat
 import papermill as pm
 import polars as pl
 import pytest
+from notebook_checks import assert_thin_and_clean
 
 from utils.folds import assign_folds
 from utils.io import DataDir
@@ -35,16 +34,7 @@ def tiny_data_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_is_thin_and_clean(name):
-    nb = nbformat.read(NOTEBOOKS[name], as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1
-    assigned = {t.id for n in ast.parse(tagged[0].source).body for t in n.targets}
-    assert assigned == PARAMETERS
-    for cell in code:
-        assert cell.outputs == [] and cell.execution_count is None
-        tree = ast.parse(cell.source)
-        assert not [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    assert_thin_and_clean(NOTEBOOKS[name], PARAMETERS)
 
 
 @pytest.mark.slow

@@ -1,18 +1,17 @@
 """Stage 2: Optuna studies of the GBDT kinds, best_params.json for 03_gbdt, the notebook."""
 
-import ast
 import dataclasses
 import functools
 import json
 from pathlib import Path
 
 import matplotlib
-import nbformat
 import numpy as np
 import optuna
 import papermill as pm
 import polars as pl
 import pytest
+from notebook_checks import assert_thin_and_clean
 from optuna.trial import TrialState
 
 from utils.folds import with_folds
@@ -237,16 +236,7 @@ def test_importances_summary_and_plots_handle_few_trials():
 
 
 def test_notebook_is_thin_and_accepts_pipeline_parameters(tmp_path):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1
-    assigned = {t.id for n in ast.parse(tagged[0].source).body for t in n.targets}
-    assert assigned == PARAMETERS
-    for cell in code:
-        assert cell.outputs == [] and cell.execution_count is None
-        tree = ast.parse(cell.source)
-        assert not [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    assert_thin_and_clean(NOTEBOOK, PARAMETERS)
     (stage,) = [s for s in STAGES if s.notebook == NOTEBOOK.name]
     for preset in PRESETS:
         run = make_run(None, tmp_path, preset, tune=True)

@@ -1,0 +1,24 @@
+"""The house rules every stage notebook follows, checked the same way for each of them."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nbformat
+
+
+def assert_thin_and_clean(path: Path, parameters: set[str]) -> None:
+    """No outputs, one `parameters` cell assigning exactly `parameters`, no def/class anywhere."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged 'parameters'"
+    assigned = {t.id for n in ast.parse(tagged[0].source).body for t in n.targets}
+    assert assigned == parameters, f"{path.name}: parameters {sorted(assigned ^ parameters)} differ"
+    assert {"data_dir", "output_dir", "preset"} <= assigned
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: has outputs"
+        tree = ast.parse(cell.source)
+        defs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+        assert not defs, f"{path.name}: def/class in a notebook belongs in utils/"

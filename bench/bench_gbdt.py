@@ -1,19 +1,25 @@
-"""Time the stage-3 features and the 5-fold x 4-member GBDT CV at full scale (401,059 rows).
+"""Time synthetic generation, the stage-3 features and the 5-fold x 4-member GBDT CV at full scale.
 
-    python bench/bench_gbdt.py [--data-dir DIR] [--rows 401059] [--image-columns 4] [--threads N]
+    python -m bench.bench_gbdt [--rows 401059] [--image-size 128] [--threads N]
+    python -m bench.bench_gbdt --skip-generate --data-dir /work/runs/full [--max-folds 2]
 
-Without --data-dir it generates a synthetic data dir (tiny crops; images are not read here).
-`--image-columns` adds that many fake image-OOF columns (target plus noise) so the members see
-the real width. Prints wall time per step, peak RSS and the machine.
+Steps as in notebooks/03_gbdt: generate (unless --skip-generate), read the train metadata, build
+the features, assign folds, then cross-validate each member (shared binning included). Each
+step prints wall seconds, CPU seconds (user + sys, all threads) and its peak RSS. The metadata
+frame stays alive during the CV as it does in the notebook. `--image-columns` adds that many fake
+image-OOF columns (target plus noise) so the members see the real width. `--max-folds N` runs
+only N folds per member and extrapolates to all folds (said so in the output). `--params` takes
+a params JSON (file or inline) as utils.gbdt.load_params reads, to compare settings;
+`--per-fold-bins` bins each fold's training rows anew (the behaviour before shared binning).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import resource
+import itertools
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,33 +28,13 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import Steps, print_end, print_machine, usable_cores  # noqa: E402
 from utils.features import build_features  # noqa: E402
 from utils.folds import assign_folds  # noqa: E402
-from utils.gbdt import ENSEMBLE, FoldResult, cross_validate, make_members, resolve_params  # noqa: E402
+from utils.gbdt import GBDT_MODELS, iter_cv, load_params, make_members, resolve_params  # noqa: E402
 from utils.io import DataDir  # noqa: E402
+from utils.metric import pauc  # noqa: E402
 from utils.synthetic import REAL_ROWS, generate  # noqa: E402
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo, or platform's guess."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def step(label: str, start: float) -> float:
-    """Print the seconds since `start` and the peak RSS; return now."""
-    now = time.perf_counter()
-    print(f"{label:<34} {now - start:8.1f} s   peak RSS {peak_rss_gib():5.2f} GiB", flush=True)
-    return now
 
 
 def fake_image_columns(y: np.ndarray, n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -62,54 +48,115 @@ def fake_image_columns(y: np.ndarray, n: int, seed: int = 0) -> dict[str, np.nda
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_gbdt"))
-    parser.add_argument("--rows", type=int, default=REAL_ROWS)
-    parser.add_argument("--image-columns", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None, help="default: every core")
-    parser.add_argument("--preset", default="full", choices=("demo", "full"))
-    args = parser.parse_args(argv)
+def params_overrides(text: str | None) -> dict:
+    """A params JSON from a file path or inline text (checked by utils.gbdt.load_params)."""
+    if not text:
+        return {}
+    if Path(text).is_file():
+        return load_params(text)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.json"
+        path.write_text(text)
+        return load_params(path)
 
-    threads = args.threads or os.cpu_count()
-    print(f"machine: {os.cpu_count()} cores, {cpu_model()}; GBDT threads {threads}")
-    data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = args.work_dir / f"data_{args.rows}"
-        if not (data_dir / "train-metadata.csv").is_file():
-            start = time.perf_counter()
-            print(generate(data_dir, rows=args.rows, image_size=8, positive_rate=0.001))
-            step("generate synthetic data (untimed)", start)
 
-    start = t0 = time.perf_counter()
-    train = DataDir(data_dir).train_metadata()
-    start = step(f"read metadata ({train.height:,} rows)", start)
-    frame, meta = build_features(train, source=data_dir)
-    start = step(f"build_features ({len(meta)} features)", start)
-    y = train["target"].to_numpy()
-    folds = assign_folds(train)
-    images = fake_image_columns(y, args.image_columns)
-    frame = frame.with_columns(pl.Series(k, v) for k, v in images.items())
-    start = step("folds + image columns", start)
+def library_versions() -> str:
+    """Versions of the GBDT libraries, Polars and NumPy."""
+    import catboost
+    import lightgbm
+    import xgboost
 
-    members = make_members(meta, list(images), resolve_params(preset=args.preset))
-    seconds: dict[str, float] = {}
-    last = [time.perf_counter()]
-
-    def on_fold(fr: FoldResult) -> None:
-        now = time.perf_counter()
-        seconds[fr.member] = seconds.get(fr.member, 0.0) + now - last[0]
-        last[0] = now
-
-    result = cross_validate(frame, y, folds, members, threads=threads, on_fold=on_fold)
-    for name, secs in seconds.items():
-        print(f"  {name:<10} 5 folds {secs:8.1f} s   OOF pAUC {result.overall_scores()[name]:.4f}")
-    step("5-fold x 4-member CV", start)
-    print(f"ensemble OOF pAUC {result.overall_scores()[ENSEMBLE]:.4f}")
-    print(
-        f"total (features + CV) {time.perf_counter() - t0:.1f} s; peak RSS {peak_rss_gib():.2f} GiB"
+    return (
+        f"lightgbm {lightgbm.__version__}, catboost {catboost.__version__}, xgboost "
+        f"{xgboost.__version__}, polars {pl.__version__}, numpy {np.__version__}"
     )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: /tmp/bench_gbdt/…")
+    parser.add_argument("--skip-generate", action="store_true", help="reuse --data-dir as is")
+    parser.add_argument("--rows", type=int, default=REAL_ROWS)
+    parser.add_argument("--image-size", type=int, default=128, help="synthetic JPEG side")
+    parser.add_argument("--workers", type=int, default=None, help="generation processes")
+    parser.add_argument("--image-columns", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="GBDT threads; default: all")
+    parser.add_argument("--preset", default="full", choices=("demo", "full"))
+    parser.add_argument("--members", nargs="+", default=list(GBDT_MODELS), choices=GBDT_MODELS)
+    parser.add_argument("--params", default=None, help="params JSON file or inline JSON")
+    parser.add_argument("--per-fold-bins", action="store_true")
+    parser.add_argument("--max-folds", type=int, default=None, help="sample N folds per member")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    threads = args.threads
+    print_machine(f"{library_versions()}; GBDT threads {threads or usable_cores()}")
+    steps = Steps()
+    data_dir = args.data_dir or Path(f"/tmp/bench_gbdt/data_{args.rows}")
+    if args.skip_generate:
+        if not (data_dir / "train-metadata.csv").is_file():
+            raise SystemExit(f"--skip-generate: no train-metadata.csv in {data_dir}")
+    else:
+        with steps(f"generate {args.rows:,} rows, {args.image_size} px"):
+            summary = generate(
+                data_dir, rows=args.rows, image_size=args.image_size, workers=args.workers
+            )
+        print(summary)
+
+    start = time.perf_counter()
+    with steps("read train metadata"):
+        train = DataDir(data_dir).train_metadata()
+    with steps("build_features"):
+        frame, meta = build_features(train, source=data_dir)
+    with steps("assign_folds + fake image columns"):
+        y = train["target"].to_numpy()
+        folds = assign_folds(train)
+        images = fake_image_columns(y, args.image_columns)
+        frame = frame.with_columns(pl.Series(k, v) for k, v in images.items())
+    print(f"{train.height:,} rows, {int(y.sum())} positives, {len(meta)} metadata features")
+
+    params = resolve_params(params_overrides(args.params), args.preset)
+    members = make_members(meta, list(images), params, names=args.members)
+    n_folds = len(np.unique(folds))
+    run_folds = min(args.max_folds or n_folds, n_folds)
+    oof: dict[str, np.ndarray] = {}
+    cv_wall = cv_cpu = 0.0
+    for name, member in members.items():
+        pred = np.full(y.size, np.nan)
+        label = f"CV {name} ({run_folds} of {n_folds} folds)"
+        with steps(label):
+            results = iter_cv(
+                frame, y, folds, {name: member}, threads=threads, bin_once=not args.per_fold_bins
+            )
+            scores = []
+            for fr in itertools.islice(results, run_folds):
+                pred[fr.valid_rows] = fr.pred
+                scores.append(fr.score)
+        wall, cpu, _ = steps.results[label]
+        scale = n_folds / run_folds
+        cv_wall, cv_cpu = cv_wall + wall * scale, cv_cpu + cpu * scale
+        done = ~np.isnan(pred)
+        print(
+            f"    {name}: mean fold pAUC {np.nanmean(scores):.4f}, pAUC over its folds' rows "
+            f"{pauc(y[done], pred[done]):.4f}" + ("" if scale == 1 else f"; x{scale:.1f} for all")
+        )
+        oof[name] = pred
+    total = time.perf_counter() - start
+    if run_folds == n_folds and len(members) > 1:
+        print(f"ensemble OOF pAUC {pauc(y, np.mean(list(oof.values()), axis=0)):.4f}")
+    features = sum(v[0] for k, v in steps.results.items() if not k.startswith(("CV", "gen")))
+    features_cpu = sum(v[1] for k, v in steps.results.items() if not k.startswith(("CV", "gen")))
+    sampled = "" if run_folds == n_folds else f" (extrapolated from {run_folds} folds)"
+    print(
+        f"read + features + folds: wall {features:.1f} s, cpu {features_cpu:.1f} s; "
+        f"CV{sampled}: wall {cv_wall:.1f} s, cpu {cv_cpu:.1f} s; "
+        f"total wall {features + cv_wall:.1f} s (measured {total:.1f} s)"
+    )
+    print(f"peak RSS {max(v[2] for v in steps.results.values()):.2f} GiB (max over the steps)")
+    print(json.dumps({k: [round(x, 2) for x in v] for k, v in steps.results.items()}))
+    print_end()
 
 
 if __name__ == "__main__":

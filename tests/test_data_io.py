@@ -130,3 +130,17 @@ def test_contiguous_and_chunked_layouts_read_the_same_bytes(fixtures_dir, tmp_pa
     assert np.array_equal(store.read("ISIC_plain"), store.read("ISIC_gzip"))
     store.close()
     assert store.read("ISIC_plain").shape == (141, 141, 3)  # reopens after close
+
+
+def test_index_finds_absent_ids_and_its_extents_reach_forked_and_pickled_copies(fixtures_dir):
+    import pickle
+
+    store = HDF5Images(fixtures_dir / "test-image.hdf5")
+    ids = ["ISIC_0015657", "ISIC_absent", "ISIC_0015740"]
+    assert store.index(ids) == ["ISIC_absent"]
+    assert set(store._extents) == {"ISIC_0015657", "ISIC_0015740"}
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone._extents == store._extents and clone._file is None
+    store._pid = -1  # as in a forked worker: new handles, same extents
+    assert store.read("ISIC_0015740").shape == (119, 119, 3)
+    assert "ISIC_0015740" in store._extents

@@ -55,6 +55,17 @@ def test_resolve_params_defaults_preset_and_overrides(tmp_path):
     assert own["lgb_meta"]["num_leaves"] == 7 and own["lgb"]["num_leaves"] == 31
 
 
+def test_speed_params_set_binning_only_and_a_params_file_can_undo_them():
+    full = resolve_params()
+    for lib, speed in gbdt.SPEED_PARAMS.items():
+        assert not set(speed) & set(DEFAULT_PARAMS[lib])  # never a published hyper-parameter
+        assert all(full[lib][k] == v for k, v in speed.items())
+    assert full["cat"]["border_count"] == 128 and full["xgb"]["max_bin"] == 128
+    library_defaults = resolve_params({"cat": {"border_count": 254}, "xgb": {"max_bin": 256}})
+    assert library_defaults["cat"]["border_count"] == 254
+    assert library_defaults["xgb"]["max_bin"] == 256
+
+
 @pytest.mark.parametrize(
     "content, match",
     [({"lightgbm": {}}, "unknown member"), ({"lgb": 3}, "object of objects"), ([1], "object")],
@@ -129,6 +140,63 @@ def test_sampling_and_fitting_happen_inside_training_folds_only(monkeypatch):
         np.testing.assert_array_equal(labels, y[train_rows])
         assert labels.sum() / (labels.size - labels.sum()) == pytest.approx(0.01, rel=0.05)
     assert np.isfinite(result.oof[ENSEMBLE]).all()
+
+
+def test_shared_bins_are_built_once_per_member_and_folds_fit_on_training_rows(monkeypatch):
+    """A recording library with bin_all/fit_rows: one binning per member, rows outside the fold."""
+    n = 4_000
+    rng = np.random.default_rng(1)
+    y = (rng.random(n) < 0.002).astype(np.int8)
+    y[::400] = 1
+    folds = np.arange(n) % 4
+    frame = pl.DataFrame({"row": np.arange(n, dtype=np.float32)})
+    calls = []
+
+    def bin_all(x, labels, params):
+        calls.append(("bin", x[:, 0].astype(int), labels))
+        return "binned"
+
+    def fit_rows(binned, rows, params):
+        calls.append(("fit_rows", binned, rows))
+
+    def predict(model, x, threads):
+        return np.full(len(x), 0.5)
+
+    def fit(x, labels, params):
+        calls.append(("fit", x[:, 0].astype(int), labels))
+
+    recorder = Library(fit, predict, None, None, None, "bin", bin_all=bin_all, fit_rows=fit_rows)
+    monkeypatch.setitem(gbdt.LIBRARIES, "lgb", recorder)
+    members = make_members(["row"], [], resolve_params(), names=["lgb_meta", "lgb"])
+    cross_validate(frame, y, folds, members, seeds=[0, 1], threads=1)
+    bins = [c for c in calls if c[0] == "bin"]
+    assert len(bins) == 2  # once per member, not per fold or seed
+    np.testing.assert_array_equal(bins[0][1], np.arange(n))
+    np.testing.assert_array_equal(bins[0][2], y)
+    fits = [c for c in calls if c[0] == "fit_rows"]
+    assert len(fits) == 2 * 2 * 4 and all(c[1] == "binned" for c in fits)
+    for k, (_, _, rows) in enumerate(fits):
+        assert not (folds[rows] == k % 4).any()
+        assert y[rows].sum() / (rows.size - y[rows].sum()) == pytest.approx(0.01, rel=0.05)
+
+    calls.clear()
+    cross_validate(frame, y, folds, members, seeds=[0], threads=1, bin_once=False)
+    assert [c[0] for c in calls] == ["fit"] * 2 * 4
+
+
+def test_lgb_fit_on_rows_of_shared_bins_equals_a_fit_on_those_rows():
+    """With few distinct values, bins of all rows equal bins of the training rows, so a fit on
+    rows (repeats included) of the shared binned data must give the very same model."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 8, (3_000, 3)).astype(np.float32)
+    y = (x[:, 0] + rng.normal(0, 2, x.shape[0]) > 9).astype(np.int8)
+    rows = np.sort(np.concatenate([np.arange(0, 3_000, 2), np.flatnonzero(y)[::2]]))
+    params = {**resolve_params(preset="demo")["lgb"], "random_state": 0, "n_jobs": 1}
+    lib = gbdt.LIBRARIES["lgb"]
+    shared = lib.fit_rows(lib.bin_all(x, y, params), rows, params)
+    own = lib.fit(x[rows], y[rows], params)
+    assert shared.num_trees() == own.num_trees() == params["n_estimators"]
+    np.testing.assert_allclose(lib.predict(shared, x, 1), lib.predict(own, x, 1), rtol=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
 import h5py
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
 from utils.schema import SCHEMAS, SchemaError, validate_columns, validate_frame
 
@@ -83,27 +84,30 @@ class HDF5Images:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"image file not found: {self.path}")
+        # byte extents stay valid in every process: filled once (see `index`), they are
+        # inherited by forked DataLoader workers and pickled to spawned ones
+        self._extents: dict[str, tuple[int, int] | None] = {}
         self._reset()
 
     def _reset(self) -> None:
         self._file: h5py.File | None = None
         self._fd: int | None = None
         self._pid: int | None = None
-        self._extents: dict[str, tuple[int, int] | None] = {}
 
     def _handle(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._reset()
+            self._reset()  # a forked child must not share the parent's handles
             self._file = h5py.File(self.path, "r")
             self._fd = os.open(self.path, os.O_RDONLY)
             self._pid = os.getpid()
         return self._file
 
     def __getstate__(self) -> dict:
-        return {"path": self.path}
+        return {"path": self.path, "extents": self._extents}
 
     def __setstate__(self, state: dict) -> None:
         self.path = state["path"]
+        self._extents = state["extents"]
         self._reset()
 
     def __contains__(self, isic_id: str) -> bool:
@@ -125,6 +129,20 @@ class HDF5Images:
             offset, size = dataset.get_offset(), dataset.get_storage_size()
             self._extents[isic_id] = (offset, size) if offset is not None and size else None
         return self._extents[isic_id]
+
+    def index(self, isic_ids: Sequence[str]) -> list[str]:
+        """Look up (and cache) the byte extent of every id; return the ids absent from the file.
+
+        Do it once before DataLoader workers start, so each worker only reads bytes.
+        """
+        self._handle()
+        missing = []
+        for isic_id in tqdm(isic_ids, desc=f"index {self.path.name}", mininterval=5.0):
+            try:
+                self._extent(isic_id)
+            except ImageReadError:
+                missing.append(isic_id)
+        return missing
 
     def read_bytes(self, isic_id: str) -> np.ndarray:
         """The stored JPEG bytes for `isic_id` as a uint8 array."""
@@ -152,8 +170,7 @@ class HDF5Images:
 
 def check_ids_match(metadata: pl.DataFrame, images: HDF5Images, source: str) -> list[str]:
     """isic_ids of `metadata` absent from `images` (a later stage decides the fallback)."""
-    keys = set(images)
-    return [i for i in metadata["isic_id"].to_list() if i not in keys]
+    return images.index(metadata["isic_id"].to_list())
 
 
 class DataDir:

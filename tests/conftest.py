@@ -33,6 +33,25 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def image_oof_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in image model dir (`vit_tiny/oof.csv`) for `synthetic_dir`: a noisy score that
+    leans towards the target, on the standard folds, as stage 1 would write it."""
+    import numpy as np
+    import polars as pl
+
+    from utils.folds import with_folds
+    from utils.io import DataDir
+    from utils.oof import write_oof
+
+    train = with_folds(DataDir(synthetic_dir).train_metadata())
+    rng = np.random.default_rng(1)
+    pred = np.clip(0.3 * train["target"].to_numpy() + 0.7 * rng.random(train.height), 0, 1)
+    oof = train.select("isic_id", "patient_id", "fold", "target").with_columns(pred=pl.Series(pred))
+    root = tmp_path_factory.mktemp("image_oof")
+    return write_oof(oof, root / "vit_tiny" / "oof.csv").parent
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real PH2 and HAM10000); tests that need it skip, saying why, without it."""
     if not SHARED_DATA.is_dir():

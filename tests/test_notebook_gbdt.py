@@ -8,10 +8,9 @@ import papermill as pm
 import polars as pl
 from notebook_checks import assert_thin_and_clean
 
-from utils.folds import with_folds
 from utils.gbdt import ENSEMBLE, GBDT_MODELS, GBDTEnsemble
 from utils.io import DataDir
-from utils.oof import read_oof, write_oof
+from utils.oof import read_oof
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "03_gbdt.ipynb"
@@ -31,15 +30,8 @@ def test_notebook_is_thin_and_clean():
     assert_thin_and_clean(NOTEBOOK, PARAMETERS)
 
 
-def test_notebook_writes_gbdt_artifacts(synthetic_dir, tmp_path, monkeypatch):
+def test_notebook_writes_gbdt_artifacts(synthetic_dir, image_oof_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    train = with_folds(DataDir(synthetic_dir).train_metadata())
-    rng = np.random.default_rng(1)
-    image_pred = np.clip(0.3 * train["target"].to_numpy() + 0.7 * rng.random(train.height), 0, 1)
-    oof = train.select("isic_id", "patient_id", "fold", "target").with_columns(
-        pred=pl.Series(image_pred)
-    )
-    image_dir = write_oof(oof, tmp_path / "runs" / "vit_tiny" / "oof.csv").parent
     params = tmp_path / "best_params.json"
     params.write_text(json.dumps({"cat": {"iterations": 20}, "xgb": {"n_estimators": 20}}))
     out = tmp_path / "runs"
@@ -50,7 +42,7 @@ def test_notebook_writes_gbdt_artifacts(synthetic_dir, tmp_path, monkeypatch):
             "data_dir": str(synthetic_dir),
             "output_dir": str(out),
             "preset": "demo",
-            "image_oof_dirs": [str(image_dir)],
+            "image_oof_dirs": [str(image_oof_dir)],
             "params_path": str(params),
             "seeds": [0],
             "threads": 1,
@@ -67,7 +59,7 @@ def test_notebook_writes_gbdt_artifacts(synthetic_dir, tmp_path, monkeypatch):
     assert [row["setting"] for row in report["ablation"]][-1].startswith("full")
     assert json.loads((gbdt_dir / "params.json").read_text())["cat"]["iterations"] == 20
     result = read_oof(gbdt_dir / "oof.csv")
-    assert sorted(result["isic_id"]) == sorted(train["isic_id"])
+    assert sorted(result["isic_id"]) == sorted(DataDir(synthetic_dir).train_metadata()["isic_id"])
     np.testing.assert_allclose(report["scores"][ENSEMBLE]["overall"], _pauc(result), rtol=1e-9)
     for plot in ("roc.png", "importance.png", "fold_scores.png"):
         assert (gbdt_dir / plot).stat().st_size > 1000

@@ -14,7 +14,6 @@ import pytest
 from notebook_checks import assert_thin_and_clean
 from optuna.trial import TrialState
 
-from utils.folds import with_folds
 from utils.gbdt import (
     DEFAULT_PARAMS,
     META_MEMBER,
@@ -23,8 +22,6 @@ from utils.gbdt import (
     make_members,
     resolve_params,
 )
-from utils.io import DataDir
-from utils.oof import write_oof
 from utils.pipeline import PRESETS, STAGES, make_run
 from utils.tuning import (
     BEST_PARAMS_FILE,
@@ -249,16 +246,9 @@ def test_notebook_is_thin_and_accepts_pipeline_parameters(tmp_path):
     ).items()
 
 
-def test_notebook_tunes_all_kinds(synthetic_dir, tmp_path, monkeypatch):
+def test_notebook_tunes_all_kinds(synthetic_dir, image_oof_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    train = with_folds(DataDir(synthetic_dir).train_metadata())
-    rng = np.random.default_rng(3)
-    image_pred = np.clip(0.3 * train["target"].to_numpy() + 0.7 * rng.random(train.height), 0, 1)
-    oof = train.select("isic_id", "patient_id", "fold", "target").with_columns(
-        pred=pl.Series(image_pred)
-    )
-    image_dir = write_oof(oof, tmp_path / "runs" / "vit_tiny" / "oof.csv").parent
     out = tmp_path / "runs"
     pm.execute_notebook(
         str(NOTEBOOK),
@@ -267,7 +257,7 @@ def test_notebook_tunes_all_kinds(synthetic_dir, tmp_path, monkeypatch):
             "data_dir": str(synthetic_dir),
             "output_dir": str(out),
             "preset": "demo",
-            "image_oof_dirs": [str(image_dir)],
+            "image_oof_dirs": [str(image_oof_dir)],
             "n_trials": 2,
             "timeout": 60,
             "threads": 1,

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cpu_seconds, print_end, print_machine  # noqa: E402
 from utils.image_data import (  # noqa: E402
     ImageDataset,
+    collate_batch,
     eval_transforms,
     reseed_worker,
     train_transforms,
@@ -84,6 +85,7 @@ def loader_rate(dataset: ImageDataset, workers: int, batch: int) -> tuple[float,
         batch_size=batch,
         num_workers=workers,
         worker_init_fn=reseed_worker,
+        collate_fn=collate_batch,
         persistent_workers=workers > 0,
     )
     for _ in loader:

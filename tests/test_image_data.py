@@ -8,6 +8,7 @@ import torch
 from utils.image_data import (
     ImageDataset,
     NegativeResampler,
+    collate_batch,
     eval_transforms,
     train_transforms,
 )
@@ -107,3 +108,15 @@ def test_suspicious_label_each_rule():
     assert suspicious_label(df).to_list() == [0, 1, 1, 1, 0]
     with pytest.raises(KeyError, match="iddx_2"):
         suspicious_label(df.drop("iddx_2"))
+
+
+def test_collate_batch_matches_default_collate_in_channels_last(sample):
+    meta, images = sample
+    ds = ImageDataset(images, meta["isic_id"], meta["target"].to_numpy(), eval_transforms(40))
+    items = [ds[i] for i in range(len(ds))]
+    batch, reference = collate_batch(items), torch.utils.data.default_collate(items)
+    assert batch.keys() == reference.keys()
+    assert batch["image"].shape == (5, 3, 40, 40) and batch["image"].dtype == torch.uint8
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+    for key in reference:
+        assert torch.equal(batch[key], reference[key]), key

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from utils.io import HDF5Images, ImageReadError
 
@@ -114,6 +114,20 @@ class ImageDataset(Dataset):
             image = self.transform(image=image)["image"]
         target = np.float32("nan") if self.targets is None else self.targets[index]
         return {"image": image, "target": torch.tensor(target), "ok": ok, "index": index}
+
+
+def collate_batch(items: list[dict]) -> dict:
+    """default_collate, except that the images stack into a channels_last uint8 batch.
+
+    ToTensorV2 returns each image as a CHW view of its HWC array; stacking those views into a
+    contiguous NCHW batch is a strided copy (about 0.4 ms per 224 px image on one core, as much
+    as the resize). Stacking the HWC arrays is a plain copy, and the NHWC batch viewed as NCHW is
+    exactly the channels_last layout the CUDA path wants. Shapes and values are unchanged.
+    """
+    images = torch.stack([item["image"].permute(1, 2, 0) for item in items]).permute(0, 3, 1, 2)
+    batch = default_collate([{k: v for k, v in item.items() if k != "image"} for item in items])
+    batch["image"] = images
+    return batch
 
 
 def reseed_worker(worker_id: int) -> None:

@@ -22,3 +22,23 @@ def assert_thin_and_clean(path: Path, parameters: set[str]) -> None:
         tree = ast.parse(cell.source)
         defs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)]
         assert not defs, f"{path.name}: def/class in a notebook belongs in utils/"
+
+
+def run_notebook(path: Path, parameters: dict, tmp_path: Path, monkeypatch) -> Path:
+    """Execute a stage notebook with papermill from the repository root, as CI and the pipeline
+    do (utils importable, headless matplotlib); returns the executed notebook's path."""
+    import papermill as pm
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("PYTHONPATH", str(repo))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    executed = tmp_path / "executed.ipynb"
+    pm.execute_notebook(
+        str(path),
+        str(executed),
+        parameters=parameters,
+        kernel_name="python3",
+        cwd=str(repo),
+        progress_bar=False,
+    )
+    return executed

@@ -5,11 +5,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import papermill as pm
 import polars as pl
 import pytest
 import torch
-from notebook_checks import assert_thin_and_clean
+from notebook_checks import assert_thin_and_clean, run_notebook
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from utils.external import load_ph2
@@ -207,21 +206,17 @@ def test_notebook_is_thin_and_clean():
 
 
 def test_notebook_demo_on_the_real_data(shared_data, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
     out = tmp_path / "runs"
-    executed = tmp_path / "executed.ipynb"
-    pm.execute_notebook(
+    executed = run_notebook(
         str(NOTEBOOK),
-        str(executed),
-        parameters={
+        {
             "data_dir": str(shared_data),
             "output_dir": str(out),
             "preset": "demo",
             "threads": 1,
         },
-        kernel_name="python3",
-        cwd=str(REPO),
-        progress_bar=False,
+        tmp_path,
+        monkeypatch,
     )
     record = json.loads((out / METRICS_FILE).read_text())
     variants = [(e["dataset"], e["variant"]) for e in record["entries"]]

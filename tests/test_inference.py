@@ -12,10 +12,9 @@ from pathlib import Path
 import h5py
 import nbformat
 import numpy as np
-import papermill as pm
 import polars as pl
 import pytest
-from notebook_checks import assert_thin_and_clean
+from notebook_checks import assert_thin_and_clean, run_notebook
 
 from utils import inference
 from utils.features import build_features, features_spec, join_image_oofs
@@ -123,14 +122,11 @@ def test_notebook_is_thin_clean_and_takes_what_pipeline_and_kaggle_pass(tmp_path
 def test_kernel_writes_valid_submission_for_real_test_files(
     artifacts, fixtures_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
     data = copy_test_files(fixtures_dir, tmp_path / "data")
     out = tmp_path / "out"
-    executed = tmp_path / "executed.ipynb"
-    pm.execute_notebook(
+    executed = run_notebook(
         str(NOTEBOOK),
-        str(executed),
-        parameters={
+        {
             "data_dir": str(data),
             "output_dir": str(out),
             "preset": "demo",
@@ -138,9 +134,8 @@ def test_kernel_writes_valid_submission_for_real_test_files(
             "batch_size": 2,
             "num_workers": 0,
         },
-        kernel_name="python3",
-        cwd=str(REPO),
-        progress_bar=False,
+        tmp_path,
+        monkeypatch,
     )
     sub = pl.read_csv(out / "submission.csv")
     expected = pl.read_csv(fixtures_dir / TEST_METADATA)["isic_id"].to_list()

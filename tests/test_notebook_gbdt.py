@@ -4,9 +4,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import papermill as pm
 import polars as pl
-from notebook_checks import assert_thin_and_clean
+from notebook_checks import assert_thin_and_clean, run_notebook
 
 from utils.gbdt import ENSEMBLE, GBDT_MODELS, GBDTEnsemble
 from utils.io import DataDir
@@ -31,14 +30,12 @@ def test_notebook_is_thin_and_clean():
 
 
 def test_notebook_writes_gbdt_artifacts(synthetic_dir, image_oof_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
     params = tmp_path / "best_params.json"
     params.write_text(json.dumps({"cat": {"iterations": 20}, "xgb": {"n_estimators": 20}}))
     out = tmp_path / "runs"
-    pm.execute_notebook(
+    run_notebook(
         str(NOTEBOOK),
-        str(tmp_path / "executed.ipynb"),
-        parameters={
+        {
             "data_dir": str(synthetic_dir),
             "output_dir": str(out),
             "preset": "demo",
@@ -47,9 +44,8 @@ def test_notebook_writes_gbdt_artifacts(synthetic_dir, image_oof_dir, tmp_path, 
             "seeds": [0],
             "threads": 1,
         },
-        kernel_name="python3",
-        cwd=str(REPO),
-        progress_bar=False,
+        tmp_path,
+        monkeypatch,
     )
     gbdt_dir = out / "gbdt"
     report = json.loads((gbdt_dir / "cv_report.json").read_text())

@@ -3,10 +3,9 @@
 import json
 from pathlib import Path
 
-import papermill as pm
 import polars as pl
 import pytest
-from notebook_checks import assert_thin_and_clean
+from notebook_checks import assert_thin_and_clean, run_notebook
 
 from utils.folds import assign_folds
 from utils.io import DataDir
@@ -40,12 +39,10 @@ def test_notebook_is_thin_and_clean(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_writes_valid_oof(name, tiny_data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
     out = tmp_path / "artifacts"
-    pm.execute_notebook(
+    run_notebook(
         str(NOTEBOOKS[name]),
-        str(tmp_path / "executed.ipynb"),
-        parameters={
+        {
             "data_dir": str(tiny_data_dir),
             "output_dir": str(out),
             "preset": "demo",
@@ -55,9 +52,8 @@ def test_notebook_writes_valid_oof(name, tiny_data_dir, tmp_path, monkeypatch):
             "batch_size": 32,
             "num_workers": 0,
         },
-        kernel_name="python3",
-        cwd=str(REPO),
-        progress_bar=False,
+        tmp_path,
+        monkeypatch,
     )
     run_dir = out / name
     oof = read_oof(run_dir / "oof.csv")

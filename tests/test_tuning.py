@@ -8,10 +8,9 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import optuna
-import papermill as pm
 import polars as pl
 import pytest
-from notebook_checks import assert_thin_and_clean
+from notebook_checks import assert_thin_and_clean, run_notebook
 from optuna.trial import TrialState
 
 from utils.gbdt import (
@@ -247,13 +246,10 @@ def test_notebook_is_thin_and_accepts_pipeline_parameters(tmp_path):
 
 
 def test_notebook_tunes_all_kinds(synthetic_dir, image_oof_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     out = tmp_path / "runs"
-    pm.execute_notebook(
+    run_notebook(
         str(NOTEBOOK),
-        str(tmp_path / "executed.ipynb"),
-        parameters={
+        {
             "data_dir": str(synthetic_dir),
             "output_dir": str(out),
             "preset": "demo",
@@ -262,9 +258,8 @@ def test_notebook_tunes_all_kinds(synthetic_dir, image_oof_dir, tmp_path, monkey
             "timeout": 60,
             "threads": 1,
         },
-        kernel_name="python3",
-        cwd=str(REPO),
-        progress_bar=False,
+        tmp_path,
+        monkeypatch,
     )
     tuning = out / TUNING_DIR
     best = load_params(tuning / BEST_PARAMS_FILE)

@@ -42,3 +42,16 @@ def run_notebook(path: Path, parameters: dict, tmp_path: Path, monkeypatch) -> P
         progress_bar=False,
     )
     return executed
+
+
+def write_standin_notebook(path: Path, parameters: list[str], body: str) -> None:
+    """A stand-in stage notebook: a tagged parameters cell (every name None) and one body cell."""
+    params = nbformat.v4.new_code_cell("\n".join(f"{name} = None" for name in parameters))
+    params.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(body)])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_checks import write_standin_notebook
 
 from utils import kaggle_build as kb
 
@@ -179,15 +180,9 @@ def probe(tmp_path: Path, fixtures_dir: Path) -> dict[str, Path]:
     """A probe kernel (metadata + notebook using utils) and a fake /kaggle/input tree."""
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    params = nbformat.v4.new_code_cell("data_dir = None\noutput_dir = None\nartifacts_dir = None")
-    params.metadata["tags"] = ["parameters"]
-    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(PROBE_BODY)])
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(nb, notebooks / f"{PROBE}.ipynb")
+    write_standin_notebook(
+        notebooks / f"{PROBE}.ipynb", ["data_dir", "output_dir", "artifacts_dir"], PROBE_BODY
+    )
     meta = kb.read_json(kb.KERNELS_DIR / kb.SUBMISSION_KERNEL / kb.KERNEL_METADATA)
     _write_json(
         tmp_path / "kernels" / PROBE / kb.KERNEL_METADATA, {**meta, "code_file": f"{PROBE}.ipynb"}

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import polars as pl
 import pytest
+from notebook_checks import write_standin_notebook
 
 from utils import pipeline
 from utils.pipeline import (
@@ -36,16 +36,7 @@ LOG_ENV = "FUSIONNETX_TEST_LOG"
 
 
 def _notebook(path: Path, body: str) -> None:
-    """A stand-in stage notebook: a parameters cell (all names None) and a body cell."""
-    params = nbformat.v4.new_code_cell("\n".join(f"{n} = None" for n in PARAM_NAMES))
-    params.metadata["tags"] = ["parameters"]
-    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(body)])
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(nb, path)
+    write_standin_notebook(path, PARAM_NAMES, body)
 
 
 def _body(notebook: str, writes: list[str]) -> str:

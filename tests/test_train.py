@@ -101,18 +101,6 @@ def test_model_forward_returns_logits_and_loss(backbone):
     assert torch.equal(model(x)["logits"], model(x)["logits"])  # no dropout at eval
 
 
-def test_pretrained_weights_from_local_file(tmp_path):
-    # as utils.kaggle_build.download_weights saves it: the full model, 1000-class head included
-    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    path = tmp_path / "vit_tiny.pth"
-    torch.save(reference.state_dict(), path)
-    model = ImageModel("vit_tiny", SIZE, weights_path=path)
-    # img_size 32 resamples the position embeddings; the patch embedding is copied as is
-    assert torch.equal(model.backbone.patch_embed.proj.weight, reference.patch_embed.proj.weight)
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        ImageModel("vit_tiny", SIZE, weights_path=tmp_path / "nowhere.pth")
-
-
 def test_few_training_steps_lower_the_loss():
     torch.manual_seed(0)
     cfg = tiny_config(lr=1e-3, warmup=0.0, dropout=0.0)

@@ -17,7 +17,7 @@ from utils.layers import MultiScaleGeM, TokenPool
 class Backbone:
     """A timm architecture and the pooling head that suits its output."""
 
-    timm_name: str
+    timm_name: str  # architecture.pretrained_tag, pinned: the tag fixes which weights are meant
     head: str  # "multiscale_gem" for NCHW feature maps, "token" for ViT token sequences
 
 
@@ -25,9 +25,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BACKBONES: dict[str, Backbone] = {
-    "convnextv2_nano": Backbone("convnextv2_nano", "multiscale_gem"),
-    "vit_tiny": Backbone("vit_tiny_patch16_224", "token"),
-    "vit_small": Backbone("vit_small_patch16_224", "token"),
+    "convnextv2_nano": Backbone("convnextv2_nano.fcmae_ft_in22k_in1k", "multiscale_gem"),
+    "vit_tiny": Backbone("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "token"),
+    "vit_small": Backbone("vit_small_patch16_224.augreg_in21k_ft_in1k", "token"),
 }
 
 
@@ -44,7 +44,10 @@ def create_backbone(
     if weights_path:
         if not Path(weights_path).is_file():
             raise FileNotFoundError(f"pretrained weights for {name} not found: {weights_path}")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(weights_path)}
+        # custom_load=False: the file is a torch state dict (kaggle_build.download_weights).
+        # timm <= 1.0.26 (Kaggle's image) keeps the AugReg ViT tags' custom_load=True when only
+        # "file" is overlaid and then parses the .pth as a JAX .npz (KeyError 'embedding/kernel').
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights_path), "custom_load": False}
     return timm.create_model(spec.timm_name, pretrained=bool(weights_path), **kwargs)
 
 

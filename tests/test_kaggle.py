@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from notebook_checks import write_standin_notebook
 
 from utils import kaggle_build as kb
+from utils import kaggle_input as ki
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "probe_kernel"
@@ -105,6 +107,7 @@ def test_validate_names_each_broken_rule(tree: Path, kernel: str, changes: dict,
         ({"title": "Mods"}, "6..50 characters"),
         ({"subtitle": "too short"}, "subtitle must be 20..80"),
         ({"id": "fusionnetx/other-name"}, "folder name must equal the dataset slug"),
+        ({"title": "FusionNetX GBDT model files"}, "slugifies to 'fusionnetx-gbdt-model-files'"),
     ],
 )
 def test_validate_checks_dataset_metadata(tree: Path, changes: dict, expected: str):
@@ -119,18 +122,18 @@ def test_top_level_must_mirror_the_submission_kernel(tree: Path):
 
 
 def test_input_path_finds_files_in_any_mount_layout(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(kb.KAGGLE_INPUT_ENV, str(tmp_path))
+    monkeypatch.setenv(ki.KAGGLE_INPUT_ENV, str(tmp_path))
     (tmp_path / "competitions" / "isic-2024-challenge").mkdir(parents=True)
     (tmp_path / "competitions" / "isic-2024-challenge" / "test-metadata.csv").write_text("x")
     (tmp_path / "my-models" / "v1" / "gbdt").mkdir(parents=True)
-    comp = kb.input_path("isic-2024-challenge", "test-metadata.csv")
+    comp = ki.input_path("isic-2024-challenge", "test-metadata.csv")
     assert comp == tmp_path / "competitions" / "isic-2024-challenge" / "test-metadata.csv"
-    assert kb.input_path("my-models", "gbdt") == tmp_path / "my-models" / "v1" / "gbdt"
+    assert ki.input_path("my-models", "gbdt") == tmp_path / "my-models" / "v1" / "gbdt"
     with pytest.raises(FileNotFoundError, match=r"'my-models' \(mounted at .*\) has no 'vit'"):
-        kb.input_path("my-models", "vit")
+        ki.input_path("my-models", "vit")
     with pytest.raises(FileNotFoundError, match=r"'absent' \(not mounted\).*\['competitions'"):
-        kb.input_path("absent", "gbdt")
-    linked = kb.link_inputs({"gbdt": "my-models", "vit_tiny": "my-models"}, tmp_path / "joined")
+        ki.input_path("absent", "gbdt")
+    linked = ki.link_inputs({"gbdt": "my-models", "vit_tiny": "my-models"}, tmp_path / "joined")
     assert (linked / "gbdt").resolve() == (tmp_path / "my-models" / "v1" / "gbdt").resolve()
     assert sorted(p.name for p in linked.iterdir()) == ["gbdt"]
     assert "WARNING: vit_tiny left out" in capsys.readouterr().err
@@ -144,6 +147,19 @@ def test_utils_archive_is_deterministic_and_holds_the_package():
     assert not any("__pycache__" in n or not n.endswith(".py") for n in names)
 
 
+def test_a_kernel_embeds_only_the_modules_it_imports():
+    def embedded(kernel: str) -> set[str]:
+        sources = kb.notebook_sources(kb.NOTEBOOKS_DIR / f"{kernel}.ipynb")
+        return {p.relative_to(REPO).as_posix() for p in kb.kernel_modules(sources)}
+
+    submission, gbdt = embedded(kb.SUBMISSION_KERNEL), embedded("03_gbdt")
+    for files in (submission, gbdt):
+        assert {"utils/__init__.py", "utils/kaggle_input.py", "utils/metric.py"} <= files
+        assert not files & {"utils/pipeline.py", "utils/synthetic.py", "utils/kaggle_build.py"}
+    assert "utils/models.py" in submission and "utils/layers/gem.py" in submission
+    assert "utils/models.py" not in gbdt  # a CPU kernel carries no torch code
+
+
 def test_owner_fills_kernel_id_and_repo_datasets_only():
     meta = {"id": "fusionnetx/abcde-fgh", "dataset_sources": ["fusionnetx/mine", "pub/theirs"]}
     out = kb.with_owner(meta, "alice", {"fusionnetx/mine"})
@@ -152,11 +168,91 @@ def test_owner_fills_kernel_id_and_repo_datasets_only():
         kb.with_owner(meta, "Alice Smith", set())
 
 
-def test_resolve_owner_prefers_argument_then_env(monkeypatch):
+def test_input_path_takes_the_highest_version_and_the_owners_mount(tmp_path, monkeypatch):
+    monkeypatch.setenv(ki.KAGGLE_INPUT_ENV, str(tmp_path))
+    for version in (1, 2, 10):
+        (tmp_path / "datasets" / "alice" / "models" / "versions" / str(version) / "gbdt").mkdir(
+            parents=True
+        )
+    (tmp_path / "datasets" / "bob" / "models" / "gbdt").mkdir(parents=True)
+    mine = tmp_path / "datasets" / "alice" / "models" / "versions" / "10" / "gbdt"
+    assert ki.input_path("models", "gbdt", owner="alice") == mine
+    assert ki.input_path("models", "gbdt", owner="bob").parts[-3:] == ("bob", "models", "gbdt")
+    with pytest.raises(FileNotFoundError, match="none under the owner 'carol'"):
+        ki.input_path("models", "gbdt", owner="carol")
+    linked = ki.link_inputs({"gbdt": "models"}, tmp_path / "joined", owner="alice")
+    assert (linked / "gbdt").resolve() == mine.resolve()
+
+
+def test_built_parameters_name_the_owner_of_repo_datasets_only():
+    source = kb.injected_source(kb.KAGGLE_PARAMETERS[kb.SUBMISSION_KERNEL], "alice")
+    assert "input_path('isic-2024-challenge', 'test-metadata.csv')" in source
+    assert f"'gbdt': '{kb.GBDT_DATASET}'}}, owner='alice')" in source
+    assert "from utils.kaggle_input import input_path, link_inputs" in source
+
+
+def test_resolve_owner_reads_the_kaggle_clients_configuration(tmp_path, monkeypatch):
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    monkeypatch.setattr(KaggleApi, "config", str(tmp_path / "kaggle.json"))
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    with pytest.raises(kb.KaggleBuildError, match="no Kaggle user name: pass --owner NAME"):
+        kb.resolve_owner(None)
+    (tmp_path / "kaggle.json").write_text(json.dumps({"username": "carol", "key": "k"}))
+    assert kb.resolve_owner(None) == "carol"
     monkeypatch.setenv("KAGGLE_USERNAME", "bob")
-    assert kb.resolve_owner("alice") == "alice" and kb.resolve_owner(None) == "bob"
-    monkeypatch.delenv("KAGGLE_USERNAME")
-    assert kb.resolve_owner(None) == kb.DEFAULT_OWNER
+    assert kb.resolve_owner(None) == "bob"
+    assert kb.resolve_owner("alice") == "alice"
+
+
+def test_build_cli_without_a_user_stops_before_writing(tmp_path, monkeypatch, capsys):
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    monkeypatch.setattr(KaggleApi, "config", str(tmp_path / "kaggle.json"))
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    assert kb.main(["build", "--out", str(tmp_path / "build")]) == 1
+    assert "no Kaggle user name" in capsys.readouterr().err
+    assert not (tmp_path / "build").exists()
+
+
+def test_min_versions_are_the_kaggle_requirements_pins():
+    pins = {}
+    for line in (REPO / "requirements-kaggle.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip()] = version.strip()
+    for lib, (dists, oldest) in ki.MIN_VERSIONS.items():
+        pinned = [pins[d] for d in dists if d in pins]
+        assert pinned == [oldest], (lib, dists, pinned)
+
+
+def test_installed_libraries_pass_the_version_check(capsys):
+    versions = ki.check_versions()
+    assert all(versions.values())
+    assert capsys.readouterr().out.startswith("libraries: torch ")
+
+
+@pytest.mark.parametrize(
+    ("found", "expected"),
+    [
+        ({"timm": "1.0.25"}, "timm 1.0.25 is older than 1.0.26, the oldest version tested"),
+        ({"torch": "2.9.1+cu126"}, "torch 2.9.1+cu126 is older than 2.10.0"),
+        ({"polars": None}, "polars is not installed (tested from 1.35.2)"),
+    ],
+)
+def test_an_old_or_missing_library_stops_the_kernel_in_one_line(monkeypatch, found, expected):
+    monkeypatch.delenv(ki.SKIP_VERSION_CHECK_ENV, raising=False)
+    versions = {**ki.installed_versions(), **found}
+    with pytest.raises(ki.LibraryVersionError, match=re.escape(expected)) as err:
+        ki.check_versions(versions)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv(ki.SKIP_VERSION_CHECK_ENV, "1")
+    assert ki.check_versions(versions) == versions
+
+
+def test_release_orders_versions_by_number():
+    assert ki.release("2.10.0+cu128") == (2, 10, 0) > ki.release("2.9.1")
+    assert ki.release("1.0.26rc1") == (1, 0, 26) and ki.release("4.13.0.92") == (4, 13, 0, 92)
 
 
 PROBE_BODY = """\
@@ -211,7 +307,7 @@ PROBE_PARAMETERS = {
 def _papermill_off_repo(notebook: Path, cwd: Path, inputs: Path) -> subprocess.CompletedProcess:
     """Execute a notebook in cwd with no PYTHONPATH: the repository is not importable."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update({kb.KAGGLE_INPUT_ENV: str(inputs), "TMPDIR": str(cwd / "tmp")})
+    env.update({ki.KAGGLE_INPUT_ENV: str(inputs), "TMPDIR": str(cwd / "tmp")})
     (cwd / "tmp").mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "papermill", notebook.name, "executed.ipynb", "-k", "python3"]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -331,3 +427,37 @@ def test_real_kernel_builds_validates_and_passes_the_client_dry_run(tmp_path: Pa
         c["source"] for c in cells if "injected-parameters" in c["metadata"].get("tags", [])
     )
     assert "output_dir = '/kaggle/working'" in injected
+
+
+def test_built_vit_kernel_trains_from_the_weights_dataset_off_repo(tmp_path, synthetic_dir):
+    """The real 01_image_vit_tiny kernel, built and run as Kaggle would (inputs mounted, repo
+    off sys.path, pretrained file from the weights dataset), at demo size: this is the run that
+    crashed on Kaggle's timm 1.0.26 when the .pth was read as a JAX .npz."""
+    import timm
+    import torch
+
+    from utils.models import BACKBONES
+
+    inputs = tmp_path / "input"
+    shutil.copytree(synthetic_dir, inputs / "competitions" / kb.COMPETITION)
+    weights = inputs / kb.WEIGHTS_DATASET / "vit_tiny.pth"
+    weights.parent.mkdir(parents=True)
+    torch.save(timm.create_model(BACKBONES["vit_tiny"].timm_name).state_dict(), weights)
+    kernel = "01_image_vit_tiny"
+    params = {
+        **kb.KAGGLE_PARAMETERS[kernel],
+        "output_dir": ".",
+        "preset": "demo",
+        "folds": 2,
+        "epochs": 1,
+        "image_size": 32,
+        "num_workers": 0,
+    }
+    built = kb.build_kernel(kb.KERNELS_DIR / kernel, tmp_path / "build", "alice", params)
+    done = _papermill_off_repo(built / f"{kernel}.ipynb", built, inputs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((built / "vit_tiny" / "config.json").read_text())
+    assert Path(config["weights_path"]) == weights
+    assert (built / "vit_tiny" / "oof.csv").is_file()
+    executed = (built / "executed.ipynb").read_text()
+    assert "libraries: torch " in executed and "timm " in executed

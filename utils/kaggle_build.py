@@ -1,6 +1,7 @@
-"""Kaggle packaging: metadata validation, self-contained kernel builds, input paths at run time.
+"""Kaggle packaging: metadata validation and self-contained kernel builds (the build CLI).
 
-Commands (see docs/kaggle.md):
+What runs inside a kernel (library checks, input paths) is utils.kaggle_input. Commands (the
+README's "Kaggle workflow" walks through them):
     python -m utils.kaggle_build validate [--built build/kernels]
     python -m utils.kaggle_build build [--owner NAME] [--out build/kernels] [--tuned]
     python -m utils.kaggle_build dry-run [--out build/kernels]
@@ -10,17 +11,16 @@ Commands (see docs/kaggle.md):
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import contextlib
 import copy
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +44,6 @@ DEFAULT_OWNER = "fusionnetx"
 COMPETITION = "isic-2024-challenge"
 GPU_SHAPE = "NvidiaTeslaT4"
 SUBMISSION_KERNEL = "04_inference"
-KAGGLE_INPUT_ENV = "FUSIONNETX_KAGGLE_INPUT"
-KAGGLE_INPUT_ROOT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
 BOOTSTRAP_TAG = "fusionnetx-bootstrap"
 INJECTED_TAG = "injected-parameters"
@@ -128,57 +126,6 @@ class KaggleBuildError(ValueError):
     """A kernel or dataset definition that cannot be built or pushed."""
 
 
-# ---------------------------------------------------------------- run time (inside a kernel)
-
-
-def kaggle_input_root() -> Path:
-    """Root of the mounted Kaggle inputs (env FUSIONNETX_KAGGLE_INPUT overrides /kaggle/input)."""
-    return Path(os.environ.get(KAGGLE_INPUT_ENV, KAGGLE_INPUT_ROOT))
-
-
-def _first_match(root: Path, name: str, max_depth: int) -> Path | None:
-    """Shallowest path named `name` under root (depth 0..max_depth), sorted for determinism."""
-    for depth in range(max_depth + 1):
-        hits = sorted(root.glob("/".join(["*"] * depth + [name])))
-        if hits:
-            return hits[0]
-    return None
-
-
-def input_path(slug: str, name: str) -> Path:
-    """Path of file/folder `name` inside the mounted input `slug` (any Kaggle mount layout)."""
-    root = kaggle_input_root()
-    mount = _first_match(root, slug, max_depth=2)
-    found = _first_match(mount, name, max_depth=3) if mount is not None and mount.is_dir() else None
-    if found is None:
-        mounted = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-        where = f"mounted at {mount}" if mount is not None else "not mounted"
-        raise FileNotFoundError(
-            f"Kaggle input {slug!r} ({where}) has no {name!r} under {root}; mounted inputs: "
-            f"{mounted}. Add {slug!r} to the kernel's sources and check the dataset's files."
-        )
-    return found
-
-
-def link_inputs(sources: dict[str, str], out_dir: str | Path | None = None) -> Path:
-    """One folder of symlinks `name -> input_path(slug, name)`: several inputs seen as one dir.
-
-    A missing name is left out with a loud warning, so the notebook can fall back (the
-    submission kernel scores with metadata-only members when image models are absent).
-    """
-    out = Path(out_dir) if out_dir else Path(tempfile.gettempdir()) / "fusionnetx-artifacts"
-    out.mkdir(parents=True, exist_ok=True)
-    for name, slug in sources.items():
-        link = out / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        try:
-            link.symlink_to(input_path(slug, name), target_is_directory=True)
-        except FileNotFoundError as err:
-            print(f"WARNING: {name} left out of {out}: {err}", file=sys.stderr)
-    return out
-
-
 # ---------------------------------------------------------------- Kaggle parameters per kernel
 
 
@@ -190,9 +137,10 @@ class InputPath:
     name: str
     parent: bool = False
 
-    def render(self) -> str:
-        """Python expression evaluated in the kernel."""
-        expr = f"input_path({self.slug!r}, {self.name!r})"
+    def render(self, owner: str | None = None) -> str:
+        """Python expression evaluated in the kernel (`owner` picks among same-slug mounts)."""
+        args = f"{self.slug!r}, {self.name!r}" + (f", owner={owner!r}" if owner else "")
+        expr = f"input_path({args})"
         return f"str({expr}.parent)" if self.parent else f"str({expr})"
 
 
@@ -202,9 +150,10 @@ class LinkedInputs:
 
     sources: tuple[tuple[str, str], ...]
 
-    def render(self) -> str:
+    def render(self, owner: str | None = None) -> str:
         """Python expression evaluated in the kernel."""
-        return f"str(link_inputs({dict(self.sources)!r}))"
+        extra = f", owner={owner!r}" if owner else ""
+        return f"str(link_inputs({dict(self.sources)!r}{extra}))"
 
 
 COMPETITION_DATA = InputPath(COMPETITION, "train-metadata.csv", parent=True)
@@ -254,12 +203,17 @@ TUNED_GBDT = (
 )
 
 
-def render_value(value: Any) -> str:
-    """Python source for one parameter value (literals via repr, inputs via their expression)."""
-    if isinstance(value, InputPath | LinkedInputs):
-        return value.render()
+def render_value(value: Any, owner: str | None = None) -> str:
+    """Python source for one parameter value (literals via repr, inputs via their expression).
+
+    `owner` is passed to inputs of repo-defined datasets only: the competition has no owner.
+    """
+    if isinstance(value, InputPath):
+        return value.render(owner if value.slug in DATASET_CONTENTS else None)
+    if isinstance(value, LinkedInputs):
+        return value.render(owner)
     if isinstance(value, list):
-        return "[" + ", ".join(render_value(v) for v in value) + "]"
+        return "[" + ", ".join(render_value(v, owner) for v in value) + "]"
     return repr(value)
 
 
@@ -285,13 +239,13 @@ def _helpers(value: Any) -> set[str]:
     return set()
 
 
-def injected_source(parameters: dict[str, Any]) -> str:
+def injected_source(parameters: dict[str, Any], owner: str | None = None) -> str:
     """Source of the cell that sets Kaggle parameters after the notebook's `parameters` cell."""
     lines = ["# Kaggle parameters, injected by `python -m utils.kaggle_build build`"]
     helpers = sorted(set().union(*(_helpers(v) for v in parameters.values())))
     if helpers:
-        lines.append(f"from utils.kaggle_build import {', '.join(helpers)}")
-    lines += [f"{key} = {render_value(value)}" for key, value in parameters.items()]
+        lines.append(f"from utils.kaggle_input import {', '.join(helpers)}")
+    lines += [f"{key} = {render_value(value, owner)}" for key, value in parameters.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -410,6 +364,8 @@ def kernel_problems(
 
 def dataset_problems(meta: dict[str, Any], source: str) -> list[str]:
     """Every rule a dataset-metadata.json breaks for `kaggle datasets create`."""
+    from slugify import slugify
+
     missing = [key for key in ("id", "title", "licenses") if key not in meta]
     if missing:
         return [f"{source}: missing required field(s) {missing}"]
@@ -417,6 +373,9 @@ def dataset_problems(meta: dict[str, Any], source: str) -> list[str]:
     title = meta["title"]
     if not isinstance(title, str) or not 6 <= len(title) <= 50:
         problems.append(f"title {title!r} must be a string of 6..50 characters")
+    elif not problems and slugify(title) != split_ref(meta["id"])[1]:
+        # Kaggle derives a new dataset's URL from its title: the id's slug would not be found
+        problems.append(f"title {title!r} slugifies to {slugify(title)!r}, not the id's slug")
     if "INSERT_" in json.dumps(meta):
         problems.append("still holds a kaggle-init placeholder (INSERT_...)")
     licenses = meta["licenses"]
@@ -503,14 +462,67 @@ def top_level_code_file() -> str:
 # ---------------------------------------------------------------- build
 
 
-def utils_archive(utils_dir: Path = UTILS_DIR) -> bytes:
-    """Deterministic zip of the utils package (*.py only, fixed timestamps)."""
+# Embedded in every kernel: the package itself and what runs before the stage.
+KERNEL_BASE_MODULES = ("utils/__init__.py", "utils/kaggle_input.py")
+
+
+def _module_file(module: str, root: Path) -> Path | None:
+    """File of a `utils...` module under root (the repository), or None if it is not one."""
+    base = root.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_modules(source: str, package: str) -> set[str]:
+    """Every `utils` module a piece of source imports (in functions too; relative resolved)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return {m for m in found if m == "utils" or m.startswith("utils.")}
+
+
+def kernel_modules(sources: list[str], root: Path = REPO_ROOT) -> list[Path]:
+    """utils/ files a kernel needs: what its code imports, transitively, with parent packages."""
+    files = {root / rel for rel in KERNEL_BASE_MODULES}
+    todo = [(src, "utils") for src in sources] + [(f.read_text(), "utils") for f in files]
+    while todo:
+        source, package = todo.pop()
+        for module in _imported_modules(source, package):
+            parts = module.split(".")
+            for depth in range(1, len(parts) + 1):
+                path = _module_file(".".join(parts[:depth]), root)
+                if path is not None and path not in files:
+                    files.add(path)
+                    is_package = path.name == "__init__.py"
+                    pkg = ".".join(parts[:depth] if is_package else parts[: depth - 1])
+                    todo.append((path.read_text(encoding="utf-8"), pkg))
+    return sorted(files)
+
+
+def notebook_sources(notebook: Path) -> list[str]:
+    """Source of every code cell of a notebook."""
+    nb = nbformat.read(notebook, as_version=4)
+    return [cell.source for cell in nb.cells if cell.cell_type == "code"]
+
+
+def utils_archive(files: list[Path] | None = None, root: Path = REPO_ROOT) -> bytes:
+    """Deterministic zip of utils/ files (*.py; all of utils/ by default; fixed timestamps)."""
+    if files is None:
+        files = [p for p in (root / "utils").rglob("*.py") if "__pycache__" not in p.parts]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(utils_dir.rglob("*.py")):
-            if "__pycache__" in path.parts:
-                continue
-            info = zipfile.ZipInfo(f"utils/{path.relative_to(utils_dir).as_posix()}")
+        for path in sorted(files):
+            info = zipfile.ZipInfo(path.relative_to(root).as_posix())
             info.date_time = (2024, 1, 1, 0, 0, 0)
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, path.read_bytes())
@@ -535,11 +547,17 @@ def bootstrap_source(archive: bytes) -> str:
         "if not Path(utils.__file__).resolve().is_relative_to(FUSIONNETX_SRC.resolve()):\n"
         '    raise ImportError(f"utils imported from {utils.__file__}, not the embedded copy")\n'
         f'print("FusionNetX utils {digest} unpacked to", FUSIONNETX_SRC)\n'
+        "# Fails here, in one line, when a library is older than any the suite is tested with.\n"
+        "from utils.kaggle_input import check_versions\n"
+        "check_versions()\n"
     )
 
 
 def build_notebook(
-    notebook: Path, parameters: dict[str, Any], archive: bytes
+    notebook: Path,
+    parameters: dict[str, Any],
+    archive: bytes | None = None,
+    owner: str | None = None,
 ) -> nbformat.NotebookNode:
     """The notebook with the bootstrap cell first and Kaggle parameters after `parameters`."""
     if not notebook.is_file():
@@ -549,7 +567,10 @@ def build_notebook(
     index = next((i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])), -1)
     if index < 0:
         raise KaggleBuildError(f"{notebook}: no cell tagged 'parameters'")
-    injected = nbformat.v4.new_code_cell(injected_source(parameters))
+    injected = nbformat.v4.new_code_cell(injected_source(parameters, owner))
+    if archive is None:
+        code = [c.source for c in cells if c.cell_type == "code"]
+        archive = utils_archive(kernel_modules([*code, injected.source]))
     injected.metadata["tags"] = [INJECTED_TAG]
     bootstrap = nbformat.v4.new_code_cell(bootstrap_source(archive))
     bootstrap.metadata["tags"] = [BOOTSTRAP_TAG]
@@ -574,9 +595,22 @@ def with_owner(meta: dict[str, Any], owner: str, repo_ids: set[str]) -> dict[str
     return out
 
 
+def kaggle_config_user() -> str | None:
+    """User name from the kaggle client's own configuration (KAGGLE_USERNAME, then kaggle.json)."""
+    api = _kaggle_api()
+    return api.read_config_environment(api.read_config_file(quiet=True)).get(api.CONFIG_NAME_USER)
+
+
 def resolve_owner(owner: str | None) -> str:
-    """--owner, else env KAGGLE_USERNAME, else the committed default owner."""
-    return owner or os.environ.get("KAGGLE_USERNAME") or DEFAULT_OWNER
+    """--owner, else the kaggle client's configured user; never a silent default account."""
+    owner = owner or kaggle_config_user()
+    if not owner:
+        raise KaggleBuildError(
+            "no Kaggle user name: pass --owner NAME, or set KAGGLE_USERNAME, or put your API "
+            "token in ~/.kaggle/kaggle.json (the kaggle client's configuration). Kernel and "
+            "dataset ids start with it."
+        )
+    return owner
 
 
 def build_kernel(
@@ -593,7 +627,7 @@ def build_kernel(
     meta = read_json(folder / KERNEL_METADATA)
     meta["dataset_sources"] = [*meta.get("dataset_sources", []), *extra_sources]
     meta = with_owner(meta, owner, set(repo_ids))
-    nb = build_notebook(notebooks_dir / meta["code_file"], parameters, archive or utils_archive())
+    nb = build_notebook(notebooks_dir / meta["code_file"], parameters, archive, owner)
     target = out_dir / folder.name
     if target.exists():
         shutil.rmtree(target)
@@ -613,7 +647,6 @@ def build_all(
     """Build every kernel folder; --tuned feeds the tuning dataset to the GBDT kernel."""
     owner = resolve_owner(owner)
     datasets = defined_datasets(kernels_dir / "datasets")
-    archive = utils_archive()
     built = []
     for folder in kernel_folders(kernels_dir):
         params, extra = dict(KAGGLE_PARAMETERS[folder.name]), ()
@@ -628,8 +661,7 @@ def build_all(
                 params,
                 notebooks_dir,
                 frozenset(datasets.values()),
-                archive,
-                extra,
+                extra_sources=extra,
             )
         )
     return built

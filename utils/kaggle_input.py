@@ -1,0 +1,183 @@
+"""What runs inside a Kaggle kernel before the stage: library checks and input paths.
+
+Kept apart from the build CLI (utils.kaggle_build) and free of third-party imports, so a built
+kernel embeds it whatever stage it runs, and it can fail in seconds, before any long import.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+KAGGLE_INPUT_ENV = "FUSIONNETX_KAGGLE_INPUT"
+KAGGLE_INPUT_ROOT = "/kaggle/input"
+SKIP_VERSION_CHECK_ENV = "FUSIONNETX_SKIP_VERSION_CHECK"
+
+# The oldest version of each library the suite is tested with: CI runs every test under
+# requirements-kaggle.txt (Kaggle's GPU image) as well as requirements.txt, and
+# tests/test_kaggle.py holds these equal to that file's pins. Several distributions provide one
+# import (Kaggle's opencv-python and xgboost; the headless / CPU builds off Kaggle).
+MIN_VERSIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "torch": (("torch",), "2.10.0"),
+    "torchvision": (("torchvision",), "0.25.0"),
+    "timm": (("timm",), "1.0.26"),
+    "albumentations": (("albumentations",), "2.0.8"),
+    "opencv": (("opencv-python", "opencv-python-headless", "opencv-contrib-python"), "4.13.0.92"),
+    "numpy": (("numpy",), "2.0.2"),
+    "polars": (("polars",), "1.35.2"),
+    "pandas": (("pandas",), "2.2.2"),
+    "h5py": (("h5py",), "3.16.0"),
+    "pillow": (("pillow",), "11.3.0"),
+    "scipy": (("scipy",), "1.15.3"),
+    "scikit-learn": (("scikit-learn",), "1.6.1"),
+    "imbalanced-learn": (("imbalanced-learn",), "0.14.1"),
+    "lightgbm": (("lightgbm",), "4.6.0"),
+    "catboost": (("catboost",), "1.2.10"),
+    "xgboost": (("xgboost", "xgboost-cpu"), "3.2.0"),
+    "optuna": (("optuna",), "5.0.0"),
+    "matplotlib": (("matplotlib",), "3.10.0"),
+    "tqdm": (("tqdm",), "4.67.1"),
+}
+
+
+class LibraryVersionError(RuntimeError):
+    """An installed library is older than any the suite is tested with, or missing."""
+
+
+def release(version: str) -> tuple[int, ...]:
+    """Numeric release of a version: '2.10.0+cu128' -> (2, 10, 0), '1.0.26rc1' -> (1, 0, 26)."""
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+        if digits.end() < len(piece):
+            break
+    return tuple(parts)
+
+
+def installed_version(distributions: tuple[str, ...]) -> str | None:
+    """Version of the first installed distribution among `distributions`, or None."""
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def installed_versions() -> dict[str, str | None]:
+    """Every library of MIN_VERSIONS with its installed version (None when absent)."""
+    return {lib: installed_version(dists) for lib, (dists, _) in MIN_VERSIONS.items()}
+
+
+def version_problems(versions: dict[str, str | None]) -> list[str]:
+    """One line per library that is missing or older than its tested minimum."""
+    problems = []
+    for lib, found in versions.items():
+        oldest = MIN_VERSIONS[lib][1]
+        if found is None:
+            problems.append(f"{lib} is not installed (tested from {oldest})")
+        elif release(found) < release(oldest):
+            problems.append(f"{lib} {found} is older than {oldest}, the oldest version tested")
+    return problems
+
+
+def check_versions(versions: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    """Print the library versions; raise LibraryVersionError (one line) when one is too old.
+
+    Set FUSIONNETX_SKIP_VERSION_CHECK=1 to run anyway (the problems are then printed as a
+    WARNING line): for a Kaggle image newer than this check knows, or a deliberate experiment.
+    """
+    versions = installed_versions() if versions is None else versions
+    print("libraries: " + ", ".join(f"{lib} {v or '-'}" for lib, v in versions.items()))
+    problems = version_problems(versions)
+    if problems:
+        line = "; ".join(problems)
+        if os.environ.get(SKIP_VERSION_CHECK_ENV) == "1":
+            print(f"WARNING: {line} ({SKIP_VERSION_CHECK_ENV}=1: running anyway)", file=sys.stderr)
+        else:
+            raise LibraryVersionError(
+                f"{line}. FusionNetX is tested with requirements-kaggle.txt and newer; set "
+                f"{SKIP_VERSION_CHECK_ENV}=1 to run anyway."
+            )
+    return versions
+
+
+def kaggle_input_root() -> Path:
+    """Root of the mounted Kaggle inputs (env FUSIONNETX_KAGGLE_INPUT overrides /kaggle/input)."""
+    return Path(os.environ.get(KAGGLE_INPUT_ENV, KAGGLE_INPUT_ROOT))
+
+
+def _natural_key(path: Path) -> tuple:
+    """Sort key that orders numeric parts by value: versions/10 after versions/2."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.parts)
+
+
+def _matches(root: Path, name: str, max_depth: int) -> list[Path]:
+    """Paths named `name` under root at the shallowest depth (0..max_depth) that has any."""
+    for depth in range(max_depth + 1):
+        hits = list(root.glob("/".join(["*"] * depth + [name])))
+        if hits:
+            return hits
+    return []
+
+
+def _mount(root: Path, slug: str, owner: str | None) -> Path | None:
+    """The folder where input `slug` is mounted; with several, the one under `owner`."""
+    mounts = sorted(p for p in _matches(root, slug, max_depth=3) if p.is_dir())
+    if owner is not None and len(mounts) > 1:
+        mine = [p for p in mounts if owner in p.relative_to(root).parts[:-1]]
+        if mine:
+            return mine[0]
+        raise FileNotFoundError(
+            f"Kaggle input {slug!r} is mounted {len(mounts)} times ({[str(p) for p in mounts]}), "
+            f"none under the owner {owner!r}"
+        )
+    return mounts[0] if mounts else None
+
+
+def input_path(slug: str, name: str, owner: str | None = None) -> Path:
+    """Path of file/folder `name` inside the mounted input `slug` (any Kaggle mount layout).
+
+    Kaggle mounts an input as /kaggle/input/<slug> or deeper (.../competitions/<slug>,
+    .../<owner>/<slug>, .../<slug>/versions/<n>). With several versions mounted the highest
+    number wins; with the same slug from several owners, `owner`'s.
+    """
+    root = kaggle_input_root()
+    mount = _mount(root, slug, owner)
+    found = _matches(mount, name, max_depth=3) if mount is not None else []
+    if not found:
+        mounted = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        where = f"mounted at {mount}" if mount is not None else "not mounted"
+        raise FileNotFoundError(
+            f"Kaggle input {slug!r} ({where}) has no {name!r} under {root}; mounted inputs: "
+            f"{mounted}. Add {slug!r} to the kernel's sources and check the dataset's files."
+        )
+    return max(found, key=_natural_key)
+
+
+def link_inputs(
+    sources: dict[str, str], out_dir: str | Path | None = None, owner: str | None = None
+) -> Path:
+    """One folder of symlinks `name -> input_path(slug, name)`: several inputs seen as one dir.
+
+    A missing name is left out with a loud warning, so the notebook can fall back (the
+    submission kernel scores with metadata-only members when image models are absent).
+    """
+    out = Path(out_dir) if out_dir else Path(tempfile.gettempdir()) / "fusionnetx-artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, slug in sources.items():
+        link = out / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        try:
+            link.symlink_to(input_path(slug, name, owner), target_is_directory=True)
+        except FileNotFoundError as err:
+            print(f"WARNING: {name} left out of {out}: {err}", file=sys.stderr)
+    return out

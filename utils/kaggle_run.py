@@ -1,0 +1,760 @@
+"""The whole Kaggle workflow in one resumable command: build, push, wait, collect, publish, submit.
+
+    python -m utils.kaggle_run [--owner NAME] [--work-dir work/kaggle] [--weights weights/]
+                               [--tune] [--submit] [--from STEP | --only STEP] [--dry-run]
+
+Steps, in order (see docs/kaggle_run.md):
+    weights        create the weights dataset if it is missing (upload --weights)
+    images         push the four image kernels, wait for them, download their outputs
+    image-dataset  create or version the image-model dataset from those outputs
+    tune           (--tune) push 02_tune_gbdt, wait, download
+    tune-dataset   (--tune) create or version the tuning dataset
+    gbdt           push 03_gbdt, wait, download
+    gbdt-dataset   create or version the GBDT model dataset
+    submission     push the submission kernel, wait for its run on the public test
+    submit         print the submit command (with --submit: submit that kernel version)
+
+A JSON state file in the work dir records every pushed kernel version, the dataset versions it
+was pushed against, its output checksums and every dataset version, so a rerun skips what is
+done, waits for kernels still running, and re-pushes exactly the kernels that failed or whose
+input datasets have a newer version than the one they ran against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from utils import kaggle_build as kb
+
+DEFAULT_WORK_DIR = Path("work") / "kaggle"
+DEFAULT_WEIGHTS_DIR = Path("weights")
+STATE_FILE = "state.json"
+SUBMISSION_FILE = "submission.csv"
+# Kaggle stops a session after 12 h; a queued GPU kernel can wait a while before it starts.
+DEFAULT_TIMEOUT_H = 14.0
+# Back-off between status checks: a training kernel runs for hours, so 30 s doubling to 10 min
+# keeps one run under ~100 status calls per kernel while noticing a quick failure at once.
+POLL_FIRST_S = 30.0
+POLL_MAX_S = 600.0
+LOG_TAIL_LINES = 25
+COMPLETE = "complete"
+FAILED = frozenset({"error", "cancel_requested", "cancel_acknowledged"})
+
+IMAGE_KERNELS = tuple(f"01_image_{model}" for model in kb.DATASET_CONTENTS[kb.IMAGE_DATASET])
+TUNE_KERNEL = "02_tune_gbdt"
+GBDT_KERNEL = kb.TUNED_GBDT[0]
+# What each kernel writes under /kaggle/working that the next step needs.
+PRODUCES: dict[str, str] = {
+    **{f"01_image_{model}": model for model in kb.DATASET_CONTENTS[kb.IMAGE_DATASET]},
+    TUNE_KERNEL: "tuning",
+    GBDT_KERNEL: "gbdt",
+    kb.SUBMISSION_KERNEL: SUBMISSION_FILE,
+}
+PRODUCER = {name: kernel for kernel, name in PRODUCES.items()}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One resumable step: the kernels it pushes and awaits, or the dataset it publishes."""
+
+    name: str
+    kernels: tuple[str, ...] = ()
+    dataset: str | None = None
+    optional: bool = False
+
+
+STEPS = (
+    Step("weights", dataset=kb.WEIGHTS_DATASET),
+    Step("images", kernels=IMAGE_KERNELS),
+    Step("image-dataset", dataset=kb.IMAGE_DATASET),
+    Step("tune", kernels=(TUNE_KERNEL,), optional=True),
+    Step("tune-dataset", dataset=kb.TUNING_DATASET, optional=True),
+    Step("gbdt", kernels=(GBDT_KERNEL,)),
+    Step("gbdt-dataset", dataset=kb.GBDT_DATASET),
+    Step("submission", kernels=(kb.SUBMISSION_KERNEL,)),
+    Step("submit"),
+)
+STEP_NAMES = tuple(step.name for step in STEPS)
+DATASET_STEP = {step.dataset: step.name for step in STEPS if step.dataset}
+KERNEL_STEP = {kernel: step.name for step in STEPS for kernel in step.kernels}
+
+
+class RunStopped(Exception):
+    """The run cannot go on; the message says why and how to resume."""
+
+
+class KaggleClient(Protocol):
+    """The few calls the workflow makes (KaggleApiClient is the real one)."""
+
+    def push_kernel(self, folder: Path) -> int: ...
+    def kernel_status(self, ref: str, version: int) -> tuple[str, str]: ...
+    def kernel_output(self, ref: str, version: int, path: Path) -> list[str]: ...
+    def kernel_log(self, ref: str, version: int) -> str: ...
+    def dataset_version(self, ref: str) -> int | None: ...
+    def dataset_status(self, ref: str) -> str: ...
+    def create_dataset(self, folder: Path) -> None: ...
+    def version_dataset(self, folder: Path, notes: str) -> None: ...
+    def submit(
+        self, competition: str, kernel: str, version: int, file_name: str, message: str
+    ) -> str: ...
+
+
+# ---------------------------------------------------------------- the real client
+
+
+def kaggle_api() -> Any:
+    """An authenticated KaggleApi (its import-time chatter silenced; `import kaggle` would
+    authenticate at import and exit without credentials)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+    api = KaggleApi()
+    api.authenticate()
+    return api
+
+
+class KaggleApiClient:
+    """KaggleClient over the installed kaggle package's KaggleApi (the CLI's own calls)."""
+
+    def __init__(self, api: Any | None = None) -> None:
+        self.api = api if api is not None else kaggle_api()
+
+    def push_kernel(self, folder: Path) -> int:
+        """`kaggle kernels push -p folder`: the new version number."""
+        response = self.api.kernels_push(str(folder))
+        if response is None or response.error:
+            raise RunStopped(f"push {folder}: {getattr(response, 'error', 'no response')}")
+        invalid = [*response.invalid_dataset_sources, *response.invalid_competition_sources]
+        if invalid:
+            raise RunStopped(f"push {folder}: Kaggle rejected sources {invalid}")
+        return int(response.version_number)
+
+    def kernel_status(self, ref: str, version: int) -> tuple[str, str]:
+        """(status, failure message) of one kernel version, e.g. ('running', '')."""
+        response = self.api.kernels_status(f"{ref}/{version}")
+        return response.status.name.lower(), response.failure_message
+
+    def kernel_output(self, ref: str, version: int, path: Path) -> list[str]:
+        """Download one kernel version's output files (and its log) into path."""
+        files, _ = self.api.kernels_output(f"{ref}/{version}", str(path), force=True, quiet=True)
+        return files
+
+    def kernel_log(self, ref: str, version: int) -> str:
+        """The session log of one kernel version."""
+        return self.api.kernels_logs(f"{ref}/{version}")
+
+    def dataset_version(self, ref: str) -> int | None:
+        """Current version number of a dataset, None when it does not exist."""
+        from requests import HTTPError
+
+        try:
+            payload = self.api.dataset_status(ref, format="json(current_version_number)")
+        except HTTPError as err:
+            if err.response is not None and err.response.status_code == 404:
+                return None
+            raise
+        return int(json.loads(payload)["current_version_number"])
+
+    def dataset_status(self, ref: str) -> str:
+        """Processing status of a dataset's latest version ('ready' once kernels can mount it)."""
+        return self.api.dataset_status(ref)
+
+    def create_dataset(self, folder: Path) -> None:
+        """`kaggle datasets create -p folder --dir-mode zip` (private)."""
+        response = self.api.dataset_create_new(
+            str(folder), public=False, quiet=True, dir_mode="zip"
+        )
+        if response.error:
+            raise RunStopped(f"create dataset from {folder}: {response.error}")
+
+    def version_dataset(self, folder: Path, notes: str) -> None:
+        """`kaggle datasets version -p folder -m notes --dir-mode zip`."""
+        response = self.api.dataset_create_version(
+            str(folder), version_notes=notes, quiet=True, dir_mode="zip"
+        )
+        if response.error:
+            raise RunStopped(f"version dataset from {folder}: {response.error}")
+
+    def submit(
+        self, competition: str, kernel: str, version: int, file_name: str, message: str
+    ) -> str:
+        """Submit a kernel version to a code competition; Kaggle's reply."""
+        response = self.api.competition_submit_code(
+            file_name=file_name,
+            message=message,
+            competition=competition,
+            kernel=kernel,
+            kernel_version=version,
+            quiet=True,
+        )
+        return response.message
+
+
+# ---------------------------------------------------------------- offline plan client
+
+
+class PlanClient:
+    """Answers like a Kaggle where every kernel completes and every upload is ready at once;
+    versions are predicted from the state file (Kaggle assigns the real ones)."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.owner = state["owner"]
+        self.kernels = {k["ref"]: k["version"] for k in state["kernels"].values()}
+        self.datasets = {d["ref"]: d["version"] for d in state["datasets"].values()}
+
+    def push_kernel(self, folder: Path) -> int:
+        ref = kb.read_json(folder / kb.KERNEL_METADATA)["id"]
+        self.kernels[ref] = self.kernels.get(ref, 0) + 1
+        return self.kernels[ref]
+
+    def kernel_status(self, ref: str, version: int) -> tuple[str, str]:
+        return COMPLETE, ""
+
+    def kernel_output(self, ref: str, version: int, path: Path) -> list[str]:
+        return []
+
+    def kernel_log(self, ref: str, version: int) -> str:
+        return ""
+
+    def dataset_version(self, ref: str) -> int | None:
+        return self.datasets.get(ref)
+
+    def dataset_status(self, ref: str) -> str:
+        return "ready"
+
+    def create_dataset(self, folder: Path) -> None:
+        self.datasets[f"{self.owner}/{folder.name}"] = 1
+
+    def version_dataset(self, folder: Path, notes: str) -> None:
+        self.datasets[f"{self.owner}/{folder.name}"] += 1
+
+    def submit(
+        self, competition: str, kernel: str, version: int, file_name: str, message: str
+    ) -> str:
+        return "planned"
+
+
+# ---------------------------------------------------------------- state
+
+
+def empty_state(owner: str) -> dict[str, Any]:
+    """State of a run that has done nothing yet."""
+    return {"owner": owner, "kernels": {}, "datasets": {}, "steps": {}, "submitted": None}
+
+
+def load_state(path: Path, owner: str) -> dict[str, Any]:
+    """The state file, or an empty state; RunStopped when it belongs to another owner."""
+    if not path.is_file():
+        return empty_state(owner)
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if state.get("owner") != owner:
+        raise RunStopped(
+            f"{path} records a run for owner {state.get('owner')!r}, not {owner!r}: "
+            "use another --work-dir for another account"
+        )
+    return state
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write the state atomically (a crash leaves the old file or the new, never half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump(state, out, indent=2)
+        out.write("\n")
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (model files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(root: Path, name: str) -> dict[str, str]:
+    """sha256 of `name` under root (a file, or every file of a folder), by relative path."""
+    target = root / name
+    files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+
+
+def digest_of(items: dict[str, Any]) -> str:
+    """One sha256 for a JSON-able mapping (the content of a dataset to publish)."""
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+
+
+def log_tail(log: str, lines: int = LOG_TAIL_LINES) -> str:
+    """Last lines of a kernel log; Kaggle's log is a JSON list of {stream_name, time, data}."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        log = "".join(entry.get("data", "") for entry in json.loads(log))
+    return "\n".join(log.rstrip().splitlines()[-lines:])
+
+
+def _now() -> str:
+    """UTC time stamp for the state file."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _duration(seconds: float) -> str:
+    """1h05m / 4m30s."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Options:
+    """What one invocation asks for."""
+
+    owner: str
+    work_dir: Path = DEFAULT_WORK_DIR
+    weights_dir: Path = DEFAULT_WEIGHTS_DIR
+    build_dir: Path = kb.DEFAULT_BUILD_DIR
+    tune: bool = False
+    submit: bool = False
+    start: str | None = None
+    only: str | None = None
+    timeout_h: float = DEFAULT_TIMEOUT_H
+    message: str = "FusionNetX"
+    resume_args: list[str] = field(default_factory=list)
+
+    def resume_command(self) -> str:
+        """The command that continues this run."""
+        return shlex.join(["python", "-m", "utils.kaggle_run", *self.resume_args])
+
+
+class Runner:
+    """Walks STEPS against a client, recording every finished action in the state file."""
+
+    def __init__(
+        self,
+        client: KaggleClient | None,
+        opts: Options,
+        plan: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        say: Callable[[str], None] = lambda line: print(line, flush=True),
+    ) -> None:
+        self.opts, self.plan, self.sleep, self.clock, self.out = opts, plan, sleep, clock, say
+        self.state_path = opts.work_dir / STATE_FILE
+        state = load_state(self.state_path, opts.owner)
+        self.state = copy.deepcopy(state) if plan else state
+        self.client: KaggleClient = PlanClient(self.state) if plan else client  # type: ignore[assignment]
+
+    # ------------------------------------------------------------ driving
+
+    def selected(self) -> list[tuple[Step, bool]]:
+        """(step, forced) in order: --only runs one step, --from forces it and every later one."""
+        steps = [s for s in STEPS if self.opts.tune or not s.optional]
+        names = [s.name for s in steps]
+        for wanted in (self.opts.only, self.opts.start):
+            if wanted and wanted not in names:
+                raise RunStopped(f"step {wanted!r} is not part of this run (tuning needs --tune)")
+        if self.opts.only:
+            return [(s, True) for s in steps if s.name == self.opts.only]
+        first = names.index(self.opts.start) if self.opts.start else len(names)
+        return [(s, i >= first) for i, s in enumerate(steps) if not self.opts.start or i >= first]
+
+    def run(self) -> None:
+        """Build, then every selected step; RunStopped says where and how to resume."""
+        if self.plan:
+            self.say("plan", f"owner {self.opts.owner}, no network; versions are predicted")
+        with tempfile.TemporaryDirectory() as scratch:
+            self.build_dir = Path(scratch) / "kernels" if self.plan else self.opts.build_dir
+            self.build()
+            for step, forced in self.selected():
+                try:
+                    self.run_step(step, forced)
+                except RunStopped as err:
+                    raise RunStopped(self._stop_text(step, str(err))) from err
+                except (OSError, ValueError) as err:
+                    text = f"{type(err).__name__}: {err}"
+                    raise RunStopped(self._stop_text(step, text)) from err
+        self.say("done", "every step finished" if not self.plan else "end of plan")
+
+    def _stop_text(self, step: Step, why: str) -> str:
+        """What the user reads when a step stops the run."""
+        return (
+            f"STOPPED at step {step.name!r}: {why}\n"
+            f"Nothing after it was pushed. Fix the cause, then resume with:\n"
+            f"  {self.opts.resume_command()}"
+        )
+
+    def run_step(self, step: Step, forced: bool) -> None:
+        """One step; marks it finished in the state."""
+        if step.kernels:
+            self.kernel_step(step, forced)
+        elif step.dataset:
+            self.dataset_step(step, forced)
+        elif not self.submit_step(forced):
+            return
+        self.state["steps"][step.name] = {"finished": _now()}
+        self.save()
+
+    def build(self) -> None:
+        """Validate the committed metadata and build every kernel for this owner."""
+        problems = kb.validate()
+        if problems:
+            raise RunStopped("validate failed:\n" + "\n".join(problems))
+        built = kb.build_all(self.build_dir, self.opts.owner, tuned=self.opts.tune)
+        where = "a scratch folder" if self.plan else str(self.build_dir)
+        self.say("build", f"validated and built {len(built)} kernels into {where}")
+
+    def save(self) -> None:
+        """Persist the state (never in a plan)."""
+        if not self.plan:
+            save_state(self.state_path, self.state)
+
+    def say(self, step: str, text: str) -> None:
+        """One line per action."""
+        self.out(f"{step:<14}{text}")
+
+    # ------------------------------------------------------------ kernels
+
+    def kernel_step(self, step: Step, forced: bool) -> None:
+        """Push what is stale, wait for what is running, collect what completed."""
+        pending: dict[str, dict[str, Any]] = {}
+        for kernel in step.kernels:
+            folder = self.build_dir / kernel
+            meta = kb.read_json(folder / kb.KERNEL_METADATA)
+            against = self.inputs_of(kernel, meta)
+            record = self.state["kernels"].get(kernel)
+            reason = push_reason(record, meta["id"], against, forced)
+            notebook = sha256_file(folder / meta["code_file"])
+            if reason is None and record["status"] == COMPLETE and "outputs" in record:
+                self.say(step.name, f"{kernel}: v{record['version']} complete, inputs unchanged")
+                if record.get("notebook_sha256") != notebook:
+                    self.say(step.name, f"  note: its code changed; --from {step.name} re-pushes")
+                continue
+            if reason is None:
+                self.say(step.name, f"{kernel}: v{record['version']} {record['status']}, waiting")
+            else:
+                record = self.push(step, kernel, folder, meta["id"], against, reason)
+                record["notebook_sha256"] = notebook
+                self.save()
+            pending[kernel] = record
+        if pending:
+            self.wait_kernels(step, pending)
+
+    def inputs_of(self, kernel: str, meta: dict[str, Any]) -> dict[str, int]:
+        """Dataset slug -> the recorded version a push of this kernel would run against."""
+        against = {}
+        for ref in meta.get("dataset_sources", []):
+            slug = kb.split_ref(ref)[1]
+            record = self.state["datasets"].get(slug)
+            if record is None:
+                raise RunStopped(
+                    f"{kernel} reads dataset {ref} which this run has not published yet: "
+                    f"run step {DATASET_STEP.get(slug, '?')!r} first"
+                )
+            against[slug] = record["version"]
+        return against
+
+    def push(
+        self, step: Step, kernel: str, folder: Path, ref: str, against: dict[str, int], why: str
+    ) -> dict[str, Any]:
+        """Push one kernel; its new state record."""
+        version = self.client.push_kernel(folder)
+        inputs = ", ".join(f"{slug} v{v}" for slug, v in against.items()) or "no datasets"
+        self.say(step.name, f"push {ref} -> v{version} ({why}; against {inputs})")
+        record = {"ref": ref, "version": version, "against": against, "status": "pushed"}
+        self.state["kernels"][kernel] = record
+        return record
+
+    def wait_kernels(self, step: Step, pending: dict[str, dict[str, Any]]) -> None:
+        """Poll with back-off until each completes (collect it) or one fails or times out."""
+        if self.plan:
+            for kernel, record in pending.items():
+                self.say(step.name, f"  wait for {kernel} v{record['version']}, then download")
+                record.update(status=COMPLETE, outputs={"planned": record["version"]})
+            return
+        start, delay = self.clock(), POLL_FIRST_S
+        while True:
+            elapsed = _duration(self.clock() - start)
+            for kernel, record in list(pending.items()):
+                status, message = self.client.kernel_status(record["ref"], record["version"])
+                self.say(step.name, f"  {kernel} v{record['version']}: {status} after {elapsed}")
+                record["status"] = status
+                self.save()
+                if status == COMPLETE:
+                    self.collect(step, kernel, record)
+                    del pending[kernel]
+                elif status in FAILED:
+                    raise RunStopped(self.failure_text(kernel, record, message))
+            if not pending:
+                return
+            if self.clock() - start >= self.opts.timeout_h * 3600:
+                names = ", ".join(
+                    f"{k} v{r['version']} ({r['status']})" for k, r in pending.items()
+                )
+                raise RunStopped(
+                    f"timed out after {self.opts.timeout_h:g} h waiting for {names}; "
+                    "they may still be running on Kaggle: resuming waits for them again"
+                    + "".join(f"\n{self.tail_text(r)}" for r in pending.values())
+                )
+            self.sleep(delay)
+            delay = min(2 * delay, POLL_MAX_S)
+
+    def failure_text(self, kernel: str, record: dict[str, Any], message: str) -> str:
+        """Status, Kaggle's failure message and the log tail of a failed kernel."""
+        why = f": {message}" if message else ""
+        return (
+            f"{kernel} ({record['ref']} v{record['version']}) ended with status "
+            f"{record['status']}{why}\n{self.tail_text(record)}\n"
+            "(resuming pushes it again and waits for the kernels still running)"
+        )
+
+    def tail_text(self, record: dict[str, Any]) -> str:
+        """The last lines of a kernel version's log, framed."""
+        tail = log_tail(self.client.kernel_log(record["ref"], record["version"]))
+        head = f"--- last {LOG_TAIL_LINES} log lines of {record['ref']} v{record['version']} ---"
+        return f"{head}\n{tail or '(empty log)'}\n---"
+
+    def collect(self, step: Step, kernel: str, record: dict[str, Any]) -> None:
+        """Download a completed kernel's output; record the checksums of what it produced."""
+        dest = self.opts.work_dir / "outputs" / kernel
+        name = PRODUCES[kernel]
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        self.client.kernel_output(record["ref"], record["version"], dest)
+        if not (dest / name).exists():
+            found = sorted(p.name for p in dest.iterdir())
+            raise RunStopped(f"{kernel} completed but its output has no {name!r} (got {found})")
+        record["outputs"] = checksums(dest, name)
+        self.save()
+        self.say(step.name, f"  downloaded {len(record['outputs'])} files of {name} to {dest}")
+
+    # ------------------------------------------------------------ datasets
+
+    def dataset_step(self, step: Step, forced: bool) -> None:
+        """Create the dataset, or version it when its content changed; wait until it is ready."""
+        slug = step.dataset
+        ref = f"{self.opts.owner}/{slug}"
+        record = self.state["datasets"].get(slug)
+        content = self.dataset_content(slug)
+        current = self.client.dataset_version(ref)
+        if slug == kb.WEIGHTS_DATASET and current is not None and not forced:
+            if record is None or record["version"] != current:
+                self.say(step.name, f"{ref} exists on Kaggle (v{current}): using it")
+            else:
+                self.say(step.name, f"{ref} v{current} is up to date")
+            self.state["datasets"][slug] = {"ref": ref, "version": current, "digest": None}
+            return
+        if record and current is not None and record["digest"] == digest_of(content) and not forced:
+            if current != record["version"]:
+                self.say(
+                    step.name, f"{ref}: v{record['version']} -> v{current} (changed on Kaggle)"
+                )
+                record["version"] = current
+            self.say(step.name, f"{ref} v{current} is up to date")
+            return
+        folder = self.dataset_folder(slug)
+        if current is None:
+            self.client.create_dataset(folder)
+            self.say(step.name, f"create {ref} from {folder}")
+        else:
+            self.client.version_dataset(folder, f"{self.opts.message}: new {slug} outputs")
+            self.say(step.name, f"version {ref} (was v{current}) from {folder}")
+        version = self.wait_dataset(step, ref)
+        self.state["datasets"][slug] = {
+            "ref": ref,
+            "version": version,
+            "digest": digest_of(content),
+        }
+        self.save()
+        self.say(step.name, f"{ref} v{version} ready")
+
+    def dataset_content(self, slug: str) -> dict[str, Any]:
+        """What a dataset would hold: the output checksums of the kernels that produce it."""
+        if slug == kb.WEIGHTS_DATASET:
+            return {"weights": str(self.opts.weights_dir)}
+        content = {}
+        for name in kb.DATASET_CONTENTS[slug]:
+            record = self.state["kernels"].get(PRODUCER[name])
+            if record is None or record["status"] != COMPLETE or "outputs" not in record:
+                step = KERNEL_STEP[PRODUCER[name]]
+                raise RunStopped(f"{slug} needs {name} from {PRODUCER[name]}: run {step!r} first")
+            content[name] = record["outputs"]
+        return content
+
+    def dataset_folder(self, slug: str) -> Path:
+        """The upload folder (kaggle_build.build_dataset) from the collected outputs."""
+        out = self.opts.work_dir / "datasets"
+        if self.plan:
+            if slug == kb.WEIGHTS_DATASET and not self.opts.weights_dir.is_dir():
+                self.say("weights", f"  note: {self.opts.weights_dir} does not exist yet")
+            return out / slug
+        if slug == kb.WEIGHTS_DATASET:
+            source = self.opts.weights_dir
+            if not source.is_dir():
+                raise RunStopped(
+                    f"{kb.WEIGHTS_DATASET} is missing on Kaggle and {source} does not exist: run "
+                    f"`python -m utils.kaggle_build weights --out {source}` first (needs internet)"
+                )
+        else:
+            source = self.opts.work_dir / "staging" / slug
+            if source.exists():
+                shutil.rmtree(source)
+            source.mkdir(parents=True)
+            for name in kb.DATASET_CONTENTS[slug]:
+                produced = self.opts.work_dir / "outputs" / PRODUCER[name] / name
+                (source / name).symlink_to(produced.resolve(), produced.is_dir())
+        return kb.build_dataset(slug, source, out, self.opts.owner)
+
+    def wait_dataset(self, step: Step, ref: str) -> int:
+        """Poll until Kaggle has processed the upload; its version number."""
+        start, delay = self.clock(), POLL_FIRST_S
+        while True:
+            status = self.client.dataset_status(ref)
+            if status == "ready":
+                return int(self.client.dataset_version(ref))
+            self.say(step.name, f"  {ref}: {status} after {_duration(self.clock() - start)}")
+            if status in ("failed", "deleted"):
+                raise RunStopped(f"Kaggle could not process {ref}: status {status}")
+            if self.clock() - start >= self.opts.timeout_h * 3600:
+                raise RunStopped(f"timed out waiting for {ref} to become ready ({status})")
+            self.sleep(delay)
+            delay = min(2 * delay, POLL_MAX_S)
+
+    # ------------------------------------------------------------ submit
+
+    def submit_command(self, ref: str, version: int) -> str:
+        """The kaggle CLI call that submits this kernel version."""
+        return shlex.join(
+            ["kaggle", "competitions", "submit", kb.COMPETITION, "-k", ref, "-v", str(version)]
+            + ["-f", SUBMISSION_FILE, "-m", f"{self.opts.message} v{version}"]
+        )
+
+    def submit_step(self, forced: bool) -> bool:
+        """Submit the completed submission kernel version (or print how); True when submitted."""
+        record = self.state["kernels"].get(kb.SUBMISSION_KERNEL)
+        if record is None or record["status"] != COMPLETE:
+            raise RunStopped("the submission kernel has not completed: run 'submission' first")
+        ref, version = record["ref"], record["version"]
+        done = self.state.get("submitted")
+        if done and done["ref"] == ref and done["version"] == version and not forced:
+            self.say("submit", f"{ref} v{version} was already submitted ({done['reply']})")
+            return True
+        if not self.opts.submit:
+            self.say("submit", f"to submit, run: {self.submit_command(ref, version)}")
+            self.say("submit", "(or rerun with --submit)")
+            return False
+        message = f"{self.opts.message} v{version}"
+        reply = self.client.submit(kb.COMPETITION, ref, version, SUBMISSION_FILE, message)
+        self.state["submitted"] = {"ref": ref, "version": version, "reply": reply, "at": _now()}
+        self.say("submit", f"submitted {ref} v{version} to {kb.COMPETITION}: {reply}")
+        return True
+
+
+def push_reason(
+    record: dict[str, Any] | None, ref: str, against: dict[str, int], forced: bool
+) -> str | None:
+    """Why a kernel must be pushed now, or None when its recorded version still stands."""
+    if record is None:
+        return "never pushed"
+    if forced:
+        return "forced by --from/--only"
+    if record["ref"] != ref:
+        return f"id changed from {record['ref']}"
+    if record["against"] != against:
+        old = record["against"]
+        changed = [
+            f"{slug} v{old.get(slug, '-')} -> v{against.get(slug, '-')}"
+            for slug in sorted(set(old) | set(against))
+            if old.get(slug) != against.get(slug)
+        ]
+        return "new input " + ", ".join(changed)
+    if record["status"] in FAILED:
+        return f"v{record['version']} ended {record['status']}"
+    return None
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.kaggle_run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--owner", help="Kaggle user name (default: the kaggle client's)")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="state + outputs")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR, help="local .pth dir")
+    parser.add_argument("--tune", action="store_true", help="run 02_tune_gbdt; 03 reads its params")
+    parser.add_argument("--submit", action="store_true", help="submit (default: print the call)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--from", dest="start", choices=STEP_NAMES, help="redo this step and on")
+    group.add_argument("--only", choices=STEP_NAMES, help="redo just this step")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan; no network")
+    parser.add_argument("--timeout-h", type=float, default=DEFAULT_TIMEOUT_H, help="per kernel")
+    parser.add_argument("--message", default="FusionNetX", help="submission / version note")
+    return parser.parse_args(argv)
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """Options, with the command line that resumes this run (no --from/--only/--dry-run)."""
+    owner = kb.resolve_owner(args.owner)
+    resume = ["--owner", owner]
+    if args.work_dir != DEFAULT_WORK_DIR:
+        resume += ["--work-dir", str(args.work_dir)]
+    if args.weights != DEFAULT_WEIGHTS_DIR:
+        resume += ["--weights", str(args.weights)]
+    if args.timeout_h != DEFAULT_TIMEOUT_H:
+        resume += ["--timeout-h", f"{args.timeout_h:g}"]
+    if args.message != "FusionNetX":
+        resume += ["--message", args.message]
+    resume += [flag for flag, on in (("--tune", args.tune), ("--submit", args.submit)) if on]
+    return Options(
+        owner=owner,
+        work_dir=args.work_dir,
+        weights_dir=args.weights,
+        tune=args.tune,
+        submit=args.submit,
+        start=args.start,
+        only=args.only,
+        timeout_h=args.timeout_h,
+        message=args.message,
+        resume_args=resume,
+    )
+
+
+def main(argv: list[str] | None = None, client: KaggleClient | None = None) -> int:
+    """Command-line entry point; 1 when the run stopped (the message says how to resume)."""
+    args = parse_args(argv)
+    try:
+        opts = options_from(args)
+        if not args.dry_run and client is None:
+            client = KaggleApiClient()
+        Runner(client, opts, plan=args.dry_run).run()
+    except (RunStopped, kb.KaggleBuildError) as err:
+        print(err, file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,10 @@ import contextlib
 import inspect
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from requests import HTTPError
 from utils import kaggle_build as kb
 from utils import kaggle_run as kr
 
+REPO = Path(__file__).resolve().parents[1]
 OWNER = "alice"
 IMAGE_MODELS = kb.DATASET_CONTENTS[kb.IMAGE_DATASET]
 # What each notebook writes under /kaggle/working (see the notebooks' output cells).
@@ -262,6 +266,7 @@ def test_a_second_run_pushes_and_uploads_nothing(tmp_path, weights_dir):
     assert stopped is None
     assert fake.calls == before
     assert any("already submitted" in line for line in lines)
+    assert not any("code changed" in line for line in lines)  # a rebuild is not a code change
 
 
 def test_without_submit_it_prints_the_submit_call_with_the_kernel_version(tmp_path, weights_dir):
@@ -644,3 +649,49 @@ def test_a_rejected_push_stops_with_kaggles_message(tmp_path):
     )()
     with pytest.raises(kr.RunStopped, match="Notebook not found"):
         kr.KaggleApiClient(api).push_kernel(tmp_path)
+
+
+def test_every_kernel_folder_belongs_to_exactly_one_step():
+    kernels = [kernel for step in kr.STEPS for kernel in step.kernels]
+    assert sorted(kernels) == sorted(p.name for p in kb.kernel_folders())
+    assert set(kr.PRODUCES) == set(kernels)
+    published = {name for slug in kr.DATASET_STEP for name in kb.DATASET_CONTENTS[slug]}
+    assert published - set(kb.WEIGHT_FILES) == set(kr.PRODUCER) - {kr.SUBMISSION_FILE}
+
+
+def test_the_command_line_stops_with_exit_1_and_the_resume_command(tmp_path, capsys):
+    work = tmp_path / "work"
+    code = kr.main(
+        ["--owner", OWNER, "--work-dir", str(work), "--tune", "--only", "gbdt"], FakeKaggle()
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "STOPPED at step 'gbdt'" in err and "run step 'image-dataset' first" in err
+    assert f"  python -m utils.kaggle_run --owner {OWNER} --work-dir {work} --tune\n" in err + "\n"
+
+
+def test_python_m_dry_run_with_owner_needs_nothing_else(tmp_path):
+    env = {**os.environ, "KAGGLE_CONFIG_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    env.pop("KAGGLE_USERNAME", None)
+    env.pop("KAGGLE_KEY", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "utils.kaggle_run", "--dry-run", "--owner", "carol",
+         "--work-dir", str(tmp_path / "work")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "push carol/fusionnetx-isic2024-submission -> v1" in result.stdout
+    assert "kaggle competitions submit isic-2024-challenge" in result.stdout
+
+
+def test_changed_code_is_reported_but_only_pushed_on_request(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    run(tmp_path, fake, weights_dir)
+    state = state_of(tmp_path)
+    state["kernels"]["03_gbdt"]["code_sha256"] = "built from older code"
+    kr.save_state(tmp_path / "work" / kr.STATE_FILE, state)
+    before = len(fake.calls)
+    stopped, lines = run(tmp_path, fake, weights_dir)
+    assert stopped is None and fake.actions(("push",))[before:] == []
+    assert [line.split()[0] for line in lines if "code changed" in line] == ["gbdt"]
+    assert "--from gbdt re-pushes" in next(line for line in lines if "code changed" in line)

@@ -296,6 +296,14 @@ def checksums(root: Path, name: str) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
 
 
+def code_digest(notebook: Path) -> str:
+    """sha256 of a built notebook's cell sources (cell ids are random per build, so not bytes)."""
+    import nbformat
+
+    cells = nbformat.read(notebook, as_version=4).cells
+    return digest_of({"cells": [[cell.cell_type, cell.source] for cell in cells]})
+
+
 def digest_of(items: dict[str, Any]) -> str:
     """One sha256 for a JSON-able mapping (the content of a dataset to publish)."""
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
@@ -441,17 +449,17 @@ class Runner:
             against = self.inputs_of(kernel, meta)
             record = self.state["kernels"].get(kernel)
             reason = push_reason(record, meta["id"], against, forced)
-            notebook = sha256_file(folder / meta["code_file"])
+            notebook = code_digest(folder / meta["code_file"])
             if reason is None and record["status"] == COMPLETE and "outputs" in record:
                 self.say(step.name, f"{kernel}: v{record['version']} complete, inputs unchanged")
-                if record.get("notebook_sha256") != notebook:
+                if record.get("code_sha256") != notebook:
                     self.say(step.name, f"  note: its code changed; --from {step.name} re-pushes")
                 continue
             if reason is None:
                 self.say(step.name, f"{kernel}: v{record['version']} {record['status']}, waiting")
             else:
                 record = self.push(step, kernel, folder, meta["id"], against, reason)
-                record["notebook_sha256"] = notebook
+                record["code_sha256"] = notebook
                 self.save()
             pending[kernel] = record
         if pending:
@@ -544,7 +552,8 @@ class Runner:
             raise RunStopped(f"{kernel} completed but its output has no {name!r} (got {found})")
         record["outputs"] = checksums(dest, name)
         self.save()
-        self.say(step.name, f"  downloaded {len(record['outputs'])} files of {name} to {dest}")
+        count = len(record["outputs"])
+        self.say(step.name, f"  downloaded {name} ({count} file{'s' * (count != 1)}) to {dest}")
 
     # ------------------------------------------------------------ datasets
 
@@ -664,7 +673,8 @@ class Runner:
         message = f"{self.opts.message} v{version}"
         reply = self.client.submit(kb.COMPETITION, ref, version, SUBMISSION_FILE, message)
         self.state["submitted"] = {"ref": ref, "version": version, "reply": reply, "at": _now()}
-        self.say("submit", f"submitted {ref} v{version} to {kb.COMPETITION}: {reply}")
+        verb = "would submit" if self.plan else "submitted"
+        self.say("submit", f"{verb} {ref} v{version} to {kb.COMPETITION}: {reply}")
         return True
 
 

@@ -9,6 +9,7 @@ import inspect
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -167,6 +168,25 @@ class FakeKaggle:
     def bump(self, slug: str) -> None:
         """A new version made by hand on Kaggle."""
         self.datasets[f"{OWNER}/{slug}"]["version"] += 1
+
+
+_BUILT: dict[tuple[str | None, bool], Path] = {}
+
+
+@pytest.fixture(autouse=True)
+def build_once(monkeypatch, tmp_path_factory):
+    """kaggle_build.build_all, run for real once per (owner, tuned) and copied after that: the
+    kernels are the real builds, and ~60 runs don't each rebuild seven notebooks."""
+    real = kb.build_all
+
+    def cached(out_dir: Path, owner: str | None = None, tuned: bool = False) -> list[Path]:
+        if (owner, tuned) not in _BUILT:
+            _BUILT[owner, tuned] = tmp_path_factory.mktemp("built")
+            real(_BUILT[owner, tuned], owner, tuned)
+        shutil.copytree(_BUILT[owner, tuned], out_dir, dirs_exist_ok=True)
+        return sorted(out_dir / p.name for p in _BUILT[owner, tuned].iterdir())
+
+    monkeypatch.setattr(kb, "build_all", cached)
 
 
 @pytest.fixture(scope="module")

@@ -715,3 +715,94 @@ def test_changed_code_is_reported_but_only_pushed_on_request(tmp_path, weights_d
     assert stopped is None and fake.actions(("push",))[before:] == []
     assert [line.split()[0] for line in lines if "code changed" in line] == ["gbdt"]
     assert "--from gbdt re-pushes" in next(line for line in lines if "code changed" in line)
+
+
+class CannedTransport:
+    """Stands in for kagglesdk's KaggleClient under a real KaggleApi: each service call
+    (`client.kernels.kernels_api_client.save_kernel(request)`) is recorded and answered."""
+
+    def __init__(self, answers: dict) -> None:
+        self.answers, self.requests = answers, {}
+        service = type("Service", (), {"__getattr__": lambda _, method: self._call(method)})
+        self.kernels = self.datasets = self.competitions = type(
+            "Group", (), {"__getattr__": lambda _, name: service()}
+        )()
+
+    def _call(self, method: str):
+        def answer(request):
+            self.requests[method] = request
+            return self.answers[method]
+
+        return answer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def test_the_adapter_runs_through_the_installed_clients_own_code(tmp_path):
+    from kagglesdk.competitions.types.competition_api_service import (
+        ApiCreateCodeSubmissionResponse,
+    )
+    from kagglesdk.datasets.types.dataset_api_service import (
+        ApiDataset,
+        ApiGetDatasetStatusResponse,
+    )
+    from kagglesdk.datasets.types.dataset_enums import DatabundleVersionStatus
+    from kagglesdk.kernels.types.kernels_api_service import (
+        ApiGetKernelSessionStatusResponse,
+        ApiListKernelSessionOutputResponse,
+        ApiSaveKernelResponse,
+    )
+    from kagglesdk.kernels.types.kernels_enums import KernelWorkerStatus
+
+    saved, status, dataset, ready, listing, submitted = (
+        ApiSaveKernelResponse(),
+        ApiGetKernelSessionStatusResponse(),
+        ApiDataset(),
+        ApiGetDatasetStatusResponse(),
+        ApiListKernelSessionOutputResponse(),
+        ApiCreateCodeSubmissionResponse(),
+    )
+    saved.version_number = 12
+    status.status = KernelWorkerStatus.RUNNING
+    dataset.current_version_number = 5
+    ready.status = DatabundleVersionStatus.READY
+    listing.log = json.dumps(KAGGLE_LOG)
+    submitted.message = "Submission successful"
+    transport = CannedTransport(
+        {
+            "save_kernel": saved,
+            "get_kernel_session_status": status,
+            "get_dataset": dataset,
+            "get_dataset_status": ready,
+            "list_kernel_session_output": listing,
+            "create_code_submission": submitted,
+        }
+    )
+    api = installed_kaggle_api()()
+    api.build_kaggle_client = lambda: transport
+    client = kr.KaggleApiClient(api)
+    built = kb.build_all(tmp_path / "build", OWNER)
+    folder = next(f for f in built if f.name == "03_gbdt")
+
+    assert client.push_kernel(folder) == 12
+    assert transport.requests["save_kernel"].slug == f"{OWNER}/fusionnetx-isic2024-gbdt"
+    assert client.kernel_status(f"{OWNER}/fusionnetx-isic2024-gbdt", 12) == ("running", "")
+    assert transport.requests["get_kernel_session_status"].version_label == "v12"
+    assert client.dataset_version(f"{OWNER}/{kb.IMAGE_DATASET}") == 5
+    assert client.dataset_status(f"{OWNER}/{kb.IMAGE_DATASET}") == "ready"
+    assert "CUDA out of memory" in client.kernel_log(f"{OWNER}/fusionnetx-isic2024-gbdt", 12)
+    files = client.kernel_output(f"{OWNER}/fusionnetx-isic2024-gbdt", 12, tmp_path / "out")
+    assert files == [str(tmp_path / "out" / "fusionnetx-isic2024-gbdt.log")]
+    sub = f"{OWNER}/fusionnetx-isic2024-submission"
+    reply = client.submit(kb.COMPETITION, sub, 3, "submission.csv", "FusionNetX v3")
+    assert reply == "Submission successful"
+    request = transport.requests["create_code_submission"]
+    assert (request.kernel_slug, request.kernel_version, request.file_name) == (
+        "fusionnetx-isic2024-submission",
+        3,
+        "submission.csv",
+    )

@@ -64,6 +64,7 @@ class FakeKaggle:
         self.fail_datasets: set[str] = set()
         self.fail_calls: set[str] = set()
         self.never_finish: set[str] = set()
+        self.status_outages = 0
         self.now, self.sleeps = 0.0, []
 
     # the clock the runner polls with
@@ -95,6 +96,9 @@ class FakeKaggle:
         return self.kernels[ref]
 
     def kernel_status(self, ref: str, version: int) -> tuple[str, str]:
+        if self.status_outages:
+            self.status_outages -= 1
+            raise http_error(503)
         self.checks[(ref, version)] += 1
         kernel = self.kernel_of[ref]
         self.calls.append(("status", kernel, version))
@@ -806,3 +810,34 @@ def test_the_adapter_runs_through_the_installed_clients_own_code(tmp_path):
         3,
         "submission.csv",
     )
+
+
+def test_a_dropped_status_check_is_retried_until_it_keeps_failing(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.status_outages = kr.MAX_FAILED_CHECKS - 1
+    stopped, lines = run(tmp_path / "a", fake, weights_dir)
+    assert stopped is None
+    failed = [line for line in lines if "status check failed (503 Server Error)" in line]
+    assert len(failed) == kr.MAX_FAILED_CHECKS - 1
+    fake = FakeKaggle()
+    fake.status_outages = kr.MAX_FAILED_CHECKS
+    stopped, lines = run(tmp_path / "b", fake, weights_dir)
+    assert "STOPPED at step 'images': HTTPError: 503 Server Error" in stopped
+    assert sum("status check failed" in line for line in lines) == kr.MAX_FAILED_CHECKS - 1
+    assert "resume with:\n  python -m utils.kaggle_run" in stopped
+
+
+def test_ctrl_c_keeps_the_state_and_prints_the_resume_command(tmp_path, capsys):
+    fake = FakeKaggle()
+    fake.datasets[f"{OWNER}/{kb.WEIGHTS_DATASET}"] = {"version": 1, "ready": True}
+
+    def interrupted(ref, version):
+        raise KeyboardInterrupt
+
+    fake.kernel_status = interrupted
+    code = kr.main(["--owner", OWNER, "--work-dir", str(tmp_path / "work")], fake)
+    assert code == 130
+    assert "resume with:\n  python -m utils.kaggle_run --owner alice" in capsys.readouterr().err
+    pushed = state_of(tmp_path)["kernels"]
+    assert sorted(pushed) == sorted(kr.IMAGE_KERNELS)
+    assert {r["status"] for r in pushed.values()} == {"pushed"}

@@ -53,6 +53,9 @@ DEFAULT_TIMEOUT_H = 14.0
 POLL_FIRST_S = 30.0
 POLL_MAX_S = 600.0
 LOG_TAIL_LINES = 25
+# A dropped connection during an hours-long wait is no reason to stop: retry, unless it repeats
+# this many times in a row (over half an hour at the back-off cap).
+MAX_FAILED_CHECKS = 5
 COMPLETE = "complete"
 FAILED = frozenset({"error", "cancel_requested", "cancel_acknowledged"})
 
@@ -365,6 +368,7 @@ class Runner:
         say: Callable[[str], None] = lambda line: print(line, flush=True),
     ) -> None:
         self.opts, self.plan, self.sleep, self.clock, self.out = opts, plan, sleep, clock, say
+        self.failed_checks = 0
         self.state_path = opts.work_dir / STATE_FILE
         state = load_state(self.state_path, opts.owner)
         self.state = copy.deepcopy(state) if plan else state
@@ -501,7 +505,10 @@ class Runner:
         while True:
             elapsed = _duration(self.clock() - start)
             for kernel, record in list(pending.items()):
-                status, message = self.client.kernel_status(record["ref"], record["version"])
+                answer = self.check(step, kernel, record)
+                if answer is None:
+                    continue
+                status, message = answer
                 self.say(step.name, f"  {kernel} v{record['version']}: {status} after {elapsed}")
                 record["status"] = status
                 self.save()
@@ -523,6 +530,19 @@ class Runner:
                 )
             self.sleep(delay)
             delay = min(2 * delay, POLL_MAX_S)
+
+    def check(self, step: Step, kernel: str, record: dict[str, Any]) -> tuple[str, str] | None:
+        """kernel_status, or None after a network error (raised once it keeps happening)."""
+        try:
+            answer = self.client.kernel_status(record["ref"], record["version"])
+        except OSError as err:
+            self.failed_checks += 1
+            if self.failed_checks >= MAX_FAILED_CHECKS:
+                raise
+            self.say(step.name, f"  {kernel} v{record['version']}: status check failed ({err})")
+            return None
+        self.failed_checks = 0
+        return answer
 
     def failure_text(self, kernel: str, record: dict[str, Any], message: str) -> str:
         """Status, Kaggle's failure message and the log tail of a failed kernel."""
@@ -755,6 +775,7 @@ def options_from(args: argparse.Namespace) -> Options:
 def main(argv: list[str] | None = None, client: KaggleClient | None = None) -> int:
     """Command-line entry point; 1 when the run stopped (the message says how to resume)."""
     args = parse_args(argv)
+    opts = None
     try:
         opts = options_from(args)
         if not args.dry_run and client is None:
@@ -763,6 +784,10 @@ def main(argv: list[str] | None = None, client: KaggleClient | None = None) -> i
     except (RunStopped, kb.KaggleBuildError) as err:
         print(err, file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        resume = f"; resume with:\n  {opts.resume_command()}" if opts else ""
+        print(f"\ninterrupted: the state file keeps every finished action{resume}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,10 +1,9 @@
-"""GeM, multi-scale GeM (paper eq. 1-2) and token pooling on tiny CPU tensors."""
+"""GeM, multi-scale GeM (paper eq. 1-2) and class-token pooling on tiny CPU tensors."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.layers import GeM, MultiScaleGeM, TokenPool, gem
+from utils.layers import ClassToken, GeM, MultiScaleGeM, class_token, gem
 
 
 def test_gem_p1_equals_average_pooling():
@@ -54,11 +53,8 @@ def test_multiscale_gem_on_tiny_maps():
     assert MultiScaleGeM()(torch.rand(3, 4, 1, 1)).shape == (3, 4)
 
 
-def test_token_pool_modes():
+def test_class_token_is_the_first_token():
     tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
-    assert torch.equal(TokenPool(1, "cls")(tokens), tokens[:, 0])
-    assert torch.allclose(TokenPool(1, "avg")(tokens), tokens[:, 1:].mean(1))
-    with pytest.raises(ValueError, match="mode"):
-        TokenPool(1, "max")
-    with pytest.raises(ValueError, match="class token"):
-        TokenPool(0, "cls")
+    assert torch.equal(ClassToken()(tokens), tokens[:, 0])
+    assert torch.equal(class_token(tokens), tokens[:, 0])
+    assert ClassToken()(tokens).shape == (2, 3)

@@ -1,4 +1,4 @@
-"""Image Dataset over the hdf5 crops, albumentations transforms, negative-resampling sampler."""
+"""Image Dataset over the hdf5 crops, transforms, per-epoch sampler and validation subsample."""
 
 from __future__ import annotations
 
@@ -13,40 +13,62 @@ from torch.utils.data import Dataset, Sampler, default_collate
 
 from utils.io import HDF5Images, ImageReadError
 
+# The reference (train_*.py of the 3rd-place code) ran albumentations 1.4.13; these are its
+# transforms with the 2.x names and, where a 2.x default differs, the 1.4.13 value spelt out.
+# GaussNoise(var_limit=(5, 30)) drew a variance in 0-255 pixel units, so sigma = sqrt(var) is
+# 2.24-5.48 pixels; 2.x takes std as a fraction of the max value (255): 0.0088-0.0215. (Not
+# sqrt(var / 255) = 0.14-0.34, 16x too strong.) 1.4.13 drew var, 2.x draws std uniformly: the
+# mean sigma is 3.9 instead of 4.1 pixels.
+NOISE_VARIANCE = (5.0, 30.0)
+NOISE_STD_RANGE = (NOISE_VARIANCE[0] ** 0.5 / 255, NOISE_VARIANCE[1] ** 0.5 / 255)
+# CoarseDropout(max_height=int(0.375 * size), max_width=..., min_holes=1): under 1.4.13 the
+# unset max_holes stays None, so num_holes_range keeps its default (1, 1), and the unset
+# min_height makes the side exactly max_height: one hole of 0.375 x the side (84 px at 224).
+HOLES = (1, 1)
+HOLE_SIDE = 0.375
+
 
 def train_transforms(image_size: int, seed: int | None = None) -> A.Compose:
-    """Training augmentation of the top ISIC 2024 image solutions (albumentations 2.x names).
+    """Training augmentation of the reference recipe (albumentations 2.x names, 1.4.13 values).
 
     Output is a uint8 CHW tensor: ImageNet normalisation happens in the model, on the device,
     which moves 4x fewer bytes to the GPU and saves the CPU a float pass per image.
     """
+    reflect = cv2.BORDER_REFLECT_101  # 1.4.13's default border for the distortions
     return A.Compose(
         [
             A.Transpose(p=0.5),
             A.VerticalFlip(p=0.5),
             A.HorizontalFlip(p=0.5),
-            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.75),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.1, p=0.75),
             A.OneOf(
                 [
                     A.MotionBlur(blur_limit=5),
                     A.MedianBlur(blur_limit=5),
-                    A.GaussianBlur(blur_limit=(3, 5)),
-                    A.GaussNoise(std_range=(0.02, 0.1)),
+                    # 1.4.13: kernel 3 or 5, sigma from the kernel as OpenCV does (0.8 or 1.1)
+                    A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.8, 1.1)),
+                    A.GaussNoise(std_range=NOISE_STD_RANGE),
                 ],
                 p=0.7,
             ),
             A.OneOf(
                 [
-                    A.OpticalDistortion(distort_limit=1.0),
-                    A.GridDistortion(num_steps=5, distort_limit=1.0),
-                    A.ElasticTransform(alpha=3),
+                    A.OpticalDistortion(distort_limit=1.0, border_mode=reflect),
+                    A.GridDistortion(
+                        num_steps=5, distort_limit=1.0, normalized=False, border_mode=reflect
+                    ),
+                    A.ElasticTransform(
+                        alpha=3, sigma=50, noise_distribution="uniform", border_mode=reflect
+                    ),
                 ],
                 p=0.7,
             ),
             A.CLAHE(clip_limit=4.0, p=0.7),
             A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
+            # ShiftScaleRotate(0.1, 0.1, 15, border_mode=0): one scale for both axes
             A.Affine(
                 scale=(0.9, 1.1),
+                keep_ratio=True,
                 translate_percent=(-0.1, 0.1),
                 rotate=(-15, 15),
                 border_mode=cv2.BORDER_CONSTANT,
@@ -54,9 +76,9 @@ def train_transforms(image_size: int, seed: int | None = None) -> A.Compose:
             ),
             A.Resize(image_size, image_size),
             A.CoarseDropout(
-                num_holes_range=(1, 1),
-                hole_height_range=(0.1, 0.375),
-                hole_width_range=(0.1, 0.375),
+                num_holes_range=HOLES,
+                hole_height_range=(HOLE_SIDE, HOLE_SIDE),
+                hole_width_range=(HOLE_SIDE, HOLE_SIDE),
                 p=0.7,
             ),
             ToTensorV2(),
@@ -76,6 +98,8 @@ class ImageDataset(Dataset):
     With `skip_unreadable` a missing or undecodable image yields a black image and ok=False
     (the caller masks it) instead of raising ImageReadError. With `seed` set, item i is
     augmented from (seed, i) alone, so results do not depend on the DataLoader worker count.
+    Item i + k * len(self) is row i again with its own augmentation: NegativeResampler asks for
+    the k-th copy of a repeated positive that way. The item's "index" is the row.
     """
 
     def __init__(
@@ -107,13 +131,14 @@ class ImageDataset(Dataset):
             return np.zeros((32, 32, 3), np.uint8), False
 
     def __getitem__(self, index: int) -> dict:
-        image, ok = self._read(self.isic_ids[index])
+        row = index % len(self.isic_ids)
+        image, ok = self._read(self.isic_ids[row])
         if self.transform is not None:
             if self.seed is not None:
                 self.transform.set_random_seed((self.seed * 1_000_003 + index) % 2**32)
             image = self.transform(image=image)["image"]
-        target = np.float32("nan") if self.targets is None else self.targets[index]
-        return {"image": image, "target": torch.tensor(target), "ok": ok, "index": index}
+        target = np.float32("nan") if self.targets is None else self.targets[row]
+        return {"image": image, "target": torch.tensor(target), "ok": ok, "index": row}
 
 
 def collate_batch(items: list[dict]) -> dict:
@@ -143,37 +168,96 @@ def reseed_worker(worker_id: int) -> None:
 
 
 class NegativeResampler(Sampler[int]):
-    """Every positive plus a fresh random draw of `neg_ratio` negatives per positive, each epoch.
+    """Each epoch: every positive `pos_repeat` times and a fresh draw of negatives, interleaved.
 
-    The draw depends only on (seed, epoch): call `set_epoch` before each epoch, as with
-    DistributedSampler, so a resumed run draws the same sets. neg_ratio=None keeps every negative.
+    The reference (3rd-place code): positives twice (ratio_upsampling=2) plus as many negatives
+    (ratio_int=1), about 4P images an epoch, the negatives redrawn each epoch. `neg_ratio`
+    negatives are drawn per positive image, i.e. neg_ratio * pos_repeat * P of them (capped at
+    what there is; None keeps every negative). As in the reference, shuffled positives and
+    negatives alternate in that proportion, so every batch holds the same share of positives.
+    The draw depends only on (seed, fold, epoch): call `set_epoch` before each epoch, as with
+    DistributedSampler, so a resumed run draws the same sets. The k-th copy of row i comes as
+    i + k * len(labels), which ImageDataset reads as row i with an augmentation of its own (the
+    same index twice would get the same augmentation under a per-item seed).
     """
 
     def __init__(
-        self, labels: Sequence[float] | np.ndarray, neg_ratio: float | None, seed: int = 0
+        self,
+        labels: Sequence[float] | np.ndarray,
+        neg_ratio: float | None = 1.0,
+        pos_repeat: int = 2,
+        seed: int = 0,
+        fold: int = 0,
     ):
         labels = np.asarray(labels)
+        self.num_rows = len(labels)
         self.positives = np.flatnonzero(labels == 1)
         self.negatives = np.flatnonzero(labels == 0)
         if len(self.positives) == 0:
             raise ValueError("NegativeResampler: the training rows hold no positive")
+        if pos_repeat < 1:
+            raise ValueError(f"NegativeResampler: pos_repeat must be >= 1, got {pos_repeat}")
         self.neg_ratio = neg_ratio
+        self.pos_repeat = pos_repeat
         self.seed = seed
+        self.fold = fold
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def num_positives(self) -> int:
+        return self.pos_repeat * len(self.positives)
+
     def num_negatives(self) -> int:
         if self.neg_ratio is None:
             return len(self.negatives)
-        return min(len(self.negatives), round(self.neg_ratio * len(self.positives)))
+        return min(len(self.negatives), round(self.neg_ratio * self.num_positives()))
 
     def __len__(self) -> int:
-        return len(self.positives) + self.num_negatives()
+        return self.num_positives() + self.num_negatives()
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed, self.fold, self.epoch])
+        copies = [self.positives + k * self.num_rows for k in range(self.pos_repeat)]
+        positives = rng.permutation(np.concatenate(copies))
         negatives = rng.choice(self.negatives, self.num_negatives(), replace=False)
-        indices = rng.permutation(np.concatenate([self.positives, negatives]))
-        return iter(indices.tolist())
+        # positive i sits at i / n_pos and negative j at (j + 0.5) / n_neg of the epoch: for
+        # neg_ratio 1 that is pos, neg, pos, neg, ...
+        slots = np.concatenate(
+            [
+                np.arange(len(positives)) / len(positives),
+                (np.arange(len(negatives)) + 0.5) / max(len(negatives), 1),
+            ]
+        )
+        order = np.argsort(slots, kind="stable")
+        return iter(np.concatenate([positives, negatives])[order].tolist())
+
+
+def validation_subsample(
+    targets: Sequence[float] | np.ndarray,
+    neg_per_pos: float = 10,
+    seed: int = 0,
+    eligible: Sequence[bool] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Sorted row indices of a held-out fold for per-epoch validation: every positive plus
+    `neg_per_pos` random negatives per positive (all when fewer), drawn once from `seed`.
+
+    `eligible` (optional, one bool per row) limits which negatives may be drawn; the reference
+    draws them among tbp_lv_dnn_lesion_confidence > 80 with random_state=42 for every fold.
+    A fold without positives keeps `neg_per_pos` negatives, so its loss can still be tracked.
+    """
+    targets = np.asarray(targets)
+    positives = np.flatnonzero(targets == 1)
+    pool = targets == 0
+    if eligible is not None:
+        eligible = np.asarray(eligible, dtype=bool)
+        if eligible.shape != targets.shape:
+            raise ValueError(
+                f"validation_subsample: {len(targets)} targets but {len(eligible)} eligible flags"
+            )
+        pool &= eligible
+    negatives = np.flatnonzero(pool)
+    wanted = min(len(negatives), round(neg_per_pos * max(len(positives), 1)))
+    drawn = np.random.default_rng(seed).choice(negatives, wanted, replace=False)
+    return np.sort(np.concatenate([positives, drawn]))

@@ -2,6 +2,6 @@
 
 from utils.layers.gem import GeM, gem
 from utils.layers.multiscale_pool import MultiScaleGeM
-from utils.layers.token_pool import TokenPool
+from utils.layers.token_pool import ClassToken, class_token
 
-__all__ = ["GeM", "MultiScaleGeM", "TokenPool", "gem"]
+__all__ = ["ClassToken", "GeM", "MultiScaleGeM", "class_token", "gem"]

@@ -1,9 +1,9 @@
 """Training and inference images/s per image backbone on CPU at the demo and full image sizes.
 
-    python -m bench.bench_backbones [--sizes 64 224] [--batch 16] [--steps 3] [--threads N]
+    python -m bench.bench_backbones [--sizes 32 224] [--batch 16] [--steps 3] [--threads N]
 
 Random input tensors (no data loading); one warm-up step, then the mean over --steps. The demo
-preset trains at 64 px and the full preset at 224 px (utils.train.PRESETS). CPU ms per image
+preset trains at 32 px and the full preset at 224 px (utils.settings). CPU ms per image
 (user + sys over all torch threads) is printed next to the rate: on a shared machine the wall
 rate falls with other people's load, CPU time much less.
 """
@@ -48,7 +48,7 @@ def images_per_second(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -9,7 +9,7 @@ step prints wall seconds, CPU seconds (user + sys, all threads) and its peak RSS
 frame stays alive during the CV as it does in the notebook. `--image-columns` adds that many fake
 image-OOF columns (target plus noise) so the members see the real width. `--max-folds N` runs
 only N folds per member and extrapolates to all folds (said so in the output). `--params` takes
-a params JSON (file or inline) as utils.gbdt.load_params reads, to compare settings;
+a params JSON (file or inline) as utils.gbdt_libraries.load_params reads, to compare settings;
 `--per-fold-bins` bins each fold's training rows anew (the behaviour before shared binning).
 """
 
@@ -29,11 +29,11 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Steps, print_end, print_machine, usable_cores  # noqa: E402
-from utils.features import build_features  # noqa: E402
-from utils.folds import assign_folds  # noqa: E402
-from utils.gbdt import GBDT_MODELS, iter_cv, load_params, make_members, resolve_params  # noqa: E402
-from utils.io import DataDir  # noqa: E402
+from utils.cv import iter_cv  # noqa: E402
+from utils.gbdt import load_training_frame  # noqa: E402
+from utils.gbdt_libraries import GBDT_MODELS, load_params, make_members, resolve_params  # noqa: E402
 from utils.metric import pauc  # noqa: E402
+from utils.settings import resolve  # noqa: E402
 from utils.synthetic import REAL_ROWS, generate  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def fake_image_columns(y: np.ndarray, n: int, seed: int = 0) -> dict[str, np.nda
 
 
 def params_overrides(text: str | None) -> dict:
-    """A params JSON from a file path or inline text (checked by utils.gbdt.load_params)."""
+    """A params JSON from a file path or inline text (checked by gbdt_libraries.load_params)."""
     if not text:
         return {}
     if Path(text).is_file():
@@ -106,18 +106,15 @@ def main(argv: list[str] | None = None) -> None:
         print(summary)
 
     start = time.perf_counter()
-    with steps("read train metadata"):
-        train = DataDir(data_dir).train_metadata()
-    with steps("build_features"):
-        frame, meta = build_features(train, source=data_dir)
-    with steps("assign_folds + fake image columns"):
-        y = train["target"].to_numpy()
-        folds = assign_folds(train)
+    with steps("read + build_features + folds (utils.gbdt.load_training_frame)"):
+        data = load_training_frame(data_dir)
+    with steps("fake image columns"):
+        y, folds, meta = data.y, data.folds, list(data.meta_features)
         images = fake_image_columns(y, args.image_columns)
-        frame = frame.with_columns(pl.Series(k, v) for k, v in images.items())
-    print(f"{train.height:,} rows, {int(y.sum())} positives, {len(meta)} metadata features")
+        frame = data.frame.with_columns(pl.Series(k, v) for k, v in images.items())
+    print(f"{frame.height:,} rows, {int(y.sum())} positives, {len(meta)} metadata features")
 
-    params = resolve_params(params_overrides(args.params), args.preset)
+    params = resolve_params(resolve(args.preset).gbdt, params_overrides(args.params))
     members = make_members(meta, list(images), params, names=args.members)
     n_folds = len(np.unique(folds))
     run_folds = min(args.max_folds or n_folds, n_folds)

@@ -43,7 +43,7 @@ from bench.common import print_end, print_machine  # noqa: E402
 from utils.image_data import eval_transforms  # noqa: E402
 from utils.io import decode_jpeg  # noqa: E402
 from utils.models import BACKBONES, ImageModel  # noqa: E402
-from utils.train import IMAGE_MODELS  # noqa: E402
+from utils.settings import IMAGE_MODELS  # noqa: E402
 
 T4_FP16_TFLOPS = 65.0
 GOAL_HOURS = 3.0  # the submission kernel's image-model budget (Kaggle's limit is 12 h)
@@ -166,7 +166,7 @@ def project(args: argparse.Namespace, t4_rates: dict[str, float], decode: float)
     )
     total = 0.0
     for model_name, spec in IMAGE_MODELS.items():
-        rate = t4_rates.get(spec["backbone"])
+        rate = t4_rates.get(spec.backbone)
         if rate is None:
             print(f"  {model_name:22s} not measured (budget)")
             continue
@@ -188,7 +188,7 @@ def project(args: argparse.Namespace, t4_rates: dict[str, float], decode: float)
 def analytic(args: argparse.Namespace, decode: float) -> None:
     """The projection without a GPU: counted FLOPs at a stated fraction of the T4's fp16 peak."""
     gflops = {backbone: forward_gflops(backbone, args.size) for backbone in BACKBONES}
-    per_image = sum(gflops[spec["backbone"]] for spec in IMAGE_MODELS.values()) * args.folds
+    per_image = sum(gflops[spec.backbone] for spec in IMAGE_MODELS.values()) * args.folds
     print(f"{'backbone':18s}{'GFLOPs/img':>11s}")
     for backbone, value in gflops.items():
         print(f"{backbone:18s}{value:11.2f}")

@@ -18,7 +18,7 @@ import polars as pl
 from utils.metric import pauc
 from utils.oof import read_oof
 from utils.synthetic import generate
-from utils.train import make_config, train_from_data_dir
+from utils.train import run_image_stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,11 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         image_size=args.image_size,
     )
     print(summary)
-    cfg = make_config(
-        args.model, "demo", epochs=args.epochs, image_size=args.image_size, n_folds=args.folds
-    )
     start = time.perf_counter()
-    train_from_data_dir(cfg, work / "data", work / "artifacts")
+    sizes = {"epochs": args.epochs, "image_size": args.image_size, "n_folds": args.folds}
+    run_image_stage(args.model, work / "data", work / "artifacts", "demo", **sizes)
     oof = read_oof(work / "artifacts" / args.model / "oof.csv")
     truth = pl.read_csv(summary.truth_path).filter(pl.col("split") == "train")
     joined = oof.join(truth.drop("target"), on="isic_id")

@@ -34,21 +34,21 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def image_oof_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A stand-in image model dir (`vit_tiny/oof.csv`) for `synthetic_dir`: a noisy score that
-    leans towards the target, on the standard folds, as stage 1 would write it."""
+    """A stand-in image model dir (`vit_tiny/`: oof.csv, config.json, manifest.json) for
+    `synthetic_dir`: a noisy score that leans towards the target, on the standard folds."""
     import numpy as np
     import polars as pl
+    from standins import write_image_run
 
     from utils.folds import with_folds
     from utils.io import DataDir
-    from utils.oof import write_oof
 
     train = with_folds(DataDir(synthetic_dir).train_metadata())
     rng = np.random.default_rng(1)
     pred = np.clip(0.3 * train["target"].to_numpy() + 0.7 * rng.random(train.height), 0, 1)
     oof = train.select("isic_id", "patient_id", "fold", "target").with_columns(pred=pl.Series(pred))
     root = tmp_path_factory.mktemp("image_oof")
-    return write_oof(oof, root / "vit_tiny" / "oof.csv").parent
+    return write_image_run(root / "vit_tiny", oof)
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +57,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real external data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def external_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated PH2 + HAM10000 data dir in the real layout (tests/standins.py), so the
+    stage 5 tests run in a clean clone; the real files are tested by test_external.py."""
+    from standins import write_external_data
+
+    return write_external_data(tmp_path_factory.mktemp("external"))

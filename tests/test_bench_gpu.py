@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from bench import bench_gpu
-from utils.train import IMAGE_MODELS
+from utils.settings import IMAGE_MODELS
 
 
 def test_card_tflops_matches_names_as_cuda_reports_them():
@@ -23,7 +23,7 @@ def test_projection_takes_the_slower_of_gpu_and_decode_per_model(capsys):
     rates = {"convnextv2_nano": 50.0, "vit_tiny": 500.0, "vit_small": 100.0}
     total = bench_gpu.project(args, rates, decode=10.0)
     hours = {"convnextv2_nano": 1.0, "vit_tiny": 0.25, "vit_small": 0.5}
-    assert total == pytest.approx(sum(hours[s["backbone"]] for s in IMAGE_MODELS.values()))
+    assert total == pytest.approx(sum(hours[s.backbone] for s in IMAGE_MODELS.values()))
     assert "not measured" not in capsys.readouterr().out
     partial = bench_gpu.project(args, {"convnextv2_nano": 50.0}, decode=10.0)
     assert partial == pytest.approx(1.0)

@@ -7,61 +7,61 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+from standins import write_image_run
 
-from utils import gbdt
-from utils.features import (
-    build_features,
-    features_spec,
-    join_image_oofs,
-    without_patient_context,
-)
-from utils.folds import assign_folds, with_folds
-from utils.gbdt import (
-    DEFAULT_PARAMS,
-    ENSEMBLE,
-    GBDT_MODELS,
-    GBDTEnsemble,
-    Library,
-    Sampling,
+from utils import gbdt_libraries
+from utils.cv import (
     ablation_table,
     cross_validate,
     cv_report,
     feature_importance,
+    sample_indices,
+)
+from utils.ensemble import GBDTEnsemble
+from utils.features import build_features, features_spec, join_image_oofs, without_patient_context
+from utils.folds import assign_folds, with_folds
+from utils.gbdt import load_training_frame, save_artifacts
+from utils.gbdt_libraries import (
+    ENSEMBLE,
+    GBDT_MODELS,
+    Library,
     load_params,
     make_members,
     resolve_params,
-    sample_indices,
-    save_artifacts,
 )
 from utils.io import DataDir
 from utils.metric import pauc
-from utils.oof import read_oof, write_oof
+from utils.oof import read_oof
+from utils.settings import GBDT_BINNING, PAPER_GBDT_PARAMS, Sampling, resolve
 from utils.synthetic import generate
+
+FULL = resolve("full").gbdt
+DEMO = resolve("demo").gbdt
 
 
 def test_resolve_params_defaults_preset_and_overrides(tmp_path):
-    full = resolve_params()
+    full = resolve_params(FULL)
     assert full["lgb"]["learning_rate"] == 0.0323 and full["lgb"]["n_estimators"] == 200
     assert full["cat"]["depth"] == 7 and full["xgb"]["lambda"] == 8.88
     assert full["lgb_meta"] == full["lgb"]
-    assert resolve_params(preset="demo")["cat"]["iterations"] < DEFAULT_PARAMS["cat"]["iterations"]
+    assert resolve_params(DEMO)["cat"]["iterations"] < PAPER_GBDT_PARAMS["cat"]["iterations"]
 
     path = tmp_path / "best_params.json"
     path.write_text(json.dumps({"lgb": {"num_leaves": 31}, "xgb": {"max_depth": 3}}))
-    tuned = resolve_params(load_params(path))
+    tuned = resolve_params(FULL, load_params(path))
     assert tuned["lgb"]["num_leaves"] == 31 and tuned["lgb_meta"]["num_leaves"] == 31
     assert tuned["xgb"]["max_depth"] == 3 and tuned["lgb"]["max_depth"] == 4
-    own = resolve_params({"lgb": {"num_leaves": 31}, "lgb_meta": {"num_leaves": 7}})
+    own = resolve_params(FULL, {"lgb": {"num_leaves": 31}, "lgb_meta": {"num_leaves": 7}})
     assert own["lgb_meta"]["num_leaves"] == 7 and own["lgb"]["num_leaves"] == 31
 
 
 def test_speed_params_set_binning_only_and_a_params_file_can_undo_them():
-    full = resolve_params()
-    for lib, speed in gbdt.SPEED_PARAMS.items():
-        assert not set(speed) & set(DEFAULT_PARAMS[lib])  # never a published hyper-parameter
+    full = resolve_params(FULL)
+    for lib, speed in GBDT_BINNING.items():
+        assert not set(speed) & set(PAPER_GBDT_PARAMS[lib])  # never a published hyper-parameter
         assert all(full[lib][k] == v for k, v in speed.items())
     assert full["cat"]["border_count"] == 128 and full["xgb"]["max_bin"] == 128
-    library_defaults = resolve_params({"cat": {"border_count": 254}, "xgb": {"max_bin": 256}})
+    library_defaults = resolve_params(FULL, {"cat": {"border_count": 254}, "xgb": {"max_bin": 256}})
     assert library_defaults["cat"]["border_count"] == 254
     assert library_defaults["xgb"]["max_bin"] == 256
 
@@ -77,8 +77,6 @@ def test_load_params_rejects_bad_files(tmp_path, content, match):
         load_params(path)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_params(tmp_path / "nope.json")
-    with pytest.raises(ValueError, match="preset"):
-        resolve_params(preset="huge")
 
 
 def test_sample_indices_reaches_the_ratios_from_the_given_rows_only():
@@ -125,8 +123,8 @@ def test_sampling_and_fitting_happen_inside_training_folds_only(monkeypatch):
         return np.full(len(x), 0.5)
 
     recorder = Library(fit, predict, None, None, None, "bin")
-    monkeypatch.setitem(gbdt.LIBRARIES, "lgb", recorder)
-    members = make_members(["row", "noise"], [], resolve_params(), names=["lgb_meta"])
+    monkeypatch.setitem(gbdt_libraries.LIBRARIES, "lgb", recorder)
+    members = make_members(["row", "noise"], [], resolve_params(FULL), names=["lgb_meta"])
     result = cross_validate(frame, y, folds, members, seeds=[0, 1], threads=1)
     fits = [s for s in seen if s[0] == "fit"]
     predicts = [s for s in seen if s[0] == "predict"]
@@ -166,8 +164,8 @@ def test_shared_bins_are_built_once_per_member_and_folds_fit_on_training_rows(mo
         calls.append(("fit", x[:, 0].astype(int), labels))
 
     recorder = Library(fit, predict, None, None, None, "bin", bin_all=bin_all, fit_rows=fit_rows)
-    monkeypatch.setitem(gbdt.LIBRARIES, "lgb", recorder)
-    members = make_members(["row"], [], resolve_params(), names=["lgb_meta", "lgb"])
+    monkeypatch.setitem(gbdt_libraries.LIBRARIES, "lgb", recorder)
+    members = make_members(["row"], [], resolve_params(FULL), names=["lgb_meta", "lgb"])
     cross_validate(frame, y, folds, members, seeds=[0, 1], threads=1)
     bins = [c for c in calls if c[0] == "bin"]
     assert len(bins) == 2  # once per member, not per fold or seed
@@ -191,8 +189,8 @@ def test_lgb_fit_on_rows_of_shared_bins_equals_a_fit_on_those_rows():
     x = rng.integers(0, 8, (3_000, 3)).astype(np.float32)
     y = (x[:, 0] + rng.normal(0, 2, x.shape[0]) > 9).astype(np.int8)
     rows = np.sort(np.concatenate([np.arange(0, 3_000, 2), np.flatnonzero(y)[::2]]))
-    params = {**resolve_params(preset="demo")["lgb"], "random_state": 0, "n_jobs": 1}
-    lib = gbdt.LIBRARIES["lgb"]
+    params = {**resolve_params(DEMO)["lgb"], "random_state": 0, "n_jobs": 1}
+    lib = gbdt_libraries.LIBRARIES["lgb"]
     shared = lib.fit_rows(lib.bin_all(x, y, params), rows, params)
     own = lib.fit(x[rows], y[rows], params)
     assert shared.num_trees() == own.num_trees() == params["n_estimators"]
@@ -212,17 +210,20 @@ def fitted(synthetic_dir, tmp_path_factory):
     oof = frame.select("isic_id", "patient_id", "fold", "target").with_columns(
         pred=pl.Series(image_pred)
     )
-    write_oof(oof, root / "fake_vit" / "oof.csv")
-    frame, image_cols = join_image_oofs(frame, [root / "fake_vit"])
+    # the folder name is not the model name: the column comes from the recorded config
+    write_image_run(root / "some_folder", oof, model_name="fake_vit")
+    frame, sources = join_image_oofs(frame, [root / "some_folder"])
     small = {"lgb": {"n_estimators": 30}, "cat": {"iterations": 30}, "xgb": {"n_estimators": 30}}
-    members = make_members(meta, image_cols, resolve_params(small, preset="demo"))
+    members = make_members(meta, list(sources), resolve_params(DEMO, small))
     result = cross_validate(frame, y, frame["fold"].to_numpy(), members, seeds=[0, 1], threads=1)
-    return frame, meta, image_cols, result
+    return frame, meta, sources, result
 
 
 def test_cross_validation_soft_votes_four_members(fitted):
-    frame, meta, image_cols, result = fitted
-    assert image_cols == ["img_fake_vit"]
+    frame, meta, sources, result = fitted
+    assert (
+        list(sources) == ["img_fake_vit"] and sources["img_fake_vit"]["image_model"] == "fake_vit"
+    )
     assert list(result.members) == list(GBDT_MODELS)
     assert result.members["lgb_meta"].features == tuple(meta)
     assert result.members["xgb"].features == tuple(meta) + ("img_fake_vit",)
@@ -241,7 +242,8 @@ def test_cross_validation_soft_votes_four_members(fitted):
 
 
 def test_ablation_and_report_follow_table_4(fitted):
-    frame, _, image_cols, result = fitted
+    frame, _, sources, result = fitted
+    image_cols = list(sources)
     images = {c: frame[c].to_numpy() for c in image_cols}
     ablation = ablation_table(result, images)
     settings = ablation["setting"].to_list()
@@ -257,11 +259,11 @@ def test_ablation_and_report_follow_table_4(fitted):
 
 
 def test_artifacts_round_trip_and_metadata_fallback(fitted, tmp_path):
-    frame, meta, image_cols, result = fitted
+    frame, meta, sources, result = fitted
     params = {m.name: dict(m.params) for m in result.members.values()}
-    report = cv_report(result, ablation_table(result, {}), image_cols)
+    report = cv_report(result, ablation_table(result, {}), list(sources))
     out = save_artifacts(
-        tmp_path / "gbdt", result, frame, features_spec(meta, image_cols), params, report
+        tmp_path / "gbdt", result, frame, features_spec(meta, sources), params, report
     )
     for name in ("ensemble.json", "features.json", "params.json", "cv_report.json", "oof.csv"):
         assert (out / name).is_file()
@@ -271,6 +273,7 @@ def test_artifacts_round_trip_and_metadata_fallback(fitted, tmp_path):
     np.testing.assert_allclose(joined["pred"], result.oof[ENSEMBLE])
 
     ensemble = GBDTEnsemble.load(out)
+    assert ensemble.image_sources == sources
     test = frame.head(40).with_columns(
         pl.when(pl.int_range(pl.len()) < 5)
         .then(None)
@@ -309,7 +312,7 @@ def test_patient_context_recovers_the_planted_ugly_duckling_signal(planted_dir):
     frame, names = build_features(train)
     y = train["target"].to_numpy()
     folds = assign_folds(train)
-    params = resolve_params(preset="demo")
+    params = resolve_params(DEMO)
     scores = {}
     for label, features in (("all", names), ("no_context", without_patient_context(names))):
         members = make_members(features, [], params, names=["lgb_meta"])
@@ -322,3 +325,25 @@ def test_sampling_config_none_trains_on_all_training_rows():
     y = np.array([1, 0, 0, 0] * 10 + [0] * 960, dtype=np.int8)
     sampled, note = sample_indices(np.arange(y.size), y, 0, Sampling(over=None, under=None))
     assert sampled.size == y.size and "pos" in note
+
+
+def test_training_frame_joins_folds_and_image_oofs_on_isic_id(
+    synthetic_dir, image_oof_dir, tmp_path
+):
+    """Stage 3's recipe on a shuffled copy of the train metadata gives every isic_id the same
+    fold, target and image OOF value: nothing is attached by row position."""
+    shuffled_dir = tmp_path / "shuffled"
+    shuffled_dir.mkdir()
+    train = pl.read_csv(synthetic_dir / "train-metadata.csv", infer_schema_length=None)
+    train.sample(fraction=1.0, shuffle=True, seed=3).write_csv(shuffled_dir / "train-metadata.csv")
+    ours = load_training_frame(synthetic_dir, [image_oof_dir])
+    theirs = load_training_frame(shuffled_dir, [image_oof_dir])
+    assert theirs.frame["isic_id"].to_list() != ours.frame["isic_id"].to_list()
+    keys = ["isic_id", "fold", "target", "img_vit_tiny"]
+    assert theirs.frame.select(keys).sort("isic_id").equals(ours.frame.select(keys).sort("isic_id"))
+    expected = dict(zip(train["isic_id"], assign_folds(train), strict=True))
+    assert all(expected[i] == f for i, f in ours.frame.select("isic_id", "fold").rows())
+    oof = read_oof(image_oof_dir / "oof.csv").select("isic_id", "pred")
+    joined = ours.frame.join(oof, on="isic_id")
+    np.testing.assert_allclose(joined["img_vit_tiny"], joined["pred"], rtol=1e-6)
+    assert ours.image_sources["img_vit_tiny"]["image_model"] == "vit_tiny"

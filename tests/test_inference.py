@@ -1,11 +1,13 @@
 """Stage 4: the submission kernel (utils.inference and notebooks/04_inference.ipynb).
 
-One session-scoped artifacts dir holds a tiny vit_tiny (32 px, 1 epoch, 2 folds, trained by
-utils.train) and the GBDT stage's artifacts built on its OOF, both on the synthetic data dir.
+One session-scoped artifacts dir holds a tiny vit_tiny (32 px, 1 epoch, 2 folds, trained by the
+stage 1 entry) and the GBDT stage's artifacts built on its OOF by the stage 3 entry, both on the
+synthetic data dir.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -17,25 +19,14 @@ import pytest
 from notebook_checks import assert_thin_and_clean, run_notebook
 
 from utils import inference
-from utils.features import build_features, features_spec, join_image_oofs
-from utils.folds import with_folds
-from utils.gbdt import (
-    ENSEMBLE,
-    GBDT_MODELS,
-    META_MEMBER,
-    GBDTEnsemble,
-    ablation_table,
-    cross_validate,
-    cv_report,
-    make_members,
-    resolve_params,
-    save_artifacts,
-)
+from utils.ensemble import GBDTEnsemble
+from utils.features import build_features
+from utils.gbdt import run_gbdt_stage
+from utils.gbdt_libraries import ENSEMBLE, GBDT_MODELS, META_MEMBER
 from utils.inference import (
     KAGGLE_LIMIT_S,
     SubmissionError,
     TimeEstimate,
-    make_config,
     measure_images_per_s,
     predict_submission,
     read_test_ids,
@@ -45,42 +36,41 @@ from utils.inference import (
 from utils.io import TEST_IMAGES, TEST_METADATA, DataDir
 from utils.kaggle_build import KAGGLE_PARAMETERS, SUBMISSION_KERNEL
 from utils.pipeline import STAGES, make_run
-from utils.train import make_config as image_config
-from utils.train import train_from_data_dir
+from utils.settings import resolve
+from utils.train import run_image_stage
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "04_inference.ipynb"
-PARAMETERS = {"data_dir", "output_dir", "preset", "artifacts_dir", "batch_size", "num_workers"}
+PARAMETERS = {
+    "data_dir",
+    "output_dir",
+    "preset",
+    "recipe",
+    "artifacts_dir",
+    "batch_size",
+    "num_workers",
+}
 IMAGE_MODEL = "vit_tiny"
 N_FOLDS = 2
 FEW_TREES = {"lgb": {"n_estimators": 20}, "cat": {"iterations": 20}, "xgb": {"n_estimators": 20}}
-FAST = make_config("demo", estimate_batches=0, threads=1)
+FAST = resolve("demo", inference={"estimate_batches": 0, "threads": 1}).inference
 
 
-def train_gbdt(data_dir: Path, out_dir: Path, image_dirs: list[Path], names=None) -> Path:
-    """The 03_gbdt code path with few trees and N_FOLDS folds; returns the gbdt dir."""
-    train = DataDir(data_dir).train_metadata()
-    frame, meta_features = build_features(train, source=data_dir)
-    frame = frame.with_columns(with_folds(train, N_FOLDS).select("fold", "target"))
-    frame, image_columns = join_image_oofs(frame, image_dirs)
-    params = resolve_params(FEW_TREES, "demo")
-    members = make_members(meta_features, image_columns, params, names or tuple(GBDT_MODELS))
-    y, folds = frame["target"].to_numpy(), frame["fold"].to_numpy()
-    result = cross_validate(frame, y, folds, members, threads=1)
-    ablation = ablation_table(result, {c: frame[c].to_numpy() for c in image_columns})
-    report = cv_report(result, ablation, image_columns)
-    spec = features_spec(meta_features, image_columns)
-    return save_artifacts(out_dir / "gbdt", result, frame, spec, params, report)
+def train_gbdt(data_dir: Path, out_dir: Path, image_dirs: list[Path]) -> Path:
+    """The stage 3 entry with few trees and N_FOLDS folds; returns the gbdt dir."""
+    params = out_dir / "few_trees.json"
+    params.write_text(json.dumps(FEW_TREES))
+    run = run_gbdt_stage(data_dir, out_dir, image_dirs, params, "demo", n_folds=N_FOLDS, threads=1)
+    params.unlink()
+    return run.out_dir
 
 
 @pytest.fixture(scope="session")
 def artifacts(synthetic_dir, tmp_path_factory) -> Path:
     """<dir>/vit_tiny (2 fold checkpoints) and <dir>/gbdt trained with img_vit_tiny."""
     out = tmp_path_factory.mktemp("inference_artifacts")
-    cfg = image_config(
-        IMAGE_MODEL, "demo", n_folds=N_FOLDS, epochs=1, image_size=32, batch_size=32, num_workers=0
-    )
-    train_from_data_dir(cfg, synthetic_dir, out)
+    sizes = {"epochs": 1, "image_size": 32, "batch_size": 32, "num_workers": 0}
+    run_image_stage(IMAGE_MODEL, synthetic_dir, out, "demo", n_folds=N_FOLDS, **sizes)
     train_gbdt(synthetic_dir, out, [out / IMAGE_MODEL])
     return out
 
@@ -143,9 +133,10 @@ def test_kernel_writes_valid_submission_for_real_test_files(
     assert sub["isic_id"].to_list() == expected and len(expected) == 3
     assert sub["target"].is_between(0, 1).all() and not sub["target"].is_nan().any()
     cells = nbformat.read(executed, as_version=4).cells
-    text = "".join(o.get("text", "") for c in cells if c.cell_type == "code" for o in c.outputs)
+    outputs = [o for c in cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
     assert f"measured: {IMAGE_MODEL}" in text and "hidden test: 500,000 rows" in text
-    assert "rows scored by lgb_meta (fallback): 0" in text
+    assert "rows scored by lgb_meta (fallback)" in text and "0 row(s) scored by" in text
     assert f"full: image models ['{IMAGE_MODEL}']" in text
 
 
@@ -204,7 +195,7 @@ def test_gbdt_without_image_columns_skips_image_models_and_hdf5(
     artifacts, synthetic_dir, tmp_path, capsys
 ):
     art = linked_artifacts(artifacts, tmp_path / "art", [IMAGE_MODEL])
-    train_gbdt(synthetic_dir, art, [], names=(META_MEMBER, "lgb"))
+    train_gbdt(synthetic_dir, art, [])
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy2(synthetic_dir / TEST_METADATA, data / TEST_METADATA)  # no hdf5 needed
@@ -216,8 +207,44 @@ def test_gbdt_without_image_columns_skips_image_models_and_hdf5(
     scores = GBDTEnsemble.load(art / "gbdt").predict(
         build_features(DataDir(data).test_metadata())[0], threads=1
     )
-    assert set(scores) == {META_MEMBER, "lgb", ENSEMBLE}
+    assert set(scores) == set(GBDT_MODELS) | {ENSEMBLE}
     np.testing.assert_allclose(sub["target"].to_numpy(), scores[ENSEMBLE])
+
+
+def test_image_model_of_another_run_is_named_before_predicting(
+    artifacts, synthetic_dir, tmp_path, capsys
+):
+    """The GBDT recorded the config hash of the image run it was trained on; an attached image
+    model of another run (other settings, data or seed) is reported before the image pass."""
+    art = linked_artifacts(artifacts, tmp_path / "art", ["gbdt"])
+    shutil.copytree(artifacts / IMAGE_MODEL, art / IMAGE_MODEL)
+    config = art / IMAGE_MODEL / "config.json"
+    record = json.loads(config.read_text())
+    config.write_text(json.dumps({**record, "config_hash": "another-run"}))
+    data = copy_test_files(synthetic_dir, tmp_path / "data")
+    _, report = predict_submission(data, art, FAST)
+    out = capsys.readouterr().out
+    assert list(report.plan.mismatched) == [IMAGE_MODEL]
+    warning = "GBDT AND IMAGE MODELS DO NOT BELONG TOGETHER"
+    assert warning in out and out.index(warning) < out.index(f"{IMAGE_MODEL}: 100 images")
+    assert "holds run another-run" in report.plan.mismatched[IMAGE_MODEL]
+    _, same = predict_submission(data, artifacts, FAST)
+    assert same.plan.mismatched == {} and not any(warning in w for w in same.warnings)
+
+
+def test_submission_follows_an_unsorted_test_metadata_file(artifacts, synthetic_dir, tmp_path):
+    """Rows come out in the file's order, each with its own score, whatever that order is."""
+    data = copy_test_files(synthetic_dir, tmp_path / "data")
+    ordered, _ = predict_submission(data, artifacts, FAST)
+    metadata = pl.read_csv(data / TEST_METADATA, infer_schema_length=None)
+    shuffled = metadata.sample(fraction=1.0, shuffle=True, seed=5)
+    assert shuffled["isic_id"].to_list() != sorted(shuffled["isic_id"].to_list())
+    shuffled.write_csv(data / TEST_METADATA)
+    sub, _ = predict_submission(data, artifacts, FAST)
+    assert sub["isic_id"].to_list() == shuffled["isic_id"].to_list()
+    joined = sub.join(ordered, on="isic_id", suffix="_ordered")
+    np.testing.assert_allclose(joined["target"], joined["target_ordered"], rtol=1e-5)
+    validate_submission(sub, read_test_ids(data))
 
 
 def test_missing_gbdt_artifacts_raise_naming_the_dir(synthetic_dir, tmp_path):
@@ -297,10 +324,3 @@ def test_time_estimate_projects_rows_over_every_image_model():
     slow = TimeEstimate(rows=500_000, images_per_s={"a": 10.0})
     assert slow.seconds() > KAGGLE_LIMIT_S and not slow.fits()
     assert "DOES NOT FIT" in str(slow) and "DOES NOT FIT" not in str(estimate)
-
-
-def test_make_config_applies_preset_and_overrides():
-    assert make_config("demo", batch_size=None).batch_size == 64
-    assert make_config("full", num_workers=1).num_workers == 1
-    with pytest.raises(KeyError, match="unknown preset"):
-        make_config("huge")

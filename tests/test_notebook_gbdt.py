@@ -7,8 +7,10 @@ import numpy as np
 import polars as pl
 from notebook_checks import assert_thin_and_clean, run_notebook
 
-from utils.gbdt import ENSEMBLE, GBDT_MODELS, GBDTEnsemble
+from utils.ensemble import GBDTEnsemble
+from utils.gbdt_libraries import ENSEMBLE, GBDT_MODELS
 from utils.io import DataDir
+from utils.manifest import read_manifest, verify_manifest
 from utils.oof import read_oof
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,12 +19,12 @@ PARAMETERS = {
     "data_dir",
     "output_dir",
     "preset",
+    "recipe",
     "image_oof_dirs",
     "params_path",
     "seeds",
-    "n_folds",
+    "threads",
 }
-PARAMETERS |= {"threads"}
 
 
 def test_notebook_is_thin_and_clean():
@@ -59,7 +61,17 @@ def test_notebook_writes_gbdt_artifacts(synthetic_dir, image_oof_dir, tmp_path, 
     np.testing.assert_allclose(report["scores"][ENSEMBLE]["overall"], _pauc(result), rtol=1e-9)
     for plot in ("roc.png", "importance.png", "fold_scores.png"):
         assert (gbdt_dir / plot).stat().st_size > 1000
-    assert set(GBDTEnsemble.load(gbdt_dir).models) == set(GBDT_MODELS)
+    ensemble = GBDTEnsemble.load(gbdt_dir)
+    assert set(ensemble.models) == set(GBDT_MODELS)
+    # provenance: per image column the image model and its run's config hash, and a manifest
+    image_run = json.loads((image_oof_dir / "config.json").read_text())
+    source = ensemble.image_sources["img_vit_tiny"]
+    assert source["image_model"] == "vit_tiny"
+    assert source["config_hash"] == image_run["config_hash"]
+    assert verify_manifest(gbdt_dir) == []
+    manifest = read_manifest(gbdt_dir)
+    assert manifest["config"]["image_sources"] == ensemble.image_sources
+    assert manifest["config"]["gbdt"]["preset"] == "demo" and "roc.png" in manifest["files"]
 
 
 def _pauc(oof: pl.DataFrame) -> float:

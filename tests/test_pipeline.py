@@ -1,4 +1,5 @@
-"""utils.pipeline: stage plan, resume, failure reporting (stand-in notebooks) and the real demo."""
+"""utils.pipeline: stage plan, resume, failure reporting (stand-in notebooks), and the real
+notebooks: a demo run, a rerun on new data (--seed 4), a forced rerun and a resume."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import pytest
 from notebook_checks import write_standin_notebook
 
 from utils import pipeline
+from utils.folds import assign_folds
+from utils.inference import validate_submission
+from utils.manifest import file_sha256, read_manifest, verify_manifest
+from utils.oof import read_oof
 from utils.pipeline import (
     DATA_FILES,
     IMAGE_MODELS,
@@ -29,8 +34,7 @@ from utils.pipeline import (
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_STAGES = [s for s in STAGES if s.notebook]
 PARAM_NAMES = [
-    "data_dir", "output_dir", "preset", "image_size", "epochs", "batch_size", "num_workers",
-    "image_oof_dirs", "params_path", "n_trials", "timeout", "artifacts_dir",
+    "data_dir", "output_dir", "preset", "recipe", "image_oof_dirs", "params_path", "artifacts_dir",
 ]  # fmt: skip
 LOG_ENV = "FUSIONNETX_TEST_LOG"
 
@@ -58,10 +62,16 @@ def _writes(notebook: str) -> list[str]:
     """What the real notebook writes, as templates over its parameters."""
     for model in IMAGE_MODELS:
         if notebook == f"01_image_{model}.ipynb":
-            return [f"{{output_dir}}/{model}/{n}" for n in ("oof.csv", "config.json", "fold0.pt")]
+            names = ("oof.csv", "config.json", "fold0.pt", "manifest.json")
+            return [f"{{output_dir}}/{model}/{n}" for n in names]
     return {
-        "02_tune_gbdt.ipynb": ["{output_dir}/tuning/best_params.json"],
-        "03_gbdt.ipynb": ["{output_dir}/gbdt/oof.csv", "{output_dir}/gbdt/cv_report.json"],
+        "02_tune_gbdt.ipynb": [
+            "{output_dir}/tuning/best_params.json",
+            "{output_dir}/tuning/manifest.json",
+        ],
+        "03_gbdt.ipynb": [
+            f"{{output_dir}}/gbdt/{n}" for n in ("oof.csv", "cv_report.json", "manifest.json")
+        ],
         "04_inference.ipynb": ["{output_dir}/submission.csv"],
     }[notebook]
 
@@ -123,8 +133,8 @@ def test_plan_orders_stages_and_resumes_from_first_incomplete(tmp_path: Path, da
 def test_changed_parameters_or_corrupt_stamp_rerun_the_stage(tmp_path: Path, data_dir: Path):
     run = make_run(data_dir, tmp_path / "work", "demo")
     _mark_done(run)
-    smaller = dataclasses.replace(run, sizes=dataclasses.replace(run.sizes, epochs=2))
-    assert [s.name for s, will in plan(smaller) if will][0] == "image_convnextv2_nano"
+    other = dataclasses.replace(run, preset="full")
+    assert [s.name for s, will in plan(other) if will][0] == "image_convnextv2_nano"
     gbdt = next(s for s in STAGES if s.name == "gbdt")
     stamp_path(gbdt, run).write_text("{not json")
     assert not is_complete(gbdt, run)
@@ -149,7 +159,7 @@ def test_run_executes_in_order_then_skips_everything(tmp_path, standins, data_di
     assert [c["notebook"] for c in calls] == [s.notebook for s, _ in plan(run, force=True)]
     image = calls[0]["params"]
     assert image["data_dir"] == str(data_dir) and image["output_dir"] == str(run.artifacts)
-    assert image["epochs"] == pipeline.PRESETS["demo"].epochs and image["preset"] == "demo"
+    assert image == {**image, "preset": "demo", "recipe": "paper"} and len(image) == 4
     inference = calls[-1]["params"]
     assert inference["artifacts_dir"] == str(run.artifacts)
     assert inference["output_dir"] == str(run.work_dir)
@@ -163,6 +173,18 @@ def test_run_executes_in_order_then_skips_everything(tmp_path, standins, data_di
     assert run_pipeline(run, notebooks_dir=standins) == []
     assert len(_calls(tmp_path)) == len(calls)
     assert capsys.readouterr().out.count("skipped (outputs complete") == 7
+
+
+def test_force_moves_every_stage_output_aside_before_it_reruns(tmp_path, standins, data_dir):
+    run = make_run(data_dir, tmp_path / "work", "demo")
+    run_pipeline(run, notebooks_dir=standins)
+    stale = run.artifacts / "vit_tiny" / "fold4.pt"
+    stale.write_text("left over from an earlier run")
+    assert run_pipeline(run, notebooks_dir=standins, force=True) == [s.name for s, _ in plan(run)]
+    assert not stale.exists()
+    assert (run.artifacts / ".previous" / "vit_tiny" / "fold4.pt").is_file()
+    assert (run.artifacts / "vit_tiny" / "fold0.pt").is_file()
+    assert (run.work_dir / "submission.csv").is_file()
 
 
 def test_failure_stops_with_error_and_executed_notebook_then_resumes(tmp_path, standins, data_dir):
@@ -213,7 +235,7 @@ def test_bad_options_are_rejected(tmp_path: Path, data_dir: Path):
 def test_synthetic_data_stage_generates_once(tmp_path: Path):
     run = make_run(None, tmp_path / "work", "demo", rows=80, seed=3)
     run = dataclasses.replace(
-        run, sizes=dataclasses.replace(run.sizes, test_rows=5, patients=8, data_image_size=32)
+        run, sizes=dataclasses.replace(run.sizes, test_rows=5, patients=8, image_size=32)
     )
     data_stage = STAGES[0]
     assert plan(run)[0] == (data_stage, True)
@@ -224,20 +246,76 @@ def test_synthetic_data_stage_generates_once(tmp_path: Path):
     assert plan(dataclasses.replace(run, seed=4))[0] == (data_stage, True)
 
 
-def test_demo_pipeline_end_to_end(tmp_path: Path):
-    """The README's main command on the real notebooks (fails, not skips, if one is missing)."""
-    work = tmp_path / "work"
+def _pipeline(work: Path, *options: str) -> subprocess.CompletedProcess:
+    """The README's main command at demo size (300 rows to keep CI short), checked to exit 0."""
     cmd = [sys.executable, "-m", "utils.pipeline", "--work-dir", str(work), "--preset", "demo"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [*cmd, "--rows", "300", *options], cwd=REPO, capture_output=True, text=True, timeout=1200
+    )
     assert done.returncode == 0, f"pipeline failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    submission = pl.read_csv(work / "submission.csv")
-    test_ids = pl.read_csv(work / "data" / "test-metadata.csv")["isic_id"]
-    assert submission.columns == ["isic_id", "target"]
-    assert sorted(submission["isic_id"].to_list()) == sorted(test_ids.to_list())
-    assert submission["target"].null_count() == 0
-    assert submission["target"].is_between(0, 1).all()
+    return done
+
+
+def _artifact_folders(work: Path) -> list[Path]:
+    return [work / "artifacts" / m for m in IMAGE_MODELS] + [work / "artifacts" / "gbdt"]
+
+
+def _check_outputs_of_this_data(work: Path) -> dict[str, dict]:
+    """Every artifact folder matches its manifest and was made from the data dir as it is now;
+    the GBDT records the image runs that are there; the submission fits the test file. Returns
+    each folder's manifest."""
+    data = work / "data"
+    train = pl.read_csv(data / "train-metadata.csv", infer_schema_length=None)
+    folds = dict(zip(train["isic_id"], assign_folds(train), strict=True))
+    manifests = {}
+    for folder in _artifact_folders(work):
+        assert verify_manifest(folder) == [], folder
+        manifests[folder.name] = read_manifest(folder)
+    for model, spec in IMAGE_MODELS.items():
+        record = manifests[model]["config"]
+        assert record["config"]["label"] == spec.label and record["config"]["preset"] == "demo"
+        assert record["data"]["rows"] == train.height
+        oof = read_oof(work / "artifacts" / model / "oof.csv")
+        assert all(folds[i] == f for i, f in oof.select("isic_id", "fold").rows())
+    gbdt = manifests["gbdt"]["config"]
+    assert gbdt["data"]["rows"] == train.height
+    assert {s["image_model"]: s["config_hash"] for s in gbdt["image_sources"].values()} == {
+        m: manifests[m]["config"]["config_hash"] for m in IMAGE_MODELS
+    }
+    test_ids = pl.read_csv(data / "test-metadata.csv")["isic_id"].to_list()
+    validate_submission(pl.read_csv(work / "submission.csv"), test_ids)
+    return manifests
+
+
+@pytest.mark.slow
+def test_real_notebooks_demo_then_new_seed_then_force_then_resume(tmp_path: Path):
+    """README promises on the real notebooks: a changed seed reruns every stage on the new data
+    (earlier outputs moved aside, never mixed in), --force retrains everything from scratch, and
+    a run with nothing changed skips every stage."""
+    work = tmp_path / "work"
+    done = _pipeline(work)
+    first = _check_outputs_of_this_data(work)
+    data_hash = file_sha256(work / "data" / "train-metadata.csv")
     assert {p.name for p in (work / "executed").glob("*.ipynb")} == {
         s.notebook for s in NOTEBOOK_STAGES if s.name != "tune_gbdt"
     }
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("skipped (outputs complete") == 7
+
+    done = _pipeline(work, "--seed", "4")
+    assert "skipped" not in done.stdout
+    assert file_sha256(work / "data" / "train-metadata.csv") != data_hash
+    second = _check_outputs_of_this_data(work)
+    for name, manifest in second.items():
+        assert manifest["config_hash"] != first[name]["config_hash"], name  # new data
+    assert (work / "artifacts" / ".previous" / "vit_tiny" / "manifest.json").is_file()
+
+    done = _pipeline(work, "--seed", "4", "--force")
+    assert "skipped" not in done.stdout
+    third = _check_outputs_of_this_data(work)
+    for name, manifest in third.items():
+        assert manifest["config_hash"] == second[name]["config_hash"], name  # same run ...
+        assert manifest["run_id"] != second[name]["run_id"], name  # ... made again
+    executed = (work / "executed" / "01_image_vit_tiny.ipynb").read_text()
+    assert "finished earlier, skipped" not in executed  # no fold was kept from before
+
+    done = _pipeline(work, "--seed", "4")
+    assert done.stdout.count("skipped (outputs complete") == 7

@@ -1,4 +1,4 @@
-"""Image model, training loop, resume and the predict function, on tiny images on CPU."""
+"""Image model, training loop, resume, rerun, fold hygiene and prediction, tiny images on CPU."""
 
 import dataclasses
 import json
@@ -7,31 +7,23 @@ import h5py
 import numpy as np
 import polars as pl
 import pytest
-import timm
 import torch
 
 import utils.train as train
 from utils.folds import assign_folds
 from utils.io import DataDir, HDF5Images
+from utils.manifest import verify_manifest
 from utils.models import BACKBONES, ImageModel
 from utils.oof import read_oof
-from utils.train import (
-    IMAGE_MODELS,
-    PRESETS,
-    TrainConfig,
-    fold_scores,
-    load_config,
-    lr_factor,
-    make_config,
-    predict,
-    train_image_model,
-)
+from utils.predict import build_model, load_config, predict, predict_with_models
+from utils.settings import TrainConfig, image_config
+from utils.train import fold_scores, lr_factor, train_image_model
 
 SIZE = 32
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    base = make_config(
+    base = image_config(
         "vit_tiny", "demo", n_folds=2, epochs=2, image_size=SIZE, batch_size=16, num_workers=0
     )
     return dataclasses.replace(base, **overrides)
@@ -44,37 +36,6 @@ def small_set(synthetic_dir):
     positives = meta.filter(pl.col("target") == 1).head(8)
     negatives = meta.filter(pl.col("target") == 0).head(52)
     return pl.concat([positives, negatives]), HDF5Images(synthetic_dir / "train-image.hdf5")
-
-
-def test_presets_and_registry():
-    full = PRESETS["full"]
-    assert (full.image_size, full.batch_size, full.lr, full.min_lr, full.warmup, full.epochs) == (
-        224,
-        32,
-        1e-4,
-        1e-6,
-        0.05,
-        30,
-    )
-    assert set(IMAGE_MODELS) == {
-        "convnextv2_nano",
-        "vit_tiny",
-        "vit_tiny_suspicious",
-        "vit_small_suspicious",
-    }
-    cfg = make_config("vit_small_suspicious", "full", epochs=None, image_size=96)
-    assert (cfg.backbone, cfg.label, cfg.epochs, cfg.image_size) == (
-        "vit_small",
-        "suspicious",
-        30,
-        96,
-    )
-    with pytest.raises(KeyError, match="unknown image model"):
-        make_config("resnet", "demo")
-    with pytest.raises(KeyError, match="unknown preset"):
-        make_config("vit_tiny", "huge")
-    with pytest.raises(ValueError, match="label"):
-        dataclasses.replace(cfg, label="iddx")
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -177,9 +138,18 @@ def test_train_resume_oof_and_predict(small_set, tmp_path, monkeypatch):
     again = train_image_model(cfg, meta, images, tmp_path / "straight", torch.device("cpu"))
     assert np.allclose(again.sort("isic_id")["pred"], oof.sort("isic_id")["pred"], atol=1e-5)
 
-    # a different config in the same run dir is refused
-    with pytest.raises(ValueError, match="other settings"):
-        train_image_model(dataclasses.replace(cfg, lr=1.0), meta, images, out)
+    assert verify_manifest(run_dir) == []
+
+    # other settings in the same run dir: the old run is moved aside, the new one starts clean
+    calls = counting(monkeypatch)
+    shorter = dataclasses.replace(cfg, epochs=1)
+    train_image_model(shorter, meta, images, out, torch.device("cpu"))
+    assert len(calls) == 2  # both folds trained again, nothing resumed
+    assert load_config(run_dir) == shorter and verify_manifest(run_dir) == []
+    assert load_config(out / ".previous" / cfg.model_name) == dataclasses.replace(
+        cfg, num_workers=1
+    )
+    monkeypatch.undo()
 
     # predict: one pass over the images with both fold models; unreadable images are NaN
     bad = tmp_path / "bad.hdf5"
@@ -197,10 +167,41 @@ def test_train_resume_oof_and_predict(small_set, tmp_path, monkeypatch):
 
 def predict_one_fold(run_dir, fold, images, ids) -> float:
     cfg = load_config(run_dir)
-    model = train.build_model(cfg)
+    model = build_model(cfg)
     model.load_state_dict(torch.load(run_dir / f"fold{fold}.pt", weights_only=True)["state_dict"])
-    probs, _ = train.predict_with_models([model], images, ids, cfg.image_size, 4, 0)
+    probs, _ = predict_with_models([model], images, ids, cfg.image_size, 4, 0)
     return float(probs[0, 0])
+
+
+def test_fold_k_never_trains_on_fold_k_and_its_oof_is_model_k(small_set, tmp_path, monkeypatch):
+    """Leakage: the rows a fold model trains on are exactly the rows outside its fold; alignment:
+    a fold-k row's OOF is fold model k's prediction for that row, not another model's."""
+    meta, images = small_set
+    cfg = tiny_config(epochs=1)
+    trained_on: list[set] = []
+    real = train.ImageDataset
+
+    def recording(images_, ids, *args, **kwargs):
+        if args:  # training datasets carry labels; prediction ones do not
+            trained_on.append(set(ids))
+        return real(images_, ids, *args, **kwargs)
+
+    monkeypatch.setattr(train, "ImageDataset", recording)
+    oof = train_image_model(cfg, meta, images, tmp_path, torch.device("cpu"))
+    monkeypatch.undo()
+    fold_ids = [set(oof.filter(pl.col("fold") == k)["isic_id"]) for k in range(2)]
+    assert len(trained_on) == 2 and all(fold_ids)
+    for k in range(2):
+        assert trained_on[k].isdisjoint(fold_ids[k])
+        assert trained_on[k] == set(meta["isic_id"]) - fold_ids[k]
+    run_dir = tmp_path / cfg.model_name
+    for k in range(2):
+        for isic_id in sorted(fold_ids[k])[:2]:
+            row = oof.filter(pl.col("isic_id") == isic_id)
+            own = predict_one_fold(run_dir, k, images, [isic_id])
+            other = predict_one_fold(run_dir, 1 - k, images, [isic_id])
+            assert row["pred"][0] == pytest.approx(own, abs=1e-5)
+            assert abs(own - other) > 1e-6  # the check can tell the two models apart
 
 
 def test_bad_training_input_is_named(small_set, tmp_path):

@@ -13,15 +13,12 @@ import pytest
 from notebook_checks import assert_thin_and_clean, run_notebook
 from optuna.trial import TrialState
 
-from utils.gbdt import (
-    DEFAULT_PARAMS,
-    META_MEMBER,
-    cross_validate,
-    load_params,
-    make_members,
-    resolve_params,
-)
-from utils.pipeline import PRESETS, STAGES, make_run
+from utils.cv import cross_validate
+from utils.gbdt import load_training_frame
+from utils.gbdt_libraries import META_MEMBER, load_params, make_members, resolve_params
+from utils.manifest import verify_manifest
+from utils.pipeline import STAGES, make_run
+from utils.settings import PAPER_GBDT_PARAMS, PRESETS, resolve
 from utils.tuning import (
     BEST_PARAMS_FILE,
     DEFAULT_ATTR,
@@ -30,13 +27,12 @@ from utils.tuning import (
     TUNING_DIR,
     centre_params,
     default_trial_params,
-    load_tune_data,
-    make_config,
     objective,
     open_study,
     param_importances,
     plot_history,
     plot_importances,
+    run_tuning,
     setup_of,
     storage_url,
     study_name,
@@ -53,26 +49,32 @@ PARAMETERS = {
     "data_dir",
     "output_dir",
     "preset",
+    "recipe",
     "image_oof_dirs",
     "n_trials",
     "timeout",
     "kinds",
     "seed",
     "threads",
-    "n_folds",
 }
+DEMO_GBDT = resolve("demo").gbdt
+
+
+def tune_cfg(preset="demo", **overrides):
+    """The tuning settings of `preset` with `overrides` (utils.settings)."""
+    return resolve(preset, tuning=overrides).tuning
 
 
 @pytest.fixture(scope="module")
 def data(synthetic_dir):
-    return load_tune_data(synthetic_dir)
+    return load_training_frame(synthetic_dir)
 
 
 @pytest.mark.parametrize("kind", sorted(SEARCH_SPACES))
 def test_search_space_is_centred_on_published_params(kind):
-    centre = centre_params(kind, "full")
-    default = default_trial_params(kind, "full")
-    assert default == {name: DEFAULT_PARAMS[kind][name] for name in default}
+    centre = centre_params(kind, tune_cfg("full"))
+    default = default_trial_params(kind, tune_cfg("full"))
+    assert default == {name: PAPER_GBDT_PARAMS[kind][name] for name in default}
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
     SEARCH_SPACES[kind](trial, centre)
     assert set(trial.distributions) == set(default)
@@ -83,10 +85,11 @@ def test_search_space_is_centred_on_published_params(kind):
 
 
 def test_demo_preset_lowers_rounds_only_in_the_centre():
-    assert default_trial_params("cat", "demo")["iterations"] < DEFAULT_PARAMS["cat"]["iterations"]
+    demo = tune_cfg("demo")
+    assert default_trial_params("cat", demo)["iterations"] < PAPER_GBDT_PARAMS["cat"]["iterations"]
     assert (
-        default_trial_params("lgb", "demo")["learning_rate"]
-        == DEFAULT_PARAMS["lgb"]["learning_rate"]
+        default_trial_params("lgb", demo)["learning_rate"]
+        == PAPER_GBDT_PARAMS["lgb"]["learning_rate"]
     )
 
 
@@ -97,27 +100,26 @@ def test_demo_preset_lowers_rounds_only_in_the_centre():
         ({"kinds": []}, "non-empty list"),
         ({"kinds": "lgb"}, "non-empty list"),
         ({"kinds": ["lgb", "lgb"]}, "twice"),
-        ({"preset": "fast"}, "unknown preset 'fast'"),
         ({"n_trials": 0}, "n_trials must be a positive integer"),
         ({"timeout": 0}, "timeout must be positive"),
     ],
 )
-def test_make_config_rejects_bad_input(kwargs, message):
+def test_tuning_settings_reject_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        make_config(**kwargs)
+        tune_cfg(**kwargs)
 
 
 def test_n_trials_defaults_to_the_preset():
-    assert make_config("demo").n_trials == 3
-    assert make_config("full", ["xgb"], timeout=5).n_trials == 50
+    assert tune_cfg("demo").n_trials == 3
+    assert tune_cfg("full", kinds=["xgb"], timeout=5).n_trials == 50
 
 
 def test_study_writes_params_stage3_uses_and_resumes(data, tmp_path):
-    config = make_config("demo", ["lgb"], n_trials=3, threads=1)
+    config = tune_cfg(kinds=["lgb"], n_trials=3, threads=1)
     study = tune(data, config, tmp_path)["lgb"]
     assert (tmp_path / TUNING_DIR / STORAGE_FILE).is_file()
     assert len(study.trials) == 3
-    assert study.trials[0].params == default_trial_params("lgb", "demo")
+    assert study.trials[0].params == default_trial_params("lgb", config)
     assert study.trials[0].user_attrs[DEFAULT_ATTR]
     for trial in study.trials:
         folds = trial.user_attrs["fold_pauc"]
@@ -126,35 +128,39 @@ def test_study_writes_params_stage3_uses_and_resumes(data, tmp_path):
 
     path = write_best_params(tuned_studies(data, config, tmp_path), tmp_path)
     assert path == tmp_path / TUNING_DIR / BEST_PARAMS_FILE
-    params = resolve_params(load_params(path), "demo")
+    params = resolve_params(DEMO_GBDT, load_params(path))
     assert set(load_params(path)) == {"lgb"}
     members = make_members(data.meta_features, data.image_columns, params)
     for name in ("lgb", META_MEMBER):
         assert study.best_params.items() <= members[name].params.items()
-    assert members["cat"].params == resolve_params(None, "demo")["cat"]
+    assert members["cat"].params == resolve_params(DEMO_GBDT)["cat"]
     # the objective is stage 3's overall OOF pAUC of that member
     cv = cross_validate(data.frame, data.y, data.folds, {"lgb": members["lgb"]}, threads=1)
     assert cv.overall_scores()["lgb"] == pytest.approx(study.best_value, abs=1e-12)
 
-    first_best, first_params = study.best_value, [t.params for t in study.trials]
+    first_params = [t.params for t in study.trials]
     again = tune(data, dataclasses.replace(config, n_trials=2), tmp_path)["lgb"]
     assert again.study_name == study.study_name
     assert [t.number for t in again.trials] == [0, 1, 2, 3, 4]
     assert [t.params for t in again.trials[:3]] == first_params
     assert all(t.params not in first_params for t in again.trials[3:])
     assert sum(DEFAULT_ATTR in t.user_attrs for t in again.trials) == 1
-    assert again.best_value >= first_best
+    # best_params.json now holds the best of all five trials, old and new
+    values = [t.value for t in again.trials]
+    best = again.trials[int(np.argmax(values))].params
+    path = write_best_params(tuned_studies(data, config, tmp_path), tmp_path)
+    assert load_params(path)["lgb"] == best
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path / TUNING_DIR / STORAGE_FILE}") == [
         study.study_name
     ]
 
 
 def test_run_killed_during_default_trial_queues_it_again(data, tmp_path):
-    config = make_config("demo", ["lgb"], n_trials=1, threads=1)
+    config = tune_cfg(kinds=["lgb"], n_trials=1, threads=1)
     open_study("lgb", data, config, storage_url(tmp_path)).ask()  # killed in trial 0
     study = tune(data, config, tmp_path)["lgb"]
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.COMPLETE]
-    assert study.trials[1].params == default_trial_params("lgb", "demo")
+    assert study.trials[1].params == default_trial_params("lgb", config)
     assert summary_table({"lgb": study})["default_pauc"][0] == study.trials[1].value
 
 
@@ -164,7 +170,7 @@ class _PruneAtOnce(optuna.pruners.BasePruner):
 
 
 def test_pruned_trial_stops_after_the_first_fold(data):
-    config = make_config("demo", ["lgb"], n_trials=1, threads=1)
+    config = tune_cfg(kinds=["lgb"], n_trials=1, threads=1)
     study = optuna.create_study(direction="maximize", pruner=_PruneAtOnce())
     study.optimize(functools.partial(objective, kind="lgb", data=data, config=config), n_trials=1)
     (trial,) = study.trials
@@ -174,21 +180,21 @@ def test_pruned_trial_stops_after_the_first_fold(data):
 
 
 def test_same_seed_gives_same_trials(data, tmp_path):
-    config = make_config("demo", ["lgb"], n_trials=2, threads=1)
+    config = tune_cfg(kinds=["lgb"], n_trials=2, threads=1)
     runs = [tune(data, config, tmp_path / name)["lgb"] for name in ("a", "b")]
     assert [t.params for t in runs[0].trials] == [t.params for t in runs[1].trials]
     assert [t.value for t in runs[0].trials] == [t.value for t in runs[1].trials]
 
 
-def test_new_data_or_preset_gets_a_new_study(data):
-    config = make_config("demo")
+def test_new_data_preset_or_seed_gets_a_new_study(data):
+    config = tune_cfg()
     name = study_name("cat", setup_of(data, config))
     assert name.startswith("cat-demo-")
     assert study_name("cat", setup_of(data, config)) == name
     with_image = dataclasses.replace(
         data,
         frame=data.frame.with_columns(img_vit_tiny=pl.lit(0.5, pl.Float32)),
-        image_columns=("img_vit_tiny",),
+        image_sources={"img_vit_tiny": {"image_model": "vit_tiny", "config_hash": "x"}},
     )
     retrained = dataclasses.replace(
         with_image, frame=data.frame.with_columns(img_vit_tiny=pl.lit(0.25, pl.Float32))
@@ -197,9 +203,28 @@ def test_new_data_or_preset_gets_a_new_study(data):
         name,
         study_name("cat", setup_of(with_image, config)),
         study_name("cat", setup_of(retrained, config)),
-        study_name("cat", setup_of(data, make_config("full"))),
+        study_name("cat", setup_of(data, tune_cfg("full"))),
+        study_name("cat", setup_of(data, tune_cfg(seed=4))),
     }
-    assert len(names) == 4
+    assert len(names) == 5
+
+
+def test_run_tuning_resumes_the_same_setup_and_starts_clean_on_another(synthetic_dir, tmp_path):
+    """Same settings: trials are added (an interrupted run resumes); another seed or `force`:
+    the old tuning folder is moved aside and the new studies start from trial 0."""
+    settings = {"kinds": ["lgb"], "n_trials": 1, "threads": 1}
+    first = run_tuning(synthetic_dir, tmp_path, **settings)
+    assert len(first.studies["lgb"].trials) == 1 and verify_manifest(first.out_dir) == []
+    again = run_tuning(synthetic_dir, tmp_path, **settings)
+    assert len(again.studies["lgb"].trials) == 2
+    assert not (tmp_path / ".previous").exists()
+    reseeded = run_tuning(synthetic_dir, tmp_path, **{**settings, "seed": 4})
+    assert len(reseeded.studies["lgb"].trials) == 1
+    assert (tmp_path / ".previous" / TUNING_DIR / STORAGE_FILE).is_file()
+    names = optuna.get_all_study_names(storage_url(tmp_path))
+    assert names == [reseeded.studies["lgb"].study_name]  # the old study is not in the folder
+    forced = run_tuning(synthetic_dir, tmp_path, force=True, **{**settings, "seed": 4})
+    assert len(forced.studies["lgb"].trials) == 1 and verify_manifest(forced.out_dir) == []
 
 
 def _study_with_values(values: list[float]) -> optuna.Study:
@@ -237,12 +262,9 @@ def test_notebook_is_thin_and_accepts_pipeline_parameters(tmp_path):
     for preset in PRESETS:
         run = make_run(None, tmp_path, preset, tune=True)
         passed = stage.parameters(run)
-        assert set(passed) <= PARAMETERS
+        assert set(passed) == {"data_dir", "output_dir", "preset", "recipe", "image_oof_dirs"}
         best = Path(passed["output_dir"]) / TUNING_DIR / BEST_PARAMS_FILE
-        assert stage.outputs(run) == [best]
-    assert {"n_trials": 3, "timeout": 60}.items() <= stage.parameters(
-        make_run(None, tmp_path, "demo", tune=True)
-    ).items()
+        assert stage.outputs(run)[0] == best
 
 
 def test_notebook_tunes_all_kinds(synthetic_dir, image_oof_dir, tmp_path, monkeypatch):
@@ -265,11 +287,17 @@ def test_notebook_tunes_all_kinds(synthetic_dir, image_oof_dir, tmp_path, monkey
     best = load_params(tuning / BEST_PARAMS_FILE)
     assert set(best) == set(SEARCH_SPACES)
     for kind, params in best.items():
-        assert set(params) == set(default_trial_params(kind, "demo"))
+        assert set(params) == set(default_trial_params(kind, tune_cfg()))
     summary = pl.read_csv(tuning / "summary.csv")
     assert summary["kind"].to_list() == ["lgb", "cat", "xgb"]
     assert summary["trials"].to_list() == [2, 2, 2]
-    assert (summary["best_pauc"] >= summary["default_pauc"]).all()
+    # the default row is stage 3's own CV of the published (demo-sized) lgb params
+    data = load_training_frame(synthetic_dir, [image_oof_dir])
+    centre = {**resolve_params(DEMO_GBDT), "lgb": centre_params("lgb", tune_cfg())}
+    members = make_members(data.meta_features, data.image_columns, centre, names=["lgb"])
+    cv = cross_validate(data.frame, data.y, data.folds, members, threads=1)
+    assert summary["default_pauc"][0] == pytest.approx(cv.overall_scores()["lgb"], abs=1e-12)
+    assert verify_manifest(tuning) == []
     assert summary["study"].str.split("-").list.last().n_unique() == 1  # one setup
     for plot in ("history.png", "importance.png"):
         assert (tuning / plot).stat().st_size > 1000

@@ -4,7 +4,7 @@ Every variant is cross-validated on one fold assignment (utils.folds, grouped by
 i.e. by lesion for HAM10000 and by image for PH2) and scored on its out-of-fold predictions:
 - `metadata`: the ensemble's metadata-only member (`lgb_meta`, LightGBM) on the dataset's own
   metadata; categorical columns are one-hot encoded over the values present (null: all zeros);
-- `image_<model>`: an image model of utils.train.IMAGE_MODELS trained with the stage 1 loop;
+- `image_<model>`: an image model of utils.settings.IMAGE_MODELS trained with the stage 1 loop;
   external sets have no iddx columns, so the "suspicious" models train on the target;
 - `fusion_lgb`: LightGBM on metadata + the image OOF columns (`img_<model>`);
 - `fusion_soft_vote`: the stage 3 soft vote of lgb_meta, lgb, CatBoost and XGBoost.
@@ -20,7 +20,6 @@ variant with the fold scheme; `paper_table` sets them next to the paper's report
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,12 +31,15 @@ import polars as pl
 import torch
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
+from utils.cv import cross_validate
 from utils.external import ExternalDataset, load_ham10000, load_ph2, write_layout
-from utils.features import IMAGE_PREFIX, join_image_oofs, one_hot_names
+from utils.features import join_image_oofs, one_hot_names
 from utils.folds import with_folds
-from utils.gbdt import ENSEMBLE, META_MEMBER, cross_validate, make_members, resolve_params
+from utils.gbdt_libraries import ENSEMBLE, META_MEMBER, make_members, resolve_params
+from utils.manifest import set_aside, write_json, write_manifest
 from utils.metric import pauc
-from utils.train import IMAGE_MODELS, make_config, train_image_model
+from utils.settings import ExternalEvalConfig, TrainConfig, image_config, resolve
+from utils.train import train_image_model
 
 METRICS_FILE = "external_metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -52,65 +54,6 @@ FUSION_MEMBERS = (META_MEMBER, "lgb", "cat", "xgb")
 DATASETS = ("PH2", "HAM10000")
 HAM_METADATA = "ham10000/HAM10000_metadata.csv"
 HAM_IMAGES = "ham10000/images"  # used when present and no ham_image_dir is given
-
-
-@dataclass(frozen=True)
-class ExternalEvalConfig:
-    """Settings of one external evaluation; image settings left None take the image preset's."""
-
-    preset: str = "full"  # "demo" / "full", for the image models and the GBDTs alike
-    image_models: tuple[str, ...] = tuple(IMAGE_MODELS)
-    n_folds: int = 5
-    seed: int = 42
-    threshold: float = 0.5
-    epochs: int | None = None
-    image_size: int | None = None
-    batch_size: int | None = None
-    num_workers: int | None = None
-    weights_path: Mapping[str, str] | None = None  # image model -> local timm weights file
-    max_image_side: int | None = None  # shrink stored images first (CPU demos)
-    gbdt_seeds: tuple[int, ...] = (0,)
-    threads: int | None = None  # GBDT threads; None: every core
-    torch_threads: int | None = None  # torch intra-op threads while training; None: unchanged
-
-    def __post_init__(self):
-        unknown = [m for m in self.image_models if m not in IMAGE_MODELS]
-        if unknown:
-            raise KeyError(f"unknown image model(s) {unknown}; known: {sorted(IMAGE_MODELS)}")
-        extra = sorted(set(self.weights_path or {}) - set(self.image_models))
-        if extra:
-            raise KeyError(f"weights_path names model(s) {extra} not in image_models")
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-
-
-EVAL_PRESETS: dict[str, ExternalEvalConfig] = {
-    # 2 CPU cores in CI: one small ViT on 32 px crops of 64 px images, 1 epoch, 5 folds.
-    "demo": ExternalEvalConfig(
-        preset="demo",
-        image_models=("vit_tiny",),
-        epochs=1,
-        image_size=32,
-        batch_size=32,
-        num_workers=0,
-        max_image_side=64,
-        # On busy shared cores two spinning torch threads ran 10x slower than one (bench: 87-110 s
-        # vs 9 s for this demo's 5 folds while other jobs ran).
-        torch_threads=1,
-    ),
-    # A GPU and pretrained weights: the four image models at the paper's Table 1 settings.
-    "full": ExternalEvalConfig(preset="full"),
-}
-
-
-def make_eval_config(preset: str = "demo", **overrides: Any) -> ExternalEvalConfig:
-    """The preset with every override that is not None (lists become tuples)."""
-    if preset not in EVAL_PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; known: {sorted(EVAL_PRESETS)}")
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return dataclasses.replace(
-        EVAL_PRESETS[preset], **{k: v for k, v in given.items() if v is not None}
-    )
 
 
 # ---------------------------------------------------------------------------------- data
@@ -234,9 +177,9 @@ def encode_metadata(dataset: ExternalDataset) -> tuple[pl.DataFrame, list[str]]:
     return encoded, [c for c in encoded.columns if c not in ("isic_id", "patient_id", "target")]
 
 
-def gbdt_params(preset: str, train_rows: int) -> dict[str, dict[str, Any]]:
+def gbdt_params(cfg: ExternalEvalConfig, train_rows: int) -> dict[str, dict[str, Any]]:
     """Stage 3 params of the preset, LightGBM's min_data_in_leaf capped for small sets."""
-    params = resolve_params(None, preset)
+    params = resolve_params(resolve(cfg.preset, cfg.recipe).gbdt)
     cap = max(5, train_rows // MIN_LEAF_ROWS)
     for name in (META_MEMBER, "lgb"):
         params[name]["min_data_in_leaf"] = min(params[name]["min_data_in_leaf"], cap)
@@ -253,17 +196,18 @@ def run_gbdt(
     """OOF predictions per member `names` (and their soft vote) on `features`' fold column."""
     folds = features["fold"].to_numpy()
     train_rows = int(np.min([np.sum(folds != k) for k in np.unique(folds)]))
-    members = make_members(meta_columns, image_columns, gbdt_params(cfg.preset, train_rows), names)
+    members = make_members(meta_columns, image_columns, gbdt_params(cfg, train_rows), names)
     y = features["target"].to_numpy()
     result = cross_validate(features, y, folds, members, cfg.gbdt_seeds, threads=cfg.threads)
     return result.oof
 
 
-def image_config(model: str, cfg: ExternalEvalConfig):
-    """utils.train config of `model` for this evaluation (same folds and seed)."""
-    return make_config(
+def external_image_config(model: str, cfg: ExternalEvalConfig) -> TrainConfig:
+    """Stage 1 config of `model` for this evaluation (same folds and seed)."""
+    return image_config(
         model,
         cfg.preset,
+        cfg.recipe,
         n_folds=cfg.n_folds,
         seed=cfg.seed,
         epochs=cfg.epochs,
@@ -297,7 +241,9 @@ def run_image_models(
     with torch_threads(cfg.torch_threads):
         for model in cfg.image_models:
             print(f"{dataset.name}: training {model} ({cfg.n_folds} folds)")
-            train_image_model(image_config(model, cfg), metadata, layout / "images.hdf5", run_dir)
+            train_image_model(
+                external_image_config(model, cfg), metadata, layout / "images.hdf5", run_dir
+            )
     return [run_dir / model for model in cfg.image_models]
 
 
@@ -319,6 +265,7 @@ def evaluate_dataset(
 ) -> ExternalResult:
     """Run every variant the dataset allows on one set of folds; write `predictions.csv`."""
     run_dir = Path(output_dir) / dataset.name
+    set_aside(run_dir)  # every variant is evaluated afresh: nothing of another run is mixed in
     run_dir.mkdir(parents=True, exist_ok=True)
     features, meta_columns = encode_metadata(dataset)
     features = with_folds(features, cfg.n_folds, cfg.seed)
@@ -333,9 +280,10 @@ def evaluate_dataset(
         print(f"{dataset.name}: image_models is empty, so the metadata model only")
     else:
         model_dirs = run_image_models(dataset, features, cfg, run_dir)
-        features, image_columns = join_image_oofs(features, model_dirs)
-        for column in image_columns:
-            model = column.removeprefix(IMAGE_PREFIX)
+        features, sources = join_image_oofs(features, model_dirs)
+        image_columns = list(sources)
+        for column, source in sources.items():
+            model = source["image_model"]
             variants[f"image_{model}"] = (f"image model {model}", features[column].to_numpy())
     if meta_columns and image_columns:
         oof = run_gbdt(features, meta_columns, image_columns, FUSION_MEMBERS, cfg)
@@ -365,16 +313,12 @@ def write_metrics(
     results: Sequence[ExternalResult], output_dir: str | Path, cfg: ExternalEvalConfig
 ) -> Path:
     """`<output_dir>/external_metrics.json`: the settings and every dataset x variant entry."""
-    path = Path(output_dir) / METRICS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    settings = dataclasses.asdict(cfg)
     record = {
-        "settings": settings,
+        "settings": dataclasses.asdict(cfg),
         "paper": PAPER_RESULTS,
         "entries": [e for r in results for e in r.entries],
     }
-    path.write_text(json.dumps(record, indent=2))
-    return path
+    return write_json(Path(output_dir) / METRICS_FILE, record)
 
 
 def paper_table(entries: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
@@ -408,3 +352,25 @@ def paper_table(entries: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
                 }
             )
     return pl.DataFrame(rows, schema_overrides={"pauc": pl.Float64})
+
+
+def run_external_eval(
+    data_dir: str | Path,
+    output_dir: str | Path,
+    datasets: Sequence[str] = DATASETS,
+    ph2_dir: str | Path | None = None,
+    ham_metadata: str | Path | None = None,
+    ham_image_dir: str | Path | Sequence[str | Path] | None = None,
+    preset: str = "demo",
+    recipe: str = "paper",
+    **overrides: Any,
+) -> tuple[ExternalEvalConfig, list[ExternalResult], Path]:
+    """Stage 5 entry: settings (utils.settings; `overrides` are ExternalEvalConfig fields, None
+    keeps the preset's), every dataset's variants, the metrics file and, last, the manifest."""
+    cfg = resolve(preset, recipe, external=overrides).external
+    sources = load_datasets(data_dir, datasets, ph2_dir, ham_metadata, ham_image_dir)
+    print(dataset_summary(sources))
+    results = [evaluate_dataset(dataset, cfg, output_dir) for dataset in sources]
+    path = write_metrics(results, output_dir, cfg)
+    write_manifest(output_dir, dataclasses.asdict(cfg), {"stage": "external_eval"})
+    return cfg, results, path

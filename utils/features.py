@@ -20,15 +20,17 @@ the patient's typical lesion, so its normalised value is 0 and its percentile 0.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import polars as pl
 
 from utils.folds import check_folds_agree
+from utils.manifest import file_sha256
 from utils.oof import read_oof
 from utils.schema import CATEGORIES, NUMERIC_COLUMNS, TRAIN_ONLY_COLUMNS, validate_columns
 
@@ -253,25 +255,41 @@ def without_patient_context(names: Iterable[str]) -> list[str]:
     ]
 
 
-def image_column(model_dir: str | Path) -> str:
-    """Feature name of an image model's OOF/test probability: img_<model dir name>."""
-    return f"{IMAGE_PREFIX}{Path(model_dir).name}"
+def image_source(model_dir: str | Path) -> dict[str, str]:
+    """What stage 1 recorded about the run in `model_dir` (its config.json): the image model's
+    name and the run's config hash, plus the sha256 of its oof.csv."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: an image OOF dir needs the config.json of its run")
+    record = json.loads(path.read_text())
+    try:
+        model, run_hash = record["config"]["model_name"], record["config_hash"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: no model_name / config_hash recorded ({err})") from err
+    return {
+        "image_model": model,
+        "config_hash": run_hash,
+        "oof_sha256": file_sha256(path.parent / "oof.csv"),
+    }
 
 
 def join_image_oofs(
     frame: pl.DataFrame, model_dirs: Sequence[str | Path]
-) -> tuple[pl.DataFrame, list[str]]:
-    """Join each `<dir>/oof.csv` pred by isic_id as column img_<dir name>, after checking folds.
+) -> tuple[pl.DataFrame, dict[str, dict[str, str]]]:
+    """Join each `<dir>/oof.csv` pred by isic_id as column img_<model>, after checking folds.
 
+    The model name and run hash come from the run's config.json, never from the folder name;
+    returns the frame and, per image column, that source (image_model, config_hash, oof_sha256).
     `frame` needs isic_id and fold (utils.folds); a missing id or another fold raises ValueError.
     """
-    columns = []
+    sources: dict[str, dict[str, str]] = {}
     for model_dir in model_dirs:
         path = Path(model_dir) / "oof.csv"
-        name = image_column(model_dir)
-        if name in frame.columns or name in columns:
-            raise ValueError(f"join_image_oofs: two image models are named {name!r} ({path})")
         oof = read_oof(path)
+        source = image_source(model_dir)
+        name = f"{IMAGE_PREFIX}{source['image_model']}"
+        if name in frame.columns or name in sources:
+            raise ValueError(f"join_image_oofs: two image models are named {name!r} ({path})")
         check_folds_agree(frame, oof, str(path))
         frame = frame.join(
             oof.select("isic_id", c("pred").cast(pl.Float32).alias(name)),
@@ -279,8 +297,8 @@ def join_image_oofs(
             how="left",
             maintain_order="left",
         )
-        columns.append(name)
-    return frame, columns
+        sources[name] = source
+    return frame, sources
 
 
 def encoding_spec() -> dict:
@@ -291,11 +309,16 @@ def encoding_spec() -> dict:
     }
 
 
-def features_spec(meta_features: Sequence[str], image_columns: Sequence[str]) -> dict:
-    """What features.json records: the feature lists and the categorical encoding."""
+def features_spec(
+    meta_features: Sequence[str], image_sources: Mapping[str, Mapping[str, str]]
+) -> dict:
+    """What features.json records: the feature lists, each image column's source run (model and
+    config hash, which the submission kernel checks) and the categorical encoding."""
+    image_columns = list(image_sources)
     return {
         "meta_features": list(meta_features),
-        "image_columns": list(image_columns),
+        "image_columns": image_columns,
+        "image_sources": {k: dict(v) for k, v in image_sources.items()},
         "features": list(meta_features) + list(image_columns),
         "patient_epsilon": EPS,
         "categorical_encoding": encoding_spec(),

@@ -3,14 +3,16 @@
 `predict_submission(data_dir, artifacts_dir, cfg)` does, in order:
 1. reads test-metadata.csv (schema-checked, unique ids) and counts test ids absent from
    test-image.hdf5 up front;
-2. plans: the GBDT's saved feature list (`gbdt/features.json`, image columns `img_<model>`)
-   decides which image models are needed. A needed model that is missing or unfinished under
-   `artifacts_dir` means the metadata-only member (`lgb_meta`) scores every row, said loudly
-   (the other image models are then not run: their output could not be used). A model present
-   but not read by the GBDT is skipped, and said so;
+2. plans: the image sources the GBDT recorded (`gbdt/features.json`: per image column the image
+   model and its run's config hash) decide which image models are needed; a model dir holding
+   another run than the recorded one is reported before anything is predicted (WARNING "GBDT AND
+   IMAGE MODELS DO NOT BELONG TOGETHER"), and the kernel goes on with it. A needed model that
+   is missing or unfinished under `artifacts_dir` means the metadata-only member (`lgb_meta`)
+   scores every row, said loudly (the other image models are then not run: their output could
+   not be used). A model present but not read by the GBDT is skipped, and said so;
 3. prints a time estimate early: images/s measured on a few batches per model (decode and every
    fold model included), times the rows, against Kaggle's 12 hours;
-4. runs each needed image model with `utils.train.predict`: the mean of its fold models'
+4. runs each needed image model with `utils.predict.predict`: the mean of its fold models'
    probabilities, as its OOF was made in training (fp16 autocast on CUDA, DataLoader workers);
 5. builds features with `utils.features.build_features` (the training code) plus the image
    columns and runs `GBDTEnsemble.predict`: each member and the soft vote;
@@ -23,11 +25,10 @@ test-metadata order, targets finite and in [0, 1]) and refuses to write a bad fi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +36,19 @@ import numpy as np
 import polars as pl
 import torch
 
+from utils.ensemble import GBDTEnsemble
 from utils.features import IMAGE_PREFIX, build_features
-from utils.gbdt import ENSEMBLE, META_MEMBER, GBDTEnsemble
+from utils.gbdt_libraries import ENSEMBLE, META_MEMBER
 from utils.io import TEST_METADATA, DataDir, HDF5Images, check_ids_match, read_metadata
-from utils.train import default_device, load_config, load_fold_models, predict, predict_with_models
+from utils.predict import (
+    CONFIG_FILE,
+    default_device,
+    load_config,
+    load_fold_models,
+    predict,
+    predict_with_models,
+)
+from utils.settings import InferenceConfig, resolve
 
 GBDT_DIR = "gbdt"
 SUBMISSION_FILE = "submission.csv"
@@ -50,31 +60,6 @@ SHOW_IDS = 5  # ids named in messages
 
 class SubmissionError(ValueError):
     """A submission frame that Kaggle would reject or score wrongly (message lists why)."""
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    """Settings of the submission kernel; saved nowhere, printed at the top of the notebook."""
-
-    preset: str = "full"
-    batch_size: int = 128
-    num_workers: int = 4
-    estimate_batches: int = 3  # batches per image model timed for the run-time estimate; 0 skips
-    threads: int | None = None  # GBDT threads; None: every core
-
-
-PRESETS: dict[str, InferenceConfig] = {
-    "full": InferenceConfig(preset="full"),
-    "demo": InferenceConfig(preset="demo", batch_size=64, num_workers=0, estimate_batches=1),
-}
-
-
-def make_config(preset: str = "full", **overrides) -> InferenceConfig:
-    """The preset with every override that is not None."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(PRESETS[preset], **given)
 
 
 # ---------------------------------------------------------------------------------- plan
@@ -95,21 +80,34 @@ def model_dir_problem(model_dir: Path) -> str | None:
     return None
 
 
-def image_model_name(column: str) -> str:
-    """Image model (artifact dir) name of a GBDT image column img_<name>."""
-    if not column.startswith(IMAGE_PREFIX):
-        raise ValueError(f"GBDT image column {column!r} does not start with {IMAGE_PREFIX!r}")
-    return column[len(IMAGE_PREFIX) :]
+def recorded_run_hash(model_dir: Path) -> str | None:
+    """The config_hash stage 1 recorded in `model_dir`/config.json (None if unreadable)."""
+    try:
+        return json.loads((model_dir / CONFIG_FILE).read_text()).get("config_hash")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def image_sources_of(ensemble: GBDTEnsemble) -> dict[str, dict[str, str]]:
+    """Image column -> its recorded source run; ValueError for a GBDT that recorded none."""
+    absent = [c for c in ensemble.image_columns if c not in ensemble.image_sources]
+    if absent:
+        raise ValueError(
+            f"GBDT features.json records no image_sources for {absent}: rerun 03_gbdt so each "
+            "image column names the image model and run it was trained on"
+        )
+    return {c: ensemble.image_sources[c] for c in ensemble.image_columns}
 
 
 @dataclass(frozen=True)
 class ImagePlan:
     """Which image models the GBDT reads, which will run, which are missing or unused."""
 
-    needed: tuple[str, ...]  # read by the GBDT (features.json image_columns), in its order
+    needed: tuple[str, ...]  # read by the GBDT (features.json image_sources), in its order
     run: tuple[str, ...]  # will be run on the test images
     missing: dict[str, str]  # needed but unusable -> why
     unused: tuple[str, ...]  # complete under artifacts_dir but not read by the GBDT
+    mismatched: dict[str, str] = field(default_factory=dict)  # another run than the GBDT's -> why
 
     @property
     def metadata_only(self) -> bool:
@@ -117,10 +115,21 @@ class ImagePlan:
         return not self.needed or bool(self.missing)
 
 
-def plan_images(artifacts_dir: Path, image_columns: Sequence[str]) -> ImagePlan:
-    """The ImagePlan for a GBDT reading `image_columns`, given the dirs under `artifacts_dir`."""
-    needed = tuple(image_model_name(c) for c in image_columns)
+def plan_images(artifacts_dir: Path, image_sources: Mapping[str, Mapping[str, str]]) -> ImagePlan:
+    """The ImagePlan for a GBDT whose image columns came from `image_sources` (features.json:
+    column -> image_model, config_hash), given the run dirs under `artifacts_dir`. A run dir
+    whose config_hash is not the recorded one is another run than the GBDT saw: `mismatched`."""
+    needed = tuple(source["image_model"] for source in image_sources.values())
     missing = {n: p for n in needed if (p := model_dir_problem(artifacts_dir / n)) is not None}
+    mismatched = {}
+    for source in image_sources.values():
+        name, wanted = source["image_model"], source["config_hash"]
+        found = recorded_run_hash(artifacts_dir / name)
+        if name not in missing and found != wanted:
+            mismatched[name] = (
+                f"the GBDT was trained on the OOF of {name} run {wanted}, but "
+                f"{artifacts_dir / name} holds run {found}"
+            )
     present = sorted(
         p.name
         for p in artifacts_dir.iterdir()
@@ -129,7 +138,7 @@ def plan_images(artifacts_dir: Path, image_columns: Sequence[str]) -> ImagePlan:
     usable = [n for n in present if model_dir_problem(artifacts_dir / n) is None]
     unused = tuple(n for n in usable if n not in needed)
     run = () if missing else needed
-    return ImagePlan(needed, run, missing, unused)
+    return ImagePlan(needed, run, missing, unused, mismatched)
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -267,6 +276,8 @@ class InferenceReport:
             "mode": self.mode,
             "image models run": ", ".join(self.plan.run) or "none",
             "image models unused by the GBDT": ", ".join(self.plan.unused) or "none",
+            "image models of another run than the GBDT's": ", ".join(self.plan.mismatched)
+            or "none",
             "test ids absent from the hdf5": _count_ids(self.absent_ids),
             f"rows scored by {META_MEMBER} (fallback)": _count_ids(self.fallback_ids),
             **{f"{m} img/s (full pass)": f"{r:,.1f}" for m, r in self.images_per_s.items()},
@@ -316,7 +327,7 @@ def predict_submission(
     log: Callable[[str], None] = print,
 ) -> tuple[pl.DataFrame, InferenceReport]:
     """The submission frame (isic_id, target in test-metadata order) and what was done."""
-    cfg = cfg or PRESETS["full"]
+    cfg = cfg or resolve("full").inference
     device = device or default_device()
     artifacts_dir = Path(artifacts_dir)
     warnings: list[str] = []
@@ -335,7 +346,9 @@ def predict_submission(
             "or attach its dataset"
         )
     ensemble = GBDTEnsemble.load(artifacts_dir / GBDT_DIR)
-    plan = plan_images(artifacts_dir, ensemble.image_columns)
+    plan = plan_images(artifacts_dir, image_sources_of(ensemble))
+    for why in plan.mismatched.values():
+        warn(f"GBDT AND IMAGE MODELS DO NOT BELONG TOGETHER: {why}")
     for name, why in plan.missing.items():
         warn(f"image model {name} is needed by the GBDT but unusable: {why}")
     if plan.missing:
@@ -458,3 +471,23 @@ def write_submission(sub: pl.DataFrame, output_dir: str | Path, test_ids: Sequen
     sub.write_csv(tmp)
     os.replace(tmp, path)
     return path
+
+
+def run_submission(
+    data_dir: str | Path,
+    artifacts_dir: str | Path,
+    output_dir: str | Path,
+    preset: str = "full",
+    recipe: str = "paper",
+    **overrides,
+) -> tuple[pl.DataFrame, InferenceReport, Path]:
+    """Stage 4 entry: settings (utils.settings), predict, validate and write submission.csv.
+
+    `overrides` are InferenceConfig fields (batch_size, num_workers, ...); None keeps the preset's.
+    """
+    cfg = resolve(preset, recipe, inference=overrides).inference
+    print(cfg)
+    submission, report = predict_submission(data_dir, artifacts_dir, cfg)
+    path = write_submission(submission, output_dir, read_test_ids(data_dir))
+    print(f"wrote {path}: {submission.height:,} rows; {report.mode}")
+    return submission, report, path

@@ -1,12 +1,16 @@
 """One command for the whole chain: synthetic data (no data dir), every stage notebook, submission.
 
-    python -m utils.pipeline [--data-dir DIR] [--work-dir DIR] [--preset demo|full] [--tune]
-                             [--seed S] [--rows N] [--force]
+    python -m utils.pipeline [--data-dir DIR] [--work-dir DIR] [--preset demo|full]
+                             [--recipe paper] [--tune] [--seed S] [--rows N] [--force]
 
 Work dir layout: data/ (generated data), artifacts/<model>/, artifacts/tuning/, artifacts/gbdt/,
 executed/ (executed notebooks + one <stage>.done.json stamp per finished stage), submission.csv.
+Every stage reads its settings from utils.settings (preset x recipe); the pipeline passes names
+and paths only, so a notebook run alone and the pipeline run the same sizes.
 A stage is skipped when its outputs exist and its stamp holds the same parameters; once one stage
-runs, every later stage runs too (its inputs changed).
+runs, every later stage runs too (its inputs changed). A stage that runs on other settings or
+data moves its earlier outputs aside (`<folder>/../.previous/`); `--force` does so for every
+stage, so nothing is resumed or mixed in.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from utils.manifest import set_aside
+from utils.settings import IMAGE_MODELS, PRESETS, RECIPES, SyntheticConfig, resolve
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-IMAGE_MODELS = ("convnextv2_nano", "vit_tiny", "vit_tiny_suspicious", "vit_small_suspicious")
 DATA_FILES = ("train-metadata.csv", "train-image.hdf5", "test-metadata.csv", "test-image.hdf5")
 
 
@@ -34,62 +40,15 @@ class PipelineError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Sizes:
-    """Everything a preset fixes; None leaves the notebook's own default for that preset."""
-
-    rows: int  # synthetic train rows (only when no --data-dir)
-    patients: int | None
-    positive_rate: float
-    test_rows: int | None
-    data_image_size: int  # synthetic JPEG side
-    image_size: int | None  # model input side
-    epochs: int | None
-    batch_size: int | None
-    num_workers: int | None
-    n_trials: int | None
-    timeout: int | None
-
-
-# Demo: sized so the whole chain (4 image models x 5 folds, GBDTs, inference) runs in minutes
-# on 2 CPU cores. Full: real-scale settings come from the notebooks' own "full" preset.
-PRESETS: dict[str, Sizes] = {
-    "demo": Sizes(
-        rows=600,
-        patients=30,
-        positive_rate=0.05,
-        test_rows=40,
-        data_image_size=48,
-        image_size=32,
-        epochs=1,
-        batch_size=64,
-        num_workers=0,
-        n_trials=3,
-        timeout=60,
-    ),
-    "full": Sizes(
-        rows=20_000,
-        patients=None,
-        positive_rate=0.01,
-        test_rows=None,
-        data_image_size=128,
-        image_size=None,
-        epochs=None,
-        batch_size=None,
-        num_workers=None,
-        n_trials=None,
-        timeout=None,
-    ),
-}
-
-
-@dataclass(frozen=True)
 class Run:
-    """One pipeline invocation: where data and outputs live and which preset sizes apply."""
+    """One pipeline invocation: where data and outputs live, the preset and recipe (every stage
+    reads its settings from utils.settings; the pipeline passes only names and paths)."""
 
     data_dir: Path
     work_dir: Path
     preset: str
-    sizes: Sizes
+    sizes: SyntheticConfig  # of the generated data dir
+    recipe: str = "paper"
     seed: int = 0
     generate: bool = False
     tune: bool = False
@@ -115,6 +74,7 @@ class Stage:
     outputs: Callable[[Run], list[Path]]  # a name may hold a glob pattern (fold*.pt)
     enabled: Callable[[Run], bool] = lambda run: True
     action: Callable[[dict[str, Any]], None] | None = None
+    folder: Callable[[Run], Path] | None = None  # what the stage owns; set aside when forced
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -123,9 +83,10 @@ def _given(**values: Any) -> dict[str, Any]:
 
 
 def _generate_data(params: dict[str, Any]) -> None:
-    """Write the synthetic data dir (utils.synthetic.generate)."""
+    """Write the synthetic data dir (utils.synthetic.generate) in place of an earlier one."""
     from utils.synthetic import generate
 
+    set_aside(Path(params["out_dir"]))
     generate(**params)
 
 
@@ -136,7 +97,7 @@ def _data_parameters(run: Run) -> dict[str, Any]:
         out_dir=str(run.data_dir),
         rows=s.rows,
         seed=run.seed,
-        image_size=s.data_image_size,
+        image_size=s.image_size,
         patients=s.patients,
         positive_rate=s.positive_rate,
         test_rows=s.test_rows,
@@ -149,19 +110,23 @@ def _image_stage(model: str) -> Stage:
     return Stage(
         name=f"image_{model}",
         notebook=f"01_image_{model}.ipynb",
-        parameters=lambda run: _given(
-            data_dir=str(run.data_dir),
-            output_dir=str(run.artifacts),
-            preset=run.preset,
-            image_size=run.sizes.image_size,
-            epochs=run.sizes.epochs,
-            batch_size=run.sizes.batch_size,
-            num_workers=run.sizes.num_workers,
-        ),
+        parameters=lambda run: _given(**_common(run, run.artifacts)),
         outputs=lambda run: [
-            run.artifacts / model / name for name in ("oof.csv", "config.json", "fold*.pt")
+            run.artifacts / model / name
+            for name in ("oof.csv", "config.json", "fold*.pt", "manifest.json")
         ],
+        folder=lambda run: run.artifacts / model,
     )
+
+
+def _common(run: Run, output_dir: Path) -> dict[str, Any]:
+    """The parameters every stage notebook takes."""
+    return {
+        "data_dir": str(run.data_dir),
+        "output_dir": str(output_dir),
+        "preset": run.preset,
+        "recipe": run.recipe,
+    }
 
 
 def _image_oof_dirs(run: Run) -> list[str]:
@@ -182,44 +147,37 @@ STAGES: list[Stage] = [
         outputs=lambda run: [run.data_dir / name for name in DATA_FILES],
         enabled=lambda run: run.generate,
         action=_generate_data,
+        folder=lambda run: run.data_dir,
     ),
     *[_image_stage(model) for model in IMAGE_MODELS],
     Stage(
         name="tune_gbdt",
         notebook="02_tune_gbdt.ipynb",
         parameters=lambda run: _given(
-            data_dir=str(run.data_dir),
-            output_dir=str(run.artifacts),
-            preset=run.preset,
-            image_oof_dirs=_image_oof_dirs(run),
-            n_trials=run.sizes.n_trials,
-            timeout=run.sizes.timeout,
+            **_common(run, run.artifacts), image_oof_dirs=_image_oof_dirs(run)
         ),
-        outputs=lambda run: [_best_params(run)],
+        outputs=lambda run: [_best_params(run), run.artifacts / "tuning" / "manifest.json"],
         enabled=lambda run: run.tune,
+        folder=lambda run: run.artifacts / "tuning",
     ),
     Stage(
         name="gbdt",
         notebook="03_gbdt.ipynb",
         parameters=lambda run: _given(
-            data_dir=str(run.data_dir),
-            output_dir=str(run.artifacts),
-            preset=run.preset,
+            **_common(run, run.artifacts),
             image_oof_dirs=_image_oof_dirs(run),
             params_path=str(_best_params(run)) if run.tune else None,
         ),
-        outputs=lambda run: [run.artifacts / "gbdt" / n for n in ("oof.csv", "cv_report.json")],
+        outputs=lambda run: [
+            run.artifacts / "gbdt" / n for n in ("oof.csv", "cv_report.json", "manifest.json")
+        ],
+        folder=lambda run: run.artifacts / "gbdt",
     ),
     Stage(
         name="inference",
         notebook="04_inference.ipynb",
         parameters=lambda run: _given(
-            data_dir=str(run.data_dir),
-            output_dir=str(run.work_dir),
-            preset=run.preset,
-            artifacts_dir=str(run.artifacts),
-            batch_size=run.sizes.batch_size,
-            num_workers=run.sizes.num_workers,
+            **_common(run, run.work_dir), artifacts_dir=str(run.artifacts)
         ),
         outputs=lambda run: [run.work_dir / "submission.csv"],
     ),
@@ -299,12 +257,24 @@ def _execute_notebook(stage: Stage, run: Run, params: dict[str, Any], notebooks_
         ) from err
 
 
-def run_stage(stage: Stage, run: Run, notebooks_dir: Path = NOTEBOOKS_DIR) -> None:
-    """Run one stage, check it wrote its outputs, then stamp it complete."""
+def run_stage(
+    stage: Stage, run: Run, notebooks_dir: Path = NOTEBOOKS_DIR, clean: bool = False
+) -> None:
+    """Run one stage, check it wrote its outputs, then stamp it complete.
+
+    `clean` (--force) first moves the stage's folder aside (or deletes its output files), so the
+    stage starts from nothing; without it each stage decides (a stage notebook moves an earlier
+    run of other settings or data aside itself, and resumes an interrupted run of the same).
+    """
     params = stage.parameters(run)
     stamp = stamp_path(stage, run)
     stamp.parent.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
+    if clean and stage.folder is not None:
+        set_aside(stage.folder(run))
+    elif clean:
+        for path in stage.outputs(run):
+            path.unlink(missing_ok=True)
     if stage.action is not None:
         stage.action(params)
     else:
@@ -346,7 +316,7 @@ def run_pipeline(
         log(f"{head}: running {stage.notebook or 'utils.synthetic.generate'} ...")
         t0 = time.perf_counter()
         try:
-            run_stage(stage, run, notebooks_dir)
+            run_stage(stage, run, notebooks_dir, clean=force)
         except PipelineError as err:
             raise PipelineError(f"{err}\n  after {time.perf_counter() - t0:.1f}s") from err
         log(f"{head}: done in {time.perf_counter() - t0:.1f}s")
@@ -362,11 +332,14 @@ def make_run(
     tune: bool = False,
     seed: int = 0,
     rows: int | None = None,
+    recipe: str = "paper",
 ) -> Run:
     """The Run for these options; checks a given data dir holds the Kaggle files."""
     if preset not in PRESETS:
         raise PipelineError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    sizes = PRESETS[preset]
+    if recipe not in RECIPES:
+        raise PipelineError(f"unknown recipe {recipe!r}; choose from {list(RECIPES)}")
+    sizes = resolve(preset, recipe).data
     if rows is not None:
         if data_dir is not None:
             raise PipelineError("--rows sizes generated data; it cannot apply to --data-dir")
@@ -382,6 +355,7 @@ def make_run(
         work_dir=work_dir,
         preset=preset,
         sizes=sizes,
+        recipe=recipe,
         seed=seed,
         generate=data_dir is None,
         tune=tune,
@@ -398,14 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="Kaggle-layout data (default: synthetic)")
     parser.add_argument("--work-dir", type=Path, default=Path("work"))
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--recipe", choices=RECIPES, default="paper")
     parser.add_argument("--tune", action="store_true", help="run 02_tune_gbdt before 03_gbdt")
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     parser.add_argument("--rows", type=int, help="synthetic train rows (default: the preset's)")
-    parser.add_argument("--force", action="store_true", help="rerun complete stages too")
+    parser.add_argument(
+        "--force", action="store_true", help="rerun every stage from a clean output folder"
+    )
     parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
-        run = make_run(args.data_dir, args.work_dir, args.preset, args.tune, args.seed, args.rows)
+        run = make_run(
+            args.data_dir, args.work_dir, args.preset, args.tune, args.seed, args.rows, args.recipe
+        )
         run_pipeline(run, notebooks_dir=args.notebooks_dir, force=args.force)
     except PipelineError as err:
         print(f"ERROR {err}", file=sys.stderr)

@@ -68,3 +68,15 @@ def plot_fold_scores(scores: pl.DataFrame, ax: Axes | None = None) -> Axes:
     ax.set(ylabel="pAUC", title="pAUC per fold")
     ax.legend(fontsize="small", ncols=min(len(models), 5))
     return ax
+
+
+def plot_training_history(history: pl.DataFrame) -> plt.Figure:
+    """Stage 1: validation pAUC and training loss per epoch, one line per fold."""
+    fig, (ax_pauc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for (fold,), part in history.group_by("fold", maintain_order=True):
+        ax_pauc.plot(part["epoch"], part["val_pauc"], marker="o", label=f"fold {fold}")
+        ax_loss.plot(part["epoch"], part["train_loss"], marker="o", label=f"fold {fold}")
+    ax_pauc.set(xlabel="epoch", ylabel="validation pAUC", title="Held-out fold pAUC")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    ax_pauc.legend()
+    return fig

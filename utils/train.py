@@ -1,9 +1,11 @@
-"""Stage 1: one training loop and one predict function for every image backbone.
+"""Stage 1: one training loop for every image model (prediction lives in utils.predict).
 
-A run trains `n_folds` fold models of one image model (IMAGE_MODELS) and writes to
-`<output_dir>/<model_name>/`: `config.json` (resolved config, folds and data fingerprint),
-`fold{k}.pt` (best checkpoint of fold k, with its validation predictions and history),
-`history.csv` and `oof.csv` (every training row exactly once, utils.oof format).
+`run_image_stage(model, data_dir, output_dir, preset, recipe, **overrides)` is the entry the
+notebooks, tests and bench call. A run trains `n_folds` fold models of one image model
+(utils.settings.IMAGE_MODELS) and writes to `<output_dir>/<model_name>/`: `config.json` (resolved
+config, folds, data fingerprint and `config_hash`, the run's identity), `fold{k}.pt` (best
+checkpoint of fold k, with its validation predictions and history), `history.csv`, `oof.csv`
+(every training row exactly once, utils.oof format) and, last, `manifest.json` (utils.manifest).
 
 Folds: `n_folds` is the n_splits of utils.folds.assign_folds with `seed`, so any stage that
 calls assign_folds(df, n_folds, seed) gets the same folds; a metadata `fold` column, when
@@ -13,6 +15,8 @@ complete 2-fold cross-validation, not 2 of 5 folds, so the OOF still covers ever
 Resume: a fold is finished once `fold{k}.pt` exists and is skipped on restart; an unfinished
 fold continues after its last completed epoch from `fold{k}.last.pt`. Each epoch is seeded
 from (seed, fold, epoch), so a resumed run draws the same samples as an uninterrupted one.
+Rerun: other settings or data (another `config_hash`), or `force`, move the old run dir aside
+(`<output_dir>/.previous/<model_name>`) and train from scratch.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ import json
 import math
 import os
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,100 +37,28 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils.folds import assign_folds
-from utils.image_data import (
-    ImageDataset,
-    NegativeResampler,
-    collate_batch,
-    eval_transforms,
-    reseed_worker,
-    train_transforms,
-)
+from utils.image_data import ImageDataset, NegativeResampler, train_transforms
 from utils.io import DataDir, HDF5Images
 from utils.labels import suspicious_label
+from utils.manifest import MANIFEST_FILE, config_hash, set_aside, write_json, write_manifest
 from utils.metric import pauc
-from utils.models import BACKBONES, ImageModel
 from utils.oof import write_oof
+from utils.predict import (
+    CONFIG_FILE,
+    batch_images,
+    build_model,
+    default_device,
+    make_loader,
+    predict_with_models,
+    resolve_images,
+    to_device,
+)
+from utils.settings import TrainConfig, image_config
 
-CONFIG_FILE = "config.json"
 OOF_FILE = "oof.csv"
 HISTORY_FILE = "history.csv"
-LABELS = ("target", "suspicious")
 # Settings that may change between a run and its resume (they do not change the result).
 RESUME_FREE = ("num_workers", "eval_batch_size")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that fixes one image-model run; saved as config.json next to its outputs."""
-
-    model_name: str = "convnextv2_nano"
-    backbone: str = "convnextv2_nano"
-    label: str = "target"  # training label; validation and OOF always use the real target
-    preset: str = "full"
-    image_size: int = 224
-    batch_size: int = 32
-    epochs: int = 30
-    lr: float = 1e-4
-    min_lr: float = 1e-6
-    warmup: float = 0.05  # fraction of all steps with linear warm-up
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    neg_ratio: float | None = 20.0  # negatives drawn per positive each epoch; None = all
-    dropout: float = 0.3
-    dropout_samples: int = 5  # multi-sample dropout heads
-    n_folds: int = 5
-    seed: int = 42
-    num_workers: int = 4
-    eval_batch_size: int = 128
-    weights_path: str | None = None
-
-    def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"TrainConfig: unknown backbone {self.backbone!r}")
-        if self.label not in LABELS:
-            raise ValueError(f"TrainConfig: label must be one of {LABELS}, got {self.label!r}")
-        if self.n_folds < 2:
-            raise ValueError(f"TrainConfig: n_folds must be >= 2, got {self.n_folds}")
-
-
-PRESETS: dict[str, TrainConfig] = {
-    # The paper's Table 1.
-    "full": TrainConfig(preset="full"),
-    # Small enough for a few minutes on 2 CPU cores with a synthetic data dir.
-    "demo": TrainConfig(
-        preset="demo",
-        image_size=64,
-        batch_size=32,
-        epochs=2,
-        lr=3e-4,
-        neg_ratio=5.0,
-        num_workers=0,
-        eval_batch_size=128,
-    ),
-}
-
-IMAGE_MODELS: dict[str, dict] = {
-    "convnextv2_nano": {"backbone": "convnextv2_nano", "label": "target"},
-    "vit_tiny": {"backbone": "vit_tiny", "label": "target"},
-    "vit_tiny_suspicious": {"backbone": "vit_tiny", "label": "suspicious"},
-    "vit_small_suspicious": {"backbone": "vit_small", "label": "suspicious"},
-}
-
-
-def make_config(model_name: str, preset: str = "demo", **overrides) -> TrainConfig:
-    """The preset with the image model's settings and every override that is not None."""
-    if model_name not in IMAGE_MODELS:
-        raise KeyError(f"unknown image model {model_name!r}; known: {sorted(IMAGE_MODELS)}")
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(
-        PRESETS[preset], model_name=model_name, **IMAGE_MODELS[model_name], **given
-    )
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -203,173 +133,31 @@ def data_fingerprint(frame: pl.DataFrame) -> dict:
     return {"rows": len(frame), "positives": int(frame["target"].sum()), "sha1": digest}
 
 
-def write_or_check_config(
-    run_dir: Path, cfg: TrainConfig, frame: pl.DataFrame, folds_source: str
-) -> None:
-    """Write config.json, or check that an existing one (a run to resume) matches."""
+def run_record(cfg: TrainConfig, frame: pl.DataFrame, folds_source: str) -> dict:
+    """What config.json and the manifest record: config, folds, data fingerprint and the hash
+    of all three without the RESUME_FREE settings (the run's identity, which stage 3 records)."""
     record = {
         "config": dataclasses.asdict(cfg),
         "folds": {"n_folds": cfg.n_folds, "seed": cfg.seed, "source": folds_source},
         "data": data_fingerprint(frame),
     }
+    identity = json.loads(json.dumps(record))
+    for key in RESUME_FREE:
+        identity["config"].pop(key, None)
+    return {**record, "config_hash": config_hash(identity)}
+
+
+def prepare_run_dir(run_dir: Path, record: dict, force: bool = False) -> None:
+    """Start clean when forced or when the run dir holds another run (other settings or data):
+    that run is moved aside, never resumed or mixed in. Same run: resume (keep finished folds)."""
     path = run_dir / CONFIG_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
-        for key in RESUME_FREE:
-            old["config"].pop(key, None)
-        new = json.loads(json.dumps(record))
-        for key in RESUME_FREE:
-            new["config"].pop(key, None)
-        if old != new:
-            raise ValueError(
-                f"{path}: an earlier run with other settings or data is here; "
-                "use another output_dir or delete it"
-            )
-    path.write_text(json.dumps(record, indent=2))
-
-
-def resolve_images(images: HDF5Images | str | Path) -> HDF5Images:
-    return images if isinstance(images, HDF5Images) else HDF5Images(images)
-
-
-def make_loader(
-    dataset: ImageDataset,
-    batch_size: int,
-    num_workers: int,
-    sampler: NegativeResampler | None = None,
-    generator: torch.Generator | None = None,
-) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=reseed_worker,
-        collate_fn=collate_batch,
-        generator=generator,
-        persistent_workers=False,
-    )
-
-
-def batch_images(batch: dict, device: torch.device) -> torch.Tensor:
-    """The batch's uint8 images on `device`: channels_last on CUDA (as collate_batch stacks them,
-    so no copy), contiguous NCHW on CPU, where timm's models run faster that way."""
-    x = batch["image"].to(device, non_blocking=True)
-    if device.type == "cuda":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x.contiguous()
-
-
-# ---------------------------------------------------------------------------------- predict
-
-
-def build_model(cfg: TrainConfig, weights_path: str | None = None) -> ImageModel:
-    return ImageModel(
-        cfg.backbone,
-        cfg.image_size,
-        weights_path=weights_path,
-        dropout=cfg.dropout,
-        dropout_samples=cfg.dropout_samples,
-    )
-
-
-def to_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to device; channels_last on CUDA, where it speeds up the convolutions."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
-
-
-@torch.no_grad()
-def predict_with_models(
-    models: Sequence[nn.Module],
-    images: HDF5Images,
-    isic_ids: Sequence[str],
-    image_size: int,
-    batch_size: int = 128,
-    num_workers: int = 2,
-    device: torch.device | None = None,
-    desc: str = "predict",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities (n_ids, n_models) from one pass over the images, and the readable-image mask.
-
-    Each image is decoded once and the batch goes through every model (fp16 autocast on CUDA).
-    Rows whose image is missing or undecodable are NaN and False in the mask.
-    """
-    device = device or default_device()
-    dataset = ImageDataset(
-        images, isic_ids, transform=eval_transforms(image_size), skip_unreadable=True
-    )
-    loader = make_loader(dataset, batch_size, num_workers)
-    probs = np.full((len(dataset), len(models)), np.nan, dtype=np.float64)
-    ok = np.zeros(len(dataset), dtype=bool)
-    for model in models:
-        model.eval()
-    cuda = device.type == "cuda"
-    for batch in tqdm(loader, desc=desc, leave=False, mininterval=5):
-        x = batch_images(batch, device)
-        index = batch["index"].numpy()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            for j, model in enumerate(models):
-                probs[index, j] = torch.sigmoid(model(x)["logits"].float()).cpu().numpy()
-        ok[index] = batch["ok"].numpy()
-    probs[~ok] = np.nan
-    return probs, ok
-
-
-def load_config(model_dir: str | Path) -> TrainConfig:
-    """The TrainConfig saved in `model_dir`/config.json."""
-    path = Path(model_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in image model dir {model_dir}")
-    return TrainConfig(**json.loads(path.read_text())["config"])
-
-
-def load_fold_models(
-    model_dir: str | Path, device: torch.device | None = None
-) -> tuple[TrainConfig, list[ImageModel]]:
-    """Config and every fold{k}.pt model of a run dir, on `device`, in eval mode."""
-    device = device or default_device()
-    cfg = load_config(model_dir)
-    models = []
-    for k in range(cfg.n_folds):
-        path = Path(model_dir) / f"fold{k}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; the run of {cfg.model_name} is unfinished")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model = build_model(cfg)
-        model.load_state_dict(checkpoint["state_dict"])
-        models.append(to_device(model, device).eval())
-    return cfg, models
-
-
-def predict(
-    model_dir: str | Path,
-    images: HDF5Images | str | Path,
-    isic_ids: Sequence[str],
-    batch_size: int = 128,
-    num_workers: int = 2,
-    device: torch.device | None = None,
-) -> pl.DataFrame:
-    """isic_id, pred (mean of the fold models' probabilities), image_ok for one image model.
-
-    Unreadable or missing images get pred NaN and image_ok False (counted and reported), so the
-    caller can fall back to a metadata-only score for those rows.
-    """
-    device = device or default_device()
-    cfg, models = load_fold_models(model_dir, device)
-    images = resolve_images(images)
-    probs, ok = predict_with_models(
-        models, images, isic_ids, cfg.image_size, batch_size, num_workers, device, cfg.model_name
-    )
-    if (~ok).any():
-        bad = [i for i, good in zip(isic_ids, ok, strict=True) if not good]
-        print(f"{cfg.model_name}: {len(bad)} unreadable image(s) in {images.path}, e.g. {bad[:3]}")
-    return pl.DataFrame(
-        {"isic_id": list(isic_ids), "pred": probs.mean(axis=1), "image_ok": ok},
-        schema={"isic_id": pl.String, "pred": pl.Float64, "image_ok": pl.Boolean},
-    )
+    if run_dir.is_dir():
+        old = json.loads(path.read_text()).get("config_hash") if path.is_file() else None
+        if force or old != record["config_hash"]:
+            set_aside(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MANIFEST_FILE).unlink(missing_ok=True)  # written again once the run is complete
+    write_json(path, record)
 
 
 # ---------------------------------------------------------------------------------- train
@@ -541,20 +329,23 @@ def train_image_model(
     images: HDF5Images | str | Path,
     output_dir: str | Path,
     device: torch.device | None = None,
+    force: bool = False,
 ) -> pl.DataFrame:
     """Train (or resume) every fold of `cfg.model_name`; write and return the OOF table.
 
     `metadata` needs isic_id, patient_id, target (see prepare_frame); `images` is the hdf5 file
-    holding those ids. Works for the Kaggle data and for external sets in the same form.
+    holding those ids. Works for the Kaggle data and for external sets in the same form. The run
+    dir starts clean when `force` or when it holds a run of other settings or data; the manifest
+    is written last.
     """
     device = device or default_device()
     images = resolve_images(images)
     run_dir = Path(output_dir) / cfg.model_name
-    run_dir.mkdir(parents=True, exist_ok=True)
     frame = prepare_frame(cfg, metadata)
     check_images(frame, images)
     folds_source = "metadata" if "fold" in metadata.columns else "assign_folds"
-    write_or_check_config(run_dir, cfg, frame, folds_source)
+    record = run_record(cfg, frame, folds_source)
+    prepare_run_dir(run_dir, record, force)
     parts, history = [], []
     for fold in range(cfg.n_folds):
         path = run_dir / f"fold{fold}.pt"
@@ -578,15 +369,25 @@ def train_image_model(
     )
     write_oof(oof, run_dir / OOF_FILE)
     pl.DataFrame(history).write_csv(run_dir / HISTORY_FILE)
+    write_manifest(run_dir, record, {"stage": "image", "model": cfg.model_name})
     return oof.sort("isic_id")
 
 
-def train_from_data_dir(
-    cfg: TrainConfig, data_dir: str | Path, output_dir: str | Path
-) -> pl.DataFrame:
-    """train_image_model on a Kaggle-layout data dir (train-metadata.csv + train-image.hdf5)."""
+def run_image_stage(
+    model_name: str,
+    data_dir: str | Path,
+    output_dir: str | Path,
+    preset: str = "demo",
+    recipe: str = "paper",
+    force: bool = False,
+    **overrides,
+) -> tuple[TrainConfig, pl.DataFrame]:
+    """Stage 1 entry: the model's config (utils.settings), trained on a Kaggle-layout data dir
+    (train-metadata.csv + train-image.hdf5) into `<output_dir>/<model_name>/`; config and OOF."""
+    cfg = image_config(model_name, preset, recipe, **overrides)
     data = DataDir(data_dir)
-    return train_image_model(cfg, data.train_metadata(), data.train_images(), output_dir)
+    metadata, images = data.train_metadata(), data.train_images()
+    return cfg, train_image_model(cfg, metadata, images, output_dir, force=force)
 
 
 def fold_scores(oof: pl.DataFrame) -> pl.DataFrame:

@@ -1,23 +1,26 @@
 """Stage 2: Optuna tuning of the GBDT members on the CV pAUC of stage 3.
 
-One study per library kind (`SEARCH_SPACES`: "lgb", "cat", "xgb"). A trial suggests params
-around the centre (the published DEFAULT_PARAMS of utils.gbdt, rounds of the preset), and
-scores the stage-3 member of that kind with utils.gbdt.iter_cv: the same features, folds
-(utils.folds) and in-fold sampling. The objective is the pAUC of the member's OOF over all rows
+Entry: `run_tuning(data_dir, output_dir, image_oof_dirs, preset, recipe)`, settings from
+utils.settings (TuneConfig). One study per library kind (`SEARCH_SPACES`: "lgb", "cat", "xgb").
+A trial suggests params around the centre (the recipe's published params, utils.settings, with
+the preset's centres), and scores the stage-3 member of that kind with utils.cv.iter_cv on stage
+3's own training frame (utils.gbdt.load_training_frame): the same features, folds and in-fold
+sampling. The objective is the pAUC of the member's OOF over all rows
 (stage 3's "overall"); after each fold the mean fold pAUC so far is reported so a MedianPruner
 can stop weak trials early. Trial 0 of a new study is the centre itself, so every study holds
 the score of the default params to compare with.
 
 Storage: `<output_dir>/tuning/optuna.sqlite3`, studies `<kind>-<preset>-<setup hash>`. The hash
 covers the data (rows, targets, folds, feature names, image OOF values) and the settings, so
-running again on the same setup adds trials to the same study (an interrupted run resumes),
-while new features or retrained image models start a new study instead of mixing objectives.
+running again on the same setup adds trials to the same study (an interrupted run resumes);
+another setup (new data, features, retrained image models, other settings) or `force` moves the
+old tuning folder aside and starts clean, so objectives and outputs are never mixed.
 The sampler is TPESampler(seed + trials already in the study): deterministic, and a resumed run
 does not repeat the first run's random start-up points.
 
 `best_params.json` (next to the database) holds the best trial's params of every kind tuned on
-this setup, in the format utils.gbdt.load_params reads ({"lgb": {...}, ...}); the tuned "lgb"
-params also apply to the metadata-only member lgb_meta (utils.gbdt.resolve_params). Tuned
+this setup, in the format utils.gbdt_libraries.load_params reads ({"lgb": {...}, ...}); the
+tuned "lgb" params also apply to the metadata-only member lgb_meta (resolve_params). Tuned
 rounds replace the preset's: params tuned under "demo" carry demo-sized rounds.
 """
 
@@ -41,15 +44,17 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
-from utils.features import build_features, join_image_oofs
-from utils.folds import N_FOLDS, with_folds
-from utils.gbdt import Sampling, iter_cv, load_params, make_members, resolve_params
-from utils.io import DataDir
+from utils.cv import iter_cv
+from utils.gbdt import TrainingFrame, load_training_frame
+from utils.gbdt_libraries import load_params, make_members, resolve_params
+from utils.manifest import MANIFEST_FILE, config_hash, set_aside, write_json, write_manifest
 from utils.metric import pauc
+from utils.settings import FOLD_SEED, GBDTConfig, TuneConfig, resolve
 
 TUNING_DIR = "tuning"
 STORAGE_FILE = "optuna.sqlite3"
 BEST_PARAMS_FILE = "best_params.json"
+SETUP_FILE = "setup.json"
 DEFAULT_ATTR = "default_params"  # user attr marking trial 0, the centre of the search space
 
 Space = Callable[[optuna.Trial, Mapping[str, Any]], dict[str, Any]]
@@ -135,120 +140,24 @@ def xgb_space(trial: optuna.Trial, centre: Mapping[str, Any]) -> dict[str, Any]:
 SEARCH_SPACES: dict[str, Space] = {"lgb": lgb_space, "cat": cat_space, "xgb": xgb_space}
 
 
-@dataclass(frozen=True)
-class TunePreset:
-    """Trials per kind by default, and centre values that replace the resolved params."""
-
-    n_trials: int
-    centres: Mapping[str, Mapping[str, Any]]
+def gbdt_config(config: TuneConfig) -> GBDTConfig:
+    """Stage 3's settings for the tuning run's preset and recipe (params, sampling)."""
+    return resolve(config.preset, config.recipe).gbdt
 
 
-# "demo": a trial takes about a second on ~1,500 rows (few rounds, shallow CatBoost trees, whose
-# cost grows with 2**depth); "full": centred on the published settings.
-TUNE_PRESETS: dict[str, TunePreset] = {
-    "demo": TunePreset(
-        n_trials=3,
-        centres={
-            "lgb": {"n_estimators": 20},
-            "cat": {"iterations": 10, "depth": 4},
-            "xgb": {"n_estimators": 20},
-        },
-    ),
-    "full": TunePreset(n_trials=50, centres={}),
-}
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """Everything a tuning run fixes besides the data."""
-
-    kinds: tuple[str, ...] = tuple(SEARCH_SPACES)
-    preset: str = "demo"
-    n_trials: int = 3  # new trials per kind in this run
-    timeout: float | None = None  # seconds per kind's study; None: no limit
-    seed: int = 0  # sampler seed
-    model_seeds: tuple[int, ...] = (0,)
-    threads: int | None = None
-    sampling: Sampling = Sampling()
-    n_startup_trials: int = 5  # the pruner waits for this many finished trials
-    n_warmup_steps: int = 1  # and never prunes after the first fold alone
-
-
-def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
-    """`kinds` as a tuple; ValueError for an unknown, repeated or empty list."""
-    if isinstance(kinds, str) or not kinds:
-        raise ValueError(
-            f"kinds must be a non-empty list of {sorted(SEARCH_SPACES)}, got {kinds!r}"
-        )
-    unknown = [k for k in kinds if k not in SEARCH_SPACES]
-    if unknown:
-        raise ValueError(f"unknown GBDT kind(s) {unknown}; choose from {sorted(SEARCH_SPACES)}")
-    if len(set(kinds)) != len(kinds):
-        raise ValueError(f"kinds lists a GBDT kind twice: {list(kinds)}")
-    return tuple(kinds)
-
-
-def make_config(
-    preset: str = "demo",
-    kinds: Sequence[str] = tuple(SEARCH_SPACES),
-    n_trials: int | None = None,
-    timeout: float | None = None,
-    **overrides: Any,
-) -> TuneConfig:
-    """A checked TuneConfig; n_trials None takes the preset's."""
-    if preset not in TUNE_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(TUNE_PRESETS)}")
-    n_trials = TUNE_PRESETS[preset].n_trials if n_trials is None else n_trials
-    if not isinstance(n_trials, int) or n_trials < 1:
-        raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be positive seconds or None, got {timeout!r}")
-    return TuneConfig(
-        kinds=check_kinds(kinds), preset=preset, n_trials=n_trials, timeout=timeout, **overrides
-    )
-
-
-@dataclass(frozen=True)
-class TuneData:
-    """Stage 3's training frame: features (+ image OOF columns), target and folds."""
-
-    frame: pl.DataFrame
-    y: np.ndarray
-    folds: np.ndarray
-    meta_features: tuple[str, ...]
-    image_columns: tuple[str, ...]
-
-
-def load_tune_data(
-    data_dir: str | Path, image_oof_dirs: Sequence[str | Path] = (), n_folds: int = N_FOLDS
-) -> TuneData:
-    """Features, folds and image OOF columns exactly as notebooks/03_gbdt builds them."""
-    train = DataDir(data_dir).train_metadata()
-    frame, meta_features = build_features(train, source=data_dir)
-    frame = frame.with_columns(with_folds(train, n_folds).select("fold", "target"))
-    frame, image_columns = join_image_oofs(frame, image_oof_dirs)
-    return TuneData(
-        frame=frame,
-        y=frame["target"].to_numpy().astype(np.int8),
-        folds=frame["fold"].to_numpy(),
-        meta_features=tuple(meta_features),
-        image_columns=tuple(image_columns),
-    )
-
-
-def centre_params(kind: str, preset: str) -> dict[str, Any]:
+def centre_params(kind: str, config: TuneConfig) -> dict[str, Any]:
     """The params a search space of `kind` is centred on: resolved defaults + preset centres."""
-    return {**resolve_params(None, preset)[kind], **TUNE_PRESETS[preset].centres.get(kind, {})}
+    return {**resolve_params(gbdt_config(config))[kind], **config.centres.get(kind, {})}
 
 
-def default_trial_params(kind: str, preset: str) -> dict[str, Any]:
+def default_trial_params(kind: str, config: TuneConfig) -> dict[str, Any]:
     """The searched params at the centre (enqueued as trial 0 of a new study)."""
-    centre = centre_params(kind, preset)
+    centre = centre_params(kind, config)
     return SEARCH_SPACES[kind](optuna.trial.FixedTrial(centre), centre)
 
 
-def setup_of(data: TuneData, config: TuneConfig) -> dict[str, Any]:
-    """What makes trials comparable: data, features, folds, preset, sampling, model seeds."""
+def setup_of(data: TrainingFrame, config: TuneConfig) -> dict[str, Any]:
+    """What makes trials comparable: data, features, folds, preset, recipe, sampling, seeds."""
     digest = hashlib.sha1(data.y.tobytes())
     digest.update(np.ascontiguousarray(data.folds).tobytes())
     digest.update(json.dumps([data.meta_features, data.image_columns]).encode())
@@ -261,8 +170,10 @@ def setup_of(data: TuneData, config: TuneConfig) -> dict[str, Any]:
         "features": len(data.meta_features),
         "image_columns": list(data.image_columns),
         "preset": config.preset,
+        "recipe": config.recipe,
+        "sampler_seed": config.seed,
         "model_seeds": list(config.model_seeds),
-        "sampling": asdict(config.sampling),
+        "sampling": asdict(gbdt_config(config).sampling),
         "data_hash": digest.hexdigest()[:12],
     }
 
@@ -295,7 +206,7 @@ def _default_trials(study: optuna.Study, states: Sequence[TrialState]) -> list[F
     return [t for t in trials if t.user_attrs.get(DEFAULT_ATTR)]
 
 
-def open_study(kind: str, data: TuneData, config: TuneConfig, storage: str) -> optuna.Study:
+def open_study(kind: str, data: TrainingFrame, config: TuneConfig, storage: str) -> optuna.Study:
     """Create or resume the study of `kind` for this setup; a new one gets the centre as trial 0."""
     setup = setup_of(data, config)
     pruner = optuna.pruners.MedianPruner(
@@ -313,17 +224,16 @@ def open_study(kind: str, data: TuneData, config: TuneConfig, storage: str) -> o
         study.set_user_attr("setup", setup)
     # a run killed during trial 0 leaves it RUNNING for good: queue the centre again
     if not _default_trials(study, (TrialState.COMPLETE, TrialState.WAITING)):
-        study.enqueue_trial(
-            default_trial_params(kind, config.preset), user_attrs={DEFAULT_ATTR: True}
-        )
+        study.enqueue_trial(default_trial_params(kind, config), user_attrs={DEFAULT_ATTR: True})
     study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
     return study
 
 
-def objective(trial: optuna.Trial, kind: str, data: TuneData, config: TuneConfig) -> float:
+def objective(trial: optuna.Trial, kind: str, data: TrainingFrame, config: TuneConfig) -> float:
     """OOF pAUC of the stage-3 member `kind` with the trial's params; mean fold pAUC reported."""
-    searched = SEARCH_SPACES[kind](trial, centre_params(kind, config.preset))
-    params = resolve_params({kind: searched}, config.preset)
+    searched = SEARCH_SPACES[kind](trial, centre_params(kind, config))
+    gbdt = gbdt_config(config)
+    params = resolve_params(gbdt, {kind: searched})
     members = make_members(data.meta_features, data.image_columns, params, names=[kind])
     sums = np.zeros(data.y.size)
     scores: list[float] = []
@@ -333,7 +243,7 @@ def objective(trial: optuna.Trial, kind: str, data: TuneData, config: TuneConfig
         data.folds,
         members,
         config.model_seeds,
-        config.sampling,
+        gbdt.sampling,
         config.threads,
     )
     for step, fold in enumerate(results):
@@ -347,7 +257,7 @@ def objective(trial: optuna.Trial, kind: str, data: TuneData, config: TuneConfig
     return pauc(data.y, sums / len(config.model_seeds))
 
 
-def tune_kind(kind: str, data: TuneData, config: TuneConfig, storage: str) -> optuna.Study:
+def tune_kind(kind: str, data: TrainingFrame, config: TuneConfig, storage: str) -> optuna.Study:
     """Run `config.n_trials` more trials (or until `config.timeout`) in the study of `kind`."""
     study = open_study(kind, data, config, storage)
     study.optimize(
@@ -359,14 +269,16 @@ def tune_kind(kind: str, data: TuneData, config: TuneConfig, storage: str) -> op
     return study
 
 
-def tune(data: TuneData, config: TuneConfig, output_dir: str | Path) -> dict[str, optuna.Study]:
+def tune(
+    data: TrainingFrame, config: TuneConfig, output_dir: str | Path
+) -> dict[str, optuna.Study]:
     """Tune every kind of `config.kinds` in turn; the studies by kind."""
     storage = storage_url(output_dir)
     return {kind: tune_kind(kind, data, config, storage) for kind in config.kinds}
 
 
 def tuned_studies(
-    data: TuneData, config: TuneConfig, output_dir: str | Path
+    data: TrainingFrame, config: TuneConfig, output_dir: str | Path
 ) -> dict[str, optuna.Study]:
     """Every kind's study of this setup found in the database (tuned now or in earlier runs)."""
     storage = storage_url(output_dir)
@@ -394,7 +306,7 @@ def write_best_params(studies: Mapping[str, optuna.Study], output_dir: str | Pat
             stacklevel=2,
         )
     path = tuning_dir(output_dir) / BEST_PARAMS_FILE
-    path.write_text(json.dumps(params, indent=2, sort_keys=True))
+    write_json(path, dict(sorted(params.items())))
     load_params(path)
     return path
 
@@ -489,3 +401,61 @@ def plot_importances(importances: Mapping[str, Mapping[str, float]]) -> Figure:
         ax.set(xlabel="fANOVA importance")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------- entry
+
+
+@dataclass(frozen=True)
+class TuningRun:
+    """What a stage 2 run produced, for the notebook to show."""
+
+    config: TuneConfig
+    data: TrainingFrame
+    studies: dict[str, optuna.Study]  # every kind tuned on this setup, now or in earlier runs
+    params_path: Path
+    summary: pl.DataFrame
+    importances: dict[str, dict[str, float]]
+    out_dir: Path
+
+
+def prepare_tuning_dir(out: Path, setup: Mapping[str, Any], force: bool) -> None:
+    """Start clean when forced or when the folder holds studies of another setup (other data,
+    image OOFs or settings): those are moved aside. Same setup: the studies go on (resume)."""
+    key = config_hash(setup)
+    path = out / SETUP_FILE
+    old = json.loads(path.read_text()).get("setup_hash") if path.is_file() else None
+    if out.is_dir() and (force or old != key):
+        set_aside(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+    write_json(path, {"setup": setup, "setup_hash": key})
+
+
+def run_tuning(
+    data_dir: str | Path,
+    output_dir: str | Path,
+    image_oof_dirs: Sequence[str | Path] = (),
+    preset: str = "demo",
+    recipe: str = "paper",
+    force: bool = False,
+    **overrides: Any,
+) -> TuningRun:
+    """Stage 2 entry: stage 3's training frame, the studies, best_params.json, tables, plots and
+    the manifest in `<output_dir>/tuning/`. `overrides` are TuneConfig fields (None: preset's)."""
+    config = resolve(preset, recipe, tuning=overrides).tuning
+    data = load_training_frame(data_dir, image_oof_dirs, config.n_folds, FOLD_SEED)
+    setup = setup_of(data, config)
+    out = Path(output_dir) / TUNING_DIR
+    prepare_tuning_dir(out, setup, force)
+    tune(data, config, output_dir)
+    studies = tuned_studies(data, config, output_dir)
+    params_path = write_best_params(studies, output_dir)
+    summary = summary_table(studies)
+    summary.write_csv(out / "summary.csv")
+    plot_history(studies).savefig(out / "history.png", dpi=100, bbox_inches="tight")
+    importances = {kind: param_importances(study, config.seed) for kind, study in studies.items()}
+    plot_importances(importances).savefig(out / "importance.png", dpi=100, bbox_inches="tight")
+    record = {"tuning": asdict(config), "setup": setup, "image_sources": data.image_sources}
+    write_manifest(out, record, {"stage": "tuning"})
+    return TuningRun(config, data, studies, params_path, summary, importances, out)

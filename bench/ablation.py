@@ -1,0 +1,236 @@
+"""Ablation of the `plus` recipe's candidates (issue 16): 5-fold CV of the metadata + image GBDT
+ensemble for `paper`, `paper` + each candidate alone and all candidates together, over seeds.
+
+    python -m bench.ablation --data-dir /tmp/syn_full [--seeds 0 1 2] [--bag-seeds 3]
+        [--candidates patient_image ugly_duckling blend seed_bagging] [--preset full]
+        [--threads N] [--members lgb_meta lgb cat xgb]
+
+Data: a synthetic data dir and its truth file (`<data dir>-truth.csv`, utils.synthetic). The
+image models trained here cannot learn the images, so the image columns are STAND-IN OOFs, one
+per registered image model (utils.settings.IMAGE_MODELS): sigmoid(logit(true prob) + noise),
+noise sd `STANDIN_NOISE[model]`, drawn anew per seed; each column's pAUC alone is printed.
+
+Seeds: each seed s sets the fold assignment (fold seed FOLD_SEED + s), the GBDT seed (s; with
+seed bagging s, s + 1, ...; each seed draws its own over/under-sample) and the stand-in noise.
+The data stay the same (regenerate the data dir with another --seed to vary them too).
+
+Candidates: `patient_image` (utils.plus_features.patient_image_features on the image columns,
+seen by the image members), `ugly_duckling` (utils.plus_features.ugly_duckling_features, seen by
+every member, lgb_meta included), `blend` (utils.blend.nested_blend of the members' OOF instead
+of equal weights; no extra CV), `seed_bagging` (--bag-seeds GBDT seeds per member). `plus` runs
+them all together. The table gives, per row, mean and spread (std, min-max) of the ensemble's OOF
+pAUC over seeds, the mean paired gain over `paper` and its std, and wall seconds (the row's
+features and CV; the blend's fitting time on top of the CV it blends).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import print_end, print_machine, usable_cores  # noqa: E402
+from utils.blend import nested_blend  # noqa: E402
+from utils.cv import cross_validate  # noqa: E402
+from utils.features import IMAGE_PREFIX  # noqa: E402
+from utils.folds import assign_folds  # noqa: E402
+from utils.gbdt import TrainingFrame, load_training_frame  # noqa: E402
+from utils.gbdt_libraries import ENSEMBLE, GBDT_MODELS, make_members, resolve_params  # noqa: E402
+from utils.io import DataDir  # noqa: E402
+from utils.metric import pauc  # noqa: E402
+from utils.plus_features import (  # noqa: E402
+    patient_image_feature_names,
+    patient_image_features,
+    ugly_duckling_feature_names,
+    ugly_duckling_features,
+)
+from utils.settings import FOLD_SEED, IMAGE_MODELS, N_FOLDS, resolve  # noqa: E402
+from utils.synthetic import default_truth_path  # noqa: E402
+
+CANDIDATES = ("patient_image", "ugly_duckling", "blend", "seed_bagging")
+# logit-scale noise sd of each stand-in image OOF (the true logit's sd is about 2.4 at full scale)
+STANDIN_NOISE: dict[str, float] = {
+    "convnextv2_nano": 2.0,
+    "vit_tiny": 2.5,
+    "vit_tiny_suspicious": 3.0,
+    "vit_small_suspicious": 2.5,
+}
+
+
+def standin_image_oofs(
+    truth: pl.DataFrame, ids: pl.Series, seed: int, noise: Mapping[str, float] = STANDIN_NOISE
+) -> pl.DataFrame:
+    """isic_id plus one img_<model> column per image model: sigmoid(logit(prob) + N(0, sd))."""
+    prob = ids.to_frame("isic_id").join(truth, on="isic_id", how="left", maintain_order="left")
+    missing = prob["prob"].null_count()
+    if missing:
+        raise ValueError(f"standin_image_oofs: {missing} isic_id(s) missing from the truth file")
+    p = np.clip(prob["prob"].to_numpy(), 1e-9, 1 - 1e-9)
+    logit = np.log(p / (1 - p))
+    rng = np.random.default_rng(seed)
+    columns = {
+        f"{IMAGE_PREFIX}{model}": 1 / (1 + np.exp(-(logit + rng.normal(0.0, sd, p.size))))
+        for model, sd in noise.items()
+    }
+    return pl.DataFrame({"isic_id": ids, **columns}).with_columns(
+        pl.col(name).cast(pl.Float32) for name in columns
+    )
+
+
+def run_row(
+    frame: pl.DataFrame,
+    y: np.ndarray,
+    folds: np.ndarray,
+    meta: Sequence[str],
+    images: Sequence[str],
+    params: Mapping,
+    seeds: Sequence[int],
+    member_names: Sequence[str],
+    threads: int | None,
+    blend: bool,
+) -> tuple[float, float, dict[str, float]]:
+    """One CV (and optionally its nested blend): ensemble OOF pAUC, wall seconds, member pAUCs."""
+    start = time.perf_counter()
+    members = make_members(meta, images, params, names=member_names)
+    result = cross_validate(frame, y, folds, members, seeds, threads=threads)
+    scores = {name: pauc(y, result.oof[name]) for name in members}
+    score = pauc(y, result.oof[ENSEMBLE])
+    if blend and len(members) > 1:
+        blended = nested_blend(np.column_stack([result.oof[m] for m in members]), y, folds)
+        score = blended.pauc
+        scores["weights"] = " ".join(f"{w:.2f}" for w in blended.weights)
+    return score, time.perf_counter() - start, scores
+
+
+def row_plan(candidates: Sequence[str]) -> list[tuple[str, set[str]]]:
+    """(row name, candidates on) for paper, paper + each candidate, and plus (all of them)."""
+    rows = [("paper", set())] + [(f"paper + {c}", {c}) for c in candidates]
+    if len(candidates) > 1:
+        rows.append(("plus (all candidates)", set(candidates)))
+    return rows
+
+
+def summarise(results: pl.DataFrame) -> pl.DataFrame:
+    """Per row: mean, std, min, max of pAUC over seeds, mean paired gain over paper, wall s."""
+    paper = results.filter(pl.col("row") == "paper").select("seed", paper_pauc="pauc")
+    joined = results.join(paper, on="seed").with_columns(gain=pl.col("pauc") - pl.col("paper_pauc"))
+    return joined.group_by("row", maintain_order=True).agg(
+        seeds=pl.len(),
+        pauc_mean=pl.col("pauc").mean(),
+        pauc_std=pl.col("pauc").std(),
+        pauc_min=pl.col("pauc").min(),
+        pauc_max=pl.col("pauc").max(),
+        gain_mean=pl.col("gain").mean(),
+        gain_std=pl.col("gain").std(),
+        wall_s=pl.col("wall_s").mean(),
+    )
+
+
+def feature_frames(
+    data: TrainingFrame, data_dir: Path, candidates: Sequence[str], threads: int | None
+) -> tuple[pl.DataFrame, list[str], float]:
+    """The frame with the ugly-duckling features joined (when asked), their names and seconds."""
+    if "ugly_duckling" not in candidates:
+        return data.frame, [], 0.0
+    start = time.perf_counter()
+    metadata = DataDir(data_dir).train_metadata()
+    outliers = ugly_duckling_features(metadata, n_jobs=threads)
+    frame = data.frame.join(outliers, on="isic_id", how="left", maintain_order="left")
+    return frame, ugly_duckling_feature_names(), time.perf_counter() - start
+
+
+def ablation(
+    data_dir: str | Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    candidates: Sequence[str] = CANDIDATES,
+    bag_seeds: int = 3,
+    preset: str = "full",
+    threads: int | None = None,
+    member_names: Sequence[str] = tuple(GBDT_MODELS),
+    verbose: bool = True,
+) -> pl.DataFrame:
+    """One row per (table row, seed): pAUC of the ensemble's OOF and wall seconds."""
+    data_dir = Path(data_dir)
+    unknown = sorted(set(candidates) - set(CANDIDATES))
+    if unknown:
+        raise ValueError(f"unknown candidate(s) {unknown}; known: {list(CANDIDATES)}")
+    truth = pl.read_csv(default_truth_path(data_dir), columns=["isic_id", "prob"])
+    data = load_training_frame(data_dir)
+    frame, outlier_names, outlier_s = feature_frames(data, data_dir, candidates, threads)
+    meta, y = list(data.meta_features), data.y
+    params = resolve_params(resolve(preset).gbdt)
+    images = [f"{IMAGE_PREFIX}{m}" for m in IMAGE_MODELS]
+    records = []
+    for seed in seeds:
+        folds = assign_folds(frame, N_FOLDS, FOLD_SEED + seed)
+        standins = standin_image_oofs(truth, frame["isic_id"], seed)
+        start = time.perf_counter()
+        seeded = frame.join(standins, on="isic_id", how="left", maintain_order="left")
+        seeded = patient_image_features(seeded, images) if "patient_image" in candidates else seeded
+        patient_s = time.perf_counter() - start
+        if verbose:
+            strength = ", ".join(f"{c} {pauc(y, seeded[c].to_numpy()):.4f}" for c in images)
+            print(f"seed {seed}: stand-in image OOF pAUC alone: {strength}", flush=True)
+        for name, on in row_plan(candidates):
+            row_meta = meta + (outlier_names if "ugly_duckling" in on else [])
+            row_images = images + (
+                patient_image_feature_names(images) if "patient_image" in on else []
+            )
+            row_seeds = [seed + k for k in range(bag_seeds)] if "seed_bagging" in on else [seed]
+            score, wall, members = run_row(
+                seeded, y, folds, row_meta, row_images, params, row_seeds, member_names,
+                threads, "blend" in on,
+            )  # fmt: skip
+            wall += outlier_s * ("ugly_duckling" in on) + patient_s * ("patient_image" in on)
+            records.append({"row": name, "seed": seed, "pauc": score, "wall_s": wall})
+            if verbose:
+                detail = ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in members.items()
+                )
+                print(f"  {name:<28} pAUC {score:.4f}  {wall:6.1f} s  ({detail})", flush=True)
+    return pl.DataFrame(records)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", type=Path, required=True, help="synthetic data dir")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
+    parser.add_argument("--bag-seeds", type=int, default=3, help="GBDT seeds with seed_bagging")
+    parser.add_argument("--preset", default="full", choices=("demo", "full"))
+    parser.add_argument("--threads", type=int, default=None, help="default: every usable core")
+    parser.add_argument("--members", nargs="+", default=list(GBDT_MODELS), choices=GBDT_MODELS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> pl.DataFrame:
+    args = parse_args(argv)
+    print_machine(f"GBDT threads {args.threads or usable_cores()}; preset {args.preset}")
+    start = time.perf_counter()
+    results = ablation(
+        args.data_dir,
+        args.seeds,
+        args.candidates,
+        args.bag_seeds,
+        args.preset,
+        args.threads,
+        args.members,
+    )
+    table = summarise(results)
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, float_precision=4):
+        print(table)
+    print(f"total wall {time.perf_counter() - start:.1f} s")
+    print_end()
+    return table
+
+
+if __name__ == "__main__":
+    main()

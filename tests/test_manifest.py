@@ -1,0 +1,78 @@
+"""utils.manifest: what made an artifact folder, its check, atomic writes, set-aside."""
+
+import json
+import re
+
+from utils.manifest import (
+    MANIFEST_FILE,
+    code_hash,
+    config_hash,
+    library_versions,
+    read_manifest,
+    set_aside,
+    verify_manifest,
+    write_atomic,
+    write_manifest,
+)
+
+
+def _folder(tmp_path):
+    root = tmp_path / "run"
+    (root / "models").mkdir(parents=True)
+    (root / "oof.csv").write_text("isic_id,pred\nA,0.5\n")
+    (root / "models" / "m0.txt").write_bytes(b"\x00model")
+    return root
+
+
+def test_manifest_records_files_config_code_and_libraries(tmp_path):
+    root = _folder(tmp_path)
+    write_manifest(root, {"lr": 0.1, "seed": 1}, {"stage": "test"})
+    record = read_manifest(root)
+    assert set(record["files"]) == {"oof.csv", "models/m0.txt"}
+    assert record["files"]["models/m0.txt"]["size"] == 6
+    assert record["config"] == {"lr": 0.1, "seed": 1} and record["stage"] == "test"
+    assert record["config_hash"] == config_hash({"seed": 1, "lr": 0.1})
+    assert re.fullmatch(r"[0-9a-f]{16}", record["code_hash"]) and record["code_hash"] == code_hash()
+    assert record["libraries"]["polars"] and record["libraries"]["numpy"]
+    assert record["libraries"] == library_versions()
+    assert verify_manifest(root) == []
+
+
+def test_verify_names_changed_missing_and_extra_files(tmp_path):
+    root = _folder(tmp_path)
+    write_manifest(root, {})
+    (root / "oof.csv").write_text("isic_id,pred\nA,0.6\n")  # same size, other content
+    (root / "models" / "m0.txt").unlink()
+    (root / "models" / "m1.txt").write_text("from another run")
+    problems = verify_manifest(root)
+    assert len(problems) == 3
+    assert "oof.csv: content differs" in problems[0] or "oof.csv: content differs" in problems[1]
+    assert any("m0.txt: listed in the manifest but missing" in p for p in problems)
+    assert any("not in the manifest" in p and "models/m1.txt" in p for p in problems)
+    (root / MANIFEST_FILE).unlink()
+    assert "no manifest.json" in verify_manifest(root)[0]
+
+
+def test_config_hash_ignores_key_order_and_sees_values():
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_set_aside_moves_a_run_and_keeps_one_generation(tmp_path):
+    root = _folder(tmp_path)
+    moved = set_aside(root, log=lambda _: None)
+    assert moved == tmp_path / ".previous" / "run" and not root.exists()
+    assert (moved / "oof.csv").is_file()
+    root.mkdir()
+    (root / "new.txt").write_text("second run")
+    set_aside(root, log=lambda _: None)
+    assert sorted(p.name for p in moved.iterdir()) == ["new.txt"]
+    assert set_aside(tmp_path / "absent") is None
+
+
+def test_write_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "data.json"
+    write_atomic(path, json.dumps({"a": 1}))
+    write_atomic(path, b'{"a": 2}')
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["data.json"]

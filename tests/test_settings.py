@@ -1,0 +1,141 @@
+"""utils.settings: one registry, one preset table, one resolve; no stage has its own."""
+
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils import kaggle_build, pipeline
+from utils.models import BACKBONES
+from utils.settings import (
+    IMAGE_MODELS,
+    RECIPES,
+    GBDTConfig,
+    TrainConfig,
+    image_config,
+    resolve,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# Modules that may define settings: the settings module itself and the owners of other issues
+# (utils.models' BACKBONES is the timm name per backbone, checked against the registry below).
+SETTINGS_FREE = [
+    p
+    for p in sorted((REPO / "utils").glob("*.py"))
+    if p.stem not in {"settings", "models", "kaggle_build", "kaggle_input", "kaggle_run"}
+]
+
+
+def test_registry_agrees_with_models_pipeline_kaggle_and_notebooks():
+    assert set(IMAGE_MODELS) == {
+        "convnextv2_nano",
+        "vit_tiny",
+        "vit_tiny_suspicious",
+        "vit_small_suspicious",
+    }
+    assert {spec.backbone for spec in IMAGE_MODELS.values()} == set(BACKBONES)
+    for name, spec in IMAGE_MODELS.items():
+        assert spec.pooling == BACKBONES[spec.backbone].head, name
+        assert (REPO / "notebooks" / f"01_image_{name}.ipynb").is_file()
+        assert (REPO / "kernels" / f"01_image_{name}").is_dir()
+    assert [s.name for s in pipeline.STAGES if s.name.startswith("image_")] == [
+        f"image_{m}" for m in IMAGE_MODELS
+    ]
+    assert tuple(kaggle_build.IMAGE_MODELS) == tuple(IMAGE_MODELS)
+    backbones = {name: spec.backbone for name, spec in IMAGE_MODELS.items()}
+    assert {m: getattr(b, "backbone", b) for m, b in kaggle_build.IMAGE_BACKBONES.items()} == (
+        backbones
+    )
+
+
+def test_settings_module_imports_without_torch():
+    code = "import sys, utils.settings; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def _own_settings(path: Path) -> list[str]:
+    """Module-level preset tables, *Config classes or dicts keyed by a preset name in `path`."""
+    found = []
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name.endswith(("Config", "Preset", "Sizes")):
+            found.append(f"class {node.name}")
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        targets += [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            if isinstance(target, ast.Name) and "PRESET" in target.id:
+                found.append(target.id)
+        value = getattr(node, "value", None)
+        if isinstance(value, ast.Dict):
+            keys = {k.value for k in value.keys if isinstance(k, ast.Constant)}
+            if keys & {"demo", "full"}:
+                found.append(f"dict keyed by {sorted(keys & {'demo', 'full'})}")
+    return found
+
+
+def test_no_stage_module_has_settings_of_its_own():
+    offenders = {p.name: _own_settings(p) for p in SETTINGS_FREE}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert len(SETTINGS_FREE) > 10  # the scan really covers the stage modules
+
+
+def test_the_scan_catches_a_stage_preset_table(tmp_path):
+    planted = tmp_path / "stage.py"
+    planted.write_text('PRESETS = {"demo": 1, "full": 2}\n\nclass EvalConfig:\n    pass\n')
+    assert sorted(_own_settings(planted)) == [
+        "PRESETS",
+        "class EvalConfig",
+        "dict keyed by ['demo', 'full']",
+    ]
+
+
+def test_resolve_keeps_none_applies_overrides_and_rejects_unknowns():
+    demo = resolve("demo")
+    assert (demo.preset, demo.recipe) == ("demo", "paper") and RECIPES == ("paper",)
+    assert demo.image.image_size == 32 and demo.image.epochs == 1
+    changed = resolve("demo", image={"epochs": 3, "image_size": None}, gbdt={"seeds": [0, 1]})
+    assert (changed.image.epochs, changed.image.image_size) == (3, 32)
+    assert changed.gbdt.seeds == (0, 1) and isinstance(changed.gbdt, GBDTConfig)
+    assert changed.tuning == demo.tuning
+    with pytest.raises(KeyError, match="unknown preset"):
+        resolve("huge")
+    with pytest.raises(KeyError, match="unknown recipe"):
+        resolve("demo", "plus")
+    with pytest.raises(KeyError, match="unknown stage"):
+        resolve("demo", images={"epochs": 1})
+    with pytest.raises(TypeError):
+        resolve("demo", image={"epoch": 1})  # a misspelt field is an error, not ignored
+
+
+def test_image_config_full_is_the_papers_table_1():
+    cfg = image_config("vit_small_suspicious", "full", epochs=None, image_size=96)
+    assert (cfg.backbone, cfg.label, cfg.epochs, cfg.image_size) == (
+        "vit_small",
+        "suspicious",
+        30,
+        96,
+    )
+    full = image_config("convnextv2_nano", "full")
+    assert (full.batch_size, full.lr, full.min_lr, full.warmup, full.n_folds) == (
+        32,
+        1e-4,
+        1e-6,
+        0.05,
+        5,
+    )
+    with pytest.raises(KeyError, match="unknown image model"):
+        image_config("resnet", "demo")
+    with pytest.raises(ValueError, match="label"):
+        dataclasses.replace(cfg, label="iddx")
+    with pytest.raises(ValueError, match="backbone"):
+        TrainConfig(backbone="resnet50")
+
+
+def test_pipeline_passes_names_and_paths_only(tmp_path):
+    """So a notebook run alone and the pipeline get the same demo sizes from utils.settings."""
+    run = pipeline.make_run(None, tmp_path, "demo")
+    image = next(s for s in pipeline.STAGES if s.name == "image_vit_tiny")
+    assert set(image.parameters(run)) == {"data_dir", "output_dir", "preset", "recipe"}
+    assert run.sizes == resolve("demo").data

@@ -1,0 +1,178 @@
+"""One predict function for every image model: fold checkpoints in, probabilities out.
+
+Stage 1 scores its validation fold with `predict_with_models`; stage 4 (the submission kernel)
+and stage 5 load a finished run dir with `load_fold_models` and score test images with
+`predict`, whose value per image is the mean of the fold models' probabilities (as the OOF
+feature was made in training). fp16 autocast and channels_last on CUDA; CPU works the same.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from utils.image_data import (
+    ImageDataset,
+    NegativeResampler,
+    collate_batch,
+    eval_transforms,
+    reseed_worker,
+)
+from utils.io import HDF5Images
+from utils.models import ImageModel
+from utils.settings import TrainConfig
+
+CONFIG_FILE = "config.json"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_images(images: HDF5Images | str | Path) -> HDF5Images:
+    return images if isinstance(images, HDF5Images) else HDF5Images(images)
+
+
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    num_workers: int,
+    sampler: NegativeResampler | None = None,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=reseed_worker,
+        collate_fn=collate_batch,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+def batch_images(batch: dict, device: torch.device) -> torch.Tensor:
+    """The batch's uint8 images on `device`: channels_last on CUDA (as collate_batch stacks them,
+    so no copy), contiguous NCHW on CPU, where timm's models run faster that way."""
+    x = batch["image"].to(device, non_blocking=True)
+    if device.type == "cuda":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
+
+
+def build_model(cfg: TrainConfig, weights_path: str | None = None) -> ImageModel:
+    return ImageModel(
+        cfg.backbone,
+        cfg.image_size,
+        weights_path=weights_path,
+        dropout=cfg.dropout,
+        dropout_samples=cfg.dropout_samples,
+    )
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to device; channels_last on CUDA, where it speeds up the convolutions."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+@torch.no_grad()
+def predict_with_models(
+    models: Sequence[nn.Module],
+    images: HDF5Images,
+    isic_ids: Sequence[str],
+    image_size: int,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    device: torch.device | None = None,
+    desc: str = "predict",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (n_ids, n_models) from one pass over the images, and the readable-image mask.
+
+    Each image is decoded once and the batch goes through every model (fp16 autocast on CUDA).
+    Rows whose image is missing or undecodable are NaN and False in the mask.
+    """
+    device = device or default_device()
+    dataset = ImageDataset(
+        images, isic_ids, transform=eval_transforms(image_size), skip_unreadable=True
+    )
+    loader = make_loader(dataset, batch_size, num_workers)
+    probs = np.full((len(dataset), len(models)), np.nan, dtype=np.float64)
+    ok = np.zeros(len(dataset), dtype=bool)
+    for model in models:
+        model.eval()
+    cuda = device.type == "cuda"
+    for batch in tqdm(loader, desc=desc, leave=False, mininterval=5):
+        x = batch_images(batch, device)
+        index = batch["index"].numpy()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            for j, model in enumerate(models):
+                probs[index, j] = torch.sigmoid(model(x)["logits"].float()).cpu().numpy()
+        ok[index] = batch["ok"].numpy()
+    probs[~ok] = np.nan
+    return probs, ok
+
+
+def load_config(model_dir: str | Path) -> TrainConfig:
+    """The TrainConfig saved in `model_dir`/config.json."""
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in image model dir {model_dir}")
+    return TrainConfig(**json.loads(path.read_text())["config"])
+
+
+def load_fold_models(
+    model_dir: str | Path, device: torch.device | None = None
+) -> tuple[TrainConfig, list[ImageModel]]:
+    """Config and every fold{k}.pt model of a run dir, on `device`, in eval mode."""
+    device = device or default_device()
+    cfg = load_config(model_dir)
+    models = []
+    for k in range(cfg.n_folds):
+        path = Path(model_dir) / f"fold{k}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; the run of {cfg.model_name} is unfinished")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(cfg)
+        model.load_state_dict(checkpoint["state_dict"])
+        models.append(to_device(model, device).eval())
+    return cfg, models
+
+
+def predict(
+    model_dir: str | Path,
+    images: HDF5Images | str | Path,
+    isic_ids: Sequence[str],
+    batch_size: int = 128,
+    num_workers: int = 2,
+    device: torch.device | None = None,
+) -> pl.DataFrame:
+    """isic_id, pred (mean of the fold models' probabilities), image_ok for one image model.
+
+    Unreadable or missing images get pred NaN and image_ok False (counted and reported), so the
+    caller can fall back to a metadata-only score for those rows.
+    """
+    device = device or default_device()
+    cfg, models = load_fold_models(model_dir, device)
+    images = resolve_images(images)
+    probs, ok = predict_with_models(
+        models, images, isic_ids, cfg.image_size, batch_size, num_workers, device, cfg.model_name
+    )
+    if (~ok).any():
+        bad = [i for i, good in zip(isic_ids, ok, strict=True) if not good]
+        print(f"{cfg.model_name}: {len(bad)} unreadable image(s) in {images.path}, e.g. {bad[:3]}")
+    return pl.DataFrame(
+        {"isic_id": list(isic_ids), "pred": probs.mean(axis=1), "image_ok": ok},
+        schema={"isic_id": pl.String, "pred": pl.Float64, "image_ok": pl.Boolean},
+    )

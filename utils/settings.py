@@ -1,0 +1,400 @@
+"""Every setting of every stage, in one torch-free module: the image-model registry, the presets
+and one `resolve` function.
+
+Two axes (DESIGN.md): the size preset (`demo`: CPU, CI, minutes; `full`: Kaggle, real sizes) and
+the recipe (`paper`: the validated reference, the default; later recipes add measured changes).
+`resolve(preset, recipe, image=..., gbdt=..., ...)` returns one `Settings` holding each stage's
+config; an override that is None keeps the preset's value, so a notebook can pass its parameters
+cell through unchanged. Stage modules hold logic only: they take these configs.
+
+    cfg = resolve("demo", gbdt={"seeds": [0, 1]}).gbdt
+    image = image_config("vit_tiny", "demo", epochs=2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+RECIPES = ("paper",)
+LABELS = ("target", "suspicious")
+POOLINGS = ("multiscale_gem", "token")
+
+# The one fold assignment (utils.folds): StratifiedGroupKFold by patient, this many splits, seed.
+N_FOLDS = 5
+FOLD_SEED = 42
+
+
+@dataclass(frozen=True)
+class ImageModelSpec:
+    """One image model of the method: backbone (utils.models.BACKBONES), label, pooling head."""
+
+    backbone: str
+    label: str  # training label; validation and OOF always use the real target
+    pooling: str  # must be the head utils.models gives this backbone (a test checks it)
+
+
+# The four image models of the method; a kernel's weight file is `<backbone>.pth`.
+IMAGE_MODELS: dict[str, ImageModelSpec] = {
+    "convnextv2_nano": ImageModelSpec("convnextv2_nano", "target", "multiscale_gem"),
+    "vit_tiny": ImageModelSpec("vit_tiny", "target", "token"),
+    "vit_tiny_suspicious": ImageModelSpec("vit_tiny", "suspicious", "token"),
+    "vit_small_suspicious": ImageModelSpec("vit_small", "suspicious", "token"),
+}
+BACKBONE_NAMES = tuple(sorted({spec.backbone for spec in IMAGE_MODELS.values()}))
+
+
+# ---------------------------------------------------------------------------------- stage configs
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Synthetic data dir the pipeline generates without --data-dir (utils.synthetic.generate)."""
+
+    rows: int
+    patients: int | None
+    positive_rate: float
+    test_rows: int | None
+    image_size: int  # JPEG side stored in the hdf5 file
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that fixes one image-model run (stage 1); saved in its config.json."""
+
+    model_name: str = "convnextv2_nano"
+    backbone: str = "convnextv2_nano"
+    label: str = "target"
+    preset: str = "full"
+    recipe: str = "paper"
+    image_size: int = 224
+    batch_size: int = 32
+    epochs: int = 30
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup: float = 0.05  # fraction of all steps with linear warm-up
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    neg_ratio: float | None = 20.0  # negatives drawn per positive each epoch; None = all
+    dropout: float = 0.3
+    dropout_samples: int = 5  # multi-sample dropout heads
+    n_folds: int = N_FOLDS
+    seed: int = FOLD_SEED  # fold assignment and training seed
+    num_workers: int = 4
+    eval_batch_size: int = 128
+    weights_path: str | None = None
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONE_NAMES:
+            raise ValueError(f"TrainConfig: unknown backbone {self.backbone!r}")
+        if self.label not in LABELS:
+            raise ValueError(f"TrainConfig: label must be one of {LABELS}, got {self.label!r}")
+        if self.n_folds < 2:
+            raise ValueError(f"TrainConfig: n_folds must be >= 2, got {self.n_folds}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Minority/majority ratios after over- then under-sampling inside a fold; None skips a step."""
+
+    over: float | None = 0.003
+    under: float | None = 0.01
+
+
+@dataclass(frozen=True)
+class GBDTConfig:
+    """Stage 3: the ensemble's CV settings; `rounds` replaces trees per library (demo: fewer)."""
+
+    preset: str = "full"
+    recipe: str = "paper"
+    n_folds: int = N_FOLDS
+    fold_seed: int = FOLD_SEED
+    seeds: tuple[int, ...] = (0,)
+    threads: int | None = None  # None: every core
+    sampling: Sampling = Sampling()
+    rounds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Stage 2: Optuna settings besides the data; `centres` replace values of the search centre."""
+
+    kinds: tuple[str, ...] = ("lgb", "cat", "xgb")
+    preset: str = "full"
+    recipe: str = "paper"
+    n_trials: int = 50  # new trials per kind in this run
+    timeout: float | None = None  # seconds per kind's study; None: no limit
+    seed: int = 0  # sampler seed
+    model_seeds: tuple[int, ...] = (0,)
+    threads: int | None = None
+    n_folds: int = N_FOLDS
+    n_startup_trials: int = 5  # the pruner waits for this many finished trials
+    n_warmup_steps: int = 1  # and never prunes after the first fold alone
+    centres: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.kinds, str) or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty list of GBDT kinds, got {self.kinds!r}")
+        unknown = [k for k in self.kinds if k not in PAPER_GBDT_PARAMS]
+        if unknown:
+            known = sorted(PAPER_GBDT_PARAMS)
+            raise ValueError(f"unknown GBDT kind(s) {unknown}; choose from {known}")
+        if len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds lists a GBDT kind twice: {list(self.kinds)}")
+        if not isinstance(self.n_trials, int) or self.n_trials < 1:
+            raise ValueError(f"n_trials must be a positive integer, got {self.n_trials!r}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout must be positive seconds or None, got {self.timeout!r}")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Stage 4, the submission kernel."""
+
+    preset: str = "full"
+    recipe: str = "paper"
+    batch_size: int = 128
+    num_workers: int = 4
+    estimate_batches: int = 3  # batches per image model timed for the run-time estimate; 0 skips
+    threads: int | None = None  # GBDT threads; None: every core
+
+
+@dataclass(frozen=True)
+class ExternalEvalConfig:
+    """Stage 5; image settings left None take the image preset's."""
+
+    preset: str = "full"
+    recipe: str = "paper"
+    image_models: tuple[str, ...] = tuple(IMAGE_MODELS)
+    n_folds: int = N_FOLDS
+    seed: int = FOLD_SEED
+    threshold: float = 0.5
+    epochs: int | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
+    num_workers: int | None = None
+    weights_path: Mapping[str, str] | None = None  # image model -> local timm weights file
+    max_image_side: int | None = None  # shrink stored images first (CPU demos)
+    gbdt_seeds: tuple[int, ...] = (0,)
+    threads: int | None = None  # GBDT threads; None: every core
+    torch_threads: int | None = None  # torch intra-op threads while training; None: unchanged
+
+    def __post_init__(self):
+        unknown = [m for m in self.image_models if m not in IMAGE_MODELS]
+        if unknown:
+            raise KeyError(f"unknown image model(s) {unknown}; known: {sorted(IMAGE_MODELS)}")
+        extra = sorted(set(self.weights_path or {}) - set(self.image_models))
+        if extra:
+            raise KeyError(f"weights_path names model(s) {extra} not in image_models")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One preset x recipe: every stage's config."""
+
+    preset: str
+    recipe: str
+    data: SyntheticConfig
+    image: TrainConfig  # template; `image_config` fills in the model
+    tuning: TuneConfig
+    gbdt: GBDTConfig
+    inference: InferenceConfig
+    external: ExternalEvalConfig
+
+
+STAGES = ("data", "image", "tuning", "gbdt", "inference", "external")
+
+
+# ---------------------------------------------------------------------------------- recipes
+
+# The published GBDT hyper-parameters (keyword arguments of the scikit-learn estimators).
+PAPER_GBDT_PARAMS: dict[str, dict[str, Any]] = {
+    "lgb": {
+        "objective": "binary",
+        "verbosity": -1,
+        "n_estimators": 200,
+        "learning_rate": 0.0323,
+        "max_depth": 4,
+        "num_leaves": 103,
+        "min_data_in_leaf": 85,
+        "colsample_bytree": 0.833,
+        "colsample_bynode": 0.403,
+        "bagging_fraction": 0.774,
+        "bagging_freq": 4,
+        "lambda_l1": 0.0876,
+        "lambda_l2": 0.00397,
+        "scale_pos_weight": 2.798,
+    },
+    "cat": {
+        "loss_function": "Logloss",
+        "iterations": 200,
+        "learning_rate": 0.0694,
+        "depth": 7,
+        "l2_leaf_reg": 6.22,
+        "subsample": 0.625,
+        "min_data_in_leaf": 24,
+        "scale_pos_weight": 2.615,
+        "verbose": False,
+        "allow_writing_files": False,
+    },
+    "xgb": {
+        "n_estimators": 100,  # XGBClassifier's default, which the published setup kept
+        "tree_method": "hist",
+        "learning_rate": 0.0850,
+        "max_depth": 6,
+        "subsample": 0.601,
+        "colsample_bytree": 0.844,
+        "colsample_bylevel": 0.548,
+        "colsample_bynode": 0.993,
+        "lambda": 8.88,
+        "alpha": 0.678,
+        "scale_pos_weight": 3.294,
+    },
+}
+GBDT_PARAMS: dict[str, dict[str, dict[str, Any]]] = {"paper": PAPER_GBDT_PARAMS}
+
+# Binning only (no published hyper-parameter changes): fewer histogram bins than the libraries'
+# defaults (CatBoost 254 borders, XGBoost 256 bins). Measured on 401,059 synthetic rows (5-fold
+# OOF pAUC, seed 0; docs/benchmarks.md): CatBoost 0.1641 -> 0.1665 with 19% less CPU, XGBoost
+# 0.1645 -> 0.1676 with 12% less; seed-to-seed spread about 0.001-0.002. LightGBM's training
+# time hardly depends on max_bin, so it keeps 255. A params JSON can set other values.
+GBDT_BINNING: dict[str, dict[str, Any]] = {
+    "lgb": {},
+    "cat": {"border_count": 128},
+    "xgb": {"max_bin": 128},
+}
+
+
+# ---------------------------------------------------------------------------------- presets
+
+
+def _full(recipe: str) -> Settings:
+    """The real sizes: the paper's Table 1 for the image models, the published GBDTs."""
+    return Settings(
+        preset="full",
+        recipe=recipe,
+        data=SyntheticConfig(
+            rows=20_000, patients=None, positive_rate=0.01, test_rows=None, image_size=128
+        ),
+        image=TrainConfig(preset="full", recipe=recipe),
+        tuning=TuneConfig(preset="full", recipe=recipe),
+        gbdt=GBDTConfig(preset="full", recipe=recipe),
+        inference=InferenceConfig(preset="full", recipe=recipe),
+        external=ExternalEvalConfig(preset="full", recipe=recipe),
+    )
+
+
+def _demo(recipe: str) -> Settings:
+    """Small enough that the whole chain (4 image models x 5 folds, GBDTs, inference) runs in
+    about two minutes on 2 CPU cores, and the same whether a notebook runs alone or in the
+    pipeline."""
+    full = _full(recipe)
+    image = dataclasses.replace(
+        full.image,
+        preset="demo",
+        image_size=32,
+        batch_size=64,
+        epochs=1,
+        lr=3e-4,
+        neg_ratio=5.0,
+        num_workers=0,
+    )
+    # a tuning trial takes about a second on ~1,500 rows (few rounds, shallow CatBoost trees,
+    # whose cost grows with 2**depth)
+    centres = {
+        "lgb": {"n_estimators": 20},
+        "cat": {"iterations": 10, "depth": 4},
+        "xgb": {"n_estimators": 20},
+    }
+    rounds = {"lgb": {"n_estimators": 60}, "cat": {"iterations": 60}, "xgb": {"n_estimators": 40}}
+    return Settings(
+        preset="demo",
+        recipe=recipe,
+        data=SyntheticConfig(
+            rows=600, patients=30, positive_rate=0.05, test_rows=40, image_size=48
+        ),
+        image=image,
+        tuning=dataclasses.replace(
+            full.tuning, preset="demo", n_trials=3, timeout=60, centres=centres
+        ),
+        gbdt=dataclasses.replace(full.gbdt, preset="demo", rounds=rounds),
+        inference=dataclasses.replace(
+            full.inference, preset="demo", batch_size=64, num_workers=0, estimate_batches=1
+        ),
+        # 2 CPU cores in CI: one small ViT on 32 px crops of 64 px images, 1 epoch, 5 folds.
+        # On busy shared cores two spinning torch threads ran 10x slower than one (bench: 87-110 s
+        # vs 9 s for this demo's 5 folds while other jobs ran).
+        external=dataclasses.replace(
+            full.external,
+            preset="demo",
+            image_models=("vit_tiny",),
+            epochs=1,
+            image_size=32,
+            batch_size=32,
+            num_workers=0,
+            max_image_side=64,
+            torch_threads=1,
+        ),
+    )
+
+
+PRESETS = {"demo": _demo, "full": _full}
+
+
+def _given(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Overrides without None values; lists become tuples (frozen configs)."""
+    return {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in (overrides or {}).items()
+        if v is not None
+    }
+
+
+def resolve(
+    preset: str = "demo", recipe: str = "paper", **stage_overrides: Mapping[str, Any] | None
+) -> Settings:
+    """The preset's settings for `recipe`, each stage updated by its overrides (None: keep).
+
+    `stage_overrides` are keyed by stage (`data`, `image`, `tuning`, `gbdt`, `inference`,
+    `external`), each a mapping of field -> value.
+    """
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    if recipe not in RECIPES:
+        raise KeyError(f"unknown recipe {recipe!r}; known: {list(RECIPES)}")
+    unknown = sorted(set(stage_overrides) - set(STAGES))
+    if unknown:
+        raise KeyError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+    settings = PRESETS[preset](recipe)
+    changes = {
+        stage: dataclasses.replace(getattr(settings, stage), **_given(values))
+        for stage, values in stage_overrides.items()
+        if _given(values)
+    }
+    return dataclasses.replace(settings, **changes)
+
+
+def image_config(
+    model_name: str, preset: str = "demo", recipe: str = "paper", **overrides: Any
+) -> TrainConfig:
+    """The stage 1 config of one registered image model (overrides that are None keep)."""
+    if model_name not in IMAGE_MODELS:
+        raise KeyError(f"unknown image model {model_name!r}; known: {sorted(IMAGE_MODELS)}")
+    spec = IMAGE_MODELS[model_name]
+    template = resolve(preset, recipe).image
+    return dataclasses.replace(
+        template,
+        model_name=model_name,
+        backbone=spec.backbone,
+        label=spec.label,
+        **_given(overrides),
+    )
+
+
+def to_record(config: Any) -> dict[str, Any]:
+    """A config as JSON-ready data (tuples become lists)."""
+    return dataclasses.asdict(config)

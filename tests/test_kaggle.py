@@ -456,8 +456,7 @@ def test_built_vit_kernel_trains_from_the_weights_dataset_off_repo(tmp_path, syn
     built = kb.build_kernel(kb.KERNELS_DIR / kernel, tmp_path / "build", "alice", params)
     done = _papermill_off_repo(built / f"{kernel}.ipynb", built, inputs)
     assert done.returncode == 0, done.stderr[-3000:]
-    config = json.loads((built / "vit_tiny" / "config.json").read_text())
-    assert Path(config["weights_path"]) == weights
+    assert json.dumps(str(weights)) in (built / "vit_tiny" / "config.json").read_text()
     assert (built / "vit_tiny" / "oof.csv").is_file()
     executed = (built / "executed.ipynb").read_text()
     assert "libraries: torch " in executed and "timm " in executed

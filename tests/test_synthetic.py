@@ -2,6 +2,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from utils import synthetic
 from utils.io import DataDir, read_metadata
 from utils.metric import pauc
 from utils.schema import CATEGORIES, TEST_COLUMNS, TRAIN_COLUMNS
@@ -92,14 +93,24 @@ def test_truth_file_lies_outside_and_holds_a_learnable_signal(synthetic_dir):
         assert pauc(train["target"], train[part]) > 0.03, part
 
 
-def test_same_seed_same_data(tmp_path):
+def test_same_seed_same_data_with_one_or_two_workers(tmp_path, monkeypatch):
+    pools = []
+    real = synthetic.get_context
+
+    def recording(method):
+        pools.append(method)
+        return real(method)
+
+    monkeypatch.setattr(synthetic, "get_context", recording)
     a = generate(tmp_path / "a", rows=300, patients=10, seed=3, image_size=32, workers=1)
+    assert pools == []
     b = generate(tmp_path / "b", rows=300, patients=10, seed=3, image_size=32, workers=2)
+    assert pools == ["fork", "fork"]  # train and test images rendered by a pool of two
     for name in ("train-metadata.csv", "test-metadata.csv"):
         assert (a.out_dir / name).read_bytes() == (b.out_dir / name).read_bytes()
     ia, ib = DataDir(a.out_dir).train_images(), DataDir(b.out_dir).train_images()
-    first = sorted(ia)[0]
-    assert np.array_equal(ia.read_bytes(first), ib.read_bytes(first))
+    assert sorted(ia) == sorted(ib)
+    assert all(np.array_equal(ia.read_bytes(i), ib.read_bytes(i)) for i in sorted(ia))
 
 
 def test_bad_arguments_are_refused(tmp_path):

@@ -86,9 +86,6 @@ TRAIN_COLUMNS: dict[str, pl.DataType] = _train_order()
 
 ID_COLUMNS = ("isic_id", "patient_id")
 
-# Free-text columns that describe provenance, not the lesion.
-PROVENANCE_COLUMNS = ("image_type", "copyright_license")
-
 # Categorical model inputs and the values the real data uses (train plus the public test rows).
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "sex": ("female", "male"),
@@ -145,12 +142,8 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
         "ViDIR Group, Department of Dermatology, Medical University of Vienna",
     ),
 }
-CATEGORICAL_COLUMNS: tuple[str, ...] = tuple(CATEGORIES)
-
 NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c, t in TEST_COLUMNS.items() if t == F64)
 
-IDDX_1_VALUES = ("Benign", "Indeterminate", "Malignant")
-LICENCES = ("CC-0", "CC-BY", "CC-BY-NC")
 
 SCHEMAS = {"train": TRAIN_COLUMNS, "test": TEST_COLUMNS}
 

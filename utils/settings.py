@@ -1,7 +1,7 @@
 """Every setting of every stage, in one torch-free module: the image-model registry, the presets
 and one `resolve` function.
 
-Two axes (DESIGN.md): the size preset (`demo`: CPU, CI, minutes; `full`: Kaggle, real sizes) and
+Two axes: the size preset (`demo`: CPU, CI, minutes; `full`: Kaggle, real sizes) and
 the recipe (`paper`: the validated reference, the default; later recipes add measured changes).
 `resolve(preset, recipe, image=..., gbdt=..., ...)` returns one `Settings` holding each stage's
 config; an override that is None keeps the preset's value, so a notebook can pass its parameters

@@ -499,7 +499,8 @@ def _encode_chunk(params: np.ndarray) -> list[bytes]:
 
 def _write_images(path: Path, ids: np.ndarray, params: np.ndarray, workers: int, desc: str) -> None:
     """Render and JPEG-encode every crop (in `workers` processes) into one hdf5 dataset per id."""
-    chunk = 1000
+    # chunks of at most 1000 images, and at least one per worker so every worker gets work
+    chunk = max(1, min(1000, -(-len(params) // max(workers, 1))))
     chunks = [params[i : i + chunk] for i in range(0, len(params), chunk)]
     with h5py.File(path, "w", libver="earliest") as h5:
         bar = tqdm(total=len(ids), desc=desc, unit="img", mininterval=2.0)

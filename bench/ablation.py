@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -155,8 +156,12 @@ def ablation(
     threads: int | None = None,
     member_names: Sequence[str] = tuple(GBDT_MODELS),
     verbose: bool = True,
+    gbdt_overrides: Mapping[str, Any] | None = None,
 ) -> pl.DataFrame:
-    """One row per (table row, seed): pAUC of the ensemble's OOF and wall seconds."""
+    """One row per (table row, seed): pAUC of the ensemble's OOF and wall seconds.
+
+    `gbdt_overrides`: GBDTConfig fields over the preset's (e.g. fewer `rounds` for a quick test).
+    """
     data_dir = Path(data_dir)
     unknown = sorted(set(candidates) - set(CANDIDATES))
     if unknown:
@@ -165,7 +170,7 @@ def ablation(
     data = load_training_frame(data_dir)
     frame, outlier_names, outlier_s = feature_frames(data, data_dir, candidates, threads)
     meta, y = list(data.meta_features), data.y
-    params = resolve_params(resolve(preset).gbdt)
+    params = resolve_params(resolve(preset, gbdt=gbdt_overrides).gbdt)
     images = [f"{IMAGE_PREFIX}{m}" for m in IMAGE_MODELS]
     records = []
     for seed in seeds:

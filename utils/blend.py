@@ -1,0 +1,169 @@
+"""Blending the GBDT members' predictions (issue 16, candidate 4): equal weights (the paper's soft
+vote), rank averaging, and non-negative weights summing to 1 that maximise pAUC.
+
+Optimised weights: greedy hill-climbing from equal weights, each move shifting `step` of weight
+from one member to another, taken only while it strictly raises pAUC (a step function of the
+weights, so gradient-free and deterministic; a plateau keeps the weights near equal, which
+limits over-fitting); about 12 pAUC evaluations per move for 4 members. The OOF score of
+optimised weights is honest only when nested: `nested_blend` fits fold f's weights on the other
+folds' rows and applies them to fold f; the final weights for test time are fitted on all rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import permutations
+
+import numpy as np
+import polars as pl
+from scipy.stats import rankdata
+
+from utils.metric import pauc
+
+DEFAULT_STEP = 0.05
+
+
+@dataclass(frozen=True)
+class BlendResult:
+    """Nested-CV blend: OOF scores, their pAUC, each fold's weights and the all-rows weights."""
+
+    oof: np.ndarray
+    pauc: float
+    fold_weights: dict[int, np.ndarray]
+    weights: np.ndarray
+
+
+def _matrix(preds: np.ndarray) -> np.ndarray:
+    """`preds` as a float64 (rows x members) matrix; raises on NaN or a wrong shape."""
+    x = np.asarray(preds, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"blend: expected a (rows x members) matrix, got shape {x.shape}")
+    if np.isnan(x).any():
+        raise ValueError(f"blend: {int(np.isnan(x).sum())} prediction(s) are NaN")
+    return x
+
+
+def equal_weight_blend(preds: np.ndarray) -> np.ndarray:
+    """Mean of the members' predictions per row (the paper's soft vote)."""
+    return _matrix(preds).mean(axis=1)
+
+
+def rank_average_blend(preds: np.ndarray) -> np.ndarray:
+    """Mean of the members' average ranks per row, scaled to (0, 1]."""
+    x = _matrix(preds)
+    return rankdata(x, axis=0).mean(axis=1) / len(x)
+
+
+def fast_pauc(y: np.ndarray, score: np.ndarray, min_tpr: float = 0.80) -> float:
+    """utils.metric.pauc without its checks and sklearn's overhead (same value; tested), for
+    the hundreds of evaluations of a weight search."""
+    max_fpr = 1.0 - min_tpr
+    order = np.argsort(score, kind="stable")  # ascending score = descending flipped score
+    ordered = score[order]
+    flipped_pos = 1 - np.asarray(y)[order]
+    ends = np.r_[np.flatnonzero(ordered[1:] != ordered[:-1]), len(ordered) - 1]
+    tps = np.cumsum(flipped_pos)[ends]
+    fps = ends + 1 - tps
+    fpr = np.r_[0.0, fps / fps[-1]]
+    tpr = np.r_[0.0, tps / tps[-1]]
+    stop = np.searchsorted(fpr, max_fpr, "right")
+    cut = np.interp(max_fpr, fpr[stop - 1 : stop + 1], tpr[stop - 1 : stop + 1])
+    x, t = np.r_[fpr[:stop], max_fpr], np.r_[tpr[:stop], cut]
+    return float(np.sum((x[1:] - x[:-1]) * (t[1:] + t[:-1])) / 2)
+
+
+def _transfers(weights: np.ndarray, step: float) -> np.ndarray:
+    """Every weight vector reached by moving `step` (or all it has) from one member to another."""
+    moves = []
+    for i, j in permutations(range(len(weights)), 2):
+        if weights[i] > 0:
+            moved = weights.copy()
+            amount = min(step, weights[i])
+            moved[i] -= amount
+            moved[j] += amount
+            moves.append(moved)
+    return np.array(moves)
+
+
+def fit_blend_weights(
+    preds: np.ndarray,
+    y: np.ndarray,
+    step: float = DEFAULT_STEP,
+    min_tpr: float = 0.80,
+    max_moves: int = 200,
+) -> np.ndarray:
+    """Weights (>= 0, sum 1) that raise pAUC on these rows: from equal weights, take the best
+    move of `step` between two members while it strictly improves pAUC."""
+    x = _matrix(preds)
+    y = np.asarray(y)
+    if not 0 < step <= 1:
+        raise ValueError(f"fit_blend_weights: step must be in (0, 1], got {step}")
+    weights = np.full(x.shape[1], 1 / x.shape[1])
+    best = fast_pauc(y, x @ weights, min_tpr)
+    for _ in range(max_moves if x.shape[1] > 1 else 0):
+        moves = _transfers(weights, step)
+        scores = np.array([fast_pauc(y, x @ w, min_tpr) for w in moves])
+        if scores.max() <= best + 1e-12:
+            break
+        weights, best = moves[np.argmax(scores)], float(scores.max())
+    return weights
+
+
+def nested_blend(
+    preds: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    step: float = DEFAULT_STEP,
+    min_tpr: float = 0.80,
+) -> BlendResult:
+    """Weights per fold fitted on the other folds only, their honest OOF pAUC, and final weights."""
+    x = _matrix(preds)
+    y = np.asarray(y)
+    folds = np.asarray(folds)
+    if not len(x) == len(y) == len(folds):
+        raise ValueError(f"nested_blend: {len(x)} rows, {len(y)} labels, {len(folds)} folds")
+    oof = np.empty(len(x))
+    fold_weights = {}
+    for fold in np.unique(folds):
+        valid = folds == fold
+        weights = fit_blend_weights(x[~valid], y[~valid], step, min_tpr)
+        oof[valid] = x[valid] @ weights
+        fold_weights[int(fold)] = weights
+    final = fit_blend_weights(x, y, step, min_tpr)
+    return BlendResult(oof, pauc(y, oof, min_tpr), fold_weights, final)
+
+
+def compare_blends(
+    preds: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    names: Sequence[str],
+    step: float = DEFAULT_STEP,
+) -> pl.DataFrame:
+    """OOF pAUC of each member, equal weights, rank average, nested optimised weights and (for
+    reference, optimistic) weights fitted on all rows and scored on them."""
+    x = _matrix(preds)
+    if len(names) != x.shape[1]:
+        raise ValueError(f"compare_blends: {len(names)} names for {x.shape[1]} members")
+    nested = nested_blend(x, y, folds, step)
+
+    def text(w: np.ndarray) -> str:
+        return ", ".join(f"{n} {v:.2f}" for n, v in zip(names, w, strict=True))
+
+    equal = np.full(x.shape[1], 1 / x.shape[1])
+    rows = [
+        {"blend": f"member: {n}", "pauc": pauc(y, x[:, i]), "weights": ""}
+        for i, n in enumerate(names)
+    ]
+    rows += [
+        {"blend": "equal weights", "pauc": pauc(y, equal_weight_blend(x)), "weights": text(equal)},
+        {"blend": "rank average", "pauc": pauc(y, rank_average_blend(x)), "weights": text(equal)},
+        {"blend": "optimised (nested)", "pauc": nested.pauc, "weights": text(nested.weights)},
+        {
+            "blend": "optimised (in-sample, optimistic)",
+            "pauc": pauc(y, x @ nested.weights),
+            "weights": text(nested.weights),
+        },
+    ]
+    return pl.DataFrame(rows)

@@ -17,10 +17,11 @@ The data stay the same (regenerate the data dir with another --seed to vary them
 Candidates: `patient_image` (utils.plus_features.patient_image_features on the image columns,
 seen by the image members), `ugly_duckling` (utils.plus_features.ugly_duckling_features, seen by
 every member, lgb_meta included), `blend` (utils.blend.nested_blend of the members' OOF instead
-of equal weights; no extra CV), `seed_bagging` (--bag-seeds GBDT seeds per member). `plus` runs
-them all together. The table gives, per row, mean and spread (std, min-max) of the ensemble's OOF
-pAUC over seeds, the mean paired gain over `paper` and its std, and wall seconds (the row's
-features and CV; the blend's fitting time on top of the CV it blends).
+of equal weights, on the OOF of the same row without it: no extra CV), `seed_bagging`
+(--bag-seeds GBDT seeds per member, each with its own over/under-sample). `plus` runs them all
+together. The table gives, per row, mean and spread (std, min-max) of the ensemble's OOF pAUC
+over seeds, the mean paired gain over `paper` and its std, and wall seconds (the row's features
+and CV; a blend row adds its fitting time to the CV it blends).
 """
 
 from __future__ import annotations
@@ -39,11 +40,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_end, print_machine, usable_cores  # noqa: E402
 from utils.blend import nested_blend  # noqa: E402
-from utils.cv import cross_validate  # noqa: E402
+from utils.cv import CVResult, cross_validate  # noqa: E402
 from utils.features import IMAGE_PREFIX  # noqa: E402
 from utils.folds import assign_folds  # noqa: E402
 from utils.gbdt import TrainingFrame, load_training_frame  # noqa: E402
-from utils.gbdt_libraries import ENSEMBLE, GBDT_MODELS, make_members, resolve_params  # noqa: E402
+from utils.gbdt_libraries import (  # noqa: E402
+    ENSEMBLE,
+    GBDT_MODELS,
+    Member,
+    make_members,
+    resolve_params,
+)
 from utils.io import DataDir  # noqa: E402
 from utils.metric import pauc  # noqa: E402
 from utils.plus_features import (  # noqa: E402
@@ -85,29 +92,30 @@ def standin_image_oofs(
     )
 
 
-def run_row(
+def run_cv(
     frame: pl.DataFrame,
     y: np.ndarray,
     folds: np.ndarray,
-    meta: Sequence[str],
-    images: Sequence[str],
-    params: Mapping,
+    members: Mapping[str, Member],
     seeds: Sequence[int],
-    member_names: Sequence[str],
     threads: int | None,
-    blend: bool,
-) -> tuple[float, float, dict[str, float]]:
-    """One CV (and optionally its nested blend): ensemble OOF pAUC, wall seconds, member pAUCs."""
+) -> tuple[CVResult, float]:
+    """One 5-fold CV of the members and its wall seconds."""
     start = time.perf_counter()
-    members = make_members(meta, images, params, names=member_names)
     result = cross_validate(frame, y, folds, members, seeds, threads=threads)
-    scores = {name: pauc(y, result.oof[name]) for name in members}
-    score = pauc(y, result.oof[ENSEMBLE])
-    if blend and len(members) > 1:
-        blended = nested_blend(np.column_stack([result.oof[m] for m in members]), y, folds)
-        score = blended.pauc
-        scores["weights"] = " ".join(f"{w:.2f}" for w in blended.weights)
-    return score, time.perf_counter() - start, scores
+    return result, time.perf_counter() - start
+
+
+def score_row(result: CVResult, blend: bool) -> tuple[float, float, dict[str, float | str]]:
+    """Ensemble OOF pAUC (equal weights, or the nested blend), blend seconds, member pAUCs."""
+    y, members = result.y, list(result.members)
+    scores: dict[str, float | str] = {name: pauc(y, result.oof[name]) for name in members}
+    if not blend or len(members) < 2:
+        return pauc(y, result.oof[ENSEMBLE]), 0.0, scores
+    start = time.perf_counter()
+    blended = nested_blend(np.column_stack([result.oof[m] for m in members]), y, result.folds)
+    scores["weights"] = " ".join(f"{w:.2f}" for w in blended.weights)
+    return blended.pauc, time.perf_counter() - start, scores
 
 
 def row_plan(candidates: Sequence[str]) -> list[tuple[str, set[str]]]:
@@ -183,22 +191,26 @@ def ablation(
         if verbose:
             strength = ", ".join(f"{c} {pauc(y, seeded[c].to_numpy()):.4f}" for c in images)
             print(f"seed {seed}: stand-in image OOF pAUC alone: {strength}", flush=True)
+        cvs: dict[frozenset[str], tuple[CVResult, float]] = {}  # a blend reuses its row's CV
         for name, on in row_plan(candidates):
-            row_meta = meta + (outlier_names if "ugly_duckling" in on else [])
-            row_images = images + (
-                patient_image_feature_names(images) if "patient_image" in on else []
-            )
-            row_seeds = [seed + k for k in range(bag_seeds)] if "seed_bagging" in on else [seed]
-            score, wall, members = run_row(
-                seeded, y, folds, row_meta, row_images, params, row_seeds, member_names,
-                threads, "blend" in on,
-            )  # fmt: skip
-            wall += outlier_s * ("ugly_duckling" in on) + patient_s * ("patient_image" in on)
+            key = frozenset(on - {"blend"})
+            if key not in cvs:
+                row_meta = meta + (outlier_names if "ugly_duckling" in key else [])
+                row_images = images + (
+                    patient_image_feature_names(images) if "patient_image" in key else []
+                )
+                bag = range(bag_seeds if "seed_bagging" in key else 1)
+                members = make_members(row_meta, row_images, params, names=member_names)
+                cvs[key] = run_cv(seeded, y, folds, members, [seed + k for k in bag], threads)
+            result, wall = cvs[key]
+            score, blend_s, members_pauc = score_row(result, "blend" in on)
+            wall += blend_s + outlier_s * ("ugly_duckling" in on)
+            wall += patient_s * ("patient_image" in on)
             records.append({"row": name, "seed": seed, "pauc": score, "wall_s": wall})
             if verbose:
                 detail = ", ".join(
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in members.items()
+                    for k, v in members_pauc.items()
                 )
                 print(f"  {name:<28} pAUC {score:.4f}  {wall:6.1f} s  ({detail})", flush=True)
     return pl.DataFrame(records)

@@ -35,6 +35,10 @@ class ImageModelSpec:
     label: str  # training label; validation and OOF always use the real target
     pooling: str  # must be the head utils.models gives this backbone (a test checks it)
 
+    def __post_init__(self):
+        if self.label not in LABELS or self.pooling not in POOLINGS:
+            raise ValueError(f"ImageModelSpec: label {self.label!r} or pooling {self.pooling!r}")
+
 
 # The four image models of the method; a kernel's weight file is `<backbone>.pth`.
 IMAGE_MODELS: dict[str, ImageModelSpec] = {
@@ -393,8 +397,3 @@ def image_config(
         label=spec.label,
         **_given(overrides),
     )
-
-
-def to_record(config: Any) -> dict[str, Any]:
-    """A config as JSON-ready data (tuples become lists)."""
-    return dataclasses.asdict(config)

@@ -2,7 +2,7 @@
 ensemble for `paper`, `paper` + each candidate alone and all candidates together, over seeds.
 
     python -m bench.ablation --data-dir /tmp/syn_full [--seeds 0 1 2] [--bag-seeds 3]
-        [--candidates patient_image ugly_duckling blend seed_bagging] [--preset full]
+        [--candidates patient_image ugly_duckling blend rank_blend seed_bagging] [--preset full]
         [--threads N] [--members lgb_meta lgb cat xgb]
 
 Data: a synthetic data dir and its truth file (`<data dir>-truth.csv`, utils.synthetic). The
@@ -17,7 +17,8 @@ The data stay the same (regenerate the data dir with another --seed to vary them
 Candidates: `patient_image` (utils.plus_features.patient_image_features on the image columns,
 seen by the image members), `ugly_duckling` (utils.plus_features.ugly_duckling_features, seen by
 every member, lgb_meta included), `blend` (utils.blend.nested_blend of the members' OOF instead
-of equal weights, on the OOF of the same row without it: no extra CV), `seed_bagging`
+of equal weights, on the OOF of the same row without it: no extra CV), `rank_blend` (the same
+with utils.blend.rank_average_blend; left out of `plus`), `seed_bagging`
 (--bag-seeds GBDT seeds per member, each with its own over/under-sample). `plus` runs them all
 together. The table gives, per row, mean and spread (std, min-max) of the ensemble's OOF pAUC
 over seeds, the mean paired gain over `paper` and its std, and wall seconds (the row's features
@@ -39,7 +40,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_end, print_machine, usable_cores  # noqa: E402
-from utils.blend import nested_blend  # noqa: E402
+from utils.blend import nested_blend, rank_average_blend  # noqa: E402
 from utils.cv import CVResult, cross_validate  # noqa: E402
 from utils.features import IMAGE_PREFIX  # noqa: E402
 from utils.folds import assign_folds  # noqa: E402
@@ -62,7 +63,8 @@ from utils.plus_features import (  # noqa: E402
 from utils.settings import FOLD_SEED, IMAGE_MODELS, N_FOLDS, resolve  # noqa: E402
 from utils.synthetic import default_truth_path  # noqa: E402
 
-CANDIDATES = ("patient_image", "ugly_duckling", "blend", "seed_bagging")
+CANDIDATES = ("patient_image", "ugly_duckling", "blend", "rank_blend", "seed_bagging")
+BLENDS = ("blend", "rank_blend")  # blend the OOF of a CV; `plus` takes the nested blend only
 # logit-scale noise sd of each stand-in image OOF (the true logit's sd is about 2.4 at full scale)
 STANDIN_NOISE: dict[str, float] = {
     "convnextv2_nano": 2.0,
@@ -106,23 +108,31 @@ def run_cv(
     return result, time.perf_counter() - start
 
 
-def score_row(result: CVResult, blend: bool) -> tuple[float, float, dict[str, float | str]]:
-    """Ensemble OOF pAUC (equal weights, or the nested blend), blend seconds, member pAUCs."""
+def score_row(result: CVResult, blend: str | None) -> tuple[float, float, dict[str, float | str]]:
+    """Ensemble OOF pAUC (equal weights, nested blend or rank average), blend seconds, member
+    pAUCs (and the nested blend's final weights)."""
     y, members = result.y, list(result.members)
     scores: dict[str, float | str] = {name: pauc(y, result.oof[name]) for name in members}
-    if not blend or len(members) < 2:
+    if blend is None or len(members) < 2:
         return pauc(y, result.oof[ENSEMBLE]), 0.0, scores
     start = time.perf_counter()
-    blended = nested_blend(np.column_stack([result.oof[m] for m in members]), y, result.folds)
-    scores["weights"] = " ".join(f"{w:.2f}" for w in blended.weights)
-    return blended.pauc, time.perf_counter() - start, scores
+    preds = np.column_stack([result.oof[m] for m in members])
+    if blend == "rank_blend":
+        score = pauc(y, rank_average_blend(preds))
+    else:
+        blended = nested_blend(preds, y, result.folds)
+        scores["weights"] = " ".join(f"{w:.2f}" for w in blended.weights)
+        score = blended.pauc
+    return score, time.perf_counter() - start, scores
 
 
 def row_plan(candidates: Sequence[str]) -> list[tuple[str, set[str]]]:
-    """(row name, candidates on) for paper, paper + each candidate, and plus (all of them)."""
+    """(row name, candidates on) for paper, paper + each candidate, and plus (all of them but
+    the rank average)."""
     rows = [("paper", set())] + [(f"paper + {c}", {c}) for c in candidates]
-    if len(candidates) > 1:
-        rows.append(("plus (all candidates)", set(candidates)))
+    together = set(candidates) - {"rank_blend"}
+    if len(together) > 1:
+        rows.append(("plus (all candidates)", together))
     return rows
 
 
@@ -193,7 +203,7 @@ def ablation(
             print(f"seed {seed}: stand-in image OOF pAUC alone: {strength}", flush=True)
         cvs: dict[frozenset[str], tuple[CVResult, float]] = {}  # a blend reuses its row's CV
         for name, on in row_plan(candidates):
-            key = frozenset(on - {"blend"})
+            key = frozenset(on - set(BLENDS))
             if key not in cvs:
                 row_meta = meta + (outlier_names if "ugly_duckling" in key else [])
                 row_images = images + (
@@ -203,7 +213,9 @@ def ablation(
                 members = make_members(row_meta, row_images, params, names=member_names)
                 cvs[key] = run_cv(seeded, y, folds, members, [seed + k for k in bag], threads)
             result, wall = cvs[key]
-            score, blend_s, members_pauc = score_row(result, "blend" in on)
+            score, blend_s, members_pauc = score_row(
+                result, next((b for b in BLENDS if b in on), None)
+            )
             wall += blend_s + outlier_s * ("ugly_duckling" in on)
             wall += patient_s * ("patient_image" in on)
             records.append({"row": name, "seed": seed, "pauc": score, "wall_s": wall})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import polars as pl
 import pytest
+from standins import write_image_run
 
 from utils.features import (
     CONTEXT_FEATURES,
@@ -237,11 +239,11 @@ def test_without_patient_context_drops_every_context_feature():
     assert not [n for n in kept if "patient" in n or n.endswith("_site_norm")]
 
 
-def _write_image_oof(root, name, frame, folds, pred):
+def _write_image_oof(root, name, frame, folds, pred, model="vit_tiny"):
     oof = frame.select("isic_id", "patient_id").with_columns(
         fold=pl.Series(folds), target=pl.lit(0), pred=pl.Series(pred)
     )
-    return write_oof(oof, root / name / "oof.csv").parent
+    return write_image_run(root / name, oof, model_name=model)
 
 
 def test_join_image_oofs_by_id_and_checks_folds(tmp_path):
@@ -249,11 +251,20 @@ def test_join_image_oofs_by_id_and_checks_folds(tmp_path):
     folds = np.array([0, 0, 0, 1, 2])
     frame = frame.with_columns(fold=pl.Series(folds, dtype=pl.Int8))
     pred = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
-    good = _write_image_oof(tmp_path, "vit_tiny", frame.reverse(), folds[::-1], pred[::-1])
-    joined, cols = join_image_oofs(frame, [good])
-    assert cols == ["img_vit_tiny"]
+    good = _write_image_oof(tmp_path, "run_a", frame.reverse(), folds[::-1], pred[::-1])
+    joined, sources = join_image_oofs(frame, [good])
+    assert list(sources) == ["img_vit_tiny"]  # named after the recorded model, not the folder
+    recorded = json.loads((good / "config.json").read_text())["config_hash"]
+    assert sources["img_vit_tiny"]["config_hash"] == recorded
     np.testing.assert_allclose(joined["img_vit_tiny"], pred, rtol=1e-6)
     assert joined["isic_id"].to_list() == frame["isic_id"].to_list()
+    twin = _write_image_oof(tmp_path, "run_b", frame, folds, pred)
+    with pytest.raises(ValueError, match="two image models are named 'img_vit_tiny'"):
+        join_image_oofs(frame, [good, twin])
+    bare = tmp_path / "bare"
+    write_oof(pl.read_csv(good / "oof.csv"), bare / "oof.csv")
+    with pytest.raises(FileNotFoundError, match="config.json of its run"):
+        join_image_oofs(frame, [bare])
 
     other = _write_image_oof(tmp_path, "other_folds", frame, [1, 0, 0, 1, 2], pred)
     with pytest.raises(ValueError, match="folds disagree"):

@@ -1,6 +1,7 @@
 """Stage 4: the submission kernel (utils.inference and notebooks/04_inference.ipynb).
 
-One session-scoped artifacts dir holds a tiny vit_tiny (32 px, 1 epoch, 2 folds, trained by the
+One session-scoped artifacts dir (tests/inference_artifacts.py, shared with
+test_submission_robustness.py) holds a tiny vit_tiny (32 px, 1 epoch, 2 folds, trained by the
 stage 1 entry) and the GBDT stage's artifacts built on its OOF by the stage 3 entry, both on the
 synthetic data dir.
 """
@@ -16,12 +17,12 @@ import nbformat
 import numpy as np
 import polars as pl
 import pytest
+from inference_artifacts import IMAGE_MODEL, build_artifacts, train_gbdt
 from notebook_checks import assert_thin_and_clean, run_notebook
 
 from utils import inference
 from utils.ensemble import GBDTEnsemble
 from utils.features import build_features
-from utils.gbdt import run_gbdt_stage
 from utils.gbdt_libraries import ENSEMBLE, GBDT_MODELS, META_MEMBER
 from utils.inference import (
     KAGGLE_LIMIT_S,
@@ -37,7 +38,6 @@ from utils.io import TEST_IMAGES, TEST_METADATA, DataDir
 from utils.kaggle_build import KAGGLE_PARAMETERS, SUBMISSION_KERNEL
 from utils.pipeline import STAGES, make_run
 from utils.settings import resolve
-from utils.train import run_image_stage
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "04_inference.ipynb"
@@ -50,29 +50,13 @@ PARAMETERS = {
     "batch_size",
     "num_workers",
 }
-IMAGE_MODEL = "vit_tiny"
-N_FOLDS = 2
-FEW_TREES = {"lgb": {"n_estimators": 20}, "cat": {"iterations": 20}, "xgb": {"n_estimators": 20}}
 FAST = resolve("demo", inference={"estimate_batches": 0, "threads": 1}).inference
-
-
-def train_gbdt(data_dir: Path, out_dir: Path, image_dirs: list[Path]) -> Path:
-    """The stage 3 entry with few trees and N_FOLDS folds; returns the gbdt dir."""
-    params = out_dir / "few_trees.json"
-    params.write_text(json.dumps(FEW_TREES))
-    run = run_gbdt_stage(data_dir, out_dir, image_dirs, params, "demo", n_folds=N_FOLDS, threads=1)
-    params.unlink()
-    return run.out_dir
 
 
 @pytest.fixture(scope="session")
 def artifacts(synthetic_dir, tmp_path_factory) -> Path:
     """<dir>/vit_tiny (2 fold checkpoints) and <dir>/gbdt trained with img_vit_tiny."""
-    out = tmp_path_factory.mktemp("inference_artifacts")
-    sizes = {"epochs": 1, "image_size": 32, "batch_size": 32, "num_workers": 0}
-    run_image_stage(IMAGE_MODEL, synthetic_dir, out, "demo", n_folds=N_FOLDS, **sizes)
-    train_gbdt(synthetic_dir, out, [out / IMAGE_MODEL])
-    return out
+    return build_artifacts(synthetic_dir, tmp_path_factory)
 
 
 def copy_test_files(source: Path, dest: Path) -> Path:
@@ -171,23 +155,26 @@ def test_corrupt_jpeg_and_missing_key_fall_back_to_meta_member(
     validate_submission(sub, ids)
 
 
-@pytest.mark.parametrize("case", ["absent", "unfinished"])
+@pytest.mark.parametrize("case", ["absent", "no_usable_fold"])
 def test_missing_image_model_gives_metadata_only_loudly(
     case, artifacts, synthetic_dir, tmp_path, capsys
 ):
     art = linked_artifacts(artifacts, tmp_path / "art", ["gbdt"])
-    if case == "unfinished":
+    if case == "no_usable_fold":  # an unfinished run: fold0.pt cut to nothing, fold1.pt not yet
         (art / IMAGE_MODEL).mkdir()
-        for name in ("config.json", "fold0.pt"):
-            (art / IMAGE_MODEL / name).symlink_to(artifacts / IMAGE_MODEL / name)
+        shutil.copy2(artifacts / IMAGE_MODEL / "config.json", art / IMAGE_MODEL / "config.json")
+        (art / IMAGE_MODEL / "fold0.pt").write_bytes(b"")
     data = copy_test_files(synthetic_dir, tmp_path / "data")
     sub, report = predict_submission(data, art, FAST)
     out = capsys.readouterr().out
     assert list(report.plan.missing) == [IMAGE_MODEL] and report.plan.run == ()
     assert report.mode.startswith("metadata-only") and report.n_fallback == sub.height
     assert "METADATA-ONLY SUBMISSION" in out and f"image model {IMAGE_MODEL} is needed" in out
-    if case == "unfinished":
-        assert "['fold1.pt'] missing" in report.plan.missing[IMAGE_MODEL]
+    if case == "no_usable_fold":
+        damaged = report.plan.checks[IMAGE_MODEL].damaged
+        assert "fold0.pt: empty file (0 bytes)" in damaged["fold0.pt"]
+        assert "fold1.pt: missing" in damaged["fold1.pt"] and "fold1.pt: missing" in out
+    assert any(f"image model {IMAGE_MODEL} unusable" in d for d in report.decisions())
     np.testing.assert_allclose(sub["target"].to_numpy(), meta_only_scores(artifacts, data))
 
 

@@ -1,10 +1,20 @@
-"""The fitted GBDT ensemble of a stage 3 artifact dir, loaded for inference (stage 4)."""
+"""The fitted GBDT ensemble of a stage 3 artifact dir, loaded for inference (stage 4).
+
+`GBDTEnsemble.load` checks every file against the folder's `manifest.json` before a library
+opens it (a truncated LightGBM file kills the process inside native code, with no traceback):
+- `ensemble.json` or `features.json` unreadable: ArtifactError naming the file (no fallback);
+  readable but not what the manifest says: a note, and they are used;
+- a member with a damaged, missing or unloadable model file is left out of the vote (`dropped`,
+  naming the file and why) while another member is intact; with none left, ArtifactError;
+- a folder without a manifest (artifacts made before manifests) is loaded with a note; its
+  LightGBM files are first checked to end with their closing lines, as a cut file would not.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +22,73 @@ import numpy as np
 import polars as pl
 
 from utils.gbdt_libraries import ENSEMBLE, LIBRARIES, META_MEMBER, Member, member_matrix
+from utils.manifest import MANIFEST_FILE, FolderCheck, check_folder
+
+ENSEMBLE_FILE = "ensemble.json"
+FEATURES_FILE = "features.json"
+LIGHTGBM_END = "end of trees"  # the line after a LightGBM model's last tree
+
+
+class ArtifactError(ValueError):
+    """A GBDT artifact that cannot be used and has no fallback; the message names the file."""
+
+
+def read_json_artifact(check: FolderCheck, name: str) -> tuple[Any, str | None]:
+    """The parsed JSON file `name` of the checked folder and a note when the manifest disagrees;
+    ArtifactError naming the file when it is absent or unreadable."""
+    path = check.folder / name
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        why = check.problem(name) or f"{type(err).__name__}: {err}"
+        raise ArtifactError(f"{path}: unreadable, the GBDT cannot be used ({why})") from err
+    note = check.problem(name)
+    return data, None if note is None else f"{note}; it parses and is used"
+
+
+def lightgbm_text_problem(path: Path) -> str | None:
+    """Why a LightGBM text model is incomplete: no 'end of trees' line, or fewer trees than
+    its header's tree_sizes lists (a file cut at a tree boundary)."""
+    text = path.read_text(errors="replace")
+    if LIGHTGBM_END not in text:
+        return f"{path}: incomplete LightGBM model (no '{LIGHTGBM_END}' line: truncated?)"
+    sizes = next((ln for ln in text.splitlines() if ln.startswith("tree_sizes=")), "tree_sizes=")
+    trees = sum(ln.startswith("Tree=") for ln in text.splitlines())
+    if len(sizes.split("=", 1)[1].split()) != trees:
+        return f"{path}: incomplete LightGBM model ({trees} trees, header lists more)"
+    return None
+
+
+def model_file_problem(check: FolderCheck, rel: str, library: str) -> str | None:
+    """Why model file `rel` must not be opened: the manifest's verdict, or (no manifest) absent,
+    empty, or an incomplete LightGBM text."""
+    path = check.folder / rel
+    if check.has_manifest:
+        if rel not in check.listed and rel not in check.unlisted:
+            return f"{path}: missing (not in the manifest either)"
+        return check.problem(rel)
+    if not path.is_file():
+        return f"{path}: missing"
+    if path.stat().st_size == 0:
+        return f"{path}: empty file (0 bytes)"
+    if library == "lgb":
+        return lightgbm_text_problem(path)
+    return None
+
+
+def load_member(check: FolderCheck, files: list[str], library: str) -> tuple[list[Any], str]:
+    """The loaded fold models of one member, or ([], why) for its first unusable file."""
+    models = []
+    for rel in files:
+        if (why := model_file_problem(check, rel, library)) is not None:
+            return [], why
+        try:
+            models.append(LIBRARIES[library].load(check.folder / rel))
+        except Exception as err:  # noqa: BLE001 - each library raises its own error types
+            return [], f"{check.folder / rel}: cannot be loaded ({type(err).__name__}: {err})"
+    if not models:
+        return [], f"{check.folder / ENSEMBLE_FILE}: the member lists no model file"
+    return models, ""
 
 
 @dataclass(frozen=True)
@@ -23,23 +100,58 @@ class GBDTEnsemble:
     models: dict[str, list[Any]]
     image_columns: tuple[str, ...]
     image_sources: dict[str, dict[str, str]]  # image column -> image_model, config_hash (stage 3)
+    dropped: dict[str, str] = field(default_factory=dict)  # member left out -> why (names a file)
+    notes: tuple[str, ...] = ()  # what the file check found that did not stop anything
 
     @classmethod
     def load(cls, gbdt_dir: str | Path) -> GBDTEnsemble:
-        """Load every fold/seed model listed in `<gbdt_dir>/ensemble.json`."""
-        gbdt_dir = Path(gbdt_dir)
-        manifest = json.loads((gbdt_dir / "ensemble.json").read_text())["members"]
-        info = json.loads((gbdt_dir / "features.json").read_text())
-        models = {
-            name: [LIBRARIES[m["library"]].load(gbdt_dir / f) for f in m["models"]]
-            for name, m in manifest.items()
-        }
+        """Load every fold/seed model listed in `<gbdt_dir>/ensemble.json`, each file verified
+        against the manifest first; damaged members are left out (`dropped`)."""
+        check = check_folder(gbdt_dir)
+        notes = []
+        if not check.has_manifest:
+            notes.append(
+                f"{check.folder}: no usable {MANIFEST_FILE} ({check.error}); model files are "
+                "checked for presence, size and (LightGBM) completeness only"
+            )
+        elif check.unlisted:
+            notes.append(f"{check.folder}: file(s) not in the manifest, ignored: {check.unlisted}")
+        members, note = read_json_artifact(check, ENSEMBLE_FILE)
+        notes += [note] if note else []
+        info, note = read_json_artifact(check, FEATURES_FILE)
+        notes += [note] if note else []
+        try:
+            members = members["members"]
+            image_columns = tuple(info["image_columns"])
+            image_sources = dict(info.get("image_sources", {}))
+            listed = {
+                name: (m["library"], list(m["models"]), m["features"])
+                for name, m in members.items()
+            }
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ArtifactError(
+                f"{check.folder}: {ENSEMBLE_FILE} / {FEATURES_FILE} lack a field ({err!r})"
+            ) from err
+        models, dropped = {}, {}
+        for name, (library, files, _) in listed.items():
+            loaded, why = load_member(check, files, library)
+            if loaded:
+                models[name] = loaded
+            else:
+                dropped[name] = why
+        if not models:
+            raise ArtifactError(
+                f"{check.folder}: no GBDT member can be used: "
+                + "; ".join(f"{m}: {why}" for m, why in dropped.items())
+            )
         return cls(
-            features={name: tuple(m["features"]) for name, m in manifest.items()},
-            libraries={name: m["library"] for name, m in manifest.items()},
+            features={name: tuple(listed[name][2]) for name in models},
+            libraries={name: listed[name][0] for name in models},
             models=models,
-            image_columns=tuple(info["image_columns"]),
-            image_sources=dict(info.get("image_sources", {})),
+            image_columns=image_columns,
+            image_sources=image_sources,
+            dropped=dropped,
+            notes=tuple(notes),
         )
 
     def image_missing(self, frame: pl.DataFrame) -> np.ndarray:

@@ -9,7 +9,8 @@ notebooks/03_gbdt calls, and what tuning (through `load_training_frame`), tests 
 4. cross-validate the four members and the soft vote (utils.cv);
 5. write `<output_dir>/gbdt/` from clean (an earlier run is moved aside): models, ensemble.json,
    features.json, params.json, cv_report.json, oof.csv, importance.csv, plots, and last
-   manifest.json (utils.manifest).
+   manifest.json (utils.manifest). Every file is written atomically (a temporary name, then
+   os.replace), so a killed stage leaves whole files and no manifest, never a cut model file.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from utils.features import build_features, features_spec, join_image_oofs
 from utils.folds import with_folds
 from utils.gbdt_libraries import ENSEMBLE, LIBRARIES, load_params, make_members, resolve_params
 from utils.io import DataDir
-from utils.manifest import set_aside, write_json, write_manifest
+from utils.manifest import atomic_output, set_aside, write_json, write_manifest
 from utils.oof import write_oof
 from utils.plots import plot_fold_scores, plot_importance, plot_roc
 from utils.settings import FOLD_SEED, N_FOLDS, GBDTConfig, resolve
@@ -123,8 +124,8 @@ def save_artifacts(
     params: Mapping[str, Any],
     report: Mapping[str, Any],
 ) -> Path:
-    """Write models/, ensemble.json, features.json, params.json, cv_report.json and oof.csv
-    (each JSON atomically; the manifest comes after, from run_gbdt_stage)."""
+    """Write models/, ensemble.json, features.json, params.json, cv_report.json and oof.csv,
+    each file atomically (the manifest comes after, from run_gbdt_stage)."""
     out = Path(out_dir)
     (out / "models").mkdir(parents=True, exist_ok=True)
     members = {}
@@ -133,7 +134,8 @@ def save_artifacts(
         files = []
         for model, (fold, seed) in zip(result.models[name], result.model_keys[name], strict=True):
             rel = f"models/{name}_fold{fold}_seed{seed}.{library.suffix}"
-            library.save(model, out / rel)
+            with atomic_output(out / rel) as tmp:
+                library.save(model, tmp)
             files.append(rel)
         members[name] = {
             "library": member.library,
@@ -149,7 +151,8 @@ def save_artifacts(
         target=pl.Series(result.y),
         pred=pl.Series(result.oof[ENSEMBLE]),
     )
-    write_oof(oof, out / "oof.csv")
+    with atomic_output(out / "oof.csv") as tmp:
+        write_oof(oof, tmp)
     return out
 
 
@@ -192,10 +195,12 @@ def run_gbdt_stage(
     set_aside(out)  # a GBDT run is never resumed: start clean
     spec = features_spec(data.meta_features, data.image_sources)
     save_artifacts(out, result, data.frame, spec, params, report)
-    importance.write_csv(out / "importance.csv")
+    with atomic_output(out / "importance.csv") as tmp:
+        importance.write_csv(tmp)
     figures = stage_figures(data, result, importance)
     for name, fig in figures.items():
-        fig.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+        with atomic_output(out / f"{name}.png") as tmp:
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
     config = {
         "gbdt": dataclasses.asdict(cfg),
         "params": params,

@@ -1,17 +1,27 @@
 """Stage 4, the submission kernel: image models -> features -> GBDT soft vote -> submission.csv.
 
 `predict_submission(data_dir, artifacts_dir, cfg)` does, in order:
-1. reads test-metadata.csv (schema-checked, unique ids) and counts test ids absent from
-   test-image.hdf5 up front;
-2. plans: the image sources the GBDT recorded (`gbdt/features.json`: per image column the image
-   model and its run's config hash) decide which image models are needed; a model dir holding
-   another run than the recorded one is reported before anything is predicted (WARNING "GBDT AND
-   IMAGE MODELS DO NOT BELONG TOGETHER"), and the kernel goes on with it. A needed model that
-   is missing or unfinished under `artifacts_dir` means the metadata-only member (`lgb_meta`)
-   scores every row, said loudly (the other image models are then not run: their output could
-   not be used). A model present but not read by the GBDT is skipped, and said so;
+1. reads test-metadata.csv with `utils.io.read_test_metadata`: only the columns the features read
+   are required, extra columns are ignored, category spellings are matched after trimming and
+   ignoring case; what it found (ignored/absent columns, respelled and unseen categories, empty
+   feature columns) goes into the report. An empty file, duplicate ids or a value that is not a
+   number stop the kernel with the file, the column and the rows' isic_id;
+2. checks every artifact file against its folder's manifest before a library opens it
+   (`utils.manifest.check_folder`; a folder without one, made before manifests, is checked for
+   presence and completeness only, with a note) and plans:
+   - the image sources the GBDT recorded (`gbdt/features.json`: per image column the image
+     model and its run's config hash) decide which image models are needed; a model dir holding
+     another run than the recorded one is reported (WARNING "GBDT AND IMAGE MODELS DO NOT BELONG
+     TOGETHER") and used;
+   - a missing or damaged `fold{k}.pt` is left out: that model averages its other folds;
+   - a needed model with no usable fold (or no readable config.json) leaves every row without
+     that image column, so the metadata-only member (`lgb_meta`) scores every row (the other
+     image models are then not run: their output could not be used);
+   - a GBDT member with a damaged model file is left out of the soft vote
+     (`utils.ensemble.GBDTEnsemble.load`); with no member left, or an unreadable
+     ensemble.json / features.json, the kernel stops naming the file;
 3. prints a time estimate early: images/s measured on a few batches per model (decode and every
-   fold model included), times the rows, against Kaggle's 12 hours;
+   used fold model included), times the rows, against Kaggle's 12 hours;
 4. runs each needed image model with `utils.predict.predict`: the mean of its fold models'
    probabilities, as its OOF was made in training (fp16 autocast on CUDA, DataLoader workers);
 5. builds features with `utils.features.build_features` (the training code) plus the image
@@ -20,16 +30,17 @@
    `lgb_meta` score; the report counts those rows and names the first few.
 
 `write_submission` checks the frame with `validate_submission` (exactly the test ids in
-test-metadata order, targets finite and in [0, 1]) and refuses to write a bad file.
+test-metadata order, targets finite and in [0, 1]) and refuses to write a bad file;
+`run_submission` writes `submission_report.json` beside it (every fallback decision) and the
+report's `text()` is the summary block printed at the end of the kernel.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +50,22 @@ import torch
 from utils.ensemble import GBDTEnsemble
 from utils.features import IMAGE_PREFIX, build_features
 from utils.gbdt_libraries import ENSEMBLE, META_MEMBER
-from utils.io import TEST_METADATA, DataDir, HDF5Images, check_ids_match, read_metadata
+from utils.io import (
+    TEST_METADATA,
+    DataDir,
+    HDF5Images,
+    MetadataNotes,
+    check_ids_match,
+    read_test_metadata,
+)
+from utils.manifest import MANIFEST_FILE, atomic_output, check_folder, write_json
 from utils.predict import (
     CONFIG_FILE,
+    CheckpointError,
+    checkpoint_problem,
     default_device,
+    fold_file,
+    load_checkpoint,
     load_config,
     load_fold_models,
     predict,
@@ -52,6 +75,7 @@ from utils.settings import InferenceConfig, resolve
 
 GBDT_DIR = "gbdt"
 SUBMISSION_FILE = "submission.csv"
+REPORT_FILE = "submission_report.json"
 SUBMISSION_COLUMNS = ("isic_id", "target")
 KAGGLE_LIMIT_S = 12 * 3600
 HIDDEN_TEST_ROWS = 500_000  # about the size of the hidden test set the kernel is rerun on
@@ -65,19 +89,68 @@ class SubmissionError(ValueError):
 # ---------------------------------------------------------------------------------- plan
 
 
-def model_dir_problem(model_dir: Path) -> str | None:
-    """Why an image model dir cannot be used (absent, no config.json, a fold missing), or None."""
+@dataclass(frozen=True)
+class ModelCheck:
+    """What the file check found in one image model dir."""
+
+    n_folds: int
+    folds: tuple[int, ...]  # fold checkpoints that can be used
+    damaged: dict[str, str] = field(default_factory=dict)  # fold file left out -> why
+    problem: str | None = None  # why no fold can be used (the model drops out)
+    notes: tuple[str, ...] = ()  # manifest findings that stopped nothing
+
+
+def fold_problem(model_dir: Path, k: int, check) -> str | None:
+    """Why fold{k}.pt of `model_dir` must not be used: the manifest's verdict, else (no
+    manifest) absent, empty, not a complete zip or not loadable by torch."""
+    rel = fold_file(k)
+    if check.has_manifest:
+        if rel not in check.listed and rel not in check.unlisted:
+            return f"{model_dir / rel}: missing"
+        if (why := check.problem(rel)) is not None:
+            return why
+        return checkpoint_problem(model_dir / rel)
+    if (why := checkpoint_problem(model_dir / rel)) is not None:
+        return why
+    try:  # no manifest vouches for it: read it once, here, rather than die in the long pass
+        load_checkpoint(model_dir / rel)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def check_image_model(model_dir: Path) -> ModelCheck:
+    """The usable folds of an image model dir, the ones left out and why (each names its file)."""
     if not model_dir.is_dir():
-        return f"{model_dir} does not exist"
+        return ModelCheck(0, (), problem=f"{model_dir} does not exist")
+    check = check_folder(model_dir)
+    notes = []
+    if not check.has_manifest:
+        notes.append(
+            f"{model_dir}: no usable {MANIFEST_FILE} ({check.error}); its fold checkpoints are "
+            "checked by reading them instead"
+        )
+    elif (why := check.problem(CONFIG_FILE)) is not None:
+        notes.append(f"{why}; it parses and is used")
     try:
         cfg = load_config(model_dir)
     except (FileNotFoundError, TypeError, ValueError, json.JSONDecodeError) as err:
-        return f"{model_dir}: unreadable config ({err})"
-    folds = [f"fold{k}.pt" for k in range(cfg.n_folds)]
-    absent = [f for f in folds if not (model_dir / f).is_file()]
-    if absent:
-        return f"{model_dir}: {absent} missing (unfinished run)"
-    return None
+        return ModelCheck(
+            0, (), problem=f"{model_dir}: unreadable config ({err})", notes=tuple(notes)
+        )
+    damaged = {
+        fold_file(k): why
+        for k in range(cfg.n_folds)
+        if (why := fold_problem(model_dir, k, check)) is not None
+    }
+    folds = tuple(k for k in range(cfg.n_folds) if fold_file(k) not in damaged)
+    problem = None if folds else f"{model_dir}: no usable fold checkpoint"
+    return ModelCheck(cfg.n_folds, folds, damaged, problem, tuple(notes))
+
+
+def model_dir_problem(model_dir: Path) -> str | None:
+    """Why an image model dir cannot be used at all (absent, no config.json, no usable fold)."""
+    return check_image_model(model_dir).problem
 
 
 def recorded_run_hash(model_dir: Path) -> str | None:
@@ -101,18 +174,33 @@ def image_sources_of(ensemble: GBDTEnsemble) -> dict[str, dict[str, str]]:
 
 @dataclass(frozen=True)
 class ImagePlan:
-    """Which image models the GBDT reads, which will run, which are missing or unused."""
+    """Which image models the GBDT reads, which will run (on which folds), which are unusable."""
 
     needed: tuple[str, ...]  # read by the GBDT (features.json image_sources), in its order
     run: tuple[str, ...]  # will be run on the test images
-    missing: dict[str, str]  # needed but unusable -> why
+    missing: dict[str, str]  # needed but unusable (no usable fold) -> why
     unused: tuple[str, ...]  # complete under artifacts_dir but not read by the GBDT
     mismatched: dict[str, str] = field(default_factory=dict)  # another run than the GBDT's -> why
+    checks: dict[str, ModelCheck] = field(default_factory=dict)  # needed model -> file check
 
     @property
     def metadata_only(self) -> bool:
         """True when no row can use an image feature."""
         return not self.needed or bool(self.missing)
+
+    @property
+    def folds(self) -> dict[str, tuple[int, ...]]:
+        """The fold checkpoints each model to run averages."""
+        return {n: self.checks[n].folds for n in self.run if n in self.checks}
+
+    @property
+    def damaged_folds(self) -> dict[str, dict[str, str]]:
+        """Needed model -> {fold file left out -> why}."""
+        return {n: c.damaged for n, c in self.checks.items() if c.damaged}
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(note for c in self.checks.values() for note in c.notes)
 
 
 def plan_images(artifacts_dir: Path, image_sources: Mapping[str, Mapping[str, str]]) -> ImagePlan:
@@ -120,7 +208,8 @@ def plan_images(artifacts_dir: Path, image_sources: Mapping[str, Mapping[str, st
     column -> image_model, config_hash), given the run dirs under `artifacts_dir`. A run dir
     whose config_hash is not the recorded one is another run than the GBDT saw: `mismatched`."""
     needed = tuple(source["image_model"] for source in image_sources.values())
-    missing = {n: p for n in needed if (p := model_dir_problem(artifacts_dir / n)) is not None}
+    checks = {n: check_image_model(artifacts_dir / n) for n in needed}
+    missing = {n: c.problem for n, c in checks.items() if c.problem is not None}
     mismatched = {}
     for source in image_sources.values():
         name, wanted = source["image_model"], source["config_hash"]
@@ -133,12 +222,11 @@ def plan_images(artifacts_dir: Path, image_sources: Mapping[str, Mapping[str, st
     present = sorted(
         p.name
         for p in artifacts_dir.iterdir()
-        if p.name != GBDT_DIR and (p / "config.json").is_file()
+        if p.name != GBDT_DIR and p.name not in needed and (p / CONFIG_FILE).is_file()
     )
-    usable = [n for n in present if model_dir_problem(artifacts_dir / n) is None]
-    unused = tuple(n for n in usable if n not in needed)
+    unused = tuple(n for n in present if model_dir_problem(artifacts_dir / n) is None)
     run = () if missing else needed
-    return ImagePlan(needed, run, missing, unused, mismatched)
+    return ImagePlan(needed, run, missing, unused, mismatched, checks)
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -219,11 +307,14 @@ def estimate_time(
     ids: Sequence[str],
     cfg: InferenceConfig,
     device: torch.device,
+    folds: Mapping[str, Sequence[int]] | None = None,
 ) -> TimeEstimate:
-    """Measure images/s of each image model on the first batches of `ids`; project to all rows."""
+    """Measure images/s of each image model (its `folds`, default all) on the first batches of
+    `ids`; project to all rows."""
     rates = {}
     for name in models:
-        model_cfg, fold_models = load_fold_models(artifacts_dir / name, device)
+        used = None if folds is None else folds.get(name)
+        model_cfg, fold_models = load_fold_models(artifacts_dir / name, device, used)
 
         def run(part: Sequence[str], fold_models=fold_models, size=model_cfg.image_size) -> None:
             predict_with_models(
@@ -253,6 +344,10 @@ class InferenceReport:
     images_per_s: dict[str, float]  # measured on the full pass, per image model
     member_means: dict[str, float]  # mean score per GBDT member and the ensemble
     warnings: tuple[str, ...] = field(default=())
+    members: tuple[str, ...] = ()  # GBDT members in the soft vote
+    dropped_members: dict[str, str] = field(default_factory=dict)  # left out -> why
+    metadata: MetadataNotes | None = None  # what reading test-metadata.csv found
+    artifact_notes: tuple[str, ...] = ()  # manifest findings that stopped nothing
 
     @property
     def n_fallback(self) -> int:
@@ -266,7 +361,85 @@ class InferenceReport:
         if self.plan.missing:
             missing = sorted(self.plan.missing)
             return f"metadata-only: {META_MEMBER} for every row (missing {missing})"
-        return f"full: image models {list(self.plan.run)} + GBDT soft vote"
+        mode = f"full: image models {list(self.plan.run)} + GBDT soft vote"
+        partial = [
+            f"{n} on folds {list(c.folds)} of {c.n_folds}"
+            for n, c in self.plan.checks.items()
+            if n in self.plan.run and len(c.folds) < c.n_folds
+        ]
+        if partial:
+            mode += f"; {', '.join(partial)}"
+        if self.dropped_members:
+            mode += f"; members left out: {sorted(self.dropped_members)}"
+        return mode
+
+    def decisions(self) -> list[str]:
+        """Every fallback decision, one line each, naming the file or rows behind it."""
+        lines = []
+        for name, damaged in self.plan.damaged_folds.items():
+            check = self.plan.checks[name]
+            effect = (
+                f"averages folds {list(check.folds)} of {check.n_folds}"
+                if check.folds
+                else "has no usable fold"
+            )
+            for why in damaged.values():
+                lines.append(f"image model {name} {effect}: left out {why}")
+        for name, why in self.plan.missing.items():
+            lines.append(f"image model {name} unusable ({why}): {META_MEMBER} scores every row")
+        for name, why in self.dropped_members.items():
+            lines.append(f"GBDT member {name} left out of the vote: {why}")
+        if self.fallback_ids and not self.plan.missing:
+            lines.append(
+                f"{self.n_fallback:,} row(s) without a readable image scored by {META_MEMBER}: "
+                f"{_count_ids(self.fallback_ids)}"
+            )
+        return lines
+
+    def to_dict(self) -> dict:
+        """The JSON of submission_report.json."""
+        return {
+            "rows": self.rows,
+            "device": self.device,
+            "mode": self.mode,
+            "decisions": self.decisions(),
+            "image_models": {
+                "needed": list(self.plan.needed),
+                "run": list(self.plan.run),
+                "folds_used": {n: list(f) for n, f in self.plan.folds.items()},
+                "folds_left_out": self.plan.damaged_folds,
+                "unusable": self.plan.missing,
+                "unused": list(self.plan.unused),
+                "another_run": self.plan.mismatched,
+            },
+            "gbdt_members": {"voting": list(self.members), "left_out": self.dropped_members},
+            "fallback_rows": {"count": self.n_fallback, "first_ids": list(self.fallback_ids[:20])},
+            "absent_from_hdf5": {
+                "count": len(self.absent_ids),
+                "first_ids": list(self.absent_ids[:20]),
+            },
+            "test_metadata": asdict(self.metadata) if self.metadata else None,
+            "artifact_notes": list(self.artifact_notes),
+            "warnings": list(self.warnings),
+            "images_per_s": self.images_per_s,
+            "estimate_s": None if self.estimate is None else self.estimate.seconds(),
+            "member_means": self.member_means,
+        }
+
+    def text(self) -> str:
+        """The summary block the kernel prints last: mode, every decision and finding."""
+        notes = self.metadata.lines() if self.metadata else []
+        sections = [
+            ("mode", [self.mode]),
+            ("fallback decisions", self.decisions() or ["none"]),
+            ("test-metadata.csv", notes or ["as expected"]),
+            ("artifacts", list(self.artifact_notes) or ["every file matches its manifest"]),
+        ]
+        lines = ["=" * 30 + " SUBMISSION SUMMARY " + "=" * 30, f"rows: {self.rows:,}"]
+        for title, items in sections:
+            lines.append(f"{title}:")
+            lines += [f"  - {item}" for item in items]
+        return "\n".join(lines + ["=" * 80])
 
     def summary(self) -> pl.DataFrame:
         """One row per fact, for the notebook."""
@@ -278,10 +451,12 @@ class InferenceReport:
             "image models unused by the GBDT": ", ".join(self.plan.unused) or "none",
             "image models of another run than the GBDT's": ", ".join(self.plan.mismatched)
             or "none",
+            "GBDT members voting": ", ".join(self.members) or "none",
             "test ids absent from the hdf5": _count_ids(self.absent_ids),
             f"rows scored by {META_MEMBER} (fallback)": _count_ids(self.fallback_ids),
             **{f"{m} img/s (full pass)": f"{r:,.1f}" for m, r in self.images_per_s.items()},
             **{f"mean score {m}": f"{s:.5f}" for m, s in self.member_means.items()},
+            **{f"decision {i + 1}": d for i, d in enumerate(self.decisions())},
             **{f"warning {i + 1}": w for i, w in enumerate(self.warnings)},
         }
         return pl.DataFrame({"item": list(facts), "value": list(facts.values())})
@@ -301,13 +476,18 @@ def image_features(
     cfg: InferenceConfig,
     device: torch.device,
     log: Callable[[str], None] = print,
+    folds: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, float]]:
-    """isic_id plus img_<model> (fold-mean probability, NaN if unreadable); images/s per model."""
+    """isic_id plus img_<model> (mean over its `folds`, default all; NaN if unreadable) and
+    images/s per model."""
     frame = pl.DataFrame({"isic_id": list(ids)}, schema={"isic_id": pl.String})
     rates = {}
     for name in models:
         start = time.perf_counter()
-        pred = predict(artifacts_dir / name, images, ids, cfg.batch_size, cfg.num_workers, device)
+        used = None if folds is None else folds.get(name)
+        pred = predict(
+            artifacts_dir / name, images, ids, cfg.batch_size, cfg.num_workers, device, used
+        )
         rates[name] = len(ids) / max(time.perf_counter() - start, 1e-9)
         log(f"{name}: {len(ids):,} images in {time.perf_counter() - start:.1f}s")
         column = pl.col("pred").cast(pl.Float32).alias(f"{IMAGE_PREFIX}{name}")
@@ -337,9 +517,11 @@ def predict_submission(
         log(f"WARNING: {message}")
 
     data = DataDir(data_dir)
-    metadata = data.test_metadata()
+    metadata, notes = read_test_metadata(data.path(TEST_METADATA))
     ids = metadata["isic_id"].to_list()
     log(f"{data.path(TEST_METADATA)}: {len(ids):,} test rows; device {_device_name(device)}")
+    for line in notes.lines():
+        log(f"NOTE: {data.path(TEST_METADATA)}: {line}")
     if not (artifacts_dir / GBDT_DIR / "ensemble.json").is_file():
         raise FileNotFoundError(
             f"no GBDT artifacts at {artifacts_dir / GBDT_DIR} (ensemble.json): run 03_gbdt first "
@@ -347,10 +529,20 @@ def predict_submission(
         )
     ensemble = GBDTEnsemble.load(artifacts_dir / GBDT_DIR)
     plan = plan_images(artifacts_dir, image_sources_of(ensemble))
+    artifact_notes = ensemble.notes + plan.notes
+    for note in artifact_notes:
+        log(f"NOTE: {note}")
+    for name, why in ensemble.dropped.items():
+        warn(f"GBDT member {name} left out of the vote: {why}")
     for why in plan.mismatched.values():
         warn(f"GBDT AND IMAGE MODELS DO NOT BELONG TOGETHER: {why}")
+    for name, damaged in plan.damaged_folds.items():
+        if name not in plan.missing:
+            used = list(plan.checks[name].folds)
+            warn(f"image model {name} averages folds {used}; left out: {list(damaged.values())}")
     for name, why in plan.missing.items():
-        warn(f"image model {name} is needed by the GBDT but unusable: {why}")
+        details = list(plan.checks[name].damaged.values())
+        warn(f"image model {name} is needed by the GBDT but unusable: {why} {details or ''}")
     if plan.missing:
         warn(f"METADATA-ONLY SUBMISSION: every row gets the {META_MEMBER} score")
     elif not plan.needed:
@@ -358,7 +550,10 @@ def predict_submission(
     if plan.unused:
         log(f"image model(s) {list(plan.unused)} present but not read by the GBDT: skipped")
     if META_MEMBER not in ensemble.models and plan.needed:
-        warn(f"the GBDT has no {META_MEMBER} member: rows without an image cannot fall back")
+        warn(
+            f"no usable {META_MEMBER} member: rows without an image feature are scored by "
+            f"{list(ensemble.models)} with the image columns missing"
+        )
 
     absent: list[str] = []
     estimate = None
@@ -370,11 +565,13 @@ def predict_submission(
         if absent:
             warn(f"{len(absent):,} test id(s) absent from {images.path}: {_count_ids(absent)}")
         if cfg.estimate_batches > 0 and ids:
-            estimate = estimate_time(artifacts_dir, plan.run, images, ids, cfg, device)
-            log(f"time estimate ({_device_name(device)}):\n{estimate}")
+            estimate = estimate_time(artifacts_dir, plan.run, images, ids, cfg, device, plan.folds)
+            log(f"time estimate of the image models ({_device_name(device)}):\n{estimate}")
             if not estimate.fits():
                 warn(f"image inference needs ~{format_duration(estimate.seconds())}, over 12 h")
-        image_frame, rates = image_features(artifacts_dir, plan.run, images, ids, cfg, device, log)
+        image_frame, rates = image_features(
+            artifacts_dir, plan.run, images, ids, cfg, device, log, plan.folds
+        )
     frame, _ = build_features(metadata, source=data.path(TEST_METADATA))
     frame = frame.join(image_frame, on="isic_id", how="left", maintain_order="left")
     for column in ensemble.image_columns:
@@ -400,6 +597,10 @@ def predict_submission(
         images_per_s=rates,
         member_means={m: float(np.mean(s)) for m, s in scores.items()},
         warnings=tuple(warnings),
+        members=tuple(ensemble.models),
+        dropped_members=dict(ensemble.dropped),
+        metadata=notes,
+        artifact_notes=artifact_notes,
     )
     log(f"mode: {report.mode}; {report.n_fallback:,} row(s) scored by {META_MEMBER}")
     return submission, report
@@ -417,7 +618,7 @@ def _device_name(device: torch.device) -> str:
 
 def read_test_ids(data_dir: str | Path) -> list[str]:
     """isic_ids of `<data_dir>/test-metadata.csv` in file order (what the submission must hold)."""
-    return read_metadata(Path(data_dir) / TEST_METADATA, "test")["isic_id"].to_list()
+    return read_test_metadata(Path(data_dir) / TEST_METADATA)[0]["isic_id"].to_list()
 
 
 def submission_problems(sub: pl.DataFrame, test_ids: Sequence[str]) -> list[str]:
@@ -466,10 +667,8 @@ def write_submission(sub: pl.DataFrame, output_dir: str | Path, test_ids: Sequen
     """Validate, then write `<output_dir>/submission.csv` atomically; its path."""
     validate_submission(sub, test_ids)
     path = Path(output_dir) / SUBMISSION_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    sub.write_csv(tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        sub.write_csv(tmp)
     return path
 
 
@@ -481,7 +680,8 @@ def run_submission(
     recipe: str = "paper",
     **overrides,
 ) -> tuple[pl.DataFrame, InferenceReport, Path]:
-    """Stage 4 entry: settings (utils.settings), predict, validate and write submission.csv.
+    """Stage 4 entry: settings (utils.settings), predict, validate and write submission.csv and,
+    beside it, submission_report.json (InferenceReport.to_dict: every fallback decision).
 
     `overrides` are InferenceConfig fields (batch_size, num_workers, ...); None keeps the preset's.
     """
@@ -489,5 +689,6 @@ def run_submission(
     print(cfg)
     submission, report = predict_submission(data_dir, artifacts_dir, cfg)
     path = write_submission(submission, output_dir, read_test_ids(data_dir))
-    print(f"wrote {path}: {submission.height:,} rows; {report.mode}")
+    write_json(Path(output_dir) / REPORT_FILE, report.to_dict())
+    print(f"wrote {path} and {REPORT_FILE}: {submission.height:,} rows; {report.mode}")
     return submission, report, path

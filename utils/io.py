@@ -1,9 +1,18 @@
-"""Reading the Kaggle-layout data dir: metadata CSVs with Polars and JPEG crops from hdf5."""
+"""Reading the Kaggle-layout data dir: metadata CSVs with Polars and JPEG crops from hdf5.
+
+Metadata is read as text and then cast column by column, so a value that is not a number is
+reported with its file, column and the row's isic_id; category values are respelled
+canonically (utils.schema.normalise_categories). `read_test_metadata` is the submission
+kernel's reader: it needs only the columns the features read, ignores extra columns and says
+what it found (`MetadataNotes`: ignored and absent columns, respelled and unseen categories,
+empty feature columns); an empty file, duplicate ids or a bad number stop it, named.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -12,7 +21,16 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from utils.schema import SCHEMAS, SchemaError, validate_columns, validate_frame
+from utils.schema import (
+    FEATURE_INPUT_COLUMNS,
+    SCHEMAS,
+    TEST_COLUMNS,
+    SchemaError,
+    normalise_categories,
+    unseen_categories,
+    validate_columns,
+    validate_frame,
+)
 
 TRAIN_METADATA = "train-metadata.csv"
 TRAIN_IMAGES = "train-image.hdf5"
@@ -35,6 +53,41 @@ class ImageReadError(KeyError):
         return self.message
 
 
+def _read_text(path: Path, kind: str) -> pl.DataFrame:
+    """Every column of a metadata CSV as text; errors name the file (absent, empty, no rows)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} metadata file not found: {path}")
+    try:
+        df = pl.read_csv(path, infer_schema=False)
+    except pl.exceptions.NoDataError as err:
+        raise SchemaError(f"{path}: empty file (no header, no rows)") from err
+    except pl.exceptions.ComputeError as err:
+        raise SchemaError(f"{path}: not a readable CSV ({err})") from err
+    if df.height == 0:
+        raise SchemaError(f"{path}: {kind} metadata has a header but no rows")
+    return df
+
+
+def cast_columns(df: pl.DataFrame, schema: dict, source: str | Path) -> pl.DataFrame:
+    """Text columns cast to the schema's dtypes (numbers trimmed first); SchemaError naming the
+    file, the column, the bad values and their rows' isic_id for a value that does not parse."""
+    casts = []
+    for col, dtype in schema.items():
+        if col not in df.columns or dtype == pl.String:
+            continue
+        text = pl.col(col).str.strip_chars()
+        value = pl.when(text != "").then(text).cast(dtype, strict=False)
+        bad = df.filter(value.is_null() & text.is_not_null() & (text != ""))
+        if len(bad):
+            ids = bad["isic_id"].head(5).to_list() if "isic_id" in bad.columns else "?"
+            raise SchemaError(
+                f"{source}: column {col!r} holds {len(bad)} value(s) that are not {dtype}, "
+                f"e.g. {bad[col].head(3).to_list()} for isic_id {ids}"
+            )
+        casts.append(value.alias(col))
+    return df.with_columns(casts)
+
+
 def read_metadata(path: str | Path, kind: str, *, validate: bool = True) -> pl.DataFrame:
     """Read a train or test metadata CSV into the schema's dtypes (columns in file order).
 
@@ -42,20 +95,74 @@ def read_metadata(path: str | Path, kind: str, *, validate: bool = True) -> pl.D
     unexpected column raises SchemaError naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{kind} metadata file not found: {path}")
-    header = pl.read_csv(path, n_rows=0).columns
+    df = _read_text(path, kind)
     if validate:
-        validate_columns(header, kind, path)
-    schema = SCHEMAS[kind]
-    overrides = {c: schema.get(c, pl.String) for c in header}
-    try:
-        df = pl.read_csv(path, schema_overrides=overrides, infer_schema=False)
-    except pl.exceptions.ComputeError as err:
-        raise SchemaError(f"{path}: a value does not fit the schema's dtype: {err}") from err
+        validate_columns(df.columns, kind, path)
+    df, _ = normalise_categories(cast_columns(df, SCHEMAS[kind], path))
     if validate:
         validate_frame(df, kind, path)
     return df
+
+
+@dataclass(frozen=True)
+class MetadataNotes:
+    """What reading a test metadata file found that did not stop it (for the kernel's report)."""
+
+    rows: int
+    ignored_columns: tuple[str, ...] = ()  # not in the schema: dropped
+    absent_columns: tuple[str, ...] = ()  # in the schema, not read by the features: added empty
+    respelled: dict[str, int] = field(
+        default_factory=dict
+    )  # column -> values matched by case/space
+    unseen: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> value -> rows
+    empty_columns: tuple[str, ...] = ()  # feature columns with no value in any row
+
+    def lines(self) -> list[str]:
+        """One line per finding (empty when the file was as expected)."""
+        lines = []
+        if self.ignored_columns:
+            lines.append(f"extra column(s) ignored: {list(self.ignored_columns)}")
+        if self.absent_columns:
+            lines.append(
+                f"column(s) absent, not read by the features (left empty): "
+                f"{list(self.absent_columns)}"
+            )
+        for col, n in self.respelled.items():
+            lines.append(f"{col}: {n} value(s) matched a known category after trimming/case")
+        for col, values in self.unseen.items():
+            shown = dict(list(values.items())[:5])
+            lines.append(
+                f"{col}: {sum(values.values())} row(s) with unseen categories "
+                f"(encoded as {col}__other): {shown}"
+            )
+        if self.empty_columns:
+            lines.append(f"feature column(s) empty in every row: {list(self.empty_columns)}")
+        return lines
+
+
+def read_test_metadata(path: str | Path) -> tuple[pl.DataFrame, MetadataNotes]:
+    """The submission kernel's reader: test metadata in TEST_COLUMNS order and what it found.
+
+    Only FEATURE_INPUT_COLUMNS are required (SchemaError naming the file otherwise); other
+    schema columns that are absent are added empty, columns outside the schema are dropped.
+    """
+    path = Path(path)
+    df = _read_text(path, "test")
+    missing = [c for c in FEATURE_INPUT_COLUMNS if c not in df.columns]
+    if missing:
+        raise SchemaError(
+            f"{path}: test metadata has no column(s) {missing}, which the features read"
+        )
+    ignored = tuple(c for c in df.columns if c not in TEST_COLUMNS)
+    absent = tuple(c for c in TEST_COLUMNS if c not in df.columns)
+    df = df.with_columns(pl.lit(None, dtype=pl.String).alias(c) for c in absent)
+    df = cast_columns(df.select(list(TEST_COLUMNS)), TEST_COLUMNS, path)
+    df, respelled = normalise_categories(df)
+    validate_frame(df, "test", path)
+    features = [c for c in FEATURE_INPUT_COLUMNS if c not in ("isic_id", "patient_id")]
+    empty = tuple(c for c in features if df[c].null_count() == df.height)
+    notes = MetadataNotes(df.height, ignored, absent, respelled, unseen_categories(df), empty)
+    return df, notes
 
 
 def decode_jpeg(

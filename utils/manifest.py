@@ -2,9 +2,11 @@
 
 The manifest lists every file of the folder (relative path, size, sha256), the resolved config
 and its hash, the hash of the `utils` code that ran and the library versions. A folder without
-one is unfinished (or predates manifests); `verify_manifest` lists every way a folder differs
-from its manifest (missing, changed or extra files), so a reader can refuse a mixed folder.
-Writers here are atomic (temporary file + os.replace): an interrupted write leaves no half file.
+one is unfinished (or predates manifests); `check_folder` says, per file, how a folder differs
+from its manifest (missing, changed or extra files), so a reader can refuse a damaged file before
+any library opens it, and `verify_manifest` lists the same as messages.
+Writers here are atomic (temporary file + os.replace): an interrupted write leaves no half file;
+`atomic_output` gives a library that writes to a path (a model's save_model) the same guarantee.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import os
 import platform
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -55,6 +59,32 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def temporary_path(path: str | Path) -> Path:
+    """A hidden temporary name beside `path` that keeps its suffix (libraries such as XGBoost
+    choose the format by suffix) and that manifests skip."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
+def is_temporary(name: str) -> bool:
+    """True for the temporary files of an unfinished atomic write (never part of an artifact)."""
+    return name.endswith(".tmp") or (name.startswith(".") and ".tmp." in name)
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write `path` through; it replaces `path` only when the block
+    ends without an error, so a killed or failed writer never leaves a partial file there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -108,7 +138,7 @@ def _files(folder: Path) -> list[Path]:
         for p in folder.rglob("*")
         if p.is_file()
         and p.name != MANIFEST_FILE
-        and not p.name.endswith(".tmp")
+        and not is_temporary(p.name)
         and PREVIOUS_DIR not in p.relative_to(folder).parts
     )
 
@@ -143,28 +173,75 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def verify_manifest(folder: str | Path) -> list[str]:
-    """Every way `folder` differs from its manifest (empty when it matches)."""
+@dataclass(frozen=True)
+class FolderCheck:
+    """How the files of a folder compare with its manifest, file by file."""
+
+    folder: Path
+    error: str | None  # why there is no usable manifest (absent or unreadable); None when read
+    problems: dict[str, str] = field(default_factory=dict)  # listed file -> what is wrong
+    unlisted: tuple[str, ...] = ()  # files present but not in the manifest
+    listed: tuple[str, ...] = ()
+
+    @property
+    def has_manifest(self) -> bool:
+        return self.error is None
+
+    def problem(self, rel: str) -> str | None:
+        """What is wrong with file `rel` by the manifest (None when it matches or none exists)."""
+        if not self.has_manifest:
+            return None
+        if rel in self.unlisted:
+            return f"{self.folder / rel}: not in the manifest (another run?)"
+        return self.problems.get(rel)
+
+    def messages(self) -> list[str]:
+        """Every difference as one line naming the file (what verify_manifest returns)."""
+        if self.error is not None:
+            return [f"{self.folder}: manifest unreadable ({self.error})"]
+        lines = list(self.problems.values())
+        if self.unlisted:
+            shown = list(self.unlisted[:5])
+            lines.append(f"{self.folder}: file(s) not in the manifest (another run?): {shown}")
+        return lines
+
+
+def file_problem(path: Path, entry: Mapping[str, Any]) -> str | None:
+    """How `path` differs from its manifest entry (size first: a truncated file costs no hash)."""
+    if not path.is_file():
+        return f"{path}: listed in the manifest but missing"
+    size = path.stat().st_size
+    if size != entry["size"]:
+        return f"{path}: size {size}, manifest says {entry['size']} (truncated or replaced)"
+    if file_sha256(path) != entry["sha256"]:
+        return f"{path}: content differs from the manifest (sha256)"
+    return None
+
+
+def check_folder(folder: str | Path) -> FolderCheck:
+    """Compare every file of `folder` with its manifest (a FolderCheck with `error` set when
+    the folder has no readable manifest: older artifacts or an interrupted upload)."""
     folder = Path(folder)
     try:
-        record = read_manifest(folder)
-        listed = record["files"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError) as err:
-        return [f"{folder}: manifest unreadable ({err})"]
-    problems = []
-    for rel, entry in listed.items():
-        path = folder / rel
-        if not path.is_file():
-            problems.append(f"{path}: listed in the manifest but missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(f"{path}: size {path.stat().st_size}, manifest says {entry['size']}")
-        elif file_sha256(path) != entry["sha256"]:
-            problems.append(f"{path}: content differs from the manifest (sha256)")
-    extra = [p.relative_to(folder).as_posix() for p in _files(folder)]
-    extra = [rel for rel in extra if rel not in listed]
-    if extra:
-        problems.append(f"{folder}: file(s) not in the manifest (another run?): {extra[:5]}")
-    return problems
+        listed = read_manifest(folder)["files"]
+        entries = {rel: (int(e["size"]), str(e["sha256"])) for rel, e in listed.items()}
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        return FolderCheck(folder, str(err))
+    except AttributeError as err:
+        return FolderCheck(folder, f"no file list ({err})")
+    problems = {
+        rel: why
+        for rel, (size, sha) in entries.items()
+        if (why := file_problem(folder / rel, {"size": size, "sha256": sha})) is not None
+    }
+    present = [p.relative_to(folder).as_posix() for p in _files(folder)]
+    unlisted = tuple(rel for rel in present if rel not in entries)
+    return FolderCheck(folder, None, problems, unlisted, tuple(entries))
+
+
+def verify_manifest(folder: str | Path) -> list[str]:
+    """Every way `folder` differs from its manifest (empty when it matches)."""
+    return check_folder(folder).messages()
 
 
 def set_aside(folder: str | Path, log: Any = print) -> Path | None:

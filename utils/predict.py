@@ -4,11 +4,17 @@ Stage 1 scores its validation fold with `predict_with_models`; stage 4 (the subm
 and stage 5 load a finished run dir with `load_fold_models` and score test images with
 `predict`, whose value per image is the mean of the fold models' probabilities (as the OOF
 feature was made in training). fp16 autocast and channels_last on CUDA; CPU works the same.
+
+Loading is checked: a missing, empty, truncated or foreign `fold{k}.pt` raises CheckpointError
+naming the file and what is wrong (never a bare torch/zip error); `checkpoint_problem` says the
+same without loading (size and zip structure), and `folds=` loads only the folds given.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +37,14 @@ from utils.models import ImageModel
 from utils.settings import TrainConfig
 
 CONFIG_FILE = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A fold checkpoint that cannot be used; the message names the file and why."""
+
+
+def fold_file(k: int) -> str:
+    return f"fold{k}.pt"
 
 
 def default_device() -> torch.device:
@@ -132,20 +146,55 @@ def load_config(model_dir: str | Path) -> TrainConfig:
     return TrainConfig(**json.loads(path.read_text())["config"])
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why `path` is not a usable checkpoint, judged without loading it: absent, empty, or not
+    a complete zip archive (torch.save writes one; a cut file loses the zip's closing record)."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path}: missing"
+    if path.stat().st_size == 0:
+        return f"{path}: empty file (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        return f"{path}: not a complete torch checkpoint (truncated? no zip end record)"
+    return None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """torch.load of a fold checkpoint; CheckpointError naming `path` when it cannot be read."""
+    path = Path(path)
+    if (why := checkpoint_problem(path)) is not None:
+        raise CheckpointError(why)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a fold checkpoint (no state_dict)")
+    return checkpoint
+
+
 def load_fold_models(
-    model_dir: str | Path, device: torch.device | None = None
+    model_dir: str | Path,
+    device: torch.device | None = None,
+    folds: Sequence[int] | None = None,
 ) -> tuple[TrainConfig, list[ImageModel]]:
-    """Config and every fold{k}.pt model of a run dir, on `device`, in eval mode."""
+    """Config and the fold{k}.pt models of a run dir (every fold, or `folds`), on `device`, in
+    eval mode; CheckpointError naming the file for one that cannot be loaded."""
     device = device or default_device()
     cfg = load_config(model_dir)
     models = []
-    for k in range(cfg.n_folds):
-        path = Path(model_dir) / f"fold{k}.pt"
+    for k in range(cfg.n_folds) if folds is None else folds:
+        path = Path(model_dir) / fold_file(k)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; the run of {cfg.model_name} is unfinished")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(path)
         model = build_model(cfg)
-        model.load_state_dict(checkpoint["state_dict"])
+        try:
+            model.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not fit {cfg.backbone} ({err})") from err
         models.append(to_device(model, device).eval())
     return cfg, models
 
@@ -157,14 +206,16 @@ def predict(
     batch_size: int = 128,
     num_workers: int = 2,
     device: torch.device | None = None,
+    folds: Sequence[int] | None = None,
 ) -> pl.DataFrame:
     """isic_id, pred (mean of the fold models' probabilities), image_ok for one image model.
 
+    `folds` restricts the mean to those fold models (the others damaged or missing).
     Unreadable or missing images get pred NaN and image_ok False (counted and reported), so the
     caller can fall back to a metadata-only score for those rows.
     """
     device = device or default_device()
-    cfg, models = load_fold_models(model_dir, device)
+    cfg, models = load_fold_models(model_dir, device, folds)
     images = resolve_images(images)
     probs, ok = predict_with_models(
         models, images, isic_ids, cfg.image_size, batch_size, num_workers, device, cfg.model_name

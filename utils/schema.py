@@ -1,8 +1,14 @@
-"""Column schema of the ISIC 2024 (SLICE-3D) metadata files, as the real Kaggle files use it."""
+"""Column schema of the ISIC 2024 (SLICE-3D) metadata files, as the real Kaggle files use it.
+
+Category values are matched after trimming and collapsing whitespace and ignoring case
+(`normalise_categories`: "MALE", " anterior torso " are the known values), so a harmless
+spelling variant is never encoded as an unseen category.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import polars as pl
@@ -143,6 +149,8 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     ),
 }
 NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c, t in TEST_COLUMNS.items() if t == F64)
+# What utils.features.build_features reads: a test file needs these, the rest may be absent.
+FEATURE_INPUT_COLUMNS: tuple[str, ...] = ID_COLUMNS + tuple(CATEGORIES) + NUMERIC_COLUMNS
 
 
 SCHEMAS = {"train": TRAIN_COLUMNS, "test": TEST_COLUMNS}
@@ -186,3 +194,48 @@ def validate_frame(df: pl.DataFrame, kind: str, source: str | Path) -> None:
                 f"{source}: column 'target' must be 0 or 1; bad rows for isic_id "
                 f"{bad['isic_id'].head(5).to_list()}"
             )
+
+
+def category_key(value: str) -> str:
+    """The form two category spellings are compared in: trimmed, single spaces, lower case."""
+    return re.sub(r"\s+", " ", value).strip().lower()
+
+
+def category_lookup(categories: Mapping[str, Iterable[str]] = CATEGORIES) -> dict[str, dict]:
+    """column -> {category_key(value) -> the canonical value}."""
+    return {col: {category_key(v): v for v in values} for col, values in categories.items()}
+
+
+def normalise_categories(df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+    """`df` with every known category spelled canonically (a value blank after trimming is
+    null), and per column how many values were respelled; unknown values are only trimmed."""
+    changed = {}
+    exprs = []
+    for col, lookup in category_lookup().items():
+        if col not in df.columns or df.schema[col] != Str:
+            continue
+        trimmed = pl.col(col).str.replace_all(r"\s+", " ").str.strip_chars()
+        key = trimmed.str.to_lowercase()
+        canonical = key.replace_strict(lookup, default=trimmed, return_dtype=Str)
+        exprs.append(pl.when(trimmed != "").then(canonical).alias(col))
+    if not exprs:
+        return df, changed
+    out = df.with_columns(exprs)
+    for col in (e.meta.output_name() for e in exprs):
+        differs = df[col].ne_missing(out[col]) & df[col].is_not_null()
+        if n := int(differs.sum()):
+            changed[col] = n
+    return out, changed
+
+
+def unseen_categories(df: pl.DataFrame) -> dict[str, dict[str, int]]:
+    """column -> {value outside CATEGORIES -> rows} (encoded as `<col>__other`)."""
+    unseen = {}
+    for col, values in CATEGORIES.items():
+        if col not in df.columns:
+            continue
+        other = df.filter(pl.col(col).is_not_null() & ~pl.col(col).is_in(list(values)))[col]
+        if len(other):
+            counts = other.value_counts(sort=True)
+            unseen[col] = dict(zip(counts[col].to_list(), counts["count"].to_list(), strict=True))
+    return unseen

@@ -23,6 +23,7 @@ from utils.features import (
 from utils.io import read_metadata
 from utils.oof import write_oof
 from utils.schema import CATEGORIES, NUMERIC_COLUMNS, TEST_COLUMNS, TRAIN_ONLY_COLUMNS, SchemaError
+from utils.settings import resolve
 
 PATIENTS = ["P1", "P1", "P1", "P2", "P3"]
 
@@ -89,7 +90,13 @@ def _reference(r: dict) -> dict[str, float]:
         )
         / 3,
         "lesion_orientation_3d": math.atan2(r["tbp_lv_y"], r["tbp_lv_x"]),
-        "overall_asymmetry": (sym + r["tbp_lv_symm_2axis_angle"]) / 2,
+        # the reference's three that were missing (tabular-with-image-submission.ipynb)
+        "overall_color_difference": (da + db + dl) / 3,
+        "symmetry_perimeter_interaction": sym * perim,
+        "comprehensive_lesion_index": (
+            r["tbp_lv_area_perim_ratio"] + r["tbp_lv_eccentricity"] + nc + sym
+        )
+        / 4,
         "color_variance_ratio": r["tbp_lv_color_std_mean"] / r["tbp_lv_stdLExt"],
         "border_color_interaction": nb * nc,
         "border_color_interaction_2": nb * nc / (nb + nc),
@@ -121,16 +128,27 @@ def test_every_derived_feature_matches_the_hand_computed_value():
 def test_feature_set_and_dtypes():
     feats, names = build_features(_five_rows())
     assert feats.columns[:2] == ["isic_id", "patient_id"]
-    assert len(DERIVED_FEATURES) >= 40
+    assert len(DERIVED_FEATURES) == 42  # the reference's list, no more, no less
+    assert "overall_asymmetry" not in DERIVED_FEATURES  # not in the reference
     assert len(names) == len(set(names))
     assert all(feats[n].dtype == pl.Float32 for n in names)
     assert {f"{f}_patient_norm" for f in NUMERIC_FEATURES} <= set(names)
-    assert {f"{f}_site_norm" for f in CONTEXT_FEATURES} <= set(names)
+    assert not [n for n in names if n.endswith(("_site_norm", "_patient_pct"))]
+
+
+def test_site_features_only_behind_their_switch():
+    """Patient x site and within-patient percentiles are not in the reference: off in `paper`."""
+    assert resolve("full", "paper").gbdt.site_features is False
+    plain, names = build_features(_five_rows())
+    feats, with_site = build_features(_five_rows(), site_features=True)
+    added = {f"{f}{s}" for f in CONTEXT_FEATURES for s in ("_site_norm", "_patient_pct")}
+    assert set(with_site) - set(names) == added
+    assert feats.select(names).equals(plain.select(names))
 
 
 def test_patient_normalisation_count_rank_and_single_lesion_patients():
     df = _five_rows()
-    feats, _ = build_features(df)
+    feats, _ = build_features(df, site_features=True)
     size = df["clin_size_long_diam_mm"].to_numpy()
     p1 = size[:3]
     expected = (p1 - p1.mean()) / (p1.std(ddof=1) + EPS)
@@ -152,7 +170,7 @@ def test_patient_normalisation_count_rank_and_single_lesion_patients():
 
 def test_site_normalisation_groups_by_patient_and_site():
     df = _five_rows()
-    feats, _ = build_features(df)
+    feats, _ = build_features(df, site_features=True)
     size = df["clin_size_long_diam_mm"].to_numpy()
     head = size[:2]  # P1's two head/neck lesions; its third is on the leg
     expected = (head - head.mean()) / (head.std(ddof=1) + EPS)
@@ -166,7 +184,7 @@ def test_nan_null_and_division_by_zero_become_null_never_inf():
         pl.Series("clin_size_long_diam_mm", [1.0, 0.0, 3.0, None, 4.0]),
         pl.Series("tbp_lv_x", [0.0, 1.0, float("inf"), 1.0, 1.0]),
     )
-    feats, names = build_features(df)
+    feats, names = build_features(df, site_features=True)
     x = feats.select(names).to_numpy()
     assert not np.isinf(x).any()
     assert feats["tbp_lv_L"].null_count() == 1 and feats["tbp_lv_L"].is_nan().sum() == 0
@@ -233,7 +251,7 @@ def test_missing_column_names_the_source():
 
 
 def test_without_patient_context_drops_every_context_feature():
-    _, names = build_features(_five_rows())
+    _, names = build_features(_five_rows(), site_features=True)
     kept = without_patient_context(names)
     assert "tbp_lv_L" in kept and "lesion_size_ratio" in kept
     assert not [n for n in kept if "patient" in n or n.endswith("_site_norm")]

@@ -12,6 +12,7 @@ from utils import kaggle_build, pipeline
 from utils.models import BACKBONES
 from utils.settings import (
     IMAGE_MODELS,
+    PAPER_GBDT_PARAMS,
     RECIPES,
     GBDTConfig,
     TrainConfig,
@@ -139,3 +140,30 @@ def test_pipeline_passes_names_and_paths_only(tmp_path):
     image = next(s for s in pipeline.STAGES if s.name == "image_vit_tiny")
     assert set(image.parameters(run)) == {"data_dir", "output_dir", "preset", "recipe"}
     assert run.sizes == resolve("demo").data
+
+
+@pytest.mark.parametrize("preset", ["demo", "full"])
+def test_paper_recipe_is_the_reference_training_recipe(preset):
+    """Issue 15: the reference's values in every preset (demo only shrinks sizes)."""
+    for name in IMAGE_MODELS:
+        cfg = image_config(name, preset)
+        assert (cfg.dropout, cfg.dropout_samples) == (0.5, 1)
+        assert (cfg.neg_ratio, cfg.pos_repeat) == (1.0, 2)  # 2P positives + 2P negatives
+        assert (cfg.val_neg_per_pos, cfg.val_min_confidence) == (10.0, 80.0)
+        assert (cfg.pool, cfg.head_norm) == (None, False)
+        assert cfg.weight_decay is None  # the backbone's: ConvNeXt 1e-2, ViT 1e-3
+        assert cfg.max_grad_norm is None  # the reference clips no gradient
+        assert (cfg.lr, cfg.min_lr, cfg.warmup) == (
+            (1e-4, 1e-6, 0.05) if preset == "full" else (3e-4, 1e-6, 0.05)
+        )
+    gbdt = resolve(preset).gbdt
+    assert gbdt.site_features is False
+    assert PAPER_GBDT_PARAMS["cat"]["iterations"] == 250  # Table 2
+
+
+def test_train_config_rejects_unknown_pool_and_bad_repeat():
+    assert TrainConfig(pool="avg").pool == "avg"
+    with pytest.raises(ValueError, match="pool"):
+        TrainConfig(pool="max")
+    with pytest.raises(ValueError, match="pos_repeat"):
+        TrainConfig(pos_repeat=0)

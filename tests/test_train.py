@@ -15,7 +15,7 @@ from utils.io import DataDir, HDF5Images
 from utils.manifest import verify_manifest
 from utils.models import BACKBONES, ImageModel
 from utils.oof import read_oof
-from utils.predict import build_model, load_config, predict, predict_with_models
+from utils.predict import build_model, load_config, load_fold_models, predict, predict_with_models
 from utils.settings import TrainConfig, image_config
 from utils.train import fold_scores, lr_factor, train_image_model
 
@@ -241,3 +241,147 @@ def test_external_style_metadata_with_given_folds(small_set, tmp_path):
     assert all(given[i] == f for i, f in oof.select("isic_id", "fold").rows())
     record = json.loads((tmp_path / cfg.model_name / "config.json").read_text())
     assert record["folds"]["source"] == "metadata"
+
+
+# ---------------------------------------------------------------------------------- issue 15
+
+
+def test_validation_rows_keep_every_positive_and_eligible_negatives_once_per_fold():
+    cfg = tiny_config(val_neg_per_pos=3)
+    held_out = pl.DataFrame(
+        {
+            "isic_id": [f"ISIC_{i}" for i in range(100)],
+            "target": [1] * 4 + [0] * 96,
+            "eligible": [True] * 4 + [i % 2 == 0 for i in range(96)],
+        }
+    )
+    rows = train.validation_rows(cfg, held_out, fold=0)
+    assert rows.filter(pl.col("target") == 1).height == 4
+    negatives = rows.filter(pl.col("target") == 0)
+    assert negatives.height == 12 and negatives["eligible"].all()
+    assert rows.equals(train.validation_rows(cfg, held_out, fold=0))  # drawn once, reproducibly
+    assert not rows.equals(train.validation_rows(cfg, held_out, fold=1))
+
+
+def test_eligible_negatives_are_the_references_confident_lesions(small_set):
+    meta, _ = small_set
+    confidence = pl.Series("tbp_lv_dnn_lesion_confidence", [90.0, 80.0, None] * 20)
+    frame = train.prepare_frame(tiny_config(), meta.with_columns(confidence))
+    assert frame["eligible"].to_list() == [True, False, False] * 20  # > 80; null is not
+    anyone = train.prepare_frame(
+        tiny_config(val_min_confidence=None), meta.with_columns(confidence)
+    )
+    assert anyone["eligible"].all()
+    assert train.prepare_frame(tiny_config(), meta.drop("tbp_lv_dnn_lesion_confidence"))[
+        "eligible"
+    ].all()
+
+
+def test_full_preset_without_weights_stops_unless_asked(tmp_path):
+    with pytest.raises(ValueError, match="full preset needs pretrained weights.*allow_random_init"):
+        train.run_image_stage("vit_tiny", tmp_path / "no-data", tmp_path, "full")
+    train.check_weights(image_config("vit_tiny", "full", weights_path="w.pth"))
+    train.check_weights(image_config("vit_tiny", "full"), allow_random_init=True)
+    train.check_weights(image_config("vit_tiny", "demo"))
+
+
+def test_folds_selection_is_checked():
+    assert train.chosen_folds(None, 3) == [0, 1, 2]
+    assert train.chosen_folds([2, 0], 3) == [2, 0]
+    for bad in ([], [0, 0], [3], [-1]):
+        with pytest.raises(ValueError, match="folds must be"):
+            train.chosen_folds(bad, 3)
+
+
+def test_recipe_is_wired_and_folds_continue_from_an_earlier_output(
+    small_set, tmp_path, monkeypatch
+):
+    """One fold per session: the sampler, optimiser groups and validation subsample of the
+    recipe; fp16 fold checkpoints; a second session continues from the first one's output."""
+    meta, images = small_set
+    cfg = tiny_config(epochs=2, val_neg_per_pos=2)
+    samplers, groups, predicted = [], [], []
+    real_sampler, real_groups, real_predict = (
+        train.NegativeResampler,
+        train.param_groups,
+        train.predict_ids,
+    )
+
+    def sampler(*args, **kwargs):
+        samplers.append(real_sampler(*args, **kwargs))
+        return samplers[-1]
+
+    def param_groups(model, weight_decay):
+        groups.append(real_groups(model, weight_decay))
+        groups[-1].append(
+            {"frozen": [n for n, p in model.named_parameters() if not p.requires_grad]}
+        )
+        return groups[-1][:-1]
+
+    def predict_ids(model, images_, ids, *args):
+        predicted.append(len(ids))
+        return real_predict(model, images_, ids, *args)
+
+    monkeypatch.setattr(train, "NegativeResampler", sampler)
+    monkeypatch.setattr(train, "param_groups", param_groups)
+    monkeypatch.setattr(train, "predict_ids", predict_ids)
+    first = tmp_path / "session1"
+    partial = train_image_model(cfg, meta, images, first, torch.device("cpu"), folds=[0])
+    run_dir = first / cfg.model_name
+    frame = train.prepare_frame(cfg, meta)
+    fold0 = frame.filter(pl.col("fold") == 0)
+    assert sorted(partial["isic_id"]) == sorted(fold0["isic_id"])  # finished folds only
+    assert not (run_dir / "oof.csv").exists() and not (run_dir / "manifest.json").exists()
+    assert (run_dir / "history.csv").is_file() and not (run_dir / "fold1.pt").exists()
+
+    # sampling: every positive twice plus as many negatives, about 4P images an epoch
+    (used,) = samplers
+    train_positives = int(frame.filter(pl.col("fold") != 0)["label"].sum())
+    assert (used.pos_repeat, used.neg_ratio, used.fold) == (2, 1.0, 0)
+    assert len(used) == 4 * train_positives
+    # optimiser: ViT decay 1e-3, none on biases and norms, cls_token and pos_embed frozen
+    (vit_groups,) = groups
+    assert [g["weight_decay"] for g in vit_groups[:-1]] == [1e-3, 0.0]
+    assert vit_groups[-1]["frozen"] == ["backbone.cls_token", "backbone.pos_embed"]
+    # validation: the subsample each epoch, then the whole held-out fold once
+    positives = int(fold0["target"].sum())
+    assert predicted == [3 * positives, 3 * positives, fold0.height]
+
+    checkpoint = torch.load(run_dir / "fold0.pt", weights_only=True)
+    floats = [v for v in checkpoint["state_dict"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    _, models = load_fold_models(run_dir, torch.device("cpu"), folds=[0])
+    assert all(p.dtype == torch.float32 for p in models[0].parameters())
+
+    # another session: folds=[1] continues from the first session's output
+    monkeypatch.undo()
+    calls = counting(monkeypatch)
+    second = tmp_path / "session2"
+    oof = train_image_model(
+        cfg, meta, images, second, torch.device("cpu"), folds=[1], resume_from=first
+    )
+    assert calls == [f"{cfg.model_name} fold 1 epoch {e}" for e in range(2)]
+    assert sorted(oof["isic_id"]) == sorted(meta["isic_id"])
+    kept = oof.filter(pl.col("fold") == 0).sort("isic_id")["pred"]
+    assert np.array_equal(kept, partial.sort("isic_id")["pred"])
+    assert verify_manifest(second / cfg.model_name) == []
+    with pytest.raises(ValueError, match="another run"):
+        train_image_model(
+            dataclasses.replace(cfg, epochs=1), meta, images, tmp_path / "s3", resume_from=first
+        )
+
+
+def test_copy_earlier_run_keeps_finished_folds_and_the_unfinished_ones_state(tmp_path):
+    earlier, run_dir = tmp_path / "earlier", tmp_path / "run"
+    earlier.mkdir()
+    run_dir.mkdir()
+    (earlier / "config.json").write_text(json.dumps({"config_hash": "h"}))
+    for name in ("fold0.pt", "fold0.last.pt", "fold1.last.pt", "fold1.best.pt", "fold2.last.pt"):
+        (earlier / name).write_text(f"earlier {name}")
+    (run_dir / "fold2.last.pt").write_text("newer")
+    record = {"config_hash": "h", "folds": {"n_folds": 3}}
+    copied = train.copy_earlier_run(earlier, run_dir, record)
+    assert copied == ["fold0.pt", "fold1.last.pt", "fold1.best.pt"]
+    assert (run_dir / "fold2.last.pt").read_text() == "newer"
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        train.copy_earlier_run(tmp_path / "nothing", run_dir, record)

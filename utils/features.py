@@ -2,11 +2,12 @@
 
 `build_features(df)` turns metadata (train or test; train-only columns are ignored) into a
 float32 feature frame keyed by isic_id / patient_id:
-- the 34 numeric metadata columns and ~41 derived lesion features of the strongest public
-  solutions (`DERIVED_FEATURES`);
+- the 34 numeric metadata columns and the 42 derived lesion features of the reference list
+  (`DERIVED_FEATURES`; tabular-with-image-submission.ipynb of the 3rd-place code);
 - patient context: every numeric feature normalised within the patient (`<f>_patient_norm`),
-  `count_per_patient`, the patient's total lesion area and this lesion's share of it, and for the
-  key lesion descriptors (`CONTEXT_FEATURES`) the normalisation within patient x anatomical site
+  `count_per_patient`, the patient's total lesion area and this lesion's share of it; with
+  `site_features` (not in the reference; a `plus` candidate) also, for the key lesion
+  descriptors (`CONTEXT_FEATURES`), the normalisation within patient x anatomical site
   (`<f>_site_norm`) and the percentile within the patient (`<f>_patient_pct`);
 - one-hot categoricals over the fixed lists of utils.schema.CATEGORIES plus `<col>__other` for a
   value outside the list; a null is all zeros. Nothing depends on the train data, so unseen test
@@ -104,7 +105,15 @@ DERIVED_FEATURES: dict[str, pl.Expr] = {
     )
     / 3,
     "lesion_orientation_3d": pl.arctan2(c("tbp_lv_y"), c("tbp_lv_x")),
-    "overall_asymmetry": (c("tbp_lv_symm_2axis") + c("tbp_lv_symm_2axis_angle")) / 2,
+    "overall_color_difference": (c("tbp_lv_deltaA") + c("tbp_lv_deltaB") + c("tbp_lv_deltaL")) / 3,
+    "symmetry_perimeter_interaction": c("tbp_lv_symm_2axis") * c("tbp_lv_perimeterMM"),
+    "comprehensive_lesion_index": (
+        c("tbp_lv_area_perim_ratio")
+        + c("tbp_lv_eccentricity")
+        + c("tbp_lv_norm_color")
+        + c("tbp_lv_symm_2axis")
+    )
+    / 4,
     "color_variance_ratio": _ratio(c("tbp_lv_color_std_mean"), c("tbp_lv_stdLExt")),
     "border_color_interaction": c("tbp_lv_norm_border") * c("tbp_lv_norm_color"),
     "border_color_interaction_2": _ratio(
@@ -203,12 +212,14 @@ def _patient_pct(name: str) -> pl.Expr:
     return pct.alias(f"{name}_patient_pct")
 
 
-def _context_exprs() -> list[pl.Expr]:
-    """Patient normalisation, patient x site normalisation, percentiles and patient totals."""
+def _context_exprs(site_features: bool) -> list[pl.Expr]:
+    """Patient normalisation and patient totals; with `site_features` also the patient x site
+    normalisation and the within-patient percentiles (not in the reference: off in `paper`)."""
     exprs = [_patient_norm(f, PATIENT_KEY, "_patient_norm") for f in NUMERIC_FEATURES]
-    site_group = [PATIENT_KEY, "_site"]
-    exprs += [_patient_norm(f, site_group, "_site_norm") for f in CONTEXT_FEATURES]
-    exprs += [_patient_pct(f) for f in CONTEXT_FEATURES]
+    if site_features:
+        site_group = [PATIENT_KEY, "_site"]
+        exprs += [_patient_norm(f, site_group, "_site_norm") for f in CONTEXT_FEATURES]
+        exprs += [_patient_pct(f) for f in CONTEXT_FEATURES]
     total_area = c("tbp_lv_areaMM2").sum().over(PATIENT_KEY)
     exprs += [
         pl.len().over(PATIENT_KEY).cast(pl.Float64).alias("count_per_patient"),
@@ -226,9 +237,12 @@ def check_no_train_only(names: Iterable[str]) -> None:
 
 
 def build_features(
-    df: pl.DataFrame, source: str | Path = "metadata"
+    df: pl.DataFrame, source: str | Path = "metadata", site_features: bool = False
 ) -> tuple[pl.DataFrame, list[str]]:
-    """Feature frame (isic_id, patient_id, float32 features) and feature names; train or test."""
+    """Feature frame (isic_id, patient_id, float32 features) and feature names; train or test.
+
+    `site_features` adds `<f>_site_norm` and `<f>_patient_pct` (GBDTConfig.site_features).
+    """
     validate_columns(df.columns, "test", source, allow_extra=True)
     numeric = [_finite(c(n).cast(pl.Float64)).alias(n) for n in NUMERIC_COLUMNS]
     derived = [_finite(e).alias(n) for n, e in DERIVED_FEATURES.items()]
@@ -237,7 +251,7 @@ def build_features(
         .select("isic_id", PATIENT_KEY, *CATEGORIES, *numeric)
         .with_columns(derived)
         .with_columns(c(SITE_KEY).fill_null("<null>").alias("_site"))
-        .with_columns(_finite(e) for e in _context_exprs())
+        .with_columns(_finite(e) for e in _context_exprs(site_features))
         .with_columns(_one_hot_exprs())
         .drop("_site", *CATEGORIES)
     )

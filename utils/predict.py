@@ -86,12 +86,16 @@ def batch_images(batch: dict, device: torch.device) -> torch.Tensor:
 
 
 def build_model(cfg: TrainConfig, weights_path: str | None = None) -> ImageModel:
+    """The architecture `cfg` trains (head pooling and norm included), so inference rebuilds it;
+    a fold checkpoint's fp16 weights load into it as float32 (load_state_dict casts)."""
     return ImageModel(
         cfg.backbone,
         cfg.image_size,
         weights_path=weights_path,
         dropout=cfg.dropout,
         dropout_samples=cfg.dropout_samples,
+        pool=cfg.pool,
+        head_norm=cfg.head_norm,
     )
 
 

@@ -3,9 +3,17 @@
 `run_image_stage(model, data_dir, output_dir, preset, recipe, **overrides)` is the entry the
 notebooks, tests and bench call. A run trains `n_folds` fold models of one image model
 (utils.settings.IMAGE_MODELS) and writes to `<output_dir>/<model_name>/`: `config.json` (resolved
-config, folds, data fingerprint and `config_hash`, the run's identity), `fold{k}.pt` (best
-checkpoint of fold k, with its validation predictions and history), `history.csv`, `oof.csv`
-(every training row exactly once, utils.oof format) and, last, `manifest.json` (utils.manifest).
+config, folds, data fingerprint and `config_hash`, the run's identity), `fold{k}.pt` (the chosen
+checkpoint of fold k: fp16 weights, config, best epoch and score, held-out ids and predictions,
+history), `history.csv`, `oof.csv` (every training row exactly once, utils.oof format) and,
+last, `manifest.json` (utils.manifest).
+
+Recipe (utils.settings.TrainConfig, the reference's): each epoch trains on every positive twice
+plus as many fresh negatives (utils.image_data.NegativeResampler) with AdamW on the backbone's
+parameter groups (utils.models.param_groups), no gradient clipping, and validates on a fixed
+subsample of the held-out fold (every positive plus 10 eligible negatives per positive, drawn
+once per fold) whose pAUC picks the checkpoint; the chosen checkpoint then predicts the whole
+held-out fold once for the OOF (the full fold every epoch cost more than the training itself).
 
 Folds: `n_folds` is the n_splits of utils.folds.assign_folds with `seed`, so any stage that
 calls assign_folds(df, n_folds, seed) gets the same folds; a metadata `fold` column, when
@@ -13,8 +21,11 @@ present, is used as given (external data sets). A partial run (e.g. 2 folds in t
 complete 2-fold cross-validation, not 2 of 5 folds, so the OOF still covers every row.
 
 Resume: a fold is finished once `fold{k}.pt` exists and is skipped on restart; an unfinished
-fold continues after its last completed epoch from `fold{k}.last.pt`. Each epoch is seeded
-from (seed, fold, epoch), so a resumed run draws the same samples as an uninterrupted one.
+fold continues after its last completed epoch from `fold{k}.last.pt` (and `fold{k}.best.pt`).
+Each epoch is seeded from (seed, fold, epoch), so a resumed run draws the same samples as an
+uninterrupted one. `folds=[...]` trains only those folds (one model's folds split over several
+Kaggle sessions) and `resume_from=` copies the folds of an earlier output of the same run
+first; oof.csv and the manifest wait until every fold is finished.
 Rerun: other settings or data (another `config_hash`), or `force`, move the old run dir aside
 (`<output_dir>/.previous/<model_name>`) and train from scratch.
 """
@@ -27,6 +38,8 @@ import json
 import math
 import os
 import random
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +50,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils.folds import assign_folds
-from utils.image_data import ImageDataset, NegativeResampler, train_transforms
+from utils.image_data import (
+    ImageDataset,
+    NegativeResampler,
+    train_transforms,
+    validation_subsample,
+)
 from utils.io import DataDir, HDF5Images
 from utils.labels import suspicious_label
 from utils.manifest import MANIFEST_FILE, config_hash, set_aside, write_json, write_manifest
 from utils.metric import pauc
+from utils.models import BACKBONES, param_groups
 from utils.oof import write_oof
 from utils.predict import (
     CONFIG_FILE,
@@ -57,6 +76,7 @@ from utils.settings import TrainConfig, image_config
 
 OOF_FILE = "oof.csv"
 HISTORY_FILE = "history.csv"
+CONFIDENCE = "tbp_lv_dnn_lesion_confidence"  # the reference's validation-negative filter
 # Settings that may change between a run and its resume (they do not change the result).
 RESUME_FREE = ("num_workers", "eval_batch_size")
 
@@ -88,7 +108,8 @@ def prepare_frame(cfg: TrainConfig, metadata: pl.DataFrame) -> pl.DataFrame:
     """isic_id, patient_id, target, label, fold for training; folds from assign_folds if absent.
 
     `metadata` needs isic_id, patient_id, target; for label "suspicious" either a `suspicious`
-    column or the iddx_1/iddx_2 columns it is derived from; optionally a `fold` column.
+    column or the iddx_1/iddx_2 columns it is derived from; optionally a `fold` column. `eligible`
+    marks the rows whose negatives may validate every epoch (cfg.val_min_confidence).
     """
     missing = [c for c in ("isic_id", "patient_id", "target") if c not in metadata.columns]
     if missing:
@@ -101,12 +122,16 @@ def prepare_frame(cfg: TrainConfig, metadata: pl.DataFrame) -> pl.DataFrame:
         df = df.with_columns(suspicious_label(df))
     if "fold" not in df.columns:
         df = df.with_columns(pl.Series("fold", assign_folds(df, cfg.n_folds, cfg.seed)))
+    eligible = pl.lit(True)
+    if cfg.val_min_confidence is not None and CONFIDENCE in df.columns:
+        eligible = (pl.col(CONFIDENCE) > cfg.val_min_confidence).fill_null(False)
     df = df.select(
         "isic_id",
         "patient_id",
         pl.col("target").cast(pl.Int8),
         pl.col(cfg.label).cast(pl.Float32).alias("label"),
         pl.col("fold").cast(pl.Int8),
+        eligible.alias("eligible"),
     )
     bad = df.filter(~pl.col("fold").is_between(0, cfg.n_folds - 1))
     if len(bad):
@@ -197,8 +222,9 @@ def train_one_epoch(
             loss = model(x, y)["loss"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if cfg.max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -219,6 +245,43 @@ def cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def half_state(state: dict) -> dict:
+    """Floating-point tensors in fp16 (what a final fold checkpoint keeps: half the bytes;
+    load_state_dict casts them back into a float32 model)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def validation_rows(cfg: TrainConfig, held_out: pl.DataFrame, fold: int) -> pl.DataFrame:
+    """The held-out rows that validate every epoch: every positive plus cfg.val_neg_per_pos
+    eligible negatives per positive, drawn once per (seed, fold)."""
+    seed = int(np.random.SeedSequence([cfg.seed, fold], spawn_key=(1,)).generate_state(1)[0])
+    rows = validation_subsample(
+        held_out["target"].to_numpy(), cfg.val_neg_per_pos, seed, held_out["eligible"].to_numpy()
+    )
+    return held_out[rows]
+
+
+def predict_ids(
+    model: nn.Module,
+    images: HDF5Images,
+    isic_ids: list[str],
+    cfg: TrainConfig,
+    device: torch.device,
+    desc: str,
+) -> np.ndarray:
+    """One model's probabilities for `isic_ids` (utils.predict at the run's eval settings)."""
+    return predict_with_models(
+        [model],
+        images,
+        isic_ids,
+        cfg.image_size,
+        cfg.eval_batch_size,
+        cfg.num_workers,
+        device,
+        desc,
+    )[0][:, 0]
+
+
 def train_fold(
     cfg: TrainConfig,
     frame: pl.DataFrame,
@@ -227,8 +290,14 @@ def train_fold(
     run_dir: Path,
     device: torch.device,
 ) -> dict:
-    """Train fold `fold` (resuming from fold{k}.last.pt) and write fold{k}.pt; returns it."""
+    """Train fold `fold` (resuming from fold{k}.last.pt) and write fold{k}.pt; returns it.
+
+    Each epoch validates on `validation_rows` (pAUC on the real target picks the checkpoint);
+    the chosen checkpoint, in the fp16 weights fold{k}.pt keeps, then predicts the whole
+    held-out fold once: those are the fold's OOF predictions.
+    """
     final, last = run_dir / f"fold{fold}.pt", run_dir / f"fold{fold}.last.pt"
+    best_path = run_dir / f"fold{fold}.best.pt"
     train_rows, valid_rows = (
         frame.filter(pl.col("fold") != fold),
         frame.filter(pl.col("fold") == fold),
@@ -237,12 +306,14 @@ def train_fold(
     model = to_device(build_model(cfg, cfg.weights_path), device)
     transform = train_transforms(cfg.image_size)
     dataset = ImageDataset(images, train_rows["isic_id"], train_rows["label"].to_numpy(), transform)
-    sampler = NegativeResampler(dataset.targets, cfg.neg_ratio, seed=cfg.seed + fold)
+    sampler = NegativeResampler(
+        dataset.targets, cfg.neg_ratio, pos_repeat=cfg.pos_repeat, seed=cfg.seed, fold=fold
+    )
     generator = torch.Generator()
     loader = make_loader(dataset, cfg.batch_size, cfg.num_workers, sampler, generator)
     total_steps = cfg.epochs * len(loader)
     warmup_steps = max(1, int(cfg.warmup * total_steps))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
     )
@@ -256,8 +327,13 @@ def train_fold(
         scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
         print(f"{cfg.model_name} fold {fold}: resuming after epoch {state['epoch']}")
-    valid_ids = valid_rows["isic_id"].to_list()
-    valid_target = valid_rows["target"].to_numpy().astype(np.float64)
+    subset = validation_rows(cfg, valid_rows, fold)
+    subset_ids = subset["isic_id"].to_list()
+    subset_target = subset["target"].to_numpy().astype(np.float64)
+    print(
+        f"{cfg.model_name} fold {fold}: {len(sampler):,} training images per epoch, "
+        f"validation on {len(subset):,} of {len(valid_rows):,} held-out rows"
+    )
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         seed = epoch_seed(cfg, fold, epoch)
         seed_everything(seed)
@@ -266,24 +342,15 @@ def train_fold(
         sampler.set_epoch(epoch)
         desc = f"{cfg.model_name} fold {fold} epoch {epoch}"
         train_loss = train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, desc)
-        pred = predict_with_models(
-            [model],
-            images,
-            valid_ids,
-            cfg.image_size,
-            cfg.eval_batch_size,
-            cfg.num_workers,
-            device,
-            f"{desc} valid",
-        )[0][:, 0]
-        val_loss = bce(valid_target, pred)
-        score = safe_score(valid_target, pred, val_loss)
+        pred = predict_ids(model, images, subset_ids, cfg, device, f"{desc} valid")
+        val_loss = bce(subset_target, pred)
+        score = safe_score(subset_target, pred, val_loss)
         row = {
             "fold": fold,
             "epoch": epoch,
             "train_loss": train_loss,
             "val_loss": val_loss,
-            "val_pauc": score if np.unique(valid_target).size == 2 else float("nan"),
+            "val_pauc": score if np.unique(subset_target).size == 2 else float("nan"),
             "lr": scheduler.get_last_lr()[0],
         }
         state["history"].append(row)
@@ -291,10 +358,7 @@ def train_fold(
         print(f"{desc}: " + ", ".join(f"{k} {row[k]:.4f}" for k in shown))
         if state["best"] is None or score > state["best"]["score"]:
             state["best"] = {"score": score, "epoch": epoch}
-            save_atomic(
-                {"state_dict": cpu_state(model), "val_pred": torch.from_numpy(pred)},
-                run_dir / f"fold{fold}.best.pt",
-            )
+            save_atomic({"state_dict": cpu_state(model)}, best_path)
         state["epoch"] = epoch
         save_atomic(
             {
@@ -306,21 +370,61 @@ def train_fold(
             },
             last,
         )
-    best = torch.load(run_dir / f"fold{fold}.best.pt", map_location="cpu", weights_only=True)
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    weights = half_state(best["state_dict"])
+    model.load_state_dict(weights)  # the OOF comes from the weights the checkpoint keeps
+    valid_ids = valid_rows["isic_id"].to_list()
+    pred = predict_ids(model, images, valid_ids, cfg, device, f"{cfg.model_name} fold {fold} oof")
     checkpoint = {
-        "state_dict": best["state_dict"],
+        "state_dict": weights,
         "config": dataclasses.asdict(cfg),
         "fold": fold,
         "best_epoch": state["best"]["epoch"],
         "score": state["best"]["score"],
         "val_ids": valid_ids,
-        "val_pred": best["val_pred"],
+        "val_pred": torch.from_numpy(pred),
         "history": state["history"],
     }
     save_atomic(checkpoint, final)
-    (run_dir / f"fold{fold}.best.pt").unlink()
+    best_path.unlink()
     last.unlink()
     return checkpoint
+
+
+def chosen_folds(folds: Sequence[int] | None, n_folds: int) -> list[int]:
+    """The folds a run trains: every fold, or `folds` (checked: in range, none twice)."""
+    if folds is None:
+        return list(range(n_folds))
+    chosen = [int(k) for k in folds]
+    if not chosen or len(set(chosen)) != len(chosen) or not set(chosen) <= set(range(n_folds)):
+        raise ValueError(f"folds must be distinct fold numbers in 0..{n_folds - 1}, got {folds}")
+    return chosen
+
+
+def copy_earlier_run(earlier: Path, run_dir: Path, record: dict) -> list[str]:
+    """Copy an earlier output of this same run (same config_hash) into `run_dir`: each finished
+    fold{k}.pt, and for an unfinished fold its fold{k}.last.pt and fold{k}.best.pt, so a new
+    session (e.g. a Kaggle kernel reading its own earlier output) keeps finished folds and
+    continues the unfinished one. A fold `run_dir` already holds is left alone."""
+    path = earlier / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"resume_from: no {CONFIG_FILE} in {earlier}")
+    old = json.loads(path.read_text()).get("config_hash")
+    if old != record["config_hash"]:
+        raise ValueError(
+            f"resume_from: {earlier} holds another run (config_hash {old}, this run "
+            f"{record['config_hash']}): other settings or data, so its folds cannot continue"
+        )
+    copied = []
+    for k in range(record["folds"]["n_folds"]):
+        if any((run_dir / f"fold{k}{end}").exists() for end in (".pt", ".last.pt")):
+            continue
+        ends = (".pt",) if (earlier / f"fold{k}.pt").is_file() else (".last.pt", ".best.pt")
+        for name in [f"fold{k}{end}" for end in ends if (earlier / f"fold{k}{end}").is_file()]:
+            shutil.copyfile(earlier / name, run_dir / name)
+            copied.append(name)
+    print(f"resume_from {earlier}: copied {copied or 'nothing'}")
+    return copied
 
 
 def train_image_model(
@@ -330,13 +434,19 @@ def train_image_model(
     output_dir: str | Path,
     device: torch.device | None = None,
     force: bool = False,
+    folds: Sequence[int] | None = None,
+    resume_from: str | Path | None = None,
 ) -> pl.DataFrame:
-    """Train (or resume) every fold of `cfg.model_name`; write and return the OOF table.
+    """Train (or resume) the folds of `cfg.model_name`; write and return the OOF table.
 
     `metadata` needs isic_id, patient_id, target (see prepare_frame); `images` is the hdf5 file
     holding those ids. Works for the Kaggle data and for external sets in the same form. The run
     dir starts clean when `force` or when it holds a run of other settings or data; the manifest
-    is written last.
+    is written last. `folds` trains only those folds (e.g. [0, 1] in one Kaggle session, the rest
+    in the next); `resume_from` is an earlier output dir of the same run whose folds are copied
+    in first (copy_earlier_run). oof.csv and the manifest are written once all n_folds folds are
+    finished; before that the OOF rows of the finished folds are returned and the missing folds
+    named.
     """
     device = device or default_device()
     images = resolve_images(images)
@@ -345,15 +455,20 @@ def train_image_model(
     check_images(frame, images)
     folds_source = "metadata" if "fold" in metadata.columns else "assign_folds"
     record = run_record(cfg, frame, folds_source)
+    chosen = chosen_folds(folds, cfg.n_folds)
     prepare_run_dir(run_dir, record, force)
+    if resume_from is not None:
+        copy_earlier_run(Path(resume_from) / cfg.model_name, run_dir, record)
     parts, history = [], []
     for fold in range(cfg.n_folds):
         path = run_dir / f"fold{fold}.pt"
         if path.is_file():
             print(f"{cfg.model_name} fold {fold}: finished earlier, skipped ({path})")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        else:
+        elif fold in chosen:
             checkpoint = train_fold(cfg, frame, images, fold, run_dir, device)
+        else:
+            continue
         parts.append(
             pl.DataFrame(
                 {
@@ -363,14 +478,36 @@ def train_image_model(
             )
         )
         history.extend(checkpoint["history"])
-    preds = pl.concat(parts)
-    oof = frame.select("isic_id", "patient_id", "fold", "target").join(
-        preds, on="isic_id", how="left"
-    )
-    write_oof(oof, run_dir / OOF_FILE)
     pl.DataFrame(history).write_csv(run_dir / HISTORY_FILE)
+    preds = pl.concat(parts)
+    oof = (
+        frame.filter(pl.col("isic_id").is_in(preds["isic_id"].implode()))
+        .select("isic_id", "patient_id", "fold", "target")
+        .join(preds, on="isic_id", how="left")
+    )
+    remaining = [k for k in range(cfg.n_folds) if not (run_dir / f"fold{k}.pt").is_file()]
+    if remaining:
+        print(
+            f"{cfg.model_name}: fold(s) {remaining} of {cfg.n_folds} remain; oof.csv and the "
+            f"manifest are written once every fold is finished (next: folds={remaining} with "
+            f"resume_from this output)"
+        )
+        return oof.sort("isic_id")
+    write_oof(oof, run_dir / OOF_FILE)
     write_manifest(run_dir, record, {"stage": "image", "model": cfg.model_name})
     return oof.sort("isic_id")
+
+
+def check_weights(cfg: TrainConfig, allow_random_init: bool = False) -> None:
+    """Raise unless the `full` preset has pretrained weights (or random init is asked for)."""
+    if cfg.preset != "full" or cfg.weights_path or allow_random_init:
+        return
+    raise ValueError(
+        f"{cfg.model_name}: the full preset needs pretrained weights (weights_path: a local timm "
+        f"state dict of {BACKBONES[cfg.backbone].timm_name}, e.g. <weights-dir>/{cfg.backbone}"
+        ".pth); from random init on ~400 positives the image features are useless. Pass "
+        "allow_random_init=True to train from scratch on purpose."
+    )
 
 
 def run_image_stage(
@@ -380,14 +517,23 @@ def run_image_stage(
     preset: str = "demo",
     recipe: str = "paper",
     force: bool = False,
+    folds: Sequence[int] | None = None,
+    resume_from: str | Path | None = None,
+    allow_random_init: bool = False,
     **overrides,
 ) -> tuple[TrainConfig, pl.DataFrame]:
     """Stage 1 entry: the model's config (utils.settings), trained on a Kaggle-layout data dir
-    (train-metadata.csv + train-image.hdf5) into `<output_dir>/<model_name>/`; config and OOF."""
+    (train-metadata.csv + train-image.hdf5) into `<output_dir>/<model_name>/`; config and OOF
+    (of the finished folds while some remain). `folds` / `resume_from`: see train_image_model;
+    the full preset without `weights_path` stops unless `allow_random_init`."""
     cfg = image_config(model_name, preset, recipe, **overrides)
+    check_weights(cfg, allow_random_init)
     data = DataDir(data_dir)
     metadata, images = data.train_metadata(), data.train_images()
-    return cfg, train_image_model(cfg, metadata, images, output_dir, force=force)
+    oof = train_image_model(
+        cfg, metadata, images, output_dir, force=force, folds=folds, resume_from=resume_from
+    )
+    return cfg, oof
 
 
 def fold_scores(oof: pl.DataFrame) -> pl.DataFrame:

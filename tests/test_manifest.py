@@ -5,8 +5,10 @@ import re
 
 from utils.manifest import (
     MANIFEST_FILE,
+    check_folder,
     code_hash,
     config_hash,
+    is_temporary,
     library_versions,
     read_manifest,
     set_aside,
@@ -76,3 +78,19 @@ def test_write_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path):
     write_atomic(path, b'{"a": 2}')
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in path.parent.iterdir()] == ["data.json"]
+
+
+def test_check_folder_judges_each_file_and_skips_unfinished_writes(tmp_path):
+    root = _folder(tmp_path)
+    write_manifest(root, {})
+    (root / "models" / "m0.txt").write_bytes(b"\x00mo")  # cut
+    (root / "models" / ".m1.1a2b3c4d.tmp.txt").write_text("an unfinished atomic write")
+    check = check_folder(root)
+    assert check.has_manifest and check.unlisted == ()
+    assert check.problem("oof.csv") is None
+    assert "m0.txt: size 3, manifest says 6 (truncated" in check.problem("models/m0.txt")
+    assert is_temporary(".m1.1a2b3c4d.tmp.txt") and not is_temporary("m1.txt")
+    (root / MANIFEST_FILE).write_text('{"files": ')  # an interrupted upload
+    unreadable = check_folder(root)
+    assert not unreadable.has_manifest and unreadable.problem("models/m0.txt") is None
+    assert "manifest unreadable" in unreadable.messages()[0]

@@ -1,5 +1,6 @@
-"""utils.pipeline: stage plan, resume, failure reporting (stand-in notebooks), and the real
-notebooks: a demo run, a rerun on new data (--seed 4), a forced rerun and a resume."""
+"""utils.pipeline: stage plan, resume, provenance of outputs, failure reporting, streamed output
+and the results block (stand-in notebooks), and the real notebooks: a demo run, a rerun on new
+data (--seed 4), a forced rerun and a resume."""
 
 from __future__ import annotations
 
@@ -23,12 +24,17 @@ from utils.pipeline import (
     IMAGE_MODELS,
     STAGES,
     PipelineError,
+    StageOutput,
+    heartbeat,
     is_complete,
     make_run,
+    output_hashes,
     plan,
+    results_block,
     run_pipeline,
     run_stage,
     stamp_path,
+    why_incomplete,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +55,7 @@ def _body(notebook: str, writes: list[str]) -> str:
         "import json, os\n"
         "from pathlib import Path\n"
         f"got = {{k: globals()[k] for k in {PARAM_NAMES!r} if globals()[k] is not None}}\n"
+        f"print('stand-in {notebook} ran', flush=True)\n"
         f"with open(os.environ[{LOG_ENV!r}], 'a') as f:\n"
         f"    f.write(json.dumps({{'notebook': {notebook!r}, 'params': got}}) + '\\n')\n"
         f"for rel in {writes!r}:\n"
@@ -111,7 +118,8 @@ def _mark_done(run: pipeline.Run) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("x")
         stamp_path(stage, run).parent.mkdir(parents=True, exist_ok=True)
-        stamp_path(stage, run).write_text(json.dumps({"parameters": stage.parameters(run)}))
+        record = {"parameters": stage.parameters(run), "outputs": output_hashes(stage, run)}
+        stamp_path(stage, run).write_text(json.dumps(record))
 
 
 def test_plan_orders_stages_and_resumes_from_first_incomplete(tmp_path: Path, data_dir: Path):
@@ -169,6 +177,9 @@ def test_run_executes_in_order_then_skips_everything(tmp_path, standins, data_di
     )
     out = capsys.readouterr().out
     assert "[1/7] image_convnextv2_nano: running" in out and "done in" in out
+    # the kernel's printed lines reach a stdout that is not a terminal, behind the stage name
+    assert "  gbdt | stand-in 03_gbdt.ipynb ran" in out
+    assert "RESULTS" in out and "0 to 0.2" in out
 
     assert run_pipeline(run, notebooks_dir=standins) == []
     assert len(_calls(tmp_path)) == len(calls)
@@ -233,17 +244,121 @@ def test_bad_options_are_rejected(tmp_path: Path, data_dir: Path):
 
 
 def test_synthetic_data_stage_generates_once(tmp_path: Path):
-    run = make_run(None, tmp_path / "work", "demo", rows=80, seed=3)
+    run = make_run(None, tmp_path / "work", "demo", rows=200, seed=3)
     run = dataclasses.replace(
-        run, sizes=dataclasses.replace(run.sizes, test_rows=5, patients=8, image_size=32)
+        run, sizes=dataclasses.replace(run.sizes, test_rows=5, patients=20, image_size=32)
     )
     data_stage = STAGES[0]
     assert plan(run)[0] == (data_stage, True)
     run_stage(data_stage, run)
     assert all((run.data_dir / name).is_file() for name in DATA_FILES)
-    assert pl.read_csv(run.data_dir / "train-metadata.csv").height == 80
+    assert pl.read_csv(run.data_dir / "train-metadata.csv").height == 200
     assert plan(run)[0] == (data_stage, False)
     assert plan(dataclasses.replace(run, seed=4))[0] == (data_stage, True)
+    assert (tmp_path / "work" / "data-truth.csv").is_file()  # README: <data dir>-truth.csv
+
+
+def test_synthetic_data_stage_refuses_fewer_positive_patients_than_folds(tmp_path: Path):
+    run = make_run(None, tmp_path / "work", "demo", rows=200, seed=3)
+    run = dataclasses.replace(run, sizes=dataclasses.replace(run.sizes, patients=3, test_rows=5))
+    with pytest.raises(ValueError, match="fewer than the 5 cross-validation folds"):
+        run_stage(STAGES[0], run)
+    assert not (run.data_dir / "train-metadata.csv").exists()
+
+
+def test_stage_run_by_hand_into_the_work_dir_is_detected_and_rerun(tmp_path, data_dir):
+    """README's papermill example pointed at the pipeline's own folder rewrites gbdt/: the stamp's
+    hashes no longer match, so the stage and every later one run again."""
+    run = make_run(data_dir, tmp_path / "work", "demo")
+    _mark_done(run)
+    gbdt = next(s for s in STAGES if s.name == "gbdt")
+    (run.artifacts / "gbdt" / "manifest.json").write_text('{"run_id": "by hand"}')
+    assert "changed since the pipeline wrote them" in why_incomplete(gbdt, run)
+    assert [s.name for s, will in plan(run) if will] == ["gbdt", "inference"]
+    legacy = json.loads(stamp_path(gbdt, run).read_text())["parameters"]
+    stamp_path(gbdt, run).write_text(json.dumps({"parameters": legacy}))  # no hashes recorded
+    assert not is_complete(gbdt, run)
+
+
+def test_weights_dir_gives_each_image_stage_its_backbone_file(tmp_path: Path, data_dir: Path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "vit_tiny.pth").write_text("")
+    with pytest.raises(PipelineError, match=r"lacks \['convnextv2_nano.pth', 'vit_small.pth'\]"):
+        make_run(data_dir, tmp_path / "work", "full", weights_dir=weights)
+    (weights / "convnextv2_nano.pth").write_text("")
+    (weights / "vit_small.pth").write_text("")
+    run = make_run(data_dir, tmp_path / "work", "full", weights_dir=weights)
+    got = {s.name: s.parameters(run).get("weights_path") for s, _ in plan(run)}
+    assert got == {
+        "image_convnextv2_nano": str(weights / "convnextv2_nano.pth"),
+        "image_vit_tiny": str(weights / "vit_tiny.pth"),
+        "image_vit_tiny_suspicious": str(weights / "vit_tiny.pth"),
+        "image_vit_small_suspicious": str(weights / "vit_small.pth"),
+        "gbdt": None,
+        "inference": None,
+    }
+    no_weights = make_run(data_dir, tmp_path / "work", "full")
+    assert "weights_path" not in plan(no_weights)[0][0].parameters(no_weights)
+
+
+def test_stage_output_passes_whole_lines_and_heartbeat_fills_silence():
+    lines: list[str] = []
+    output = StageOutput(lines.append, "  gbdt |")
+    output.write("fold 0: pAUC 0.12")
+    assert lines == []  # a partial line waits for its end
+    output.write("\nfold 1\r")
+    assert lines == ["  gbdt | fold 0: pAUC 0.12", "  gbdt | fold 1"]
+    beats: list[str] = []
+    with heartbeat(beats.append, "[3/7] gbdt", StageOutput(beats.append, ""), 90.0, every_s=0.1):
+        import time
+
+        time.sleep(0.5)
+    assert beats and beats[0].startswith("[3/7] gbdt: still running, 0 s elapsed")
+    assert "(last run took 1 min 30 s)" in beats[0]
+
+
+def test_results_block_reports_scores_scale_best_and_where(tmp_path: Path):
+    run = make_run(None, tmp_path / "work", "demo")
+    gbdt = run.artifacts / "gbdt"
+    gbdt.mkdir(parents=True)
+    report = {
+        "scores": {"lgb_meta": {"overall": 0.101}, "ensemble": {"overall": 0.123}},
+        "ablation": [
+            {"setting": "image-only: img_vit_tiny", "pauc": 0.021},
+            {"setting": "metadata-only: lgb_meta", "pauc": 0.101},
+            {"setting": "full: soft vote of members", "pauc": 0.123},
+        ],
+    }
+    (gbdt / "cv_report.json").write_text(json.dumps(report))
+    (gbdt / "roc.png").write_text("")
+    (run.work_dir / "submission.csv").write_text("isic_id,target\n")
+    pl.DataFrame(
+        {
+            "split": ["train"] * 6,
+            "target": [1, 0, 0, 1, 0, 0],
+            "prob": [0.9, 0.1, 0.2, 0.8, 0.3, 0.4],
+        }
+    ).write_csv(tmp_path / "work" / "data-truth.csv")
+    text = results_block(run)
+    words = " ".join(text.split())  # long lines are wrapped
+    assert "0 to 0.2" in words and "about 0.02" in words
+    assert "best achievable on this synthetic data (its true probabilities): 0.2000" in text
+    assert "lgb_meta" in text and "0.1230" in text
+    assert "image-only: img_vit_tiny" in text and "metadata-only: lgb_meta" in text
+    assert "full: soft vote" not in text  # the ensemble row is already listed above
+    assert "score near random (about 0.02) on purpose" in words
+    assert f"submission: {run.work_dir / 'submission.csv'}" in text
+    assert f"plots: {gbdt / '*.png'}" in text
+    assert "submission report" not in text  # absent files are not pointed to
+    assert "best achievable" not in results_block(dataclasses.replace(run, generate=False))
+
+
+def test_cli_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        pipeline.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: work)" in out and "(default: demo)" in out and "--weights-dir" in out
 
 
 def _pipeline(work: Path, *options: str) -> subprocess.CompletedProcess:
@@ -317,5 +432,23 @@ def test_real_notebooks_demo_then_new_seed_then_force_then_resume(tmp_path: Path
     executed = (work / "executed" / "01_image_vit_tiny.ipynb").read_text()
     assert "finished earlier, skipped" not in executed  # no fold was kept from before
 
+    done = _pipeline(work, "--seed", "4")
+    assert done.stdout.count("skipped (outputs complete") == 7
+    assert "RESULTS" in done.stdout and "best achievable on this synthetic data" in done.stdout
+    assert "image-only: img_vit_tiny" in done.stdout and "metadata-only: lgb_meta" in done.stdout
+
+    # README's example of a stage run by hand: its own output_dir, a list as a JSON string (-p
+    # passes text); the pipeline's state is left as it was
+    oof_dirs = json.dumps([str(work / "artifacts" / m) for m in ("convnextv2_nano", "vit_tiny")])
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "papermill", "notebooks/03_gbdt.ipynb"]
+        + [str(work / "03_gbdt.by-hand.ipynb"), "-p", "data_dir", str(work / "data")]
+        + ["-p", "output_dir", str(work / "by-hand"), "-p", "image_oof_dirs", oof_dirs],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert by_hand.returncode == 0, by_hand.stderr[-3000:]
+    assert read_manifest(work / "by-hand" / "gbdt")["config"]["image_sources"].keys() == {
+        "img_convnextv2_nano", "img_vit_tiny",
+    }  # fmt: skip
     done = _pipeline(work, "--seed", "4")
     assert done.stdout.count("skipped (outputs complete") == 7

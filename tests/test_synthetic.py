@@ -102,9 +102,13 @@ def test_same_seed_same_data_with_one_or_two_workers(tmp_path, monkeypatch):
         return real(method)
 
     monkeypatch.setattr(synthetic, "get_context", recording)
-    a = generate(tmp_path / "a", rows=300, patients=10, seed=3, image_size=32, workers=1)
+    a = generate(
+        tmp_path / "a", rows=300, patients=10, seed=3, image_size=32, workers=1, positive_rate=0.05
+    )
     assert pools == []
-    b = generate(tmp_path / "b", rows=300, patients=10, seed=3, image_size=32, workers=2)
+    b = generate(
+        tmp_path / "b", rows=300, patients=10, seed=3, image_size=32, workers=2, positive_rate=0.05
+    )
     assert pools == ["fork", "fork"]  # train and test images rendered by a pool of two
     for name in ("train-metadata.csv", "test-metadata.csv"):
         assert (a.out_dir / name).read_bytes() == (b.out_dir / name).read_bytes()
@@ -118,3 +122,30 @@ def test_bad_arguments_are_refused(tmp_path):
         generate(tmp_path / "x", rows=100, positive_rate=0.0)
     with pytest.raises(ValueError, match="outside the data dir"):
         generate(tmp_path / "y", rows=100, truth_path=tmp_path / "y" / "truth.csv")
+
+
+def test_fewer_positive_patients_than_folds_warns_or_is_refused(tmp_path, capsys):
+    """The issue's case: 600 rows at the defaults give 2 patients and hardly any positive."""
+    with pytest.warns(synthetic.FewPositivesWarning, match="fewer than the 5 cross-validation"):
+        summary = generate(tmp_path / "lib", rows=300, seed=1, image_size=32, workers=1)
+    assert summary.positive_patients < 5
+    with pytest.raises(ValueError, match="Raise --rows, --patients or --positive-rate"):
+        generate(tmp_path / "strict", rows=300, image_size=32, require_positive_patients=5)
+    assert not (tmp_path / "strict").exists() and not (tmp_path / "strict-truth.csv").exists()
+
+    argv = ["--out", str(tmp_path / "cli"), "--rows", "600", "--image-size", "32"]
+    assert synthetic.main(argv) == 2
+    assert "2 train patient(s)" in capsys.readouterr().err and not (tmp_path / "cli").exists()
+    with pytest.warns(synthetic.FewPositivesWarning):
+        assert synthetic.main([*argv, "--workers", "1", "--allow-few-positives"]) == 0
+    assert (tmp_path / "cli" / "train-metadata.csv").is_file()
+    ok = ["--out", str(tmp_path / "ok"), "--rows", "600", "--patients", "30"]
+    assert synthetic.main([*ok, "--positive-rate", "0.05", "--image-size", "32"]) == 0
+    assert "positives (" in capsys.readouterr().out
+
+
+def test_cli_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        synthetic.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 20000)" in out and "(default: 0.001)" in out

@@ -20,8 +20,9 @@
    - a GBDT member with a damaged model file is left out of the soft vote
      (`utils.ensemble.GBDTEnsemble.load`); with no member left, or an unreadable
      ensemble.json / features.json, the kernel stops naming the file;
-3. prints a time estimate early: images/s measured on a few batches per model (decode and every
-   used fold model included), times the rows, against Kaggle's 12 hours;
+3. prints a time estimate early, against Kaggle's 12 hours: on a GPU images/s measured on a few
+   batches per model (decode and every used fold model included) times the rows; on a CPU a
+   projection for one T4 from the models' counted FLOPs (stated as such; no extra pass);
 4. runs each needed image model with `utils.predict.predict`: the mean of its fold models'
    probabilities, as its OOF was made in training (fp16 autocast on CUDA, DataLoader workers);
 5. builds features with `utils.features.build_features` (the training code) plus the image
@@ -62,6 +63,7 @@ from utils.manifest import MANIFEST_FILE, atomic_output, check_folder, write_jso
 from utils.predict import (
     CONFIG_FILE,
     CheckpointError,
+    build_model,
     checkpoint_problem,
     default_device,
     fold_file,
@@ -71,7 +73,7 @@ from utils.predict import (
     predict,
     predict_with_models,
 )
-from utils.settings import InferenceConfig, resolve
+from utils.settings import InferenceConfig, TrainConfig, resolve
 
 GBDT_DIR = "gbdt"
 SUBMISSION_FILE = "submission.csv"
@@ -232,15 +234,31 @@ def plan_images(artifacts_dir: Path, image_sources: Mapping[str, Mapping[str, st
 # ---------------------------------------------------------------------------------- timing
 
 
+# The CPU projection for one Kaggle T4 (docs/benchmarks.md, section 4): the card's dense fp16
+# tensor peak, the share of it small models in fp16 at batch 128 reach (10-25% is typical; the
+# low end makes the projection conservative), and JPEG decode + resize per DataLoader worker
+# (bench_image_io: 5,026 img/s per core on a 2-core EPYC).
+T4_FP16_TFLOPS = 65.0
+T4_UTILISATION = 0.10
+DECODE_IMAGES_PER_S = 5_000.0
+
+
 @dataclass(frozen=True)
 class TimeEstimate:
-    """Image inference time projected from measured images/s (decode + all folds per model)."""
+    """Image inference time: images/s per model (decode + every used fold model) times rows.
+
+    On a GPU the rates are measured here; on a CPU they are projected for one T4 from the
+    models' counted forward FLOPs at T4_UTILISATION of its fp16 peak (`gflops` holds them), so
+    the kernel's 12 h budget is judged for the machine it runs on, not for this CPU.
+    """
 
     rows: int
     images_per_s: dict[str, float]
+    gflops: dict[str, float] = field(default_factory=dict)  # per image, all used folds
+    projected: bool = False  # True: a T4 projection from FLOPs, not a measurement
 
     def seconds(self, rows: int | None = None) -> float:
-        """Projected seconds of image inference for `rows` (default: this test set)."""
+        """Image inference seconds for `rows` (default: this test set)."""
         n = self.rows if rows is None else rows
         return sum(n / rate for rate in self.images_per_s.values())
 
@@ -248,8 +266,19 @@ class TimeEstimate:
         return self.seconds(rows) < limit_s
 
     def __str__(self) -> str:
-        rates = ", ".join(f"{m} {r:,.0f} img/s" for m, r in self.images_per_s.items())
-        lines = [f"measured: {rates}"]
+        if self.projected:
+            lines = [
+                "PROJECTED for one Kaggle T4, not measured (no GPU here): counted FLOPs per image "
+                f"at an assumed {T4_UTILISATION:.0%} of the T4's {T4_FP16_TFLOPS:.0f} fp16 "
+                f"TFLOPs, JPEG decode at most {DECODE_IMAGES_PER_S:,.0f} img/s per worker"
+            ]
+            lines += [
+                f"  {m}: {self.gflops[m]:.2f} GFLOPs/img (all its folds) -> {r:,.0f} img/s"
+                for m, r in self.images_per_s.items()
+            ]
+        else:
+            rates = ", ".join(f"{m} {r:,.0f} img/s" for m, r in self.images_per_s.items())
+            lines = [f"measured: {rates}"]
         for label, n in (("this test set", self.rows), ("hidden test", HIDDEN_TEST_ROWS)):
             s = self.seconds(n)
             verdict = "fits" if self.fits(n) else "DOES NOT FIT"
@@ -300,6 +329,40 @@ def measure_images_per_s(
     return 2 * n / max(t_long, 1e-9)
 
 
+def forward_gflops(model_cfg: TrainConfig) -> float:
+    """Forward GFLOPs of one image through the architecture `model_cfg` trains (2 per
+    multiply-add; matmuls and convolutions), counted by torch's FlopCounterMode on the meta
+    device: shapes only, no weights initialised or read (well under a second per model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    size = model_cfg.image_size
+    with torch.device("meta"), torch.no_grad():
+        model = build_model(model_cfg).eval()
+        with counter:
+            model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+    return counter.get_total_flops() / 1e9
+
+
+def project_t4(
+    artifacts_dir: Path,
+    models: Sequence[str],
+    rows: int,
+    cfg: InferenceConfig,
+    folds: Mapping[str, Sequence[int]] | None = None,
+) -> TimeEstimate:
+    """The T4 projection of each image model (its `folds`, default all) from counted FLOPs: no
+    checkpoint is read and no image predicted (a few seconds on a CPU)."""
+    gflops, rates = {}, {}
+    for name in models:
+        model_cfg = load_config(artifacts_dir / name)
+        used = model_cfg.n_folds if folds is None else len(folds.get(name, ()))
+        gflops[name] = forward_gflops(model_cfg) * used
+        compute = T4_UTILISATION * T4_FP16_TFLOPS * 1e3 / max(gflops[name], 1e-9)
+        rates[name] = min(compute, DECODE_IMAGES_PER_S * max(cfg.num_workers, 1))
+    return TimeEstimate(rows, rates, gflops, projected=True)
+
+
 def estimate_time(
     artifacts_dir: Path,
     models: Sequence[str],
@@ -309,8 +372,11 @@ def estimate_time(
     device: torch.device,
     folds: Mapping[str, Sequence[int]] | None = None,
 ) -> TimeEstimate:
-    """Measure images/s of each image model (its `folds`, default all) on the first batches of
-    `ids`; project to all rows."""
+    """On a GPU: images/s of each image model (its `folds`, default all) measured on the first
+    batches of `ids`, projected to all rows. On a CPU: the T4 projection (project_t4); the real
+    pass then reports this machine's images/s."""
+    if device.type != "cuda":
+        return project_t4(artifacts_dir, models, len(ids), cfg, folds)
     rates = {}
     for name in models:
         used = None if folds is None else folds.get(name)
@@ -323,8 +389,7 @@ def estimate_time(
 
         rates[name] = measure_images_per_s(run, ids, cfg.batch_size, cfg.estimate_batches)
         del fold_models
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
     return TimeEstimate(len(ids), rates)
 
 

@@ -6,6 +6,8 @@ README's "Kaggle workflow" walks through them):
     python -m utils.kaggle_build build [--owner NAME] [--out build/kernels] [--tuned]
     python -m utils.kaggle_build dry-run [--out build/kernels]
     python -m utils.kaggle_build dataset SLUG --from DIR [--owner NAME] [--out build/datasets]
+    python -m utils.kaggle_build weights --out DIR
+`python -m utils.kaggle_build COMMAND --help` describes one command and its defaults.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import nbformat
+
+from utils.cli import DefaultsHelpFormatter, RawDefaultsHelpFormatter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UTILS_DIR = REPO_ROOT / "utils"
@@ -785,25 +789,64 @@ def _report(problems: list[str], ok: str) -> int:
     return 1 if problems else 0
 
 
+COMMANDS = {  # name -> (one-line help, what it does)
+    "validate": (
+        "check every kernel/dataset metadata file",
+        "Check kernels/*/kernel-metadata.json, the top-level one and kernels/datasets/*: ids, "
+        "sources, GPU, internet off; with --built also a build folder.",
+    ),
+    "build": (
+        "make self-contained kernel folders",
+        "Validate, then write one folder per kernel: the notebook with the utils modules it "
+        "imports embedded (bootstrap cell) and the Kaggle settings injected.",
+    ),
+    "dry-run": (
+        "run the kaggle client's push offline on a build",
+        "Run the kaggle client's push request building on each built kernel, without network.",
+    ),
+    "dataset": (
+        "make an upload folder for a repo-defined dataset",
+        "Copy the files a dataset holds from --from into an upload folder with its "
+        "dataset-metadata.json (then: kaggle datasets create -p <folder>).",
+    ),
+    "weights": (
+        "download pretrained timm weights (internet)",
+        "Download each backbone's pretrained timm weights as <backbone>.pth into --out (the "
+        "weights dataset; also `python -m utils.pipeline --weights-dir`).",
+    ),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m utils.kaggle_build", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_val = sub.add_parser("validate", help="check every kernel/dataset metadata file")
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.kaggle_build",
+        description=__doc__,
+        formatter_class=RawDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str) -> argparse.ArgumentParser:
+        short, long = COMMANDS[name]
+        return sub.add_parser(
+            name, help=short, description=long, formatter_class=DefaultsHelpFormatter
+        )
+
+    p_val = command("validate")
     p_val.add_argument("--built", type=Path, help="also check this build folder")
-    p_build = sub.add_parser("build", help="make self-contained kernel folders")
+    p_build = command("build")
     p_build.add_argument("--owner", help="Kaggle user name (default: $KAGGLE_USERNAME)")
-    p_build.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR)
+    p_build.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR, help="build folder")
     p_build.add_argument("--tuned", action="store_true", help="GBDT kernel reads tuning dataset")
-    p_dry = sub.add_parser("dry-run", help="run the kaggle client's push offline on a build")
-    p_dry.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR)
-    p_ds = sub.add_parser("dataset", help="make an upload folder for a repo-defined dataset")
-    p_ds.add_argument("slug", choices=sorted(DATASET_CONTENTS))
-    p_ds.add_argument("--from", dest="source", type=Path, required=True)
-    p_ds.add_argument("--owner")
-    p_ds.add_argument("--out", type=Path, default=DEFAULT_DATASET_BUILD_DIR)
-    p_w = sub.add_parser("weights", help="download pretrained timm weights (internet)")
-    p_w.add_argument("--out", type=Path, required=True)
+    p_dry = command("dry-run")
+    p_dry.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR, help="build folder")
+    p_ds = command("dataset")
+    p_ds.add_argument("slug", choices=sorted(DATASET_CONTENTS), help="dataset to prepare")
+    p_ds.add_argument("--from", dest="source", type=Path, required=True, help="files to upload")
+    p_ds.add_argument("--owner", help="Kaggle user name (default: $KAGGLE_USERNAME)")
+    p_ds.add_argument("--out", type=Path, default=DEFAULT_DATASET_BUILD_DIR, help="upload folder")
+    p_w = command("weights")
+    p_w.add_argument("--out", type=Path, required=True, help="folder for the .pth files")
     args = parser.parse_args(argv)
     try:
         return _run(args)

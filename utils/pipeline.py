@@ -2,15 +2,20 @@
 
     python -m utils.pipeline [--data-dir DIR] [--work-dir DIR] [--preset demo|full]
                              [--recipe paper] [--tune] [--seed S] [--rows N] [--force]
+                             [--weights-dir DIR]
 
-Work dir layout: data/ (generated data), artifacts/<model>/, artifacts/tuning/, artifacts/gbdt/,
-executed/ (executed notebooks + one <stage>.done.json stamp per finished stage), submission.csv.
+Work dir layout: data/ (generated data) and data-truth.csv (its true probabilities),
+artifacts/<model>/, artifacts/tuning/, artifacts/gbdt/, executed/ (executed notebooks + one
+<stage>.done.json stamp per finished stage), submission.csv and submission_report.json.
 Every stage reads its settings from utils.settings (preset x recipe); the pipeline passes names
 and paths only, so a notebook run alone and the pipeline run the same sizes.
-A stage is skipped when its outputs exist and its stamp holds the same parameters; once one stage
-runs, every later stage runs too (its inputs changed). A stage that runs on other settings or
-data moves its earlier outputs aside (`<folder>/../.previous/`); `--force` does so for every
-stage, so nothing is resumed or mixed in.
+A stage is skipped when its outputs exist, its stamp holds the same parameters and its outputs
+are still the files it wrote (the stamp records their sha256: a stage run by hand into the work
+dir is detected and rerun); once one stage runs, every later stage runs too (its inputs changed).
+A stage that runs on other settings or data moves its earlier outputs aside
+(`<folder>/../.previous/`); `--force` does so for every stage, so nothing is resumed or mixed in.
+While a stage runs, its printed lines (folds, epochs, scores) are echoed with the stage's name,
+and a heartbeat line every 30 s says how long it has run. The run ends with a results block.
 """
 
 from __future__ import annotations
@@ -20,19 +25,33 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import sys
+import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.manifest import set_aside
-from utils.settings import IMAGE_MODELS, PRESETS, RECIPES, SyntheticConfig, resolve
+from utils.cli import RawDefaultsHelpFormatter
+from utils.manifest import file_sha256, set_aside
+from utils.settings import IMAGE_MODELS, N_FOLDS, PRESETS, RECIPES, SyntheticConfig, resolve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 DATA_FILES = ("train-metadata.csv", "train-image.hdf5", "test-metadata.csv", "test-image.hdf5")
+HEARTBEAT_S = 30.0  # a stage that prints nothing for this long gets a "still running" line
+DURATIONS_FILE = "durations.json"  # seconds each stage took last time (for the heartbeat)
+# Kernel start-up noise a user cannot act on: ipykernel 7's "running over TCP without
+# encryption" (the kernel listens on localhost only), and tqdm.auto's "IProgress not found"
+# (imported by timm's huggingface_hub; the bars are text bars either way).
+KERNEL_ARGUMENTS = [
+    "--IPKernelApp.log_level=ERROR",
+    "--IPKernelApp.exec_lines=import warnings; "
+    "warnings.filterwarnings('ignore', message='IProgress not found')",
+]
 
 
 class PipelineError(RuntimeError):
@@ -52,6 +71,7 @@ class Run:
     seed: int = 0
     generate: bool = False
     tune: bool = False
+    weights_dir: Path | None = None  # <backbone>.pth files, one per image stage's weights_path
 
     @property
     def artifacts(self) -> Path:
@@ -87,7 +107,7 @@ def _generate_data(params: dict[str, Any]) -> None:
     from utils.synthetic import generate
 
     set_aside(Path(params["out_dir"]))
-    generate(**params)
+    generate(**params, require_positive_patients=N_FOLDS)
 
 
 def _data_parameters(run: Run) -> dict[str, Any]:
@@ -101,8 +121,21 @@ def _data_parameters(run: Run) -> dict[str, Any]:
         patients=s.patients,
         positive_rate=s.positive_rate,
         test_rows=s.test_rows,
-        truth_path=str(run.work_dir / "synthetic-truth.csv"),
     )
+
+
+def truth_path(run: Run) -> Path | None:
+    """The generated data's true probabilities (utils.synthetic's `<data dir>-truth.csv`)."""
+    from utils.synthetic import default_truth_path
+
+    return default_truth_path(run.data_dir) if run.generate else None
+
+
+def _weights_path(run: Run, model: str) -> str | None:
+    """`<weights_dir>/<backbone>.pth` for an image model, or None (random init)."""
+    if run.weights_dir is None:
+        return None
+    return str(run.weights_dir / f"{IMAGE_MODELS[model].backbone}.pth")
 
 
 def _image_stage(model: str) -> Stage:
@@ -110,7 +143,9 @@ def _image_stage(model: str) -> Stage:
     return Stage(
         name=f"image_{model}",
         notebook=f"01_image_{model}.ipynb",
-        parameters=lambda run: _given(**_common(run, run.artifacts)),
+        parameters=lambda run: _given(
+            **_common(run, run.artifacts), weights_path=_weights_path(run, model)
+        ),
         outputs=lambda run: [
             run.artifacts / model / name
             for name in ("oof.csv", "config.json", "fold*.pt", "manifest.json")
@@ -182,6 +217,9 @@ STAGES: list[Stage] = [
         outputs=lambda run: [run.work_dir / "submission.csv"],
     ),
 ]
+STAGE_WORDS = {  # what the stage line says runs
+    "synthetic_data": "utils.synthetic.generate",
+}
 
 
 def _exists(path: Path) -> bool:
@@ -194,16 +232,40 @@ def stamp_path(stage: Stage, run: Run) -> Path:
     return run.executed / f"{stage.name}.done.json"
 
 
-def is_complete(stage: Stage, run: Run) -> bool:
-    """Outputs all present and the stamp holds the same parameters as this run's."""
+def output_hashes(stage: Stage, run: Run) -> dict[str, str]:
+    """sha256 of each output file named without a pattern (a folder's manifest.json changes
+    whenever anything writes that folder again, so fold*.pt need no hash of their own)."""
+    return {str(p): file_sha256(p) for p in stage.outputs(run) if "*" not in p.name and p.is_file()}
+
+
+def why_incomplete(stage: Stage, run: Run) -> str | None:
+    """Why `stage` must run (None when it is complete): an output missing, no stamp, other
+    parameters, or outputs that are not the files this pipeline's run wrote."""
+    missing = [p.name for p in stage.outputs(run) if not _exists(p)]
+    if len(missing) == len(stage.outputs(run)):
+        return "not run yet"
+    if missing:
+        return f"output(s) missing: {missing}"
     stamp = stamp_path(stage, run)
-    if not stamp.is_file() or not all(_exists(p) for p in stage.outputs(run)):
-        return False
+    if not stamp.is_file():
+        return "never finished in this work dir"
     try:
-        recorded = json.loads(stamp.read_text())["parameters"]
-    except (json.JSONDecodeError, KeyError):
-        return False
-    return recorded == json.loads(json.dumps(stage.parameters(run)))
+        record = json.loads(stamp.read_text())
+        recorded, hashes = record["parameters"], record["outputs"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"unreadable stamp {stamp.name}"
+    if recorded != json.loads(json.dumps(stage.parameters(run))):
+        return "other parameters than last time"
+    changed = [Path(p).name for p, h in output_hashes(stage, run).items() if hashes.get(p) != h]
+    if changed:
+        return f"{changed} changed since the pipeline wrote them (a run by hand?)"
+    return None
+
+
+def is_complete(stage: Stage, run: Run) -> bool:
+    """Outputs all present, written by this pipeline's last run of the stage, which had the same
+    parameters as this run's."""
+    return why_incomplete(stage, run) is None
 
 
 def plan(run: Run, stages: list[Stage] = STAGES, force: bool = False) -> list[tuple[Stage, bool]]:
@@ -231,8 +293,71 @@ def _repo_importable() -> Iterator[None]:
             os.environ["PYTHONPATH"] = old
 
 
-def _execute_notebook(stage: Stage, run: Run, params: dict[str, Any], notebooks_dir: Path) -> None:
-    """Run one stage notebook with papermill; PipelineError with the error and executed path."""
+class StageOutput:
+    """File-like sink for a stage kernel's stdout: each complete line goes to `log` behind the
+    stage's name, as it is printed (papermill's stdout_file), whether or not stdout is a TTY."""
+
+    def __init__(self, log: Callable[[str], None], prefix: str):
+        self.log, self.prefix, self.pending = log, prefix, ""
+        self.last = time.monotonic()
+
+    def write(self, text: str) -> int:
+        self.pending += text.replace("\r", "\n")
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                self.log(f"{self.prefix} {line.rstrip()}")
+                self.last = time.monotonic()
+        return len(text)
+
+    def flush(self) -> None:
+        """Lines are passed on as they complete; nothing is held back but a partial line."""
+
+
+@contextlib.contextmanager
+def heartbeat(
+    log: Callable[[str], None],
+    head: str,
+    output: StageOutput,
+    previous_s: float | None = None,
+    every_s: float = HEARTBEAT_S,
+) -> Iterator[None]:
+    """While the block runs, log `head: still running, <elapsed>` after every `every_s` seconds
+    in which the stage printed nothing (with the last run's duration when known)."""
+    start, stop = time.monotonic(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(min(every_s, 5.0)):
+            now = time.monotonic()
+            if now - output.last >= every_s:
+                last = f" (last run took {_duration(previous_s)})" if previous_s else ""
+                log(f"{head}: still running, {_duration(now - start)} elapsed{last}")
+                output.last = now
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _duration(seconds: float) -> str:
+    """'42 s' or '3 min 05 s'."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _execute_notebook(
+    stage: Stage,
+    run: Run,
+    params: dict[str, Any],
+    notebooks_dir: Path,
+    output: StageOutput | None = None,
+) -> None:
+    """Run one stage notebook with papermill, its printed lines to `output`; PipelineError with
+    the error and executed path."""
     import papermill as pm
 
     executed = run.executed / stage.notebook
@@ -244,7 +369,9 @@ def _execute_notebook(stage: Stage, run: Run, params: dict[str, Any], notebooks_
                 parameters=params,
                 kernel_name="python3",
                 cwd=str(REPO_ROOT),
-                progress_bar=sys.stderr.isatty(),
+                progress_bar=False,
+                stdout_file=output,
+                extra_arguments=KERNEL_ARGUMENTS,
             )
     except pm.PapermillExecutionError as err:
         raise PipelineError(
@@ -258,7 +385,11 @@ def _execute_notebook(stage: Stage, run: Run, params: dict[str, Any], notebooks_
 
 
 def run_stage(
-    stage: Stage, run: Run, notebooks_dir: Path = NOTEBOOKS_DIR, clean: bool = False
+    stage: Stage,
+    run: Run,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+    clean: bool = False,
+    output: StageOutput | None = None,
 ) -> None:
     """Run one stage, check it wrote its outputs, then stamp it complete.
 
@@ -278,12 +409,13 @@ def run_stage(
     if stage.action is not None:
         stage.action(params)
     else:
-        _execute_notebook(stage, run, params, notebooks_dir)
+        _execute_notebook(stage, run, params, notebooks_dir, output)
     missing = [str(p) for p in stage.outputs(run) if not _exists(p)]
     if missing:
         where = f"\n  executed notebook: {run.executed / stage.notebook}" if stage.notebook else ""
         raise PipelineError(f"stage {stage.name} finished without writing {missing}{where}")
-    stamp.write_text(json.dumps({"parameters": params}, indent=2, sort_keys=True))
+    record = {"parameters": params, "outputs": output_hashes(stage, run)}
+    stamp.write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
 def check_notebooks(steps: list[tuple[Stage, bool]], notebooks_dir: Path) -> None:
@@ -297,32 +429,139 @@ def check_notebooks(steps: list[tuple[Stage, bool]], notebooks_dir: Path) -> Non
         raise PipelineError("notebook(s) not found:\n  " + "\n  ".join(missing))
 
 
+def _say(message: str) -> None:
+    """print, flushed at once (a log file or CI sees each line as it happens)."""
+    print(message, flush=True)
+
+
+def cpu_seconds() -> float:
+    """User + sys CPU seconds of this process and its finished children (the stage kernels): on
+    an idle machine with enough cores, what wall time approaches; unlike wall time, other
+    processes' load hardly changes it."""
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def durations(run: Run) -> dict[str, dict[str, float]]:
+    """Wall and CPU seconds of each stage's last run in this work dir."""
+    try:
+        found = json.loads((run.executed / DURATIONS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, dict) and "wall_s" in v}
+
+
+def _record_duration(run: Run, name: str, wall_s: float, cpu_s: float) -> None:
+    record = durations(run) | {name: {"wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1)}}
+    (run.executed / DURATIONS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
 def run_pipeline(
     run: Run,
     stages: list[Stage] = STAGES,
     notebooks_dir: Path = NOTEBOOKS_DIR,
     force: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _say,
 ) -> list[str]:
-    """Run every stage that is not complete, in order; names of the stages that ran."""
+    """Run every stage that is not complete, in order, then log the results block; names of the
+    stages that ran."""
     steps = plan(run, stages, force)
     check_notebooks(steps, notebooks_dir)
-    ran, start = [], time.perf_counter()
+    ran, start, cpu = [], time.perf_counter(), cpu_seconds()
     for i, (stage, will_run) in enumerate(steps, 1):
         head = f"[{i}/{len(steps)}] {stage.name}"
         if not will_run:
             log(f"{head}: skipped (outputs complete; --force reruns)")
             continue
-        log(f"{head}: running {stage.notebook or 'utils.synthetic.generate'} ...")
-        t0 = time.perf_counter()
+        why = "forced" if force else why_incomplete(stage, run) or "an earlier stage ran"
+        log(f"{head}: running {stage.notebook or STAGE_WORDS[stage.name]} ({why}) ...")
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
+        output = StageOutput(log, f"  {stage.name} |")
+        previous = durations(run).get(stage.name, {}).get("wall_s")
         try:
-            run_stage(stage, run, notebooks_dir, clean=force)
+            with heartbeat(log, head, output, previous):
+                run_stage(stage, run, notebooks_dir, clean=force, output=output)
         except PipelineError as err:
             raise PipelineError(f"{err}\n  after {time.perf_counter() - t0:.1f}s") from err
-        log(f"{head}: done in {time.perf_counter() - t0:.1f}s")
+        wall_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - cpu0
+        _record_duration(run, stage.name, wall_s, cpu_s)
+        log(f"{head}: done in {wall_s:.1f}s (CPU {cpu_s:.1f}s)")
         ran.append(stage.name)
-    log(f"pipeline finished in {time.perf_counter() - start:.1f}s; work dir {run.work_dir}")
+    log(
+        f"pipeline finished in {time.perf_counter() - start:.1f}s (CPU {cpu_seconds() - cpu:.1f}s);"
+        f" work dir {run.work_dir}"
+    )
+    log(results_block(run))
     return ran
+
+
+PAUC_SCALE = (
+    "pAUC = area under the ROC above 80% TPR (the competition metric): 0 to 0.2, higher is "
+    "better; a random ranking scores about 0.02"
+)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def best_achievable(run: Run) -> float | None:
+    """pAUC of the synthetic data's true probabilities (None for real data or no truth file)."""
+    path = truth_path(run)
+    if path is None or not path.is_file():
+        return None
+    import polars as pl
+
+    from utils.synthetic import best_pauc
+
+    return best_pauc(pl.read_csv(path))
+
+
+def results_block(run: Run) -> str:
+    """What the run found: the pAUC scale, the best achievable score (synthetic data), OOF pAUC
+    per GBDT member and the ensemble, the ablation's image-only and metadata-only rows, and
+    where the submission, reports, plots and executed notebooks are."""
+    gbdt = run.artifacts / "gbdt"
+    report = _read_json(gbdt / "cv_report.json") or {}
+    lines = ["=" * 34 + " RESULTS " + "=" * 34, *textwrap.wrap(PAUC_SCALE + ".", 77)]
+    best = best_achievable(run)
+    if best is not None:
+        lines.append(f"best achievable on this synthetic data (its true probabilities): {best:.4f}")
+    scores = {name: s["overall"] for name, s in report.get("scores", {}).items()}
+    ablation = {
+        row["setting"]: row["pauc"]
+        for row in report.get("ablation", [])
+        if row["setting"].startswith(("image-only", "metadata-only"))
+    }
+    width = max(map(len, [*scores, *ablation, ""]))
+    if scores:
+        lines.append("out-of-fold pAUC per GBDT member and the soft-vote ensemble (stage 3):")
+        lines += [f"  {name:<{width}s}  {value:.4f}" for name, value in scores.items()]
+    if ablation:
+        lines.append("ablation (paper Table 4):")
+        lines += [f"  {name:<{width}s}  {value:.4f}" for name, value in ablation.items()]
+    if run.preset == "demo":
+        lines += textwrap.wrap(
+            "demo preset: the image models train 1 epoch from random weights on 32 px crops, so "
+            "they score near random (about 0.02) on purpose, to keep the run short; the metadata "
+            "GBDTs carry the score. `--preset full --weights-dir DIR` trains them for real.",
+            77,
+        )
+    where = [
+        ("submission", run.work_dir / "submission.csv"),
+        ("submission report", run.work_dir / "submission_report.json"),
+        ("GBDT report", gbdt / "cv_report.json"),
+        ("plots", gbdt / "*.png"),
+        ("executed notebooks (tables, plots)", run.executed / "*.ipynb"),
+    ]
+    lines += [f"{label}: {path}" for label, path in where if _exists(path)]
+    return "\n".join(lines + ["=" * 77])
 
 
 def make_run(
@@ -333,8 +572,10 @@ def make_run(
     seed: int = 0,
     rows: int | None = None,
     recipe: str = "paper",
+    weights_dir: Path | None = None,
 ) -> Run:
-    """The Run for these options; checks a given data dir holds the Kaggle files."""
+    """The Run for these options; checks a given data dir holds the Kaggle files and a given
+    weights dir the `<backbone>.pth` file of every image model."""
     if preset not in PRESETS:
         raise PipelineError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if recipe not in RECIPES:
@@ -350,6 +591,12 @@ def make_run(
         missing = [name for name in DATA_FILES if not (data_dir / name).is_file()]
         if missing:
             raise PipelineError(f"--data-dir {data_dir} lacks {missing} (Kaggle layout expected)")
+    if weights_dir is not None:
+        weights_dir = weights_dir.resolve()
+        wanted = sorted({f"{spec.backbone}.pth" for spec in IMAGE_MODELS.values()})
+        missing = [name for name in wanted if not (weights_dir / name).is_file()]
+        if missing:
+            raise PipelineError(f"--weights-dir {weights_dir} lacks {missing}")
     return Run(
         data_dir=data_dir or work_dir / "data",
         work_dir=work_dir,
@@ -359,6 +606,7 @@ def make_run(
         seed=seed,
         generate=data_dir is None,
         tune=tune,
+        weights_dir=weights_dir,
     )
 
 
@@ -367,15 +615,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m utils.pipeline",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDefaultsHelpFormatter,
     )
-    parser.add_argument("--data-dir", type=Path, help="Kaggle-layout data (default: synthetic)")
-    parser.add_argument("--work-dir", type=Path, default=Path("work"))
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    parser.add_argument("--recipe", choices=RECIPES, default="paper")
+    parser.add_argument(
+        "--data-dir", type=Path, help="Kaggle-layout data dir; none: generate synthetic data"
+    )
+    parser.add_argument("--work-dir", type=Path, default=Path("work"), help="everything goes here")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="sizes")
+    parser.add_argument("--recipe", choices=RECIPES, default="paper", help="method variant")
     parser.add_argument("--tune", action="store_true", help="run 02_tune_gbdt before 03_gbdt")
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
-    parser.add_argument("--rows", type=int, help="synthetic train rows (default: the preset's)")
+    parser.add_argument("--rows", type=int, help="synthetic train rows; none: the preset's")
+    parser.add_argument(
+        "--weights-dir",
+        type=Path,
+        help="folder of pretrained <backbone>.pth files (utils.kaggle_build weights), passed to "
+        "each image stage as weights_path; none: random init",
+    )
     parser.add_argument(
         "--force", action="store_true", help="rerun every stage from a clean output folder"
     )
@@ -383,13 +639,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run = make_run(
-            args.data_dir, args.work_dir, args.preset, args.tune, args.seed, args.rows, args.recipe
+            args.data_dir,
+            args.work_dir,
+            args.preset,
+            args.tune,
+            args.seed,
+            args.rows,
+            args.recipe,
+            args.weights_dir,
         )
         run_pipeline(run, notebooks_dir=args.notebooks_dir, force=args.force)
     except PipelineError as err:
         print(f"ERROR {err}", file=sys.stderr)
         return 1
-    print(f"submission: {run.work_dir / 'submission.csv'}")
     return 0
 
 

@@ -14,7 +14,12 @@ from utils.metric import pauc
 
 
 def _axes(ax: Axes | None, size: tuple[float, float]) -> Axes:
-    return ax if ax is not None else plt.subplots(figsize=size)[1]
+    return ax if ax is not None else plt.subplots(figsize=size, layout="constrained")[1]
+
+
+def legend_outside(ax: Axes, **kwargs) -> None:
+    """The legend to the right of the axes, off the data (saved with bbox_inches="tight")."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
 
 
 def plot_roc(
@@ -23,8 +28,8 @@ def plot_roc(
     min_tpr: float = 0.80,
     ax: Axes | None = None,
 ) -> Axes:
-    """ROC curve per model, the region TPR >= min_tpr shaded, pAUC in the legend."""
-    ax = _axes(ax, (6, 5))
+    """ROC curve per model, the region TPR >= min_tpr shaded, pAUC in the legend (outside)."""
+    ax = _axes(ax, (8.5, 5))
     ax.axhspan(
         min_tpr, 1.0, color="tab:orange", alpha=0.12, label=f"pAUC region (TPR >= {min_tpr:.0%})"
     )
@@ -34,7 +39,7 @@ def plot_roc(
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
     ax.set_title("ROC (pAUC above 80% TPR)")
-    ax.legend(loc="lower right", fontsize="small")
+    legend_outside(ax, fontsize="small")
     return ax
 
 
@@ -57,7 +62,7 @@ def plot_fold_scores(scores: pl.DataFrame, ax: Axes | None = None) -> Axes:
     """Grouped bars of pAUC per fold (columns model, fold, pauc), one colour per model."""
     models = scores["model"].unique(maintain_order=True).to_list()
     folds = sorted(scores["fold"].unique().to_list())
-    ax = _axes(ax, (8, 4))
+    ax = _axes(ax, (9, 4))
     width = 0.8 / max(len(models), 1)
     for i, model in enumerate(models):
         rows = scores.filter(pl.col("model") == model).sort("fold")
@@ -66,17 +71,17 @@ def plot_fold_scores(scores: pl.DataFrame, ax: Axes | None = None) -> Axes:
         )
     ax.set_xticks(np.array(folds) + width * (len(models) - 1) / 2, [f"fold {f}" for f in folds])
     ax.set(ylabel="pAUC", title="pAUC per fold")
-    ax.legend(fontsize="small", ncols=min(len(models), 5))
+    legend_outside(ax, fontsize="small")
     return ax
 
 
 def plot_training_history(history: pl.DataFrame) -> plt.Figure:
     """Stage 1: validation pAUC and training loss per epoch, one line per fold."""
-    fig, (ax_pauc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_pauc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
     for (fold,), part in history.group_by("fold", maintain_order=True):
         ax_pauc.plot(part["epoch"], part["val_pauc"], marker="o", label=f"fold {fold}")
         ax_loss.plot(part["epoch"], part["train_loss"], marker="o", label=f"fold {fold}")
     ax_pauc.set(xlabel="epoch", ylabel="validation pAUC", title="Held-out fold pAUC")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
-    ax_pauc.legend()
+    legend_outside(ax_loss, fontsize="small")
     return fig

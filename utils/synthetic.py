@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
@@ -32,6 +34,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from utils.cli import DefaultsHelpFormatter
 from utils.io import (
     SAMPLE_SUBMISSION,
     TEST_IMAGES,
@@ -40,6 +43,7 @@ from utils.io import (
     TRAIN_METADATA,
 )
 from utils.schema import CATEGORIES, TEST_COLUMNS, TRAIN_COLUMNS
+from utils.settings import N_FOLDS
 
 REAL_ROWS = 401_059
 REAL_PATIENTS = 1_042
@@ -113,6 +117,7 @@ class Summary:
     train_patients: int
     test_patients: int
     positives: int
+    positive_patients: int
     best_pauc: float
     seconds: float
     bytes_on_disk: int
@@ -120,7 +125,8 @@ class Summary:
     def __str__(self) -> str:
         return (
             f"{self.out_dir}: train {self.train_rows:,} rows / {self.train_patients:,} patients / "
-            f"{self.positives:,} positives ({self.positives / self.train_rows:.3%}); "
+            f"{self.positives:,} positives ({self.positives / self.train_rows:.3%}) in "
+            f"{self.positive_patients:,} patients; "
             f"test {self.test_rows:,} rows / {self.test_patients:,} patients; "
             f"best achievable pAUC {self.best_pauc:.4f}; "
             f"{self.bytes_on_disk / 2**20:.1f} MiB in {self.seconds:.1f} s; "
@@ -528,7 +534,22 @@ def best_pauc(truth: pl.DataFrame) -> float:
     return pauc(train["target"].to_numpy(), train["prob"].to_numpy())
 
 
+class FewPositivesWarning(UserWarning):
+    """Fewer patients with a positive lesion than cross-validation folds: some folds get none."""
+
+
+def few_positives_message(positive_patients: int, patients: int, positives: int) -> str:
+    """Why such data cannot be cross-validated, and what to change."""
+    return (
+        f"{positive_patients} of {patients} train patient(s) have a positive lesion "
+        f"({positives} positive(s)), fewer than the {N_FOLDS} cross-validation folds: a fold "
+        "without positives has no pAUC and stage 1/3 fail on it. Raise --rows, --patients or "
+        "--positive-rate (e.g. --rows 600 --patients 30 --positive-rate 0.05, the demo sizes)"
+    )
+
+
 def default_truth_path(out_dir: str | Path) -> Path:
+    """`<out_dir>-truth.csv` beside the data dir (the truth must not be readable as data)."""
     out_dir = Path(out_dir)
     return out_dir.parent / f"{out_dir.name}-truth.csv"
 
@@ -543,15 +564,19 @@ def generate(
     test_rows: int | None = None,
     truth_path: str | Path | None = None,
     workers: int | None = None,
+    require_positive_patients: int | None = None,
 ) -> Summary:
-    """Write a complete synthetic data dir in the Kaggle layout; see the module docstring."""
+    """Write a complete synthetic data dir in the Kaggle layout; see the module docstring.
+
+    Fewer patients with a positive lesion than N_FOLDS gives a FewPositivesWarning; with
+    `require_positive_patients` it is a ValueError raised before any file is written.
+    """
     start = time.perf_counter()
     if rows < 2:
         raise ValueError("generate: rows must be at least 2")
     if not 0 < positive_rate < 0.5:
         raise ValueError("generate: positive_rate must be in (0, 0.5)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     truth_path = Path(truth_path) if truth_path else default_truth_path(out_dir)
     if truth_path.resolve().parent == out_dir.resolve():
         raise ValueError(f"generate: keep the truth file outside the data dir ({truth_path})")
@@ -588,11 +613,19 @@ def generate(
     logit = _intercept(risk[:rows], positive_rate) + risk
     prob = 1 / (1 + np.exp(-logit))
     target = (rng.random(prob.size) < prob).astype(np.int8)
+    positives = int(target[:rows].sum())
+    positive_patients = len(set(train_meta["patient_id"][target[:rows] == 1]))
+    if positive_patients < (require_positive_patients or N_FOLDS):
+        message = few_positives_message(positive_patients, patients, positives)
+        if require_positive_patients:
+            raise ValueError(f"generate: {message}")
+        warnings.warn(message, FewPositivesWarning, stacklevel=2)
     train_meta["target"] = target[:rows]
     train_meta.update(_diagnoses(rng, target[:rows], risk[:rows]))
 
     train = _frame(train_meta, TRAIN_COLUMNS)
     test = _frame(test_meta, TEST_COLUMNS)
+    out_dir.mkdir(parents=True, exist_ok=True)
     train.write_csv(out_dir / TRAIN_METADATA)
     test.write_csv(out_dir / TEST_METADATA)
     pl.DataFrame({"isic_id": test["isic_id"], "target": 0.3}).write_csv(out_dir / SAMPLE_SUBMISSION)
@@ -623,7 +656,6 @@ def generate(
         "test images",
     )
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
-    positives = int(target[:rows].sum())
     return Summary(
         out_dir=out_dir,
         truth_path=truth_path,
@@ -632,43 +664,61 @@ def generate(
         train_patients=patients,
         test_patients=test_patients,
         positives=positives,
+        positive_patients=positive_patients,
         best_pauc=best_pauc(truth) if 0 < positives < rows else float("nan"),
         seconds=time.perf_counter() - start,
         bytes_on_disk=size,
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: refuses (exit 2, nothing written) data with fewer positive
+    patients than folds unless --allow-few-positives."""
     parser = argparse.ArgumentParser(
-        prog="python -m utils.synthetic", description=__doc__.split("\n")[0]
+        prog="python -m utils.synthetic",
+        description=__doc__.split("\n")[0],
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--out", required=True, type=Path, help="data dir to write (Kaggle layout)")
     parser.add_argument("--rows", type=int, default=20_000, help="train rows (real: 401059)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--image-size", type=int, default=128, help="typical crop side in px")
     parser.add_argument(
-        "--patients", type=int, default=None, help="default: 1042 at full scale, pro rata"
+        "--patients", type=int, default=None, help="train patients; none: 1042 x rows / 401059"
     )
-    parser.add_argument("--positive-rate", type=float, default=0.001)
-    parser.add_argument("--test-rows", type=int, default=None, help="default: rows // 50")
+    parser.add_argument("--positive-rate", type=float, default=0.001, help="share of positives")
+    parser.add_argument("--test-rows", type=int, default=None, help="none: rows // 50")
     parser.add_argument(
-        "--truth", type=Path, default=None, help="default: <out>-truth.csv beside the data dir"
+        "--truth", type=Path, default=None, help="none: <out>-truth.csv beside the data dir"
     )
-    parser.add_argument("--workers", type=int, default=None, help="image-rendering processes")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="image-rendering processes; none: CPUs, <= 8"
+    )
+    parser.add_argument(
+        "--allow-few-positives",
+        action="store_true",
+        help=f"write data with fewer positive patients than the {N_FOLDS} folds anyway",
+    )
     args = parser.parse_args(argv)
-    summary = generate(
-        args.out,
-        rows=args.rows,
-        seed=args.seed,
-        image_size=args.image_size,
-        patients=args.patients,
-        positive_rate=args.positive_rate,
-        test_rows=args.test_rows,
-        truth_path=args.truth,
-        workers=args.workers,
-    )
+    try:
+        summary = generate(
+            args.out,
+            rows=args.rows,
+            seed=args.seed,
+            image_size=args.image_size,
+            patients=args.patients,
+            positive_rate=args.positive_rate,
+            test_rows=args.test_rows,
+            truth_path=args.truth,
+            workers=args.workers,
+            require_positive_patients=None if args.allow_few_positives else N_FOLDS,
+        )
+    except ValueError as err:
+        print(f"ERROR {err}", file=sys.stderr)
+        return 2
     print(summary)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

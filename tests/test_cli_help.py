@@ -1,0 +1,23 @@
+"""Every command-line tool shows its defaults, and kaggle_build has help per command."""
+
+import pytest
+
+from utils import kaggle_build
+
+
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        kaggle_build.main(argv)
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_kaggle_build_lists_one_command_a_line_and_helps_each(capsys):
+    out = _help(["--help"], capsys)
+    for name, (short, _) in kaggle_build.COMMANDS.items():
+        assert f"    {name}" in out and short in out
+    assert "COMMAND --help" in out and "docs/kaggle.md" not in out
+    build = _help(["build", "--help"], capsys)
+    assert "write one folder per kernel" in build
+    assert "build folder (default: " in build and "(default: None)" not in build
+    assert "(default: False)" not in build  # a flag's default says nothing

@@ -1,0 +1,33 @@
+"""Notebook parameters as papermill delivers them: `-p name '["a", "b"]'` arrives as a string.
+
+    image_oof_dirs = list_parameter(image_oof_dirs, "image_oof_dirs")
+
+A list parameter accepts a list (papermill's `-y`, the pipeline, a notebook edit), a JSON string
+holding a list (`-p name '["a", "b"]'`), one plain string (a single item) or None (an empty list).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+
+def list_parameter(value: Any, name: str = "parameter") -> list[Any]:
+    """`value` as a list; ValueError naming the parameter for anything else."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.startswith("["):
+            return [value] if text else []
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{name}: {value!r} looks like a list but is not valid JSON ({err.msg}); "
+                f'write it as -p {name} \'["a", "b"]\' (double quotes inside)'
+            ) from err
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return list(value)
+    raise ValueError(f"{name}: expected a list (or a JSON string of one), got {value!r}")

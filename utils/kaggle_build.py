@@ -32,6 +32,7 @@ from typing import Any
 import nbformat
 
 from utils.cli import DefaultsHelpFormatter, RawDefaultsHelpFormatter
+from utils.settings import IMAGE_MODELS as IMAGE_MODEL_REGISTRY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UTILS_DIR = REPO_ROOT / "utils"
@@ -56,14 +57,9 @@ WEIGHTS_DATASET = "fusionnetx-timm-weights"
 IMAGE_DATASET = "fusionnetx-isic2024-image-models"
 TUNING_DATASET = "fusionnetx-isic2024-gbdt-tuning"
 GBDT_DATASET = "fusionnetx-isic2024-gbdt-models"
-IMAGE_MODELS = ("convnextv2_nano", "vit_tiny", "vit_tiny_suspicious", "vit_small_suspicious")
+IMAGE_MODELS = tuple(IMAGE_MODEL_REGISTRY)
 # Pretrained backbone (utils.models.BACKBONES name) of each image model; its file is <name>.pth.
-IMAGE_BACKBONES = {
-    "convnextv2_nano": "convnextv2_nano",
-    "vit_tiny": "vit_tiny",
-    "vit_tiny_suspicious": "vit_tiny",
-    "vit_small_suspicious": "vit_small",
-}
+IMAGE_BACKBONES = {model: spec.backbone for model, spec in IMAGE_MODEL_REGISTRY.items()}
 WEIGHT_FILES = tuple(sorted({f"{b}.pth" for b in IMAGE_BACKBONES.values()}))
 # What each repo-defined dataset holds: names copied from the source folder by `dataset`.
 DATASET_CONTENTS: dict[str, tuple[str, ...]] = {

@@ -288,8 +288,9 @@ def test_full_preset_without_weights_stops_unless_asked(tmp_path):
 def test_folds_selection_is_checked():
     assert train.chosen_folds(None, 3) == [0, 1, 2]
     assert train.chosen_folds([2, 0], 3) == [2, 0]
-    for bad in ([], [0, 0], [3], [-1]):
-        with pytest.raises(ValueError, match="folds must be"):
+    assert train.chosen_folds("[0, 1]", 3) == [0, 1] and train.chosen_folds(2, 3) == [2]
+    for bad in ([], [0, 0], [3], [-1], "[a]", "x"):
+        with pytest.raises(ValueError, match="folds"):
             train.chosen_folds(bad, 3)
 
 

@@ -61,6 +61,7 @@ from utils.labels import suspicious_label
 from utils.manifest import MANIFEST_FILE, config_hash, set_aside, write_json, write_manifest
 from utils.metric import pauc
 from utils.models import BACKBONES, param_groups
+from utils.notebook_params import list_parameter
 from utils.oof import write_oof
 from utils.predict import (
     CONFIG_FILE,
@@ -391,11 +392,16 @@ def train_fold(
     return checkpoint
 
 
-def chosen_folds(folds: Sequence[int] | None, n_folds: int) -> list[int]:
-    """The folds a run trains: every fold, or `folds` (checked: in range, none twice)."""
+def chosen_folds(folds: Sequence[int] | int | str | None, n_folds: int) -> list[int]:
+    """The folds a run trains: every fold, or `folds` (checked: in range, none twice). One
+    number, or a JSON list as `papermill -p train_folds "[0, 1]"` delivers it, also works."""
     if folds is None:
         return list(range(n_folds))
-    chosen = [int(k) for k in folds]
+    items = [folds] if isinstance(folds, int) else list_parameter(folds, "folds")
+    try:
+        chosen = [int(k) for k in items]
+    except (TypeError, ValueError):
+        chosen = []
     if not chosen or len(set(chosen)) != len(chosen) or not set(chosen) <= set(range(n_folds)):
         raise ValueError(f"folds must be distinct fold numbers in 0..{n_folds - 1}, got {folds}")
     return chosen

@@ -416,7 +416,7 @@ def test_real_notebooks_demo_then_new_seed_then_force_then_resume(tmp_path: Path
     }
 
     done = _pipeline(work, "--seed", "4")
-    assert "skipped" not in done.stdout
+    assert "skipped (outputs complete" not in done.stdout
     assert file_sha256(work / "data" / "train-metadata.csv") != data_hash
     second = _check_outputs_of_this_data(work)
     for name, manifest in second.items():
@@ -424,7 +424,7 @@ def test_real_notebooks_demo_then_new_seed_then_force_then_resume(tmp_path: Path
     assert (work / "artifacts" / ".previous" / "vit_tiny" / "manifest.json").is_file()
 
     done = _pipeline(work, "--seed", "4", "--force")
-    assert "skipped" not in done.stdout
+    assert "skipped (outputs complete" not in done.stdout
     third = _check_outputs_of_this_data(work)
     for name, manifest in third.items():
         assert manifest["config_hash"] == second[name]["config_hash"], name  # same run ...

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import polars as pl
 
+from utils.manifest import atomic_output
+
 OOF_COLUMNS = {
     "isic_id": pl.String,
     "patient_id": pl.String,
@@ -42,8 +44,8 @@ def write_oof(df: pl.DataFrame, path: str | Path) -> Path:
     """Validate and write an OOF CSV (sorted by isic_id); returns the path."""
     path = Path(path)
     df = validate_oof(df, path).sort("isic_id")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.write_csv(path)
+    with atomic_output(path) as tmp:  # a killed stage never leaves a cut oof.csv
+        df.write_csv(tmp)
     return path
 
 

@@ -58,7 +58,14 @@ from utils.image_data import (
 )
 from utils.io import DataDir, HDF5Images
 from utils.labels import suspicious_label
-from utils.manifest import MANIFEST_FILE, config_hash, set_aside, write_json, write_manifest
+from utils.manifest import (
+    MANIFEST_FILE,
+    atomic_output,
+    config_hash,
+    set_aside,
+    write_json,
+    write_manifest,
+)
 from utils.metric import pauc
 from utils.models import BACKBONES, param_groups
 from utils.notebook_params import list_parameter
@@ -484,7 +491,8 @@ def train_image_model(
             )
         )
         history.extend(checkpoint["history"])
-    pl.DataFrame(history).write_csv(run_dir / HISTORY_FILE)
+    with atomic_output(run_dir / HISTORY_FILE) as tmp:
+        pl.DataFrame(history).write_csv(tmp)
     preds = pl.concat(parts)
     oof = (
         frame.filter(pl.col("isic_id").is_in(preds["isic_id"].implode()))

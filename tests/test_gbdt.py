@@ -347,3 +347,12 @@ def test_training_frame_joins_folds_and_image_oofs_on_isic_id(
     joined = ours.frame.join(oof, on="isic_id")
     np.testing.assert_allclose(joined["img_vit_tiny"], joined["pred"], rtol=1e-6)
     assert ours.image_sources["img_vit_tiny"]["image_model"] == "vit_tiny"
+
+
+def test_site_features_reach_stage_3_only_when_switched_on(synthetic_dir):
+    paper = load_training_frame(synthetic_dir).meta_features
+    site = load_training_frame(synthetic_dir, site_features=True).meta_features
+    extra = set(site) - set(paper)
+    assert extra and all(f.endswith(("_site_norm", "_patient_pct")) for f in extra)
+    assert not any(f.endswith(("_site_norm", "_patient_pct")) for f in paper)
+    assert resolve("full").gbdt.site_features is False  # paper: the reference has none

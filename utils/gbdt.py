@@ -83,10 +83,11 @@ def load_training_frame(
     image_oof_dirs: Sequence[str | Path] = (),
     n_folds: int = N_FOLDS,
     fold_seed: int = FOLD_SEED,
+    site_features: bool = False,
 ) -> TrainingFrame:
     """Read, build features, join folds and image OOFs on isic_id (the stage 3 recipe)."""
     train = DataDir(data_dir).train_metadata()
-    frame, meta_features = build_features(train, source=data_dir)
+    frame, meta_features = build_features(train, source=data_dir, site_features=site_features)
     folds = with_folds(train, n_folds, fold_seed).select(
         "isic_id", "fold", pl.col("target").cast(pl.Int8)
     )
@@ -181,7 +182,9 @@ def run_gbdt_stage(
     `overrides` are GBDTConfig fields (seeds, threads, n_folds, ...); None keeps the preset's.
     """
     cfg = resolve(preset, recipe, gbdt=overrides).gbdt
-    data = load_training_frame(data_dir, image_oof_dirs, cfg.n_folds, cfg.fold_seed)
+    data = load_training_frame(
+        data_dir, image_oof_dirs, cfg.n_folds, cfg.fold_seed, cfg.site_features
+    )
     tuned = load_params(params_path) if params_path else None
     params = resolve_params(cfg, tuned)
     members = make_members(data.meta_features, data.image_columns, params)

@@ -637,7 +637,8 @@ def predict_submission(
         image_frame, rates = image_features(
             artifacts_dir, plan.run, images, ids, cfg, device, log, plan.folds
         )
-    frame, _ = build_features(metadata, source=data.path(TEST_METADATA))
+    # every optional feature group is built: the members read the columns they were trained on
+    frame, _ = build_features(metadata, source=data.path(TEST_METADATA), site_features=True)
     frame = frame.join(image_frame, on="isic_id", how="left", maintain_order="left")
     for column in ensemble.image_columns:
         if column not in frame.columns:

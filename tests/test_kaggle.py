@@ -432,8 +432,10 @@ def test_real_kernel_builds_validates_and_passes_the_client_dry_run(tmp_path: Pa
 
 def test_built_vit_kernel_trains_from_the_weights_dataset_off_repo(tmp_path, synthetic_dir):
     """The real 01_image_vit_tiny kernel, built and run as Kaggle would (inputs mounted, repo
-    off sys.path, pretrained file from the weights dataset), at demo size: this is the run that
-    crashed on Kaggle's timm 1.0.26 when the .pth was read as a JAX .npz."""
+    off sys.path, pretrained file from the weights dataset), at demo size, in two sessions: the
+    first trains fold 0 only, the second is built with --continue and mounts the first one's
+    output. The first session is the run that crashed on Kaggle's timm 1.0.26 when the .pth was
+    read as a JAX .npz."""
     import timm
     import torch
 
@@ -444,20 +446,50 @@ def test_built_vit_kernel_trains_from_the_weights_dataset_off_repo(tmp_path, syn
     weights = inputs / kb.WEIGHTS_DATASET / "vit_tiny.pth"
     weights.parent.mkdir(parents=True)
     torch.save(timm.create_model(BACKBONES["vit_tiny"].timm_name).state_dict(), weights)
-    kernel = "01_image_vit_tiny"
-    params = {
-        **kb.KAGGLE_PARAMETERS[kernel],
-        "output_dir": ".",
-        "preset": "demo",
-        "folds": 2,
-        "epochs": 1,
-        "image_size": 32,
-        "num_workers": 0,
-    }
-    built = kb.build_kernel(kb.KERNELS_DIR / kernel, tmp_path / "build", "alice", params)
+    kernel, folder = "01_image_vit_tiny", kb.KERNELS_DIR / "01_image_vit_tiny"
+    demo = {"output_dir": ".", "preset": "demo", "folds": 2, "epochs": 1, "image_size": 32}
+    params = {**kb.KAGGLE_PARAMETERS[kernel], **demo, "num_workers": 0}
+
+    first, _ = kb.image_kernel_parameters(folder, params, [0], continue_run=False)
+    built = kb.build_kernel(folder, tmp_path / "build1", "alice", first)
     done = _papermill_off_repo(built / f"{kernel}.ipynb", built, inputs)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.dumps(str(weights)) in (built / "vit_tiny" / "config.json").read_text()
-    assert (built / "vit_tiny" / "oof.csv").is_file()
+    assert (built / "vit_tiny" / "fold0.pt").is_file()
+    assert not (built / "vit_tiny" / "oof.csv").exists()  # fold 1 remains
     executed = (built / "executed.ipynb").read_text()
     assert "libraries: torch " in executed and "timm " in executed
+
+    slug = "fusionnetx-isic2024-vit-tiny"  # Kaggle mounts a kernel's output under its slug
+    shutil.copytree(built / "vit_tiny", inputs / slug / "vit_tiny")
+    second, kernels = kb.image_kernel_parameters(folder, params, [1], continue_run=True)
+    assert kernels == (slug,)
+    again = kb.build_kernel(folder, tmp_path / "build2", "alice", second, kernel_sources=kernels)
+    assert kb.read_json(again / kb.KERNEL_METADATA)["kernel_sources"] == [f"alice/{slug}"]
+    done = _papermill_off_repo(again / f"{kernel}.ipynb", again, inputs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    oof = (again / "vit_tiny" / "oof.csv").read_text().splitlines()
+    assert len(oof) == 1 + 1500  # every training row once: fold 0 reused, fold 1 trained
+    assert (again / "vit_tiny" / "fold0.pt").read_bytes() == (
+        built / "vit_tiny" / "fold0.pt"
+    ).read_bytes()
+
+
+def test_continue_build_renders_the_kernels_own_output_and_folds(tmp_path):
+    out = kb.build_all(tmp_path / "b", "alice", train_folds=[2, 3], continue_run=True)
+    image = next(p for p in out if p.name == "01_image_vit_small_suspicious")
+    meta = kb.read_json(image / kb.KERNEL_METADATA)
+    assert meta["kernel_sources"] == ["alice/fusionnetx-isic2024-vit-small-suspicious"]
+    cells = json.loads((image / meta["code_file"]).read_text())["cells"]
+    injected = next(
+        "".join(c["source"]) for c in cells if kb.INJECTED_TAG in c["metadata"].get("tags", [])
+    )
+    assert "train_folds = [2, 3]" in injected
+    assert (
+        "resume_from = str(input_path('fusionnetx-isic2024-vit-small-suspicious', "
+        "'vit_small_suspicious', owner='alice').parent)"
+    ) in injected
+    request = kb.dry_run_push(image)
+    assert request.kernel_data_sources == ["alice/fusionnetx-isic2024-vit-small-suspicious"]
+    gbdt = kb.read_json(next(p for p in out if p.name == "03_gbdt") / kb.KERNEL_METADATA)
+    assert not gbdt.get("kernel_sources")

@@ -206,10 +206,10 @@ TUNED_GBDT = (
 def render_value(value: Any, owner: str | None = None) -> str:
     """Python source for one parameter value (literals via repr, inputs via their expression).
 
-    `owner` is passed to inputs of repo-defined datasets only: the competition has no owner.
+    `owner` is passed to every input but the competition, which has no owner.
     """
     if isinstance(value, InputPath):
-        return value.render(owner if value.slug in DATASET_CONTENTS else None)
+        return value.render(owner if value.slug != COMPETITION else None)
     if isinstance(value, LinkedInputs):
         return value.render(owner)
     if isinstance(value, list):
@@ -622,11 +622,17 @@ def build_kernel(
     repo_ids: frozenset[str] = frozenset(),
     archive: bytes | None = None,
     extra_sources: tuple[str, ...] = (),
+    kernel_sources: tuple[str, ...] = (),
 ) -> Path:
-    """Write out_dir/<folder.name>/ with owner-filled metadata and the self-contained notebook."""
+    """Write out_dir/<folder.name>/ with owner-filled metadata and the self-contained notebook.
+
+    `kernel_sources` are slugs of the owner's kernels whose output this one reads (--continue).
+    """
     meta = read_json(folder / KERNEL_METADATA)
     meta["dataset_sources"] = [*meta.get("dataset_sources", []), *extra_sources]
     meta = with_owner(meta, owner, set(repo_ids))
+    if kernel_sources:
+        meta["kernel_sources"] = [f"{owner}/{slug}" for slug in kernel_sources]
     nb = build_notebook(notebooks_dir / meta["code_file"], parameters, archive, owner)
     target = out_dir / folder.name
     if target.exists():
@@ -637,22 +643,52 @@ def build_kernel(
     return target
 
 
+IMAGE_KERNEL_PREFIX = "01_image_"
+
+
+def image_kernel_parameters(
+    folder: Path, params: dict[str, Any], train_folds: list[int] | None, continue_run: bool
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """An image kernel's parameters for a fold selection and for continuing its own last output.
+
+    With `continue_run` the kernel mounts its own output (a kernel source) and resumes from it:
+    finished folds are kept, an unfinished fold continues from its last epoch (train.py checks
+    that the earlier run has the same config hash). Returns (parameters, kernel source slugs).
+    """
+    params = dict(params)
+    if train_folds is not None:
+        params["train_folds"] = list(train_folds)
+    if not continue_run:
+        return params, ()
+    model = folder.name.removeprefix(IMAGE_KERNEL_PREFIX)
+    slug = split_ref(read_json(folder / KERNEL_METADATA)["id"])[1]
+    # the output root holding <model>/, as the kernel's own output_dir was
+    params["resume_from"] = InputPath(slug, model, parent=True)
+    return params, (slug,)
+
+
 def build_all(
     out_dir: Path = DEFAULT_BUILD_DIR,
     owner: str | None = None,
     tuned: bool = False,
     kernels_dir: Path = KERNELS_DIR,
     notebooks_dir: Path = NOTEBOOKS_DIR,
+    train_folds: list[int] | None = None,
+    continue_run: bool = False,
 ) -> list[Path]:
-    """Build every kernel folder; --tuned feeds the tuning dataset to the GBDT kernel."""
+    """Build every kernel folder; --tuned feeds the tuning dataset to the GBDT kernel; image
+    kernels get a fold selection and/or continue from their own last output (see
+    image_kernel_parameters)."""
     owner = resolve_owner(owner)
     datasets = defined_datasets(kernels_dir / "datasets")
     built = []
     for folder in kernel_folders(kernels_dir):
-        params, extra = dict(KAGGLE_PARAMETERS[folder.name]), ()
+        params, extra, kernels = dict(KAGGLE_PARAMETERS[folder.name]), (), ()
         if tuned and folder.name == TUNED_GBDT[0]:
             params.update(TUNED_GBDT[2])
             extra = (datasets[TUNED_GBDT[1]],)
+        if folder.name.startswith(IMAGE_KERNEL_PREFIX):
+            params, kernels = image_kernel_parameters(folder, params, train_folds, continue_run)
         built.append(
             build_kernel(
                 folder,
@@ -662,6 +698,7 @@ def build_all(
                 notebooks_dir,
                 frozenset(datasets.values()),
                 extra_sources=extra,
+                kernel_sources=kernels,
             )
         )
     return built
@@ -834,6 +871,17 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--owner", help="Kaggle user name (default: $KAGGLE_USERNAME)")
     p_build.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR, help="build folder")
     p_build.add_argument("--tuned", action="store_true", help="GBDT kernel reads tuning dataset")
+    p_build.add_argument(
+        "--folds",
+        type=lambda text: [int(f) for f in text.split(",")],
+        help="image kernels train only these folds, e.g. 0,1 (the others in later sessions)",
+    )
+    p_build.add_argument(
+        "--continue",
+        dest="continue_run",
+        action="store_true",
+        help="image kernels mount their own last output and resume from it",
+    )
     p_dry = command("dry-run")
     p_dry.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR, help="build folder")
     p_ds = command("dataset")
@@ -860,7 +908,14 @@ def _run(args: argparse.Namespace) -> int:
         problems = validate()
         if problems:
             return _report(problems, "")
-        for folder in build_all(args.out, args.owner, args.tuned):
+        built = build_all(
+            args.out,
+            args.owner,
+            args.tuned,
+            train_folds=args.folds,
+            continue_run=args.continue_run,
+        )
+        for folder in built:
             print(f"built {folder}")
         return _report(validate(built_dir=args.out), f"ok: kernels built in {args.out}")
     if args.command == "dry-run":

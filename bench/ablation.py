@@ -2,7 +2,8 @@
 ensemble for `paper`, `paper` + each candidate alone and all candidates together, over seeds.
 
     python -m bench.ablation --data-dir /tmp/syn_full [--seeds 0 1 2] [--bag-seeds 3]
-        [--candidates patient_image ugly_duckling blend rank_blend seed_bagging] [--preset full]
+        [--candidates patient_image ugly_duckling site_features blend rank_blend seed_bagging]
+        [--preset full]
         [--threads N] [--members lgb_meta lgb cat xgb]
 
 Data: a synthetic data dir and its truth file (`<data dir>-truth.csv`, utils.synthetic). The
@@ -16,13 +17,19 @@ The data stay the same (regenerate the data dir with another --seed to vary them
 
 Candidates: `patient_image` (utils.plus_features.patient_image_features on the image columns,
 seen by the image members), `ugly_duckling` (utils.plus_features.ugly_duckling_features, seen by
-every member, lgb_meta included), `blend` (utils.blend.nested_blend of the members' OOF instead
-of equal weights, on the OOF of the same row without it: no extra CV), `rank_blend` (the same
-with utils.blend.rank_average_blend; left out of `plus`), `seed_bagging`
-(--bag-seeds GBDT seeds per member, each with its own over/under-sample). `plus` runs them all
-together. The table gives, per row, mean and spread (std, min-max) of the ensemble's OOF pAUC
-over seeds, the mean paired gain over `paper` and its std, and wall seconds (the row's features
-and CV; a blend row adds its fitting time to the CV it blends).
+every member, lgb_meta included), `site_features` (utils.features' patient x site normalisation
+and within-patient percentiles, GBDTConfig.site_features, seen by every member), `blend`
+(utils.blend.nested_blend of the members' OOF instead of equal weights, on the OOF of the same
+row without it: no extra CV), `rank_blend` (the same with utils.blend.rank_average_blend),
+`seed_bagging` (--bag-seeds GBDT seeds per member, each with its own over/under-sample).
+
+Two phases. Phase 1: `paper` and `paper` + each candidate alone, over every seed. The rule of
+issue 16 then keeps a candidate when its mean paired gain over `paper` exceeds the spread of
+that gain over seeds (its std) (of the two blends, the better one). Phase 2: `plus (kept: ...)`,
+all kept candidates together, over the same seeds (a single kept candidate reuses its CV). The
+table gives, per row, mean and spread (std, min-max) of the ensemble's OOF pAUC over seeds, the
+mean paired gain over `paper` and its std, and wall seconds (the row's features and CV; a blend
+row adds its fitting time to the CV it blends).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import argparse
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +52,7 @@ from utils.blend import nested_blend, rank_average_blend  # noqa: E402
 from utils.cv import CVResult, cross_validate  # noqa: E402
 from utils.features import IMAGE_PREFIX  # noqa: E402
 from utils.folds import assign_folds  # noqa: E402
-from utils.gbdt import TrainingFrame, load_training_frame  # noqa: E402
+from utils.gbdt import load_training_frame  # noqa: E402
 from utils.gbdt_libraries import (  # noqa: E402
     ENSEMBLE,
     GBDT_MODELS,
@@ -63,7 +71,14 @@ from utils.plus_features import (  # noqa: E402
 from utils.settings import FOLD_SEED, IMAGE_MODELS, N_FOLDS, resolve  # noqa: E402
 from utils.synthetic import default_truth_path  # noqa: E402
 
-CANDIDATES = ("patient_image", "ugly_duckling", "blend", "rank_blend", "seed_bagging")
+CANDIDATES = (
+    "patient_image",
+    "ugly_duckling",
+    "site_features",
+    "blend",
+    "rank_blend",
+    "seed_bagging",
+)
 BLENDS = ("blend", "rank_blend")  # blend the OOF of a CV; `plus` takes the nested blend only
 # logit-scale noise sd of each stand-in image OOF (the true logit's sd is about 2.4 at full scale)
 STANDIN_NOISE: dict[str, float] = {
@@ -127,13 +142,27 @@ def score_row(result: CVResult, blend: str | None) -> tuple[float, float, dict[s
 
 
 def row_plan(candidates: Sequence[str]) -> list[tuple[str, set[str]]]:
-    """(row name, candidates on) for paper, paper + each candidate, and plus (all of them but
-    the rank average)."""
-    rows = [("paper", set())] + [(f"paper + {c}", {c}) for c in candidates]
-    together = set(candidates) - {"rank_blend"}
-    if len(together) > 1:
-        rows.append(("plus (all candidates)", together))
-    return rows
+    """Phase 1: (row name, candidates on) for paper and paper + each candidate alone."""
+    return [("paper", set())] + [(f"paper + {c}", {c}) for c in candidates]
+
+
+def kept_candidates(summary: pl.DataFrame) -> list[str]:
+    """The issue 16 rule on a phase 1 summary: a candidate is kept when its mean gain over paper
+    exceeds the spread (std over seeds) of that gain; of the two blends only the better one."""
+    kept = []
+    for row in summary.iter_rows(named=True):
+        name = row["row"].removeprefix("paper + ")
+        if name == row["row"] or row["gain_std"] is None:
+            continue
+        if row["gain_mean"] > 0 and row["gain_mean"] > row["gain_std"]:
+            kept.append((name, row["gain_mean"]))
+    blends = sorted((g, n) for n, g in kept if n in BLENDS)
+    drop = {n for _, n in blends[:-1]}
+    return [n for n, _ in kept if n not in drop]
+
+
+def plus_row_name(kept: Sequence[str]) -> str:
+    return f"plus (kept: {', '.join(kept) or 'none'})"
 
 
 def summarise(results: pl.DataFrame) -> pl.DataFrame:
@@ -152,17 +181,64 @@ def summarise(results: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def feature_frames(
-    data: TrainingFrame, data_dir: Path, candidates: Sequence[str], threads: int | None
-) -> tuple[pl.DataFrame, list[str], float]:
-    """The frame with the ugly-duckling features joined (when asked), their names and seconds."""
-    if "ugly_duckling" not in candidates:
-        return data.frame, [], 0.0
+@dataclass(frozen=True)
+class Inputs:
+    """What every row draws from: the frame (site features and, when asked, the ugly-duckling
+    features joined), labels, feature name lists and the one-off feature seconds."""
+
+    frame: pl.DataFrame
+    y: np.ndarray
+    meta: list[str]  # the paper's metadata features
+    site: list[str]  # added by site_features
+    outliers: list[str]  # added by ugly_duckling
+    site_s: float
+    outlier_s: float
+
+
+def load_inputs(data_dir: Path, candidates: Sequence[str], threads: int | None) -> Inputs:
+    """The training frame built once with the optional feature groups the candidates need."""
     start = time.perf_counter()
-    metadata = DataDir(data_dir).train_metadata()
-    outliers = ugly_duckling_features(metadata, n_jobs=threads)
-    frame = data.frame.join(outliers, on="isic_id", how="left", maintain_order="left")
-    return frame, ugly_duckling_feature_names(), time.perf_counter() - start
+    data = load_training_frame(data_dir, site_features="site_features" in candidates)
+    base_s = time.perf_counter() - start
+    meta = list(data.meta_features)
+    site: list[str] = []
+    site_s = 0.0
+    if "site_features" in candidates:
+        start = time.perf_counter()
+        paper = load_training_frame(data_dir, site_features=False)
+        site_s = max(base_s - (time.perf_counter() - start), 0.0)  # the extra features' cost
+        site = [n for n in meta if n not in set(paper.meta_features)]
+        meta = list(paper.meta_features)
+        del paper
+    frame, outliers, outlier_s = data.frame, [], 0.0
+    if "ugly_duckling" in candidates:
+        start = time.perf_counter()
+        metadata = DataDir(data_dir).train_metadata()
+        table = ugly_duckling_features(metadata, n_jobs=threads)
+        frame = frame.join(table, on="isic_id", how="left", maintain_order="left")
+        outliers, outlier_s = ugly_duckling_feature_names(), time.perf_counter() - start
+    return Inputs(frame, data.y, meta, site, outliers, site_s, outlier_s)
+
+
+def run_row(
+    inputs: Inputs,
+    seeded: pl.DataFrame,
+    folds: np.ndarray,
+    on: set[str],
+    seed: int,
+    params: Mapping[str, Any],
+    member_names: Sequence[str],
+    bag_seeds: int,
+    threads: int | None,
+) -> tuple[CVResult, float]:
+    """The CV of one set of (non-blend) candidates and its wall seconds."""
+    images = [f"{IMAGE_PREFIX}{m}" for m in IMAGE_MODELS]
+    row_meta = inputs.meta + (inputs.site if "site_features" in on else [])
+    row_meta += inputs.outliers if "ugly_duckling" in on else []
+    row_images = images + (patient_image_feature_names(images) if "patient_image" in on else [])
+    bag = range(bag_seeds if "seed_bagging" in on else 1)
+    members = make_members(row_meta, row_images, params, names=member_names)
+    return run_cv(seeded, inputs.y, folds, members, [seed + k for k in bag], threads)
 
 
 def ablation(
@@ -175,8 +251,9 @@ def ablation(
     member_names: Sequence[str] = tuple(GBDT_MODELS),
     verbose: bool = True,
     gbdt_overrides: Mapping[str, Any] | None = None,
-) -> pl.DataFrame:
-    """One row per (table row, seed): pAUC of the ensemble's OOF and wall seconds.
+) -> tuple[pl.DataFrame, list[str]]:
+    """One row per (table row, seed): pAUC of the ensemble's OOF and wall seconds; and the
+    candidates kept by the rule (phase 1), whose `plus` row phase 2 adds.
 
     `gbdt_overrides`: GBDTConfig fields over the preset's (e.g. fewer `rounds` for a quick test).
     """
@@ -185,47 +262,57 @@ def ablation(
     if unknown:
         raise ValueError(f"unknown candidate(s) {unknown}; known: {list(CANDIDATES)}")
     truth = pl.read_csv(default_truth_path(data_dir), columns=["isic_id", "prob"])
-    data = load_training_frame(data_dir)
-    frame, outlier_names, outlier_s = feature_frames(data, data_dir, candidates, threads)
-    meta, y = list(data.meta_features), data.y
+    inputs = load_inputs(data_dir, candidates, threads)
+    y = inputs.y
     params = resolve_params(resolve(preset, gbdt=gbdt_overrides).gbdt)
     images = [f"{IMAGE_PREFIX}{m}" for m in IMAGE_MODELS]
-    records = []
+    per_seed = {}
     for seed in seeds:
-        folds = assign_folds(frame, N_FOLDS, FOLD_SEED + seed)
-        standins = standin_image_oofs(truth, frame["isic_id"], seed)
         start = time.perf_counter()
-        seeded = frame.join(standins, on="isic_id", how="left", maintain_order="left")
-        seeded = patient_image_features(seeded, images) if "patient_image" in candidates else seeded
-        patient_s = time.perf_counter() - start
+        standins = standin_image_oofs(truth, inputs.frame["isic_id"], seed)
+        seeded = inputs.frame.join(standins, on="isic_id", how="left", maintain_order="left")
+        if "patient_image" in candidates:
+            seeded = patient_image_features(seeded, images)
+        per_seed[seed] = (seeded, time.perf_counter() - start)
         if verbose:
             strength = ", ".join(f"{c} {pauc(y, seeded[c].to_numpy()):.4f}" for c in images)
             print(f"seed {seed}: stand-in image OOF pAUC alone: {strength}", flush=True)
-        cvs: dict[frozenset[str], tuple[CVResult, float]] = {}  # a blend reuses its row's CV
-        for name, on in row_plan(candidates):
-            key = frozenset(on - set(BLENDS))
-            if key not in cvs:
-                row_meta = meta + (outlier_names if "ugly_duckling" in key else [])
-                row_images = images + (
-                    patient_image_feature_names(images) if "patient_image" in key else []
-                )
-                bag = range(bag_seeds if "seed_bagging" in key else 1)
-                members = make_members(row_meta, row_images, params, names=member_names)
-                cvs[key] = run_cv(seeded, y, folds, members, [seed + k for k in bag], threads)
-            result, wall = cvs[key]
-            score, blend_s, members_pauc = score_row(
-                result, next((b for b in BLENDS if b in on), None)
+
+    records = []
+    cvs: dict[tuple[int, frozenset[str]], tuple[CVResult, float]] = {}  # blends reuse a CV
+
+    def measure(name: str, on: set[str], seed: int) -> None:
+        seeded, patient_s = per_seed[seed]
+        folds = assign_folds(seeded, N_FOLDS, FOLD_SEED + seed)
+        key = (seed, frozenset(on - set(BLENDS)))
+        if key not in cvs:
+            cvs[key] = run_row(
+                inputs, seeded, folds, set(key[1]), seed, params, member_names, bag_seeds, threads
             )
-            wall += blend_s + outlier_s * ("ugly_duckling" in on)
-            wall += patient_s * ("patient_image" in on)
-            records.append({"row": name, "seed": seed, "pauc": score, "wall_s": wall})
-            if verbose:
-                detail = ", ".join(
-                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in members_pauc.items()
-                )
-                print(f"  {name:<28} pAUC {score:.4f}  {wall:6.1f} s  ({detail})", flush=True)
-    return pl.DataFrame(records)
+        result, wall = cvs[key]
+        score, blend_s, members_pauc = score_row(result, next((b for b in BLENDS if b in on), None))
+        wall += blend_s + inputs.outlier_s * ("ugly_duckling" in on)
+        wall += patient_s * ("patient_image" in on) + inputs.site_s * ("site_features" in on)
+        records.append({"row": name, "seed": seed, "pauc": score, "wall_s": wall})
+        if verbose:
+            detail = ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in members_pauc.items()
+            )
+            print(
+                f"  seed {seed} {name:<34} pAUC {score:.4f}  {wall:6.1f} s  ({detail})", flush=True
+            )
+
+    for seed in seeds:
+        for name, on in row_plan(candidates):
+            measure(name, on, seed)
+    kept = kept_candidates(summarise(pl.DataFrame(records))) if len(seeds) > 1 else []
+    if verbose:
+        print(f"kept by the rule (mean gain > its std over seeds): {kept or 'none'}", flush=True)
+    if kept:
+        for seed in seeds:
+            measure(plus_row_name(kept), set(kept), seed)
+    return pl.DataFrame(records), kept
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -244,7 +331,7 @@ def main(argv: list[str] | None = None) -> pl.DataFrame:
     args = parse_args(argv)
     print_machine(f"GBDT threads {args.threads or usable_cores()}; preset {args.preset}")
     start = time.perf_counter()
-    results = ablation(
+    results, kept = ablation(
         args.data_dir,
         args.seeds,
         args.candidates,
@@ -254,7 +341,10 @@ def main(argv: list[str] | None = None) -> pl.DataFrame:
         args.members,
     )
     table = summarise(results)
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, float_precision=4):
+    print(f"kept in plus: {kept or 'none'}")
+    with pl.Config(
+        tbl_rows=-1, tbl_cols=-1, tbl_width_chars=220, fmt_str_lengths=80, float_precision=4
+    ):
         print(table)
     print(f"total wall {time.perf_counter() - start:.1f} s")
     print_end()

@@ -32,10 +32,9 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return summary.out_dir
 
 
-@pytest.fixture(scope="session")
-def image_oof_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _standin_image_run(synthetic_dir: Path, root: Path, n_folds: int) -> Path:
     """A stand-in image model dir (`vit_tiny/`: oof.csv, config.json, manifest.json) for
-    `synthetic_dir`: a noisy score that leans towards the target, on the standard folds."""
+    `synthetic_dir`: a noisy score that leans towards the target, on `n_folds` folds."""
     import numpy as np
     import polars as pl
     from standins import write_image_run
@@ -43,12 +42,27 @@ def image_oof_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     from utils.folds import with_folds
     from utils.io import DataDir
 
-    train = with_folds(DataDir(synthetic_dir).train_metadata())
+    train = with_folds(DataDir(synthetic_dir).train_metadata(), n_folds)
     rng = np.random.default_rng(1)
     pred = np.clip(0.3 * train["target"].to_numpy() + 0.7 * rng.random(train.height), 0, 1)
     oof = train.select("isic_id", "patient_id", "fold", "target").with_columns(pred=pl.Series(pred))
-    root = tmp_path_factory.mktemp("image_oof")
-    return write_image_run(root / "vit_tiny", oof)
+    return write_image_run(root / "vit_tiny", oof, n_folds=n_folds)
+
+
+@pytest.fixture(scope="session")
+def image_oof_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in image OOF dir on the standard (paper, full preset) 5 folds."""
+    from utils.settings import N_FOLDS
+
+    return _standin_image_run(synthetic_dir, tmp_path_factory.mktemp("image_oof"), N_FOLDS)
+
+
+@pytest.fixture(scope="session")
+def demo_image_oof_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in image OOF dir on the demo preset's folds (what a demo stage 3 expects)."""
+    from utils.settings import DEMO_FOLDS
+
+    return _standin_image_run(synthetic_dir, tmp_path_factory.mktemp("demo_oof"), DEMO_FOLDS)
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,16 @@ from utils.settings import image_config
 
 
 def write_image_run(
-    run_dir: Path, oof: pl.DataFrame, model_name: str = "vit_tiny", seed: int = 42
+    run_dir: Path,
+    oof: pl.DataFrame,
+    model_name: str = "vit_tiny",
+    seed: int = 42,
+    n_folds: int | None = None,
 ) -> Path:
     """A finished-looking stage 1 run dir without checkpoints: oof.csv, config.json (with the
     model name and config hash stage 1 records) and manifest.json; `model_name` may be any name."""
     cfg = dataclasses.replace(image_config("vit_tiny", "demo"), model_name=model_name, seed=seed)
+    cfg = cfg if n_folds is None else dataclasses.replace(cfg, n_folds=n_folds)
     record = {"config": dataclasses.asdict(cfg), "data": {"rows": oof.height}}
     record["config_hash"] = config_hash(record)
     write_oof(oof, run_dir / "oof.csv")

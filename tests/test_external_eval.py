@@ -220,6 +220,9 @@ def test_notebook_demo_on_generated_data(external_data, tmp_path, monkeypatch):
             "output_dir": str(out),
             "preset": "demo",
             "threads": 1,
+            # as papermill's -p delivers lists: JSON strings
+            "datasets": '["PH2", "HAM10000"]',
+            "image_models": '["vit_tiny"]',
         },
         tmp_path,
         monkeypatch,
@@ -240,3 +243,4 @@ def test_notebook_demo_on_generated_data(external_data, tmp_path, monkeypatch):
     text = executed.read_text()
     assert "HAM10000: no images given, so the metadata model only" in text
     assert "FusionNetX paper (reported)" in text
+    assert "IProgress not found" not in text and "TqdmWarning" not in text

@@ -12,6 +12,7 @@ from utils.gbdt_libraries import ENSEMBLE, GBDT_MODELS
 from utils.io import DataDir
 from utils.manifest import read_manifest, verify_manifest
 from utils.oof import read_oof
+from utils.settings import DEMO_FOLDS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "03_gbdt.ipynb"
@@ -31,7 +32,7 @@ def test_notebook_is_thin_and_clean():
     assert_thin_and_clean(NOTEBOOK, PARAMETERS)
 
 
-def test_notebook_writes_gbdt_artifacts(synthetic_dir, image_oof_dir, tmp_path, monkeypatch):
+def test_notebook_writes_gbdt_artifacts(synthetic_dir, demo_image_oof_dir, tmp_path, monkeypatch):
     params = tmp_path / "best_params.json"
     params.write_text(json.dumps({"cat": {"iterations": 20}, "xgb": {"n_estimators": 20}}))
     out = tmp_path / "runs"
@@ -41,7 +42,7 @@ def test_notebook_writes_gbdt_artifacts(synthetic_dir, image_oof_dir, tmp_path, 
             "data_dir": str(synthetic_dir),
             "output_dir": str(out),
             "preset": "demo",
-            "image_oof_dirs": [str(image_oof_dir)],
+            "image_oof_dirs": [str(demo_image_oof_dir)],
             "params_path": str(params),
             "seeds": [0],
             "threads": 1,
@@ -53,7 +54,7 @@ def test_notebook_writes_gbdt_artifacts(synthetic_dir, image_oof_dir, tmp_path, 
     report = json.loads((gbdt_dir / "cv_report.json").read_text())
     assert report["image_columns"] == ["img_vit_tiny"] and not report["metadata_only"]
     assert set(report["scores"]) == set(GBDT_MODELS) | {ENSEMBLE}
-    assert all(len(s["folds"]) == 5 for s in report["scores"].values())
+    assert all(len(s["folds"]) == DEMO_FOLDS for s in report["scores"].values())
     assert [row["setting"] for row in report["ablation"]][-1].startswith("full")
     assert json.loads((gbdt_dir / "params.json").read_text())["cat"]["iterations"] == 20
     result = read_oof(gbdt_dir / "oof.csv")
@@ -64,7 +65,7 @@ def test_notebook_writes_gbdt_artifacts(synthetic_dir, image_oof_dir, tmp_path, 
     ensemble = GBDTEnsemble.load(gbdt_dir)
     assert set(ensemble.models) == set(GBDT_MODELS)
     # provenance: per image column the image model and its run's config hash, and a manifest
-    image_run = json.loads((image_oof_dir / "config.json").read_text())
+    image_run = json.loads((demo_image_oof_dir / "config.json").read_text())
     source = ensemble.image_sources["img_vit_tiny"]
     assert source["image_model"] == "vit_tiny"
     assert source["config_hash"] == image_run["config_hash"]

@@ -36,6 +36,7 @@ from utils.pipeline import (
     stamp_path,
     why_incomplete,
 )
+from utils.settings import DEMO_FOLDS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_STAGES = [s for s in STAGES if s.notebook]
@@ -381,7 +382,7 @@ def _check_outputs_of_this_data(work: Path) -> dict[str, dict]:
     each folder's manifest."""
     data = work / "data"
     train = pl.read_csv(data / "train-metadata.csv", infer_schema_length=None)
-    folds = dict(zip(train["isic_id"], assign_folds(train), strict=True))
+    folds = dict(zip(train["isic_id"], assign_folds(train, DEMO_FOLDS), strict=True))
     manifests = {}
     for folder in _artifact_folders(work):
         assert verify_manifest(folder) == [], folder

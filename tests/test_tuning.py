@@ -18,7 +18,7 @@ from utils.gbdt import load_training_frame
 from utils.gbdt_libraries import META_MEMBER, load_params, make_members, resolve_params
 from utils.manifest import verify_manifest
 from utils.pipeline import STAGES, make_run
-from utils.settings import PAPER_GBDT_PARAMS, PRESETS, resolve
+from utils.settings import DEMO_FOLDS, PAPER_GBDT_PARAMS, PRESETS, resolve
 from utils.tuning import (
     BEST_PARAMS_FILE,
     DEFAULT_ATTR,
@@ -267,7 +267,7 @@ def test_notebook_is_thin_and_accepts_pipeline_parameters(tmp_path):
         assert stage.outputs(run)[0] == best
 
 
-def test_notebook_tunes_all_kinds(synthetic_dir, image_oof_dir, tmp_path, monkeypatch):
+def test_notebook_tunes_all_kinds(synthetic_dir, demo_image_oof_dir, tmp_path, monkeypatch):
     out = tmp_path / "runs"
     run_notebook(
         str(NOTEBOOK),
@@ -275,7 +275,7 @@ def test_notebook_tunes_all_kinds(synthetic_dir, image_oof_dir, tmp_path, monkey
             "data_dir": str(synthetic_dir),
             "output_dir": str(out),
             "preset": "demo",
-            "image_oof_dirs": [str(image_oof_dir)],
+            "image_oof_dirs": [str(demo_image_oof_dir)],
             "n_trials": 2,
             "timeout": 60,
             "threads": 1,
@@ -292,7 +292,7 @@ def test_notebook_tunes_all_kinds(synthetic_dir, image_oof_dir, tmp_path, monkey
     assert summary["kind"].to_list() == ["lgb", "cat", "xgb"]
     assert summary["trials"].to_list() == [2, 2, 2]
     # the default row is stage 3's own CV of the published (demo-sized) lgb params
-    data = load_training_frame(synthetic_dir, [image_oof_dir])
+    data = load_training_frame(synthetic_dir, [demo_image_oof_dir], DEMO_FOLDS)
     centre = {**resolve_params(DEMO_GBDT), "lgb": centre_params("lgb", tune_cfg())}
     members = make_members(data.meta_features, data.image_columns, centre, names=["lgb"])
     cv = cross_validate(data.frame, data.y, data.folds, members, threads=1)

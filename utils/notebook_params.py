@@ -4,12 +4,14 @@
 
 A list parameter accepts a list (papermill's `-y`, the pipeline, a notebook edit), a JSON string
 holding a list (`-p name '["a", "b"]'`), one plain string (a single item) or None (an empty list).
+A mapping parameter (`weights_path` of 05_external_eval) accepts a dict, a JSON string of one
+(`-p weights_path '{"vit_tiny": "w/vit_tiny.pth"}'`) or None.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -31,3 +33,20 @@ def list_parameter(value: Any, name: str = "parameter") -> list[Any]:
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         return list(value)
     raise ValueError(f"{name}: expected a list (or a JSON string of one), got {value!r}")
+
+
+def mapping_parameter(value: Any, name: str = "parameter") -> dict[str, Any] | None:
+    """`value` as a dict (None stays None); ValueError naming the parameter for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{name}: {value!r} is not a JSON object ({err.msg}); write it as "
+                f"-p {name} '{{\"key\": \"value\"}}' (double quotes inside)"
+            ) from err
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise ValueError(f"{name}: expected a mapping (or a JSON string of one), got {value!r}")

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from utils.image_data import (
@@ -61,12 +61,17 @@ def make_loader(
     num_workers: int,
     sampler: NegativeResampler | None = None,
     generator: torch.Generator | None = None,
+    batch_sampler: Sampler[list[int]] | None = None,
 ) -> DataLoader:
+    """DataLoader of the item dicts; a `batch_sampler` (utils.distributed.RankBatches) gives
+    each batch's indices itself, in place of `batch_size` and `sampler`."""
+    if batch_sampler is not None:
+        batching = {"batch_sampler": batch_sampler}
+    else:
+        batching = {"batch_size": batch_size, "sampler": sampler, "shuffle": False}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
+        **batching,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=reseed_worker,

@@ -46,9 +46,12 @@ import numpy as np
 import polars as pl
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from utils import distributed
+from utils.distributed import Group, RankBatches, gather_predictions
 from utils.folds import assign_folds
 from utils.image_data import (
     ImageDataset,
@@ -217,28 +220,40 @@ def train_one_epoch(
     cfg: TrainConfig,
     device: torch.device,
     desc: str,
+    loss_weights: Sequence[float] | None = None,
+    group: Group | None = None,
 ) -> float:
-    """One pass over the sampled training rows; returns the mean training loss."""
+    """One pass over the sampled training rows; returns the mean training loss (over every
+    rank's images in a distributed run).
+
+    `loss_weights` (RankBatches.loss_weights: one per step) weight a DDP rank's mean loss so
+    that the averaged gradient is that of the global batch; a weight-0 step (padding) counts no
+    image in the loss it reports.
+    """
     model.train()
     cuda = device.type == "cuda"
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, mininterval=5)
-    for batch in bar:
+    for step, batch in enumerate(bar):
+        weight = 1.0 if loss_weights is None else loss_weights[step]
         x = batch_images(batch, device)
         y = batch["target"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
             loss = model(x, y)["loss"]
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss if weight == 1.0 else loss * weight).backward()
         if cfg.max_grad_norm is not None:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total += loss.item() * len(y)
-        count += len(y)
-        bar.set_postfix(loss=f"{total / count:.4f}")
+        images = len(y) if weight else 0
+        total += loss.item() * images
+        count += images
+        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+    if group is not None:
+        total, count = group.sum([total, count])
     return total / max(count, 1)
 
 
@@ -290,67 +305,112 @@ def predict_ids(
     )[0][:, 0]
 
 
+def with_ddp(model: nn.Module, group: Group) -> nn.Module:
+    """`model` wrapped in DistributedDataParallel when the run has several ranks (it broadcasts
+    rank 0's weights and averages the gradients), else `model` itself."""
+    if not group.distributed:
+        return model
+    device_ids = [group.device.index] if group.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def read_state(path: Path, group: Group) -> dict:
+    """torch.load of a resume file rank 0 found; a rank that cannot see it names the reason."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"rank {group.rank}: {path} is missing here but rank 0 reads it: ranks on several "
+            "machines need output_dir on one shared file system to resume"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def train_fold(
     cfg: TrainConfig,
     frame: pl.DataFrame,
     images: HDF5Images,
     fold: int,
     run_dir: Path,
-    device: torch.device,
+    group: Group,
 ) -> dict:
     """Train fold `fold` (resuming from fold{k}.last.pt) and write fold{k}.pt; returns it.
 
     Each epoch validates on `validation_rows` (pAUC on the real target picks the checkpoint);
     the chosen checkpoint, in the fp16 weights fold{k}.pt keeps, then predicts the whole
-    held-out fold once: those are the fold's OOF predictions.
+    held-out fold once: those are the fold's OOF predictions. On several ranks (`group`) each
+    trains on its piece of every batch (RankBatches) under DDP and predicts its share of the
+    validation and held-out ids (gather_predictions); every rank reads the resume files,
+    rank 0 alone writes.
     """
+    device = group.device
     final, last = run_dir / f"fold{fold}.pt", run_dir / f"fold{fold}.last.pt"
     best_path = run_dir / f"fold{fold}.best.pt"
     train_rows, valid_rows = (
         frame.filter(pl.col("fold") != fold),
         frame.filter(pl.col("fold") == fold),
     )
+    # loaders of this rank: the machine's workers shared by its ranks (no effect on results)
+    local = dataclasses.replace(cfg, num_workers=group.loader_workers(cfg.num_workers))
     seed_everything(epoch_seed(cfg, fold, -1))
-    model = to_device(build_model(cfg, cfg.weights_path), device)
+    net = to_device(build_model(cfg, cfg.weights_path), device)
     transform = train_transforms(cfg.image_size)
     dataset = ImageDataset(images, train_rows["isic_id"], train_rows["label"].to_numpy(), transform)
     sampler = NegativeResampler(
         dataset.targets, cfg.neg_ratio, pos_repeat=cfg.pos_repeat, seed=cfg.seed, fold=fold
     )
+    batches = RankBatches(sampler, cfg.batch_size, group.rank, group.world_size)
     generator = torch.Generator()
-    loader = make_loader(dataset, cfg.batch_size, cfg.num_workers, sampler, generator)
+    loader = make_loader(dataset, cfg.batch_size, local.num_workers, None, generator, batches)
     total_steps = cfg.epochs * len(loader)
     warmup_steps = max(1, int(cfg.warmup * total_steps))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     state = {"epoch": -1, "best": None, "history": []}
-    if last.is_file():
-        saved = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["model"])
+    if group.broadcast(last.is_file()):
+        saved = read_state(last, group)
+        net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
-        print(f"{cfg.model_name} fold {fold}: resuming after epoch {state['epoch']}")
+        if group.is_main:
+            print(f"{cfg.model_name} fold {fold}: resuming after epoch {state['epoch']}")
+    model = with_ddp(net, group)
     subset = validation_rows(cfg, valid_rows, fold)
     subset_ids = subset["isic_id"].to_list()
     subset_target = subset["target"].to_numpy().astype(np.float64)
-    print(
-        f"{cfg.model_name} fold {fold}: {len(sampler):,} training images per epoch, "
-        f"validation on {len(subset):,} of {len(valid_rows):,} held-out rows"
-    )
+    if group.is_main:
+        print(
+            f"{cfg.model_name} fold {fold}: {len(sampler):,} training images per epoch, "
+            f"validation on {len(subset):,} of {len(valid_rows):,} held-out rows"
+        )
+    best_state = None  # the best epoch's weights, once an epoch of this session beats the best
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         seed = epoch_seed(cfg, fold, epoch)
-        seed_everything(seed)
+        seed_everything(seed + group.rank)  # rank 0 as one process; a dropout stream per rank
         generator.manual_seed(seed)
         dataset.seed = seed
-        sampler.set_epoch(epoch)
+        batches.set_epoch(epoch)
         desc = f"{cfg.model_name} fold {fold} epoch {epoch}"
-        train_loss = train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg, device, desc)
-        pred = predict_ids(model, images, subset_ids, cfg, device, f"{desc} valid")
+        train_loss = train_one_epoch(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            scaler,
+            cfg,
+            device,
+            desc,
+            loss_weights=batches.loss_weights(),
+            group=group,
+        )
+        pred = gather_predictions(
+            group,
+            subset_ids,
+            lambda ids, desc=desc: predict_ids(net, images, ids, local, device, f"{desc} valid"),
+        )
         val_loss = bce(subset_target, pred)
         score = safe_score(subset_target, pred, val_loss)
         row = {
@@ -363,26 +423,38 @@ def train_fold(
         }
         state["history"].append(row)
         shown = ("train_loss", "val_loss", "val_pauc")
-        print(f"{desc}: " + ", ".join(f"{k} {row[k]:.4f}" for k in shown))
+        if group.is_main:
+            print(f"{desc}: " + ", ".join(f"{k} {row[k]:.4f}" for k in shown))
         if state["best"] is None or score > state["best"]["score"]:
             state["best"] = {"score": score, "epoch": epoch}
-            save_atomic({"state_dict": cpu_state(model)}, best_path)
+            best_state = cpu_state(net)
+            if group.is_main:
+                save_atomic({"state_dict": best_state}, best_path)
         state["epoch"] = epoch
-        save_atomic(
-            {
-                "model": cpu_state(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "state": state,
-            },
-            last,
-        )
-    best = torch.load(best_path, map_location="cpu", weights_only=True)
-    weights = half_state(best["state_dict"])
-    model.load_state_dict(weights)  # the OOF comes from the weights the checkpoint keeps
+        if group.is_main:
+            save_atomic(
+                {
+                    "model": cpu_state(net),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "state": state,
+                },
+                last,
+            )
+        group.barrier()  # the epoch's files are complete before any rank goes on
+    if best_state is None:  # the best epoch ran in an earlier session
+        best_state = read_state(best_path, group)["state_dict"]
+    weights = half_state(best_state)
+    net.load_state_dict(weights)  # the OOF comes from the weights the checkpoint keeps
     valid_ids = valid_rows["isic_id"].to_list()
-    pred = predict_ids(model, images, valid_ids, cfg, device, f"{cfg.model_name} fold {fold} oof")
+    pred = gather_predictions(
+        group,
+        valid_ids,
+        lambda ids: predict_ids(
+            net, images, ids, local, device, f"{cfg.model_name} fold {fold} oof"
+        ),
+    )
     checkpoint = {
         "state_dict": weights,
         "config": dataclasses.asdict(cfg),
@@ -393,9 +465,11 @@ def train_fold(
         "val_pred": torch.from_numpy(pred),
         "history": state["history"],
     }
-    save_atomic(checkpoint, final)
-    best_path.unlink()
-    last.unlink()
+    if group.is_main:
+        save_atomic(checkpoint, final)
+        best_path.unlink()
+        last.unlink()
+    group.barrier()
     return checkpoint
 
 
@@ -440,46 +514,42 @@ def copy_earlier_run(earlier: Path, run_dir: Path, record: dict) -> list[str]:
     return copied
 
 
-def train_image_model(
-    cfg: TrainConfig,
-    metadata: pl.DataFrame,
-    images: HDF5Images | str | Path,
-    output_dir: str | Path,
-    device: torch.device | None = None,
-    force: bool = False,
-    folds: Sequence[int] | None = None,
-    resume_from: str | Path | None = None,
-) -> pl.DataFrame:
-    """Train (or resume) the folds of `cfg.model_name`; write and return the OOF table.
-
-    `metadata` needs isic_id, patient_id, target (see prepare_frame); `images` is the hdf5 file
-    holding those ids. Works for the Kaggle data and for external sets in the same form. The run
-    dir starts clean when `force` or when it holds a run of other settings or data; the manifest
-    is written last. `folds` trains only those folds (e.g. [0, 1] in one Kaggle session, the rest
-    in the next); `resume_from` is an earlier output dir of the same run whose folds are copied
-    in first (copy_earlier_run). oof.csv and the manifest are written once all n_folds folds are
-    finished; before that the OOF rows of the finished folds are returned and the missing folds
-    named.
-    """
-    device = device or default_device()
-    images = resolve_images(images)
-    run_dir = Path(output_dir) / cfg.model_name
-    frame = prepare_frame(cfg, metadata)
-    check_images(frame, images)
-    folds_source = "metadata" if "fold" in metadata.columns else "assign_folds"
-    record = run_record(cfg, frame, folds_source)
-    chosen = chosen_folds(folds, cfg.n_folds)
+def start_run(run_dir: Path, record: dict, force: bool, resume_from: str | Path | None) -> None:
+    """The run dir's set-up, done once (one process, or rank 0 / the launching parent):
+    prepare_run_dir, then the folds of `resume_from` copied in."""
     prepare_run_dir(run_dir, record, force)
     if resume_from is not None:
-        copy_earlier_run(Path(resume_from) / cfg.model_name, run_dir, record)
+        copy_earlier_run(Path(resume_from) / run_dir.name, run_dir, record)
+
+
+def train_folds(
+    group: Group,
+    cfg: TrainConfig,
+    frame: pl.DataFrame,
+    images: HDF5Images,
+    run_dir: Path,
+    chosen: list[int],
+    record: dict,
+) -> pl.DataFrame | None:
+    """Every rank's part of train_image_model once the run dir is set up: train the chosen
+    unfinished folds; rank 0 writes history.csv, oof.csv and the manifest (the others wait at a
+    barrier) and returns the OOF rows, the other ranks None."""
+    hashes = group.all_gather(record["config_hash"])
+    if len(set(hashes)) > 1:
+        raise ValueError(
+            f"{cfg.model_name}: the ranks see other settings or data (config_hash per rank "
+            f"{hashes}); every machine needs the same data dir and arguments"
+        )
     parts, history = [], []
     for fold in range(cfg.n_folds):
         path = run_dir / f"fold{fold}.pt"
-        if path.is_file():
+        if group.broadcast(path.is_file()):  # rank 0's view decides
+            if not group.is_main:
+                continue
             print(f"{cfg.model_name} fold {fold}: finished earlier, skipped ({path})")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         elif fold in chosen:
-            checkpoint = train_fold(cfg, frame, images, fold, run_dir, device)
+            checkpoint = train_fold(cfg, frame, images, fold, run_dir, group)
         else:
             continue
         parts.append(
@@ -491,6 +561,20 @@ def train_image_model(
             )
         )
         history.extend(checkpoint["history"])
+    oof = finish_run(cfg, frame, run_dir, record, parts, history) if group.is_main else None
+    group.barrier()
+    return oof
+
+
+def finish_run(
+    cfg: TrainConfig,
+    frame: pl.DataFrame,
+    run_dir: Path,
+    record: dict,
+    parts: list[pl.DataFrame],
+    history: list[dict],
+) -> pl.DataFrame:
+    """history.csv, and once every fold is finished oof.csv and the manifest; the OOF rows."""
     with atomic_output(run_dir / HISTORY_FILE) as tmp:
         pl.DataFrame(history).write_csv(tmp)
     preds = pl.concat(parts)
@@ -510,6 +594,70 @@ def train_image_model(
     write_oof(oof, run_dir / OOF_FILE)
     write_manifest(run_dir, record, {"stage": "image", "model": cfg.model_name})
     return oof.sort("isic_id")
+
+
+def train_rank(
+    cfg: TrainConfig,
+    frame: pl.DataFrame,
+    images_path: Path,
+    run_dir: Path,
+    chosen: list[int],
+    record: dict,
+) -> pl.DataFrame | None:
+    """A launched rank's train_folds (distributed.launch initialised its group; the parent set
+    up the run dir)."""
+    images = HDF5Images(images_path)
+    check_images(frame, images)  # caches the extents in this process
+    return train_folds(distributed.current(), cfg, frame, images, run_dir, chosen, record)
+
+
+def train_image_model(
+    cfg: TrainConfig,
+    metadata: pl.DataFrame,
+    images: HDF5Images | str | Path,
+    output_dir: str | Path,
+    device: torch.device | None = None,
+    force: bool = False,
+    folds: Sequence[int] | None = None,
+    resume_from: str | Path | None = None,
+    world_size: int | None = None,
+) -> pl.DataFrame:
+    """Train (or resume) the folds of `cfg.model_name`; write and return the OOF table.
+
+    `metadata` needs isic_id, patient_id, target (see prepare_frame); `images` is the hdf5 file
+    holding those ids. Works for the Kaggle data and for external sets in the same form. The run
+    dir starts clean when `force` or when it holds a run of other settings or data; the manifest
+    is written last. `folds` trains only those folds (e.g. [0, 1] in one Kaggle session, the rest
+    in the next); `resume_from` is an earlier output dir of the same run whose folds are copied
+    in first (copy_earlier_run). oof.csv and the manifest are written once all n_folds folds are
+    finished; before that the OOF rows of the finished folds are returned and the missing folds
+    named.
+
+    Processes: with `device` None (or "cuda" without an index) and several visible GPUs, one
+    DDP process per GPU is spawned (distributed.launch); `world_size` sets the count (gloo
+    processes on a CPU `device`). Inside an initialised group (torchrun) this process is one
+    rank of it and returns None unless it is rank 0.
+    """
+    images = resolve_images(images)
+    run_dir = Path(output_dir) / cfg.model_name
+    frame = prepare_frame(cfg, metadata)
+    check_images(frame, images)
+    folds_source = "metadata" if "fold" in metadata.columns else "assign_folds"
+    record = run_record(cfg, frame, folds_source)
+    chosen = chosen_folds(folds, cfg.n_folds)
+    group = distributed.current()
+    if group is None:
+        processes, device_type = distributed.training_world(device, world_size)
+        if processes > 1:
+            start_run(run_dir, record, force, resume_from)
+            print(f"{cfg.model_name}: DDP on {processes} {device_type} processes (spawned)")
+            args = (cfg, frame, images.path, run_dir, chosen, record)
+            return distributed.launch(train_rank, args, processes, device_type)
+        group = Group(device=device or default_device())
+    if group.is_main:
+        start_run(run_dir, record, force, resume_from)
+    group.barrier()
+    return train_folds(group, cfg, frame, images, run_dir, chosen, record)
 
 
 def check_weights(cfg: TrainConfig, allow_random_init: bool = False) -> None:
@@ -534,18 +682,27 @@ def run_image_stage(
     folds: Sequence[int] | None = None,
     resume_from: str | Path | None = None,
     allow_random_init: bool = False,
+    world_size: int | None = None,
     **overrides,
-) -> tuple[TrainConfig, pl.DataFrame]:
+) -> tuple[TrainConfig, pl.DataFrame | None]:
     """Stage 1 entry: the model's config (utils.settings), trained on a Kaggle-layout data dir
     (train-metadata.csv + train-image.hdf5) into `<output_dir>/<model_name>/`; config and OOF
-    (of the finished folds while some remain). `folds` / `resume_from`: see train_image_model;
-    the full preset without `weights_path` stops unless `allow_random_init`."""
+    (of the finished folds while some remain; None on a torchrun rank other than 0). `folds` /
+    `resume_from` / `world_size`: see train_image_model (by default every visible GPU); the
+    full preset without `weights_path` stops unless `allow_random_init`."""
     cfg = image_config(model_name, preset, recipe, **overrides)
     check_weights(cfg, allow_random_init)
     data = DataDir(data_dir)
     metadata, images = data.train_metadata(), data.train_images()
     oof = train_image_model(
-        cfg, metadata, images, output_dir, force=force, folds=folds, resume_from=resume_from
+        cfg,
+        metadata,
+        images,
+        output_dir,
+        force=force,
+        folds=folds,
+        resume_from=resume_from,
+        world_size=world_size,
     )
     return cfg, oof
 

@@ -185,9 +185,9 @@ def test_standin_image_oofs_are_monotone_in_the_true_probability():
 
 def test_ablation_runs_every_row_at_tiny_size(synthetic_dir, capsys):
     assert default_truth_path(synthetic_dir).is_file()
-    results = ablation.ablation(
+    results, kept = ablation.ablation(
         synthetic_dir,
-        seeds=(0,),
+        seeds=(0, 1),
         bag_seeds=2,
         preset="demo",
         threads=1,
@@ -196,7 +196,31 @@ def test_ablation_runs_every_row_at_tiny_size(synthetic_dir, capsys):
     )
     table = ablation.summarise(results)
     expected = [name for name, _ in ablation.row_plan(ablation.CANDIDATES)]
-    assert table["row"].to_list() == expected
+    assert table["row"].to_list()[: len(expected)] == expected
+    assert kept == ablation.kept_candidates(table.head(len(expected)))
+    if kept:  # phase 2: the kept candidates together, every seed
+        assert table["row"].to_list()[-1] == ablation.plus_row_name(kept)
+        assert table["seeds"][-1] == 2
     assert table["pauc_mean"].is_between(0.0, 0.2).all()
     assert table.filter(pl.col("row") == "paper")["gain_mean"].item() == 0.0
     assert "stand-in image OOF pAUC alone" in capsys.readouterr().out
+
+
+def test_the_keep_rule_needs_gain_above_its_spread_and_one_blend():
+    summary = pl.DataFrame(
+        {
+            "row": [
+                "paper",
+                "paper + ugly_duckling",
+                "paper + site_features",
+                "paper + patient_image",
+                "paper + blend",
+                "paper + rank_blend",
+            ],
+            "gain_mean": [0.0, 0.004, 0.003, -0.001, 0.002, 0.001],
+            "gain_std": [0.0, 0.001, 0.005, 0.0001, 0.001, 0.0005],
+        }
+    )
+    # site_features: gain below its spread; patient_image: a loss; rank_blend: the weaker blend
+    assert ablation.kept_candidates(summary) == ["ugly_duckling", "blend"]
+    assert ablation.plus_row_name([]) == "plus (kept: none)"

@@ -102,6 +102,10 @@ class GBDTEnsemble:
     image_sources: dict[str, dict[str, str]]  # image column -> image_model, config_hash (stage 3)
     dropped: dict[str, str] = field(default_factory=dict)  # member left out -> why (names a file)
     notes: tuple[str, ...] = ()  # what the file check found that did not stop anything
+    # blend weights fitted in stage 3 (GBDTConfig.blend "nested"); None: the equal soft vote
+    weights: dict[str, float] | None = None
+    # optional feature groups stage 3 built (features.json; artifacts from before: none)
+    feature_groups: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
     def load(cls, gbdt_dir: str | Path) -> GBDTEnsemble:
@@ -121,14 +125,17 @@ class GBDTEnsemble:
         info, note = read_json_artifact(check, FEATURES_FILE)
         notes += [note] if note else []
         try:
+            weights = members.get("weights")
             members = members["members"]
             image_columns = tuple(info["image_columns"])
             image_sources = dict(info.get("image_sources", {}))
+            groups = {k: bool(v) for k, v in dict(info.get("feature_groups", {})).items()}
+            weights = None if weights is None else {k: float(v) for k, v in weights.items()}
             listed = {
                 name: (m["library"], list(m["models"]), m["features"])
                 for name, m in members.items()
             }
-        except (KeyError, TypeError, AttributeError) as err:
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise ArtifactError(
                 f"{check.folder}: {ENSEMBLE_FILE} / {FEATURES_FILE} lack a field ({err!r})"
             ) from err
@@ -152,6 +159,8 @@ class GBDTEnsemble:
             image_sources=image_sources,
             dropped=dropped,
             notes=tuple(notes),
+            weights=weights,
+            feature_groups=groups,
         )
 
     def image_missing(self, frame: pl.DataFrame) -> np.ndarray:
@@ -160,6 +169,17 @@ class GBDTEnsemble:
             return np.zeros(frame.height, dtype=bool)
         x = frame.select(self.image_columns).to_numpy().astype(np.float64)
         return np.isnan(x).any(axis=1)
+
+    def blend(self, preds: dict[str, np.ndarray]) -> np.ndarray:
+        """The soft vote of the members' probabilities: equal weights, or the fitted `weights`
+        of the members present, renormalised (a dropped member's weight is shared out; all
+        remaining weights zero: equal weights)."""
+        names = list(preds)
+        if self.weights is None:
+            return np.mean([preds[n] for n in names], axis=0)
+        w = np.array([self.weights.get(n, 0.0) for n in names], dtype=np.float64)
+        w = np.full(len(names), 1 / len(names)) if w.sum() <= 0 else w / w.sum()
+        return np.sum([wi * preds[n] for wi, n in zip(w, names, strict=True)], axis=0)
 
     def predict(self, frame: pl.DataFrame, threads: int | None = None) -> dict[str, np.ndarray]:
         """Probability per member (mean over fold models) and the soft-vote "ensemble".
@@ -176,7 +196,7 @@ class GBDTEnsemble:
             preds[name] = np.mean(
                 [library.predict(m, x, threads) for m in self.models[name]], axis=0
             )
-        blend = np.mean(list(preds.values()), axis=0)
+        blend = self.blend(preds)
         if META_MEMBER in preds:
             blend = np.where(self.image_missing(frame), preds[META_MEMBER], blend)
         preds[ENSEMBLE] = blend

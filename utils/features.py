@@ -324,16 +324,23 @@ def encoding_spec() -> dict:
 
 
 def features_spec(
-    meta_features: Sequence[str], image_sources: Mapping[str, Mapping[str, str]]
+    meta_features: Sequence[str],
+    image_sources: Mapping[str, Mapping[str, str]],
+    groups: Mapping[str, bool] | None = None,
+    image_derived: Sequence[str] = (),
 ) -> dict:
     """What features.json records: the feature lists, each image column's source run (model and
-    config hash, which the submission kernel checks) and the categorical encoding."""
+    config hash, which the submission kernel checks), the optional feature groups built
+    (`feature_groups`: site_features, ugly_duckling, patient_image; the submission kernel builds
+    the same), the image-derived features and the categorical encoding."""
     image_columns = list(image_sources)
     return {
         "meta_features": list(meta_features),
         "image_columns": image_columns,
+        "image_derived": list(image_derived),
         "image_sources": {k: dict(v) for k, v in image_sources.items()},
-        "features": list(meta_features) + list(image_columns),
+        "features": list(meta_features) + image_columns + list(image_derived),
+        "feature_groups": dict(groups or {}),
         "patient_epsilon": EPS,
         "categorical_encoding": encoding_spec(),
     }

@@ -6,7 +6,10 @@ notebooks/03_gbdt calls, and what tuning (through `load_training_frame`), tests 
 2. join the folds (utils.folds) on isic_id, never by row position;
 3. join each image model's OOF on isic_id as img_<model> (the model and its run's config hash
    come from the run's config.json and are recorded per column);
-4. cross-validate the four members and the soft vote (utils.cv);
+   the `plus` recipe's optional groups (GBDTConfig: site_features, ugly_duckling, patient_image)
+   are built here too and recorded in features.json, so the submission kernel builds the same;
+4. cross-validate the four members and the soft vote (utils.cv), or with `blend="nested"`
+   weights fitted on the members' OOF (utils.blend.nested_blend, saved in ensemble.json);
 5. write `<output_dir>/gbdt/` from clean (an earlier run is moved aside): models, ensemble.json,
    features.json, params.json, cv_report.json, oof.csv, importance.csv, plots, and last
    manifest.json (utils.manifest). Every file is written atomically (a temporary name, then
@@ -26,14 +29,17 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
+from utils.blend import nested_blend
 from utils.cv import CVResult, ablation_table, cross_validate, cv_report, feature_importance
 from utils.features import build_features, features_spec, join_image_oofs
 from utils.folds import with_folds
 from utils.gbdt_libraries import ENSEMBLE, LIBRARIES, load_params, make_members, resolve_params
 from utils.io import DataDir
 from utils.manifest import atomic_output, set_aside, write_json, write_manifest
+from utils.metric import pauc
 from utils.oof import write_oof
 from utils.plots import plot_fold_scores, plot_importance, plot_roc
+from utils.plus_features import add_optional_features
 from utils.settings import FOLD_SEED, N_FOLDS, GBDTConfig, resolve
 
 GBDT_DIR = "gbdt"
@@ -46,10 +52,18 @@ class TrainingFrame:
     frame: pl.DataFrame
     meta_features: tuple[str, ...]
     image_sources: dict[str, dict[str, str]]  # image column -> image_model, config_hash, oof sha
+    # features derived from the image columns (patient_image), seen by the image members only
+    image_derived: tuple[str, ...] = ()
+    groups: dict[str, bool] = dataclasses.field(default_factory=dict)  # optional groups built
 
     @property
     def image_columns(self) -> tuple[str, ...]:
         return tuple(self.image_sources)
+
+    @property
+    def image_features(self) -> tuple[str, ...]:
+        """What the image members see besides the metadata: image columns and derived ones."""
+        return self.image_columns + self.image_derived
 
     @property
     def y(self) -> np.ndarray:
@@ -78,14 +92,26 @@ class TrainingFrame:
         }
 
 
+FEATURE_GROUPS = ("site_features", "ugly_duckling", "patient_image")
+
+
+def feature_groups(cfg: GBDTConfig) -> dict[str, bool]:
+    """The optional feature groups `cfg` turns on (keyword arguments of load_training_frame)."""
+    return {name: bool(getattr(cfg, name)) for name in FEATURE_GROUPS}
+
+
 def load_training_frame(
     data_dir: str | Path,
     image_oof_dirs: Sequence[str | Path] = (),
     n_folds: int = N_FOLDS,
     fold_seed: int = FOLD_SEED,
     site_features: bool = False,
+    ugly_duckling: bool = False,
+    patient_image: bool = False,
+    threads: int | None = None,
 ) -> TrainingFrame:
-    """Read, build features, join folds and image OOFs on isic_id (the stage 3 recipe)."""
+    """Read, build features, join folds and image OOFs on isic_id (the stage 3 recipe), and the
+    optional feature groups asked for (GBDTConfig; `threads` for the ugly-duckling LOF pool)."""
     train = DataDir(data_dir).train_metadata()
     frame, meta_features = build_features(train, source=data_dir, site_features=site_features)
     folds = with_folds(train, n_folds, fold_seed).select(
@@ -93,7 +119,18 @@ def load_training_frame(
     )
     frame = frame.join(folds, on="isic_id", how="left", maintain_order="left")
     frame, sources = join_image_oofs(frame, image_oof_dirs)
-    return TrainingFrame(frame, tuple(meta_features), sources)
+    # the metadata only: the ugly-duckling features never see the label (tests/test_plus_features)
+    frame, meta_added, image_added = add_optional_features(
+        frame, train.drop("target"), list(sources), ugly_duckling, patient_image, threads
+    )
+    groups = {
+        "site_features": site_features,
+        "ugly_duckling": ugly_duckling,
+        "patient_image": bool(image_added),
+    }
+    return TrainingFrame(
+        frame, tuple(meta_features + meta_added), sources, tuple(image_added), groups
+    )
 
 
 @dataclass(frozen=True)
@@ -117,6 +154,32 @@ class GBDTRun:
         return table.with_columns(overall=pl.Series([overall[m] for m in table["model"]]))
 
 
+def apply_blend(result: CVResult, kind: str) -> dict[str, Any]:
+    """The blend of the members' OOF (GBDTConfig.blend): "equal" keeps the soft vote; "nested"
+    replaces the ensemble's OOF by utils.blend.nested_blend's (each fold scored with weights
+    fitted on the other folds: an honest CV) and returns the weights fitted on every row, which
+    the submission applies. JSON-ready: kind, weights per member, OOF pAUC of both blends."""
+    names = list(result.members)
+    equal = pauc(result.y, result.oof[ENSEMBLE])
+    if kind == "equal" or len(names) < 2:
+        weights = {n: 1 / len(names) for n in names}
+        return {"kind": "equal", "weights": weights, "equal_pauc": equal, "pauc": equal}
+    preds = np.column_stack([result.oof[n] for n in names])
+    blended = nested_blend(preds, result.y, result.folds)
+    result.oof[ENSEMBLE] = blended.oof
+
+    def clean(w: np.ndarray) -> list[float]:  # steps of 0.05 leave float dust (1e-17)
+        return [round(float(v), 9) for v in w]
+
+    return {
+        "kind": kind,
+        "weights": dict(zip(names, clean(blended.weights), strict=True)),
+        "fold_weights": {str(k): clean(w) for k, w in blended.fold_weights.items()},
+        "equal_pauc": equal,
+        "pauc": blended.pauc,
+    }
+
+
 def save_artifacts(
     out_dir: str | Path,
     result: CVResult,
@@ -124,9 +187,11 @@ def save_artifacts(
     features: Mapping[str, Any],
     params: Mapping[str, Any],
     report: Mapping[str, Any],
+    weights: Mapping[str, float] | None = None,
 ) -> Path:
-    """Write models/, ensemble.json, features.json, params.json, cv_report.json and oof.csv,
-    each file atomically (the manifest comes after, from run_gbdt_stage)."""
+    """Write models/, ensemble.json (members and, when fitted, blend weights), features.json,
+    params.json, cv_report.json and oof.csv, each file atomically (the manifest comes after,
+    from run_gbdt_stage)."""
     out = Path(out_dir)
     (out / "models").mkdir(parents=True, exist_ok=True)
     members = {}
@@ -143,7 +208,10 @@ def save_artifacts(
             "features": list(member.features),
             "models": files,
         }
-    write_json(out / "ensemble.json", {"members": members})
+    ensemble: dict[str, Any] = {"members": members}
+    if weights is not None:
+        ensemble["weights"] = {name: float(w) for name, w in weights.items()}
+    write_json(out / "ensemble.json", ensemble)
     write_json(out / "features.json", features)
     write_json(out / "params.json", params)
     write_json(out / "cv_report.json", report)
@@ -183,21 +251,27 @@ def run_gbdt_stage(
     """
     cfg = resolve(preset, recipe, gbdt=overrides).gbdt
     data = load_training_frame(
-        data_dir, image_oof_dirs, cfg.n_folds, cfg.fold_seed, cfg.site_features
+        data_dir,
+        image_oof_dirs,
+        cfg.n_folds,
+        cfg.fold_seed,
+        threads=cfg.threads,
+        **feature_groups(cfg),
     )
     tuned = load_params(params_path) if params_path else None
     params = resolve_params(cfg, tuned)
-    members = make_members(data.meta_features, data.image_columns, params)
+    members = make_members(data.meta_features, data.image_features, params)
     result = cross_validate(
         data.frame, data.y, data.folds, members, cfg.seeds, cfg.sampling, cfg.threads
     )
+    blend = apply_blend(result, cfg.blend)
     ablation = ablation_table(result, {c: data.frame[c].to_numpy() for c in data.image_columns})
-    report = cv_report(result, ablation, data.image_columns)
+    report = cv_report(result, ablation, data.image_columns) | {"blend": blend}
     importance = feature_importance(result)
     out = Path(output_dir) / GBDT_DIR
     set_aside(out)  # a GBDT run is never resumed: start clean
-    spec = features_spec(data.meta_features, data.image_sources)
-    save_artifacts(out, result, data.frame, spec, params, report)
+    spec = features_spec(data.meta_features, data.image_sources, data.groups, data.image_derived)
+    save_artifacts(out, result, data.frame, spec, params, report, blend["weights"])
     with atomic_output(out / "importance.csv") as tmp:
         importance.write_csv(tmp)
     figures = stage_figures(data, result, importance)

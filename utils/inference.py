@@ -60,6 +60,7 @@ from utils.io import (
     read_test_metadata,
 )
 from utils.manifest import MANIFEST_FILE, atomic_output, check_folder, write_json
+from utils.plus_features import add_optional_features
 from utils.predict import (
     CONFIG_FILE,
     CheckpointError,
@@ -643,6 +644,16 @@ def predict_submission(
     for column in ensemble.image_columns:
         if column not in frame.columns:
             frame = frame.with_columns(pl.lit(None, dtype=pl.Float32).alias(column))
+    # the optional groups stage 3 recorded in features.json (the `plus` recipe), by the same code:
+    # ugly-duckling features of the test metadata, patient-relative fold-mean test scores
+    groups = {g: ensemble.feature_groups.get(g, False) for g in ("ugly_duckling", "patient_image")}
+    if any(groups.values()):
+        start = time.perf_counter()
+        frame, _, _ = add_optional_features(
+            frame, metadata, ensemble.image_columns, threads=cfg.threads, **groups
+        )
+        built = [g for g, on in groups.items() if on]
+        log(f"optional feature groups {built}: {time.perf_counter() - start:.1f}s")
     scores = ensemble.predict(frame, cfg.threads)
     fallback = ensemble.image_missing(frame) if META_MEMBER in scores else np.zeros(len(ids), bool)
     fallback_ids = tuple(np.asarray(ids, dtype=object)[fallback].tolist())

@@ -17,6 +17,8 @@ ever come from that patient's own rows.
   neighbours); |z| within patient x `tbp_lv_location` per descriptor (`<d>_loc_absz`; std 0 or
   one lesion: 0; a missing value stays null) and the count of descriptors with |z| > 2
   (`ud_loc_outlier_count`).
+- `add_optional_features(frame, metadata, image_columns, ugly_duckling, patient_image)`: both
+  joined onto a feature frame as GBDTConfig asks, for stage 3 and the submission kernel alike.
 """
 
 from __future__ import annotations
@@ -220,3 +222,26 @@ def ugly_duckling_features(
     return table.with_columns(pl.Series(LOF_COLUMN, lof), count.alias(OUTLIER_COUNT_COLUMN)).select(
         "isic_id", *(c(n).cast(pl.Float32) for n in names)
     )
+
+
+def add_optional_features(
+    frame: pl.DataFrame,
+    metadata: pl.DataFrame,
+    image_columns: Sequence[str],
+    ugly_duckling: bool = False,
+    patient_image: bool = False,
+    threads: int | None = None,
+) -> tuple[pl.DataFrame, list[str], list[str]]:
+    """`frame` (features + image columns, keyed by isic_id) with the ugly-duckling features of
+    `metadata` and the patient-relative image features joined as asked; their names (metadata,
+    image-derived). The same call serves training (image OOF columns) and the submission kernel
+    (fold-mean test scores); neither reads a label."""
+    meta_added, image_added = [], []
+    if ugly_duckling:
+        outliers = ugly_duckling_features(metadata, n_jobs=threads)
+        frame = frame.join(outliers, on="isic_id", how="left", maintain_order="left")
+        meta_added = ugly_duckling_feature_names()
+    if patient_image and image_columns:
+        frame = patient_image_features(frame, image_columns)
+        image_added = patient_image_feature_names(image_columns)
+    return frame, meta_added, image_added

@@ -2,7 +2,8 @@
 and one `resolve` function.
 
 Two axes: the size preset (`demo`: CPU, CI, minutes; `full`: Kaggle, real sizes) and
-the recipe (`paper`: the validated reference, the default; later recipes add measured changes).
+the recipe (`paper`: the validated reference, the default; `plus`: `paper` plus the stage 3
+additions the ablation (bench/ablation.py, docs/benchmarks.md) showed to help, PLUS_GBDT).
 `resolve(preset, recipe, image=..., gbdt=..., ...)` returns one `Settings` holding each stage's
 config; an override that is None keeps the preset's value, so a notebook can pass its parameters
 cell through unchanged. Stage modules hold logic only: they take these configs.
@@ -18,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-RECIPES = ("paper",)
+RECIPES = ("paper", "plus")
+BLENDS = ("equal", "nested")  # GBDTConfig.blend: soft vote, or weights fitted on the OOF
 LABELS = ("target", "suspicious")
 POOLINGS = ("multiscale_gem", "token")
 
@@ -147,9 +149,21 @@ class GBDTConfig:
     threads: int | None = None  # None: every core
     sampling: Sampling = Sampling()
     rounds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    # Patient x site normalisation and within-patient percentiles (utils.features): not in the
-    # reference, so off in `paper`; a candidate for the `plus` recipe.
+    # Optional feature groups and the blend, none in the reference (so all off in `paper`), each
+    # a candidate of the `plus` recipe (PLUS_GBDT holds the ones kept):
+    # patient x site normalisation and within-patient percentiles (utils.features),
     site_features: bool = False
+    # "ugly duckling" outlier features of the metadata (utils.plus_features), every member,
+    ugly_duckling: bool = False
+    # patient-relative image scores (utils.plus_features), the image members,
+    patient_image: bool = False
+    # "equal": the reference's soft vote; "nested": weights fitted on the members' OOF
+    # (utils.blend.nested_blend; the reported CV scores each fold with weights fitted without it).
+    blend: str = "equal"
+
+    def __post_init__(self):
+        if self.blend not in BLENDS:
+            raise ValueError(f"GBDTConfig: blend must be one of {BLENDS}, got {self.blend!r}")
 
 
 @dataclass(frozen=True)
@@ -290,7 +304,15 @@ PAPER_GBDT_PARAMS: dict[str, dict[str, Any]] = {
         "scale_pos_weight": 3.294,
     },
 }
-GBDT_PARAMS: dict[str, dict[str, dict[str, Any]]] = {"paper": PAPER_GBDT_PARAMS}
+GBDT_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": PAPER_GBDT_PARAMS,
+    "plus": PAPER_GBDT_PARAMS,  # plus changes features, not the published hyper-parameters
+}
+
+# What `plus` turns on in stage 3 (GBDTConfig fields): the candidates whose mean OOF pAUC gain
+# over `paper` exceeded its spread over seeds at the full synthetic scale (bench/ablation.py;
+# table, command and what was left out in docs/benchmarks.md, "The plus recipe").
+PLUS_GBDT: dict[str, Any] = {"site_features": True}
 
 # Binning only (no published hyper-parameter changes): fewer histogram bins than the libraries'
 # defaults (CatBoost 254 borders, XGBoost 256 bins). Measured on 401,059 synthetic rows (5-fold
@@ -317,7 +339,7 @@ def _full(recipe: str) -> Settings:
         ),
         image=TrainConfig(preset="full", recipe=recipe),
         tuning=TuneConfig(preset="full", recipe=recipe),
-        gbdt=GBDTConfig(preset="full", recipe=recipe),
+        gbdt=GBDTConfig(preset="full", recipe=recipe, **(PLUS_GBDT if recipe == "plus" else {})),
         inference=InferenceConfig(preset="full", recipe=recipe),
         external=ExternalEvalConfig(preset="full", recipe=recipe),
     )

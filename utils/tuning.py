@@ -45,7 +45,7 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
 from utils.cv import iter_cv
-from utils.gbdt import TrainingFrame, load_training_frame
+from utils.gbdt import TrainingFrame, feature_groups, load_training_frame
 from utils.gbdt_libraries import load_params, make_members, resolve_params
 from utils.manifest import MANIFEST_FILE, config_hash, set_aside, write_json, write_manifest
 from utils.metric import pauc
@@ -160,7 +160,7 @@ def setup_of(data: TrainingFrame, config: TuneConfig) -> dict[str, Any]:
     """What makes trials comparable: data, features, folds, preset, recipe, sampling, seeds."""
     digest = hashlib.sha1(data.y.tobytes())
     digest.update(np.ascontiguousarray(data.folds).tobytes())
-    digest.update(json.dumps([data.meta_features, data.image_columns]).encode())
+    digest.update(json.dumps([data.meta_features, data.image_features]).encode())
     if data.image_columns:
         digest.update(data.frame.select(data.image_columns).to_numpy().tobytes())
     return {
@@ -234,7 +234,7 @@ def objective(trial: optuna.Trial, kind: str, data: TrainingFrame, config: TuneC
     searched = SEARCH_SPACES[kind](trial, centre_params(kind, config))
     gbdt = gbdt_config(config)
     params = resolve_params(gbdt, {kind: searched})
-    members = make_members(data.meta_features, data.image_columns, params, names=[kind])
+    members = make_members(data.meta_features, data.image_features, params, names=[kind])
     sums = np.zeros(data.y.size)
     scores: list[float] = []
     results = iter_cv(
@@ -444,7 +444,15 @@ def run_tuning(
     """Stage 2 entry: stage 3's training frame, the studies, best_params.json, tables, plots and
     the manifest in `<output_dir>/tuning/`. `overrides` are TuneConfig fields (None: preset's)."""
     config = resolve(preset, recipe, tuning=overrides).tuning
-    data = load_training_frame(data_dir, image_oof_dirs, config.n_folds, FOLD_SEED)
+    gbdt = gbdt_config(config)  # the recipe's feature groups: trials see stage 3's columns
+    data = load_training_frame(
+        data_dir,
+        image_oof_dirs,
+        config.n_folds,
+        FOLD_SEED,
+        threads=config.threads,
+        **feature_groups(gbdt),
+    )
     setup = setup_of(data, config)
     out = Path(output_dir) / TUNING_DIR
     prepare_tuning_dir(out, setup, force)

@@ -36,7 +36,7 @@ from utils.pipeline import (
     stamp_path,
     why_incomplete,
 )
-from utils.settings import DEMO_FOLDS
+from utils.settings import DEMO_FOLDS, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_STAGES = [s for s in STAGES if s.notebook]
@@ -453,3 +453,24 @@ def test_real_notebooks_demo_then_new_seed_then_force_then_resume(tmp_path: Path
     }  # fmt: skip
     done = _pipeline(work, "--seed", "4")
     assert done.stdout.count("skipped (outputs complete") == 7
+
+
+@pytest.mark.slow
+def test_real_notebooks_plus_recipe_end_to_end(tmp_path: Path):
+    """`--recipe plus` runs every stage notebook at the demo size: the GBDT builds and records
+    the recipe's feature groups and blend, and the submission kernel scores with them."""
+    work = tmp_path / "work"
+    done = _pipeline(work, "--recipe", "plus")
+    manifests = _check_outputs_of_this_data(work)
+    gbdt = work / "artifacts" / "gbdt"
+    plus = resolve("demo", "plus").gbdt
+    assert manifests["gbdt"]["config"]["gbdt"]["recipe"] == "plus"
+    groups = json.loads((gbdt / "features.json").read_text())["feature_groups"]
+    assert groups == {g: getattr(plus, g) for g in ("site_features", "ugly_duckling")} | {
+        "patient_image": plus.patient_image
+    }
+    report = json.loads((gbdt / "cv_report.json").read_text())
+    assert report["blend"]["kind"] == plus.blend
+    for model in IMAGE_MODELS:
+        assert manifests[model]["config"]["config"]["recipe"] == "plus"
+    assert "RESULTS" in done.stdout and "ensemble" in done.stdout

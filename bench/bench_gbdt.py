@@ -2,6 +2,7 @@
 
     python -m bench.bench_gbdt [--rows 401059] [--image-size 128] [--threads N]
     python -m bench.bench_gbdt --skip-generate --data-dir /work/runs/full [--max-folds 2]
+    python -m bench.bench_gbdt --skip-generate --data-dir DIR --recipe plus   # plus's stage 3
 
 Steps as in notebooks/03_gbdt: generate (unless --skip-generate), read the train metadata, build
 the features, assign folds, then cross-validate each member (shared binning included). Each
@@ -11,6 +12,8 @@ image-OOF columns (target plus noise) so the members see the real width. `--max-
 only N folds per member and extrapolates to all folds (said so in the output). `--params` takes
 a params JSON (file or inline) as utils.gbdt_libraries.load_params reads, to compare settings;
 `--per-fold-bins` bins each fold's training rows anew (the behaviour before shared binning).
+`--recipe plus` builds what that recipe's GBDTConfig turns on (utils.settings.PLUS_GBDT: feature
+groups, patient-relative features of the fake image columns, the nested blend) and times it.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Steps, print_end, print_machine, usable_cores  # noqa: E402
+from utils.blend import nested_blend  # noqa: E402
 from utils.cv import iter_cv  # noqa: E402
-from utils.gbdt import load_training_frame  # noqa: E402
+from utils.gbdt import feature_groups, load_training_frame  # noqa: E402
 from utils.gbdt_libraries import GBDT_MODELS, load_params, make_members, resolve_params  # noqa: E402
 from utils.metric import pauc  # noqa: E402
-from utils.settings import resolve  # noqa: E402
+from utils.plus_features import patient_image_feature_names, patient_image_features  # noqa: E402
+from utils.settings import RECIPES, resolve  # noqa: E402
 from utils.synthetic import REAL_ROWS, generate  # noqa: E402
 
 
@@ -82,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-columns", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="GBDT threads; default: all")
     parser.add_argument("--preset", default="full", choices=("demo", "full"))
+    parser.add_argument("--recipe", default="paper", choices=RECIPES)
     parser.add_argument("--members", nargs="+", default=list(GBDT_MODELS), choices=GBDT_MODELS)
     parser.add_argument("--params", default=None, help="params JSON file or inline JSON")
     parser.add_argument("--per-fold-bins", action="store_true")
@@ -106,16 +112,24 @@ def main(argv: list[str] | None = None) -> None:
         print(summary)
 
     start = time.perf_counter()
-    with steps("read + build_features + folds (utils.gbdt.load_training_frame)"):
-        data = load_training_frame(data_dir)
+    cfg = resolve(args.preset, args.recipe).gbdt
+    groups = feature_groups(cfg) | {"patient_image": False}  # needs the image columns: below
+    on = [g for g, v in feature_groups(cfg).items() if v]
+    with steps(f"read + build_features + folds (utils.gbdt.load_training_frame) {on or ''}"):
+        data = load_training_frame(data_dir, threads=threads, **groups)
     with steps("fake image columns"):
         y, folds, meta = data.y, data.folds, list(data.meta_features)
         images = fake_image_columns(y, args.image_columns)
         frame = data.frame.with_columns(pl.Series(k, v) for k, v in images.items())
+    derived: list[str] = []
+    if cfg.patient_image:
+        with steps("patient_image_features"):
+            frame = patient_image_features(frame, list(images))
+            derived = patient_image_feature_names(list(images))
     print(f"{frame.height:,} rows, {int(y.sum())} positives, {len(meta)} metadata features")
 
-    params = resolve_params(resolve(args.preset).gbdt, params_overrides(args.params))
-    members = make_members(meta, list(images), params, names=args.members)
+    params = resolve_params(cfg, params_overrides(args.params))
+    members = make_members(meta, list(images) + derived, params, names=args.members)
     n_folds = len(np.unique(folds))
     run_folds = min(args.max_folds or n_folds, n_folds)
     oof: dict[str, np.ndarray] = {}
@@ -140,9 +154,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{pauc(y[done], pred[done]):.4f}" + ("" if scale == 1 else f"; x{scale:.1f} for all")
         )
         oof[name] = pred
-    total = time.perf_counter() - start
     if run_folds == n_folds and len(members) > 1:
         print(f"ensemble OOF pAUC {pauc(y, np.mean(list(oof.values()), axis=0)):.4f}")
+        if cfg.blend == "nested":
+            with steps("nested blend of the members' OOF"):
+                blended = nested_blend(np.column_stack(list(oof.values())), y, folds)
+            print(f"nested-blend OOF pAUC {blended.pauc:.4f}, weights {blended.weights.round(2)}")
+    total = time.perf_counter() - start
     features = sum(v[0] for k, v in steps.results.items() if not k.startswith(("CV", "gen")))
     features_cpu = sum(v[1] for k, v in steps.results.items() if not k.startswith(("CV", "gen")))
     sampled = "" if run_folds == n_folds else f" (extrapolated from {run_folds} folds)"

@@ -45,7 +45,7 @@ def mapping_parameter(value: Any, name: str = "parameter") -> dict[str, Any] | N
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"{name}: {value!r} is not a JSON object ({err.msg}); write it as "
-                f"-p {name} '{{\"key\": \"value\"}}' (double quotes inside)"
+                f'-p {name} \'{{"key": "value"}}\' (double quotes inside)'
             ) from err
     if isinstance(value, Mapping):
         return dict(value)

@@ -108,11 +108,16 @@ class Group:
         return tensor.tolist()
 
     def loader_workers(self, num_workers: int) -> int:
-        """DataLoader workers per rank: the machine's `num_workers` shared by its processes (the
-        CPUs do not grow with the GPUs), at least one when any were asked for."""
-        if num_workers <= 0:
-            return 0
-        return max(1, num_workers // self.local_world_size)
+        """DataLoader workers of this rank: the machine's share (workers_per_process)."""
+        return workers_per_process(num_workers, self.local_world_size)
+
+
+def workers_per_process(num_workers: int, processes: int) -> int:
+    """DataLoader workers of each of `processes` GPUs' loaders on one machine: `num_workers`
+    shared out (the CPUs do not grow with the GPUs), at least one when any were asked for."""
+    if num_workers <= 0:
+        return 0
+    return max(1, num_workers // processes)
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:

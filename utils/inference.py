@@ -374,23 +374,48 @@ def estimate_time(
     folds: Mapping[str, Sequence[int]] | None = None,
 ) -> TimeEstimate:
     """On a GPU: images/s of each image model (its `folds`, default all) measured on the first
-    batches of `ids`, projected to all rows. On a CPU: the T4 projection (project_t4); the real
-    pass then reports this machine's images/s."""
+    batches of `ids` on one GPU with its share of the DataLoader workers, times the GPUs that
+    `predict` shares the rows between (utils.predict.inference_devices), projected to all rows.
+    On a CPU: the T4 projection (project_t4, one T4), with the T4 x 2 figure printed beside it
+    (twice the compute, the same CPUs decoding); the real pass then reports this machine's
+    images/s."""
+    from utils.distributed import workers_per_process
+    from utils.predict import inference_devices
+
     if device.type != "cuda":
-        return project_t4(artifacts_dir, models, len(ids), cfg, folds)
+        one = project_t4(artifacts_dir, models, len(ids), cfg, folds)
+        decode = DECODE_IMAGES_PER_S * max(cfg.num_workers, 1)
+        compute = T4_UTILISATION * T4_FP16_TFLOPS * 1e3
+        two = TimeEstimate(
+            len(ids), {m: min(2 * compute / max(g, 1e-9), decode) for m, g in one.gflops.items()}
+        )
+        print(
+            f"GPUs: projected for one T4; on Kaggle's T4 x 2 predict scores on both: "
+            f"{format_duration(two.seconds(HIDDEN_TEST_ROWS))} for the hidden test's "
+            f"{HIDDEN_TEST_ROWS:,} rows (one T4: {format_duration(one.seconds(HIDDEN_TEST_ROWS))})"
+        )
+        return one
+    devices = inference_devices(device)
+    workers = workers_per_process(cfg.num_workers, len(devices))
     rates = {}
     for name in models:
         used = None if folds is None else folds.get(name)
-        model_cfg, fold_models = load_fold_models(artifacts_dir / name, device, used)
+        model_cfg, fold_models = load_fold_models(artifacts_dir / name, devices[0], used)
 
         def run(part: Sequence[str], fold_models=fold_models, size=model_cfg.image_size) -> None:
             predict_with_models(
-                fold_models, images, part, size, cfg.batch_size, cfg.num_workers, device
+                fold_models, images, part, size, cfg.batch_size, workers, devices[0]
             )
 
-        rates[name] = measure_images_per_s(run, ids, cfg.batch_size, cfg.estimate_batches)
+        rate = measure_images_per_s(run, ids, cfg.batch_size, cfg.estimate_batches)
+        rates[name] = rate * len(devices)
         del fold_models
-        torch.cuda.empty_cache()
+        with torch.cuda.device(devices[0]):
+            torch.cuda.empty_cache()
+    print(
+        f"GPUs: measured on {devices[0]} with {workers} DataLoader worker(s), times "
+        f"{len(devices)} GPU(s) that share the rows"
+    )
     return TimeEstimate(len(ids), rates)
 
 
@@ -545,7 +570,11 @@ def image_features(
     folds: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[pl.DataFrame, dict[str, float]]:
     """isic_id plus img_<model> (mean over its `folds`, default all; NaN if unreadable) and
-    images/s per model."""
+    images/s per model; on "cuda" every visible GPU scores a share of the rows (predict)."""
+    from utils.predict import inference_devices
+
+    devices = inference_devices(device)
+    where = f" on {len(devices)} GPUs" if len(devices) > 1 else ""
     frame = pl.DataFrame({"isic_id": list(ids)}, schema={"isic_id": pl.String})
     rates = {}
     for name in models:
@@ -555,13 +584,15 @@ def image_features(
             artifacts_dir / name, images, ids, cfg.batch_size, cfg.num_workers, device, used
         )
         rates[name] = len(ids) / max(time.perf_counter() - start, 1e-9)
-        log(f"{name}: {len(ids):,} images in {time.perf_counter() - start:.1f}s")
+        log(f"{name}: {len(ids):,} images in {time.perf_counter() - start:.1f}s{where}")
         column = pl.col("pred").cast(pl.Float32).alias(f"{IMAGE_PREFIX}{name}")
         frame = frame.join(
             pred.select("isic_id", column), on="isic_id", how="left", maintain_order="left"
         )
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for d in devices:
+            if d.type == "cuda":
+                with torch.cuda.device(d):
+                    torch.cuda.empty_cache()
     return frame, rates
 
 
@@ -684,9 +715,14 @@ def predict_submission(
 
 
 def _device_name(device: torch.device) -> str:
-    """'cuda (GPU name), fp16 autocast' or 'cpu'."""
+    """'cuda (GPU name), fp16 autocast', with every GPU predict uses counted ('cuda (2 x Tesla
+    T4), ...'; 'cuda:1 (...)' for one given GPU), or 'cpu'."""
+    from utils.predict import inference_devices
+
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)}), fp16 autocast"
+        devices = inference_devices(device)
+        count = f"{len(devices)} x " if len(devices) > 1 else ""
+        return f"{device} ({count}{torch.cuda.get_device_name(devices[0])}), fp16 autocast"
     return device.type
 
 

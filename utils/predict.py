@@ -5,6 +5,12 @@ and stage 5 load a finished run dir with `load_fold_models` and score test image
 `predict`, whose value per image is the mean of the fold models' probabilities (as the OOF
 feature was made in training). fp16 autocast and channels_last on CUDA; CPU works the same.
 
+Several GPUs: `predict` on device None or "cuda" (no index) scores on every visible GPU
+(`predict_on_devices`): each GPU takes a contiguous share of the ids with its own copies of the
+fold models, one thread per GPU (the GPU work and the DataLoader workers run outside the GIL),
+and the shares are joined back in id order; the machine's DataLoader workers are shared out
+between the GPUs. "cuda:k" or the CPU: that one device, as before.
+
 Loading is checked: a missing, empty, truncated or foreign `fold{k}.pt` raises CheckpointError
 naming the file and what is wrong (never a bare torch/zip error); `checkpoint_problem` says the
 same without loading (size and zip structure), and `folds=` loads only the folds given.
@@ -16,6 +22,7 @@ import json
 import pickle
 import zipfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from utils.distributed import shard_bounds, workers_per_process
 from utils.image_data import (
     ImageDataset,
     NegativeResampler,
@@ -49,6 +57,15 @@ def fold_file(k: int) -> str:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def inference_devices(device: torch.device | None = None) -> list[torch.device]:
+    """The devices `predict` uses: every visible GPU for None or "cuda" without an index (one
+    GPU: ["cuda:0"]), else `device` alone (the CPU, or one GPU given as "cuda:k")."""
+    device = device or default_device()
+    if device.type == "cuda" and device.index is None:
+        return [torch.device("cuda", k) for k in range(max(1, torch.cuda.device_count()))]
+    return [device]
 
 
 def resolve_images(images: HDF5Images | str | Path) -> HDF5Images:
@@ -147,6 +164,52 @@ def predict_with_models(
     return probs, ok
 
 
+def predict_on_devices(
+    replicas: Sequence[tuple[torch.device, Sequence[nn.Module]]],
+    images: HDF5Images,
+    isic_ids: Sequence[str],
+    image_size: int,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    desc: str = "predict",
+) -> tuple[np.ndarray, np.ndarray]:
+    """predict_with_models on several devices at once, each given as (device, its copies of the
+    models): device k predicts the k-th contiguous share of the ids with its share of the
+    `num_workers`, in a thread of its own; the shares are joined back in `isic_ids` order.
+    One replica: predict_with_models itself. An error names the device and the share."""
+    ids = list(isic_ids)
+    if len(replicas) == 1:
+        device, models = replicas[0]
+        return predict_with_models(
+            models, images, ids, image_size, batch_size, num_workers, device, desc
+        )
+    workers = workers_per_process(num_workers, len(replicas))
+
+    def run(k: int) -> tuple[np.ndarray, np.ndarray]:
+        device, models = replicas[k]
+        lo, hi = shard_bounds(len(ids), k, len(replicas))
+        try:
+            return predict_with_models(
+                models,
+                images,
+                ids[lo:hi],
+                image_size,
+                batch_size,
+                workers,
+                device,
+                f"{desc} {device}",
+            )
+        except Exception as err:
+            raise RuntimeError(
+                f"{desc}: prediction of ids {lo}..{hi - 1} ({hi - lo}) on {device} failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+    with ThreadPoolExecutor(len(replicas), thread_name_prefix="predict") as pool:
+        parts = list(pool.map(run, range(len(replicas))))
+    return np.concatenate([p for p, _ in parts]), np.concatenate([ok for _, ok in parts])
+
+
 def load_config(model_dir: str | Path) -> TrainConfig:
     """The TrainConfig saved in `model_dir`/config.json."""
     path = Path(model_dir) / CONFIG_FILE
@@ -221,13 +284,16 @@ def predict(
 
     `folds` restricts the mean to those fold models (the others damaged or missing).
     Unreadable or missing images get pred NaN and image_ok False (counted and reported), so the
-    caller can fall back to a metadata-only score for those rows.
+    caller can fall back to a metadata-only score for those rows. `device` None or "cuda":
+    every visible GPU scores a share of the ids (inference_devices, predict_on_devices).
     """
-    device = device or default_device()
-    cfg, models = load_fold_models(model_dir, device, folds)
+    replicas = []
+    for d in inference_devices(device):
+        cfg, models = load_fold_models(model_dir, d, folds)
+        replicas.append((d, models))
     images = resolve_images(images)
-    probs, ok = predict_with_models(
-        models, images, isic_ids, cfg.image_size, batch_size, num_workers, device, cfg.model_name
+    probs, ok = predict_on_devices(
+        replicas, images, isic_ids, cfg.image_size, batch_size, num_workers, cfg.model_name
     )
     if (~ok).any():
         bad = [i for i, good in zip(isic_ids, ok, strict=True) if not good]

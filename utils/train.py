@@ -28,6 +28,21 @@ Kaggle sessions) and `resume_from=` copies the folds of an earlier output of the
 first; oof.csv and the manifest wait until every fold is finished.
 Rerun: other settings or data (another `config_hash`), or `force`, move the old run dir aside
 (`<output_dir>/.previous/<model_name>`) and train from scratch.
+
+Several GPUs (utils.distributed, docs/multi_gpu.md): with more than one visible GPU the run
+spawns one DistributedDataParallel process per GPU (NCCL; `world_size=` sets the count, gloo
+processes on the CPU in tests); under `torchrun` (python -m utils.train_ddp) each process is a
+rank of torchrun's group, on one machine or several. `batch_size` stays the global batch: each
+epoch's draw is cut into the same global batches as one process takes, and every rank trains on
+a contiguous piece of each (RankBatches), its mean loss weighted by its share, so DDP's gradient
+average is the global batch's gradient and N processes take the steps one process takes (equal
+weights within float rounding when dropout is off; dropout draws a stream per rank). Nothing is
+dropped or repeated: a last batch smaller than the world pads a rank with one image at weight 0.
+Validation and the OOF pass give each rank a contiguous share of the ids, gathered by isic_id.
+Rank 0 alone writes (the set-up of the run dir, last/best/fold checkpoints, history.csv, oof.csv,
+manifest.json) and the others wait at barriers; rank 0 decides which folds are finished, and
+every rank reads the resume files. The process count is no setting: config_hash is unchanged,
+so a run started on two GPUs resumes on one and the other way round.
 """
 
 from __future__ import annotations

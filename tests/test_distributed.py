@@ -338,3 +338,49 @@ def test_process_count_follows_the_device_and_world_size():
         RankBatches(sampler(), batch_size=1, rank=0, world_size=2)
     assert Group(local_world_size=2).loader_workers(4) == 2
     assert Group(local_world_size=4).loader_workers(2) == 1 and Group().loader_workers(0) == 0
+
+
+# ---------------------------------------------------------------------------------- bench
+
+
+def test_gpu_projection_shares_compute_but_not_the_loader_and_adds_the_all_reduce():
+    from bench import bench_training as bt
+
+    assert bt.allreduce_s(250_000_000, 1) == 0.0
+    assert bt.allreduce_s(250_000_000, 2, link_gbps=1.0) == pytest.approx(1.0)  # 1 GB each way
+    assert bt.allreduce_s(250_000_000, 4, link_gbps=1.0) == pytest.approx(1.5)  # 2 (N-1)/N
+    images = bt.Images(train=3600.0, validation=7200.0, oof=3600.0)
+    # GPU-bound: 1 GFLOP per forward at 1/65,000 of the peak = 1 img/s on one T4
+    one = bt.kernel_hours(images, 1.0, 1 / 65_000, aug_rate=1e9, eval_rate=1e9, folds=1)
+    two = bt.kernel_hours(images, 1.0, 1 / 65_000, 1e9, 1e9, folds=1, gpus=2, sync_s=0.5)
+    assert one == pytest.approx({"train": 3.0, "validation": 2.0, "oof": 1.0, "total": 6.0})
+    assert two == pytest.approx({"train": 1.5 + 0.5, "validation": 1.0, "oof": 0.5, "total": 3.5})
+    # loader-bound: the same CPUs feed both GPUs, nothing gained
+    slow = bt.kernel_hours(images, 1e-9, 1.0, aug_rate=1.0, eval_rate=1.0, folds=1, gpus=2)
+    assert slow["train"] == pytest.approx(1.0) and slow["validation"] == pytest.approx(2.0)
+    assert bt.submission_hours(1.0, 1 / 65_000, 1e9, 2) == pytest.approx(
+        bt.submission_hours(1.0, 1 / 65_000, 1e9, 1) / 2
+    )
+
+
+def test_gpu_projection_table_and_the_measured_rates_on_cpu(capsys):
+    from bench import bench_training as bt
+
+    args = bt.argparse.Namespace(
+        data_dir=None, suspicious=1500, kaggle_workers=4, utilisation=[0.1], gpus=2, link_gbps=6.0
+    )
+    gflops = {"convnextv2_nano": 4.89, "vit_tiny": 2.15, "vit_small": 8.48}
+    params = {b: bt.trainable_params(b) for b in gflops}
+    assert params["vit_tiny"] < params["convnextv2_nano"] < params["vit_small"]
+    table = bt.project_gpus(args, gflops, params, aug=400.0, decode=4000.0)
+    assert len(table) == 4
+    for row in table:
+        assert row["hours"][2]["total"] < row["hours"][1]["total"]
+        assert row["submission"][2] == pytest.approx(row["submission"][1] / 2)
+    out = capsys.readouterr().out
+    assert "| model | all-reduce per step | train x1 → x2 |" in out
+    assert "submission kernel, all 4 image models on 500,000 images:" in out
+    # the measured path's functions, on the CPU: one process, and two devices in threads
+    assert bt.ddp_train_rate("vit_tiny", 32, 2, 1) > 0
+    cpu = torch.device("cpu")
+    assert bt.infer_rate([cpu, cpu], "vit_tiny", 32, 2, 1) > 0

@@ -24,6 +24,7 @@ B; `gather_predictions` predicts contiguous shares of an id list and joins them 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -157,16 +158,25 @@ def training_world(device: torch.device | None, world_size: int | None) -> tuple
     return world_size, device_type
 
 
-def _quiet_if_not_main(rank: int) -> None:
-    """Progress bars from rank 0 only (tqdm reads TQDM_* variables as its defaults)."""
+@contextlib.contextmanager
+def _child_env(rank: int) -> Iterator[None]:
+    """os.environ as a spawned rank starts with (spawn copies it at Process.start): progress
+    bars from rank 0 only (tqdm reads TQDM_* variables as its defaults when imported)."""
+    saved = dict(os.environ)
     if rank != 0:
         os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT): NCCL on cuda:LOCAL_RANK when a GPU is visible (or `backend` says so), gloo on
-    the CPU otherwise."""
+    the CPU otherwise. Prints come from rank 0 only; torchrun --local-ranks-filter 0 also hides
+    the other ranks' progress bars (imported with torch, tqdm is past its TQDM_* defaults)."""
     missing = [v for v in (*ENV_VARS[:3], "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise RuntimeError(
@@ -176,7 +186,6 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     local_rank = int(os.environ["LOCAL_RANK"])
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    _quiet_if_not_main(int(os.environ["RANK"]))
     dist.init_process_group(
         backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s)
     )
@@ -204,7 +213,6 @@ def _run_rank(
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
     )
-    _quiet_if_not_main(rank)
     try:
         timeout = datetime.timedelta(seconds=timeout_s)
         if device_type == "cuda":
@@ -288,8 +296,9 @@ def launch(
             for rank in range(world_size)
         ]
         try:
-            for p in processes:
-                p.start()
+            for rank, p in enumerate(processes):
+                with _child_env(rank):
+                    p.start()
             running = list(processes)
             while running:
                 wait([p.sentinel for p in running])

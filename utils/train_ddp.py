@@ -1,8 +1,8 @@
 """Stage 1 under torchrun: one image model trained by DDP ranks on one or several machines.
 
     torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m utils.train_ddp vit_tiny --data-dir DATA --output-dir OUT --preset full \\
-        --set weights_path=/weights/vit_tiny.pth
+        --local-ranks-filter 0 -m utils.train_ddp vit_tiny --data-dir DATA --output-dir OUT \\
+        --preset full --set weights_path=/weights/vit_tiny.pth
 
 Every rank runs utils.train.run_image_stage with the same arguments (the same data dir and
 settings on every machine; the ranks check their config_hash agrees) inside the group torchrun

@@ -260,11 +260,13 @@ def _failure_message(out_dir: Path, processes: list, world_size: int, first: int
 
 
 def _stop(processes: list) -> None:
-    for p in processes:
+    """Terminate the started processes still running; kill those that outlast the grace."""
+    started = [p for p in processes if p.pid is not None]
+    for p in started:
         if p.is_alive():
             p.terminate()
     deadline = time.monotonic() + STOP_GRACE_S
-    for p in processes:
+    for p in started:
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
             p.kill()

@@ -48,6 +48,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from utils.distributed import workers_per_process
 from utils.ensemble import GBDTEnsemble
 from utils.features import IMAGE_PREFIX, build_features
 from utils.gbdt_libraries import ENSEMBLE, META_MEMBER
@@ -68,6 +69,7 @@ from utils.predict import (
     checkpoint_problem,
     default_device,
     fold_file,
+    inference_devices,
     load_checkpoint,
     load_config,
     load_fold_models,
@@ -379,8 +381,6 @@ def estimate_time(
     On a CPU: the T4 projection (project_t4, one T4), with the T4 x 2 figure printed beside it
     (twice the compute, the same CPUs decoding); the real pass then reports this machine's
     images/s."""
-    from utils.distributed import workers_per_process
-    from utils.predict import inference_devices
 
     if device.type != "cuda":
         one = project_t4(artifacts_dir, models, len(ids), cfg, folds)
@@ -571,7 +571,6 @@ def image_features(
 ) -> tuple[pl.DataFrame, dict[str, float]]:
     """isic_id plus img_<model> (mean over its `folds`, default all; NaN if unreadable) and
     images/s per model; on "cuda" every visible GPU scores a share of the rows (predict)."""
-    from utils.predict import inference_devices
 
     devices = inference_devices(device)
     where = f" on {len(devices)} GPUs" if len(devices) > 1 else ""
@@ -717,7 +716,6 @@ def predict_submission(
 def _device_name(device: torch.device) -> str:
     """'cuda (GPU name), fp16 autocast', with every GPU predict uses counted ('cuda (2 x Tesla
     T4), ...'; 'cuda:1 (...)' for one given GPU), or 'cpu'."""
-    from utils.predict import inference_devices
 
     if device.type == "cuda":
         devices = inference_devices(device)

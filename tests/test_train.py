@@ -204,6 +204,45 @@ def test_fold_k_never_trains_on_fold_k_and_its_oof_is_model_k(small_set, tmp_pat
             assert abs(own - other) > 1e-6  # the check can tell the two models apart
 
 
+def test_oof_epoch_last_keeps_the_last_epoch_and_reports_both(small_set, tmp_path, monkeypatch):
+    """oof_epoch (issue 16, candidate 6): "best" keeps the epoch of the best validation score,
+    "last" the final epoch, from the same training; history.csv reports both choices."""
+    meta, images = small_set
+    cpu = torch.device("cpu")
+
+    def run(name: str, scores: list[float], **overrides) -> tuple[dict, list[dict]]:
+        stream = iter(scores * 2)  # 2 folds x 3 epochs, in training order
+        monkeypatch.setattr(train, "safe_score", lambda *args: next(stream))
+        cfg = tiny_config(epochs=3, **overrides)
+        oof = train_image_model(cfg, meta, images, tmp_path / name, cpu)
+        run_dir = tmp_path / name / cfg.model_name
+        folds = [torch.load(run_dir / f"fold{k}.pt", weights_only=True) for k in range(2)]
+        return {"oof": oof, "history": pl.read_csv(run_dir / train.HISTORY_FILE)}, folds
+
+    falling, rising = [0.3, 0.2, 0.1], [0.1, 0.2, 0.3]
+    best, best_folds = run("best", falling)  # the best epoch is the first
+    last, last_folds = run("last", falling, oof_epoch="last")
+    best_is_last, reference = run("rising", rising)  # the best epoch is the last
+    for k in range(2):
+        assert (best_folds[k]["chosen_epoch"], last_folds[k]["chosen_epoch"]) == (0, 2)
+        assert best_folds[k]["best_epoch"] == last_folds[k]["best_epoch"] == 0
+        assert last_folds[k]["oof_epoch"] == "last" and reference[k]["chosen_epoch"] == 2
+        for name, weight in last_folds[k]["state_dict"].items():
+            assert torch.equal(weight, reference[k]["state_dict"][name]), name
+        assert any(
+            not torch.equal(w, best_folds[k]["state_dict"][n])
+            for n, w in last_folds[k]["state_dict"].items()
+        )
+    assert last["oof"]["pred"].to_list() == best_is_last["oof"]["pred"].to_list()
+    assert last["oof"]["pred"].to_list() != best["oof"]["pred"].to_list()
+    choice = train.epoch_choice(last["history"])
+    assert choice["best_epoch"].to_list() == [0, 0] and choice["last_epoch"].to_list() == [2, 2]
+    assert choice["best_val_pauc"].to_list() == [0.3, 0.3]
+    assert choice["last_val_pauc"].to_list() == [0.1, 0.1]
+    with pytest.raises(ValueError, match="oof_epoch must be one of"):
+        tiny_config(oof_epoch="middle")
+
+
 def test_bad_training_input_is_named(small_set, tmp_path):
     meta, images = small_set
     cfg = tiny_config()

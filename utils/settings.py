@@ -22,6 +22,7 @@ from typing import Any
 RECIPES = ("paper", "plus")
 BLENDS = ("equal", "nested")  # GBDTConfig.blend: soft vote, or weights fitted on the OOF
 LABELS = ("target", "suspicious")
+OOF_EPOCHS = ("best", "last")  # TrainConfig.oof_epoch
 POOLINGS = ("multiscale_gem", "token")
 
 # The one fold assignment (utils.folds): StratifiedGroupKFold by patient, this many splits, seed.
@@ -109,6 +110,11 @@ class TrainConfig:
     dropout_samples: int = 1  # > 1: multi-sample dropout (mean over masks while training)
     n_folds: int = N_FOLDS
     seed: int = FOLD_SEED  # fold assignment and training seed
+    # The epoch whose weights a fold keeps and predicts its OOF with: "best" (the reference: the
+    # best validation pAUC on the held-out subsample) or "last" (issue 16, candidate 6: "best"
+    # lifts the OOF score on the very labels it is scored on). history.csv holds every epoch's
+    # validation pAUC, so utils.train.epoch_choice reports both choices per fold.
+    oof_epoch: str = "best"
     num_workers: int = 4
     eval_batch_size: int = 128
     weights_path: str | None = None
@@ -127,6 +133,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: unknown pool {self.pool!r}")
         if self.pos_repeat < 1:
             raise ValueError(f"TrainConfig: pos_repeat must be >= 1, got {self.pos_repeat}")
+        if self.oof_epoch not in OOF_EPOCHS:
+            raise ValueError(
+                f"TrainConfig: oof_epoch must be one of {OOF_EPOCHS}, got {self.oof_epoch!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ parameter groups (utils.models.param_groups), no gradient clipping, and validate
 subsample of the held-out fold (every positive plus 10 eligible negatives per positive, drawn
 once per fold) whose pAUC picks the checkpoint; the chosen checkpoint then predicts the whole
 held-out fold once for the OOF (the full fold every epoch cost more than the training itself).
+`oof_epoch="last"` keeps the last epoch instead (issue 16, candidate 6); each fold prints both
+epochs' validation pAUC and `epoch_choice(history)` tabulates them.
 
 Folds: `n_folds` is the n_splits of utils.folds.assign_folds with `seed`, so any stage that
 calls assign_folds(df, n_folds, seed) gets the same folds; a metadata `fold` column, when
@@ -349,7 +351,8 @@ def train_fold(
 ) -> dict:
     """Train fold `fold` (resuming from fold{k}.last.pt) and write fold{k}.pt; returns it.
 
-    Each epoch validates on `validation_rows` (pAUC on the real target picks the checkpoint);
+    Each epoch validates on `validation_rows` (pAUC on the real target picks the checkpoint, or
+    the last epoch with cfg.oof_epoch "last");
     the chosen checkpoint, in the fp16 weights fold{k}.pt keeps, then predicts the whole
     held-out fold once: those are the fold's OOF predictions. On several ranks (`group`) each
     trains on its piece of every batch (RankBatches) under DDP and predicts its share of the
@@ -458,9 +461,21 @@ def train_fold(
                 last,
             )
         group.barrier()  # the epoch's files are complete before any rank goes on
-    if best_state is None:  # the best epoch ran in an earlier session
-        best_state = read_state(best_path, group)["state_dict"]
-    weights = half_state(best_state)
+    if cfg.oof_epoch == "last":  # net holds the last epoch (trained now or resumed from last.pt)
+        kept, chosen = cpu_state(net), state["history"][-1]
+    else:
+        if best_state is None:  # the best epoch ran in an earlier session
+            best_state = read_state(best_path, group)["state_dict"]
+        kept = best_state
+        chosen = next(r for r in state["history"] if r["epoch"] == state["best"]["epoch"])
+    if group.is_main:
+        last_row = state["history"][-1]
+        print(
+            f"{cfg.model_name} fold {fold}: keeps epoch {chosen['epoch']} ({cfg.oof_epoch}); "
+            f"val_pauc best epoch {state['best']['epoch']} {state['best']['score']:.4f}, "
+            f"last epoch {last_row['epoch']} {last_row['val_pauc']:.4f}"
+        )
+    weights = half_state(kept)
     net.load_state_dict(weights)  # the OOF comes from the weights the checkpoint keeps
     valid_ids = valid_rows["isic_id"].to_list()
     pred = gather_predictions(
@@ -476,6 +491,8 @@ def train_fold(
         "fold": fold,
         "best_epoch": state["best"]["epoch"],
         "score": state["best"]["score"],
+        "oof_epoch": cfg.oof_epoch,
+        "chosen_epoch": chosen["epoch"],
         "val_ids": valid_ids,
         "val_pred": torch.from_numpy(pred),
         "history": state["history"],
@@ -720,6 +737,29 @@ def run_image_stage(
         world_size=world_size,
     )
     return cfg, oof
+
+
+def epoch_choice(history: pl.DataFrame) -> pl.DataFrame:
+    """Per fold, from history.csv: the validation pAUC of the best epoch and of the last epoch
+    (the two choices of TrainConfig.oof_epoch), on the fold's validation subsample. The best
+    epoch's figure is optimistic: the same labels chose it."""
+    rows = []
+    for fold in sorted(history["fold"].unique()):
+        part = history.filter(pl.col("fold") == fold).sort("epoch")
+        best = part.sort("val_pauc", descending=True, nulls_last=True, maintain_order=True).row(
+            0, named=True
+        )
+        last = part.row(-1, named=True)
+        rows.append(
+            {
+                "fold": fold,
+                "best_epoch": best["epoch"],
+                "best_val_pauc": best["val_pauc"],
+                "last_epoch": last["epoch"],
+                "last_val_pauc": last["val_pauc"],
+            }
+        )
+    return pl.DataFrame(rows)
 
 
 def fold_scores(oof: pl.DataFrame) -> pl.DataFrame:

@@ -322,7 +322,7 @@ GBDT_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
 # What `plus` turns on in stage 3 (GBDTConfig fields): the candidates whose mean OOF pAUC gain
 # over `paper` exceeded its spread over seeds at the full synthetic scale (bench/ablation.py;
 # table, command and what was left out in docs/benchmarks.md, "The plus recipe").
-PLUS_GBDT: dict[str, Any] = {"site_features": True}
+PLUS_GBDT: dict[str, Any] = {"blend": "nested"}
 
 # Binning only (no published hyper-parameter changes): fewer histogram bins than the libraries'
 # defaults (CatBoost 254 borders, XGBoost 256 bins). Measured on 401,059 synthetic rows (5-fold

@@ -94,7 +94,7 @@ def test_the_scan_catches_a_stage_preset_table(tmp_path):
 
 def test_resolve_keeps_none_applies_overrides_and_rejects_unknowns():
     demo = resolve("demo")
-    assert (demo.preset, demo.recipe) == ("demo", "paper") and RECIPES == ("paper",)
+    assert (demo.preset, demo.recipe) == ("demo", "paper") and RECIPES == ("paper", "plus")
     assert demo.image.image_size == 32 and demo.image.epochs == 1
     changed = resolve("demo", image={"epochs": 3, "image_size": None}, gbdt={"seeds": [0, 1]})
     assert (changed.image.epochs, changed.image.image_size) == (3, 32)

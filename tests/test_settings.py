@@ -103,7 +103,7 @@ def test_resolve_keeps_none_applies_overrides_and_rejects_unknowns():
     with pytest.raises(KeyError, match="unknown preset"):
         resolve("huge")
     with pytest.raises(KeyError, match="unknown recipe"):
-        resolve("demo", "plus")
+        resolve("demo", "fancy")
     with pytest.raises(KeyError, match="unknown stage"):
         resolve("demo", images={"epochs": 1})
     with pytest.raises(TypeError):

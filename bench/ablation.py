@@ -15,12 +15,13 @@ Seeds: each seed s sets the fold assignment (fold seed FOLD_SEED + s), the GBDT 
 seed bagging s, s + 1, ...; each seed draws its own over/under-sample) and the stand-in noise.
 The data stay the same (regenerate the data dir with another --seed to vary them too).
 
-Candidates: `patient_image` (utils.plus_features.patient_image_features on the image columns,
-seen by the image members), `ugly_duckling` (utils.plus_features.ugly_duckling_features, seen by
-every member, lgb_meta included), `site_features` (utils.features' patient x site normalisation
-and within-patient percentiles, GBDTConfig.site_features, seen by every member), `blend`
-(utils.blend.nested_blend of the members' OOF instead of equal weights, on the OOF of the same
-row without it: no extra CV), `rank_blend` (the same with utils.blend.rank_average_blend),
+Candidates (under utils/): `patient_image` (tabular.plus_features.patient_image_features on the
+image columns, seen by the image members), `ugly_duckling`
+(tabular.plus_features.ugly_duckling_features, seen by every member, lgb_meta included),
+`site_features` (tabular.features' patient x site normalisation and within-patient percentiles,
+GBDTConfig.site_features, seen by every member), `blend` (tabular.blend.nested_blend of the members'
+OOF instead of equal weights, on the OOF of the same row without it: no extra CV), `rank_blend` (the
+same with tabular.blend.rank_average_blend),
 `seed_bagging` (--bag-seeds GBDT seeds per member, each with its own over/under-sample).
 
 Two phases. Phase 1: `paper` and `paper` + each candidate alone, over every seed. The rule of
@@ -48,28 +49,28 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_end, print_machine, usable_cores  # noqa: E402
-from utils.blend import nested_blend, rank_average_blend  # noqa: E402
-from utils.cv import CVResult, cross_validate  # noqa: E402
-from utils.features import IMAGE_PREFIX  # noqa: E402
 from utils.folds import assign_folds  # noqa: E402
-from utils.gbdt import load_training_frame  # noqa: E402
-from utils.gbdt_libraries import (  # noqa: E402
+from utils.io import DataDir  # noqa: E402
+from utils.metric import pauc  # noqa: E402
+from utils.settings import FOLD_SEED, IMAGE_MODELS, N_FOLDS, resolve  # noqa: E402
+from utils.synthetic import default_truth_path  # noqa: E402
+from utils.tabular.blend import nested_blend, rank_average_blend  # noqa: E402
+from utils.tabular.cv import CVResult, cross_validate  # noqa: E402
+from utils.tabular.features import IMAGE_PREFIX  # noqa: E402
+from utils.tabular.gbdt import load_training_frame  # noqa: E402
+from utils.tabular.libraries import (  # noqa: E402
     ENSEMBLE,
     GBDT_MODELS,
     Member,
     make_members,
     resolve_params,
 )
-from utils.io import DataDir  # noqa: E402
-from utils.metric import pauc  # noqa: E402
-from utils.plus_features import (  # noqa: E402
+from utils.tabular.plus_features import (  # noqa: E402
     patient_image_feature_names,
     patient_image_features,
     ugly_duckling_feature_names,
     ugly_duckling_features,
 )
-from utils.settings import FOLD_SEED, IMAGE_MODELS, N_FOLDS, resolve  # noqa: E402
-from utils.synthetic import default_truth_path  # noqa: E402
 
 CANDIDATES = (
     "patient_image",

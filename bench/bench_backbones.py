@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_seconds, print_end, print_machine  # noqa: E402
-from utils.models import BACKBONES, ImageModel  # noqa: E402
+from utils.image.models import BACKBONES, ImageModel  # noqa: E402
 
 
 def images_per_second(

@@ -10,7 +10,7 @@ step prints wall seconds, CPU seconds (user + sys, all threads) and its peak RSS
 frame stays alive during the CV as it does in the notebook. `--image-columns` adds that many fake
 image-OOF columns (target plus noise) so the members see the real width. `--max-folds N` runs
 only N folds per member and extrapolates to all folds (said so in the output). `--params` takes
-a params JSON (file or inline) as utils.gbdt_libraries.load_params reads, to compare settings;
+a params JSON (file or inline) as utils.tabular.libraries.load_params reads, to compare settings;
 `--per-fold-bins` bins each fold's training rows anew (the behaviour before shared binning).
 `--recipe plus` builds what that recipe's GBDTConfig turns on (utils.settings.PLUS_GBDT: feature
 groups, patient-relative features of the fake image columns, the nested blend) and times it.
@@ -32,14 +32,14 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Steps, print_end, print_machine, usable_cores  # noqa: E402
-from utils.blend import nested_blend  # noqa: E402
-from utils.cv import iter_cv  # noqa: E402
-from utils.gbdt import feature_groups, load_training_frame  # noqa: E402
-from utils.gbdt_libraries import GBDT_MODELS, load_params, make_members, resolve_params  # noqa: E402
 from utils.metric import pauc  # noqa: E402
-from utils.plus_features import patient_image_feature_names, patient_image_features  # noqa: E402
 from utils.settings import RECIPES, resolve  # noqa: E402
 from utils.synthetic import REAL_ROWS, generate  # noqa: E402
+from utils.tabular.blend import nested_blend  # noqa: E402
+from utils.tabular.cv import iter_cv  # noqa: E402
+from utils.tabular.gbdt import feature_groups, load_training_frame  # noqa: E402
+from utils.tabular.libraries import GBDT_MODELS, load_params, make_members, resolve_params  # noqa: E402
+from utils.tabular.plus_features import patient_image_feature_names, patient_image_features  # noqa: E402
 
 
 def fake_image_columns(y: np.ndarray, n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = resolve(args.preset, args.recipe).gbdt
     groups = feature_groups(cfg) | {"patient_image": False}  # needs the image columns: below
     on = [g for g, v in feature_groups(cfg).items() if v]
-    with steps(f"read + build_features + folds (utils.gbdt.load_training_frame) {on or ''}"):
+    with steps(
+        f"read + build_features + folds (utils.tabular.gbdt.load_training_frame) {on or ''}"
+    ):
         data = load_training_frame(data_dir, threads=threads, **groups)
     with steps("fake image columns"):
         y, folds, meta = data.y, data.folds, list(data.meta_features)

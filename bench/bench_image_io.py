@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_seconds, print_end, print_machine  # noqa: E402
-from utils.image_data import (  # noqa: E402
+from utils.image.data import (  # noqa: E402
     ImageDataset,
     collate_batch,
     eval_transforms,

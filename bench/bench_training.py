@@ -21,14 +21,14 @@ Counts default to the ISIC 2024 training set (401,059 rows, 393 malignant); the 
 takes the upper value, or --data-dir counts both from a train-metadata.csv.
 
 Several GPUs (`--gpus N`, default 2: Kaggle's T4 x 2 next to one T4; docs/multi_gpu.md): DDP
-shares every phase's images between the N GPUs (utils.train), so the GPU side of a phase is 1/N
+shares every phase's images between the N GPUs (image.train), so the GPU side of a phase is 1/N
 of one T4's, plus, per training step (global batch `batch_size`), one ring all-reduce of the
 fp32 gradients: each GPU sends and receives 2 (N-1)/N of their bytes over the link between the
 cards, at an assumed --link-gbps (Kaggle's T4s share PCIe 3.0 x16, 15.75 GB/s a direction; with
 no peer-to-peer path NCCL goes through host memory, about half of it), counted as if it did
 not overlap the backward pass (DDP overlaps its buckets: conservative). The CPU side does not
 scale: the same machine's 4 vCPUs feed every GPU. The submission kernel's image models (the
-hidden test's 500k images x 4 models x 5 folds, utils.predict) scale the same way, without the
+hidden test's 500k images x 4 models x 5 folds, utils.image.predict) scale the same way, without the
 all-reduce. With CUDA present the script also measures the speed-up of DDP training steps and
 of inference batches with every visible GPU against one (GPU work on synthetic uint8 batches,
 no decoding).
@@ -51,11 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_gpu import T4_FP16_TFLOPS, batch_of, decode_rate, forward_gflops  # noqa: E402
 from bench.common import print_end, print_machine  # noqa: E402
-from utils import distributed  # noqa: E402
-from utils.image_data import train_transforms  # noqa: E402
+from utils.image import distributed  # noqa: E402
+from utils.image.data import train_transforms  # noqa: E402
+from utils.image.models import ImageModel  # noqa: E402
+from utils.image.predict import to_device  # noqa: E402
 from utils.io import decode_jpeg  # noqa: E402
-from utils.models import ImageModel  # noqa: E402
-from utils.predict import to_device  # noqa: E402
 from utils.settings import IMAGE_MODELS, TrainConfig, image_config  # noqa: E402
 
 ROWS, MALIGNANT = 401_059, 393  # ISIC 2024 train-metadata.csv
@@ -278,7 +278,7 @@ def ddp_train_rate(backbone: str, size: int, batch: int, steps: int) -> float:
     """Images/s of DDP training steps summed over the ranks (`batch` images per rank, fp16
     autocast and channels_last on CUDA), timed on rank 0 after 3 warm-up steps; outside a
     group, one process's plain training steps. Runs under distributed.launch."""
-    from utils.train import with_ddp
+    from utils.image.train import with_ddp
 
     cuda = torch.cuda.is_available()
     group = distributed.current() or distributed.Group(
@@ -311,7 +311,7 @@ def ddp_train_rate(backbone: str, size: int, batch: int, steps: int) -> float:
 
 def infer_rate(devices: list[torch.device], backbone: str, size: int, batch: int, steps: int):
     """Images/s of inference batches on `devices` at once, a thread and a model copy each
-    (as utils.predict.predict_on_devices runs them), after 3 warm-up batches."""
+    (as utils.image.predict.predict_on_devices runs them), after 3 warm-up batches."""
     cuda = devices[0].type == "cuda"
     torch.manual_seed(0)
     models = [to_device(ImageModel(backbone, size), d).eval() for d in devices]

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from utils.image.train import run_image_stage
 from utils.metric import pauc
 from utils.oof import read_oof
 from utils.synthetic import generate
-from utils.train import run_image_stage
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ _BUILT: dict[Path, Path] = {}
 
 def train_gbdt(data_dir: Path, out_dir: Path, image_dirs: list[Path]) -> Path:
     """The stage 3 entry with few trees and N_FOLDS folds; returns the gbdt dir."""
-    from utils.gbdt import run_gbdt_stage
+    from utils.tabular.gbdt import run_gbdt_stage
 
     params = out_dir / "few_trees.json"
     params.write_text(json.dumps(FEW_TREES))
@@ -34,7 +34,7 @@ def train_gbdt(data_dir: Path, out_dir: Path, image_dirs: list[Path]) -> Path:
 def build_artifacts(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """<dir>/vit_tiny (2 fold checkpoints) and <dir>/gbdt trained with img_vit_tiny, each with
     its manifest; built on the first call of the session."""
-    from utils.train import run_image_stage
+    from utils.image.train import run_image_stage
 
     if synthetic_dir not in _BUILT:
         out = tmp_path_factory.mktemp("inference_artifacts")

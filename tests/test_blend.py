@@ -1,11 +1,12 @@
-"""Blending the members' OOF predictions (utils.blend): equal, rank average, nested weights."""
+"""Blending the members' OOF predictions (tabular.blend): equal, rank average, nested."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from utils.blend import (
+from utils.metric import pauc
+from utils.tabular.blend import (
     compare_blends,
     equal_weight_blend,
     fast_pauc,
@@ -13,7 +14,6 @@ from utils.blend import (
     nested_blend,
     rank_average_blend,
 )
-from utils.metric import pauc
 
 
 def members(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from utils import kaggle_build
+from utils.kaggle import build as kaggle_build
 
 
 def _help(argv: list[str], capsys) -> str:

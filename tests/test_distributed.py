@@ -2,8 +2,8 @@
 rank stops the run with its error.
 
 The spawned ranks import this module (spawn passes sys.path) to run its module-level functions,
-so it imports at the top only what every rank needs (torch, utils.distributed: 2 s a process)
-and utils.train & co. (timm, albumentations: 6 s) in the functions that use them.
+so it imports at the top only what every rank needs (torch, utils.image.distributed: 2 s a process)
+and utils.image.train & co. (timm, albumentations: 6 s) in the functions that use them.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from utils import distributed
-from utils.distributed import Group, RankBatches, RankFailed, gather_predictions, launch
+from utils.image import distributed
+from utils.image.distributed import Group, RankBatches, RankFailed, gather_predictions, launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 7 positives, neg_ratio 0.8: 14 + 11 = 25 images an epoch; batch 4 over 2 ranks gives 6 full
@@ -54,7 +54,7 @@ class Tiny(nn.Module):
 
 
 def sampler():
-    from utils.image_data import NegativeResampler
+    from utils.image.data import NegativeResampler
 
     return NegativeResampler(LABELS, NEG_RATIO, pos_repeat=2, seed=3, fold=1)
 
@@ -69,7 +69,7 @@ def tiny_start() -> tuple[torch.Tensor, torch.Tensor, Tiny]:
 def tiny_epoch(group: Group) -> dict:
     """One epoch of train.train_one_epoch on Tiny (under DDP on several ranks): its weights and
     mean loss."""
-    from utils import train
+    from utils.image import train
     from utils.settings import image_config
 
     features, targets, net = tiny_start()
@@ -215,7 +215,7 @@ def small_data(synthetic_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(small_data, tmp_path_factory):
     """The reference: the run of one process (both folds)."""
-    from utils.train import run_image_stage
+    from utils.image.train import run_image_stage
 
     out = tmp_path_factory.mktemp("one")
     cfg, oof = run_image_stage("vit_tiny", small_data, out, world_size=1, **TRAIN_SETTINGS)
@@ -265,8 +265,8 @@ def assert_same_run(run_dir, reference_dir):
 def test_two_spawned_gloo_processes_train_a_fold_like_one(one_process, small_data, tmp_path):
     """train_image_model with world_size=2 spawns 2 gloo ranks; they train fold 0 from scratch
     (fold 1 comes from the reference run) and rank 0 writes the same run as one process."""
+    from utils.image.train import train_image_model
     from utils.io import DataDir
-    from utils.train import train_image_model
 
     cfg, expected, reference_dir = one_process
     copy_files(reference_dir, tmp_path / cfg.model_name, ["config.json", "fold1.pt"])
@@ -287,7 +287,7 @@ def test_torchrun_entry_point_continues_a_one_process_run(one_process, small_dat
     settings = [f"{k}={v}" for k, v in TRAIN_SETTINGS.items()]
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
-        *("-m", "utils.train_ddp", "vit_tiny", "--data-dir", str(small_data)),
+        *("-m", "utils.image.train_ddp", "vit_tiny", "--data-dir", str(small_data)),
         *("--output-dir", str(tmp_path), "--preset", "demo", "--backend", "gloo"),
         *("--set", *settings),
     ]
@@ -299,8 +299,8 @@ def test_torchrun_entry_point_continues_a_one_process_run(one_process, small_dat
 
 
 def test_entry_point_arguments():
+    from utils.image.train_ddp import build_parser
     from utils.settings import image_config
-    from utils.train_ddp import build_parser
 
     args = build_parser().parse_args(
         ["vit_small_suspicious", "--data-dir", "d", "--output-dir", "o", "--folds", "2", "3"]

@@ -10,7 +10,11 @@ import polars as pl
 import pytest
 from standins import write_image_run
 
-from utils.features import (
+from utils.io import read_metadata
+from utils.oof import write_oof
+from utils.schema import CATEGORIES, NUMERIC_COLUMNS, TEST_COLUMNS, TRAIN_ONLY_COLUMNS, SchemaError
+from utils.settings import resolve
+from utils.tabular.features import (
     CONTEXT_FEATURES,
     DERIVED_FEATURES,
     EPS,
@@ -20,10 +24,6 @@ from utils.features import (
     join_image_oofs,
     without_patient_context,
 )
-from utils.io import read_metadata
-from utils.oof import write_oof
-from utils.schema import CATEGORIES, NUMERIC_COLUMNS, TEST_COLUMNS, TRAIN_ONLY_COLUMNS, SchemaError
-from utils.settings import resolve
 
 PATIENTS = ["P1", "P1", "P1", "P2", "P3"]
 

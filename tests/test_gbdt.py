@@ -9,19 +9,29 @@ import polars as pl
 import pytest
 from standins import write_image_run
 
-from utils import gbdt_libraries
-from utils.cv import (
+from utils.folds import assign_folds, with_folds
+from utils.io import DataDir
+from utils.metric import pauc
+from utils.oof import read_oof
+from utils.settings import GBDT_BINNING, PAPER_GBDT_PARAMS, Sampling, resolve
+from utils.synthetic import generate
+from utils.tabular import libraries as gbdt_libraries
+from utils.tabular.cv import (
     ablation_table,
     cross_validate,
     cv_report,
     feature_importance,
     sample_indices,
 )
-from utils.ensemble import GBDTEnsemble
-from utils.features import build_features, features_spec, join_image_oofs, without_patient_context
-from utils.folds import assign_folds, with_folds
-from utils.gbdt import load_training_frame, save_artifacts
-from utils.gbdt_libraries import (
+from utils.tabular.ensemble import GBDTEnsemble
+from utils.tabular.features import (
+    build_features,
+    features_spec,
+    join_image_oofs,
+    without_patient_context,
+)
+from utils.tabular.gbdt import load_training_frame, save_artifacts
+from utils.tabular.libraries import (
     ENSEMBLE,
     GBDT_MODELS,
     Library,
@@ -29,11 +39,6 @@ from utils.gbdt_libraries import (
     make_members,
     resolve_params,
 )
-from utils.io import DataDir
-from utils.metric import pauc
-from utils.oof import read_oof
-from utils.settings import GBDT_BINNING, PAPER_GBDT_PARAMS, Sampling, resolve
-from utils.synthetic import generate
 
 FULL = resolve("full").gbdt
 DEMO = resolve("demo").gbdt

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from utils.image_data import (
+from utils.image.data import (
     ImageDataset,
     NegativeResampler,
     collate_batch,

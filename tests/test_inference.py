@@ -21,9 +21,6 @@ from inference_artifacts import IMAGE_MODEL, build_artifacts, train_gbdt
 from notebook_checks import assert_thin_and_clean, run_notebook
 
 from utils import inference
-from utils.ensemble import GBDTEnsemble
-from utils.features import build_features
-from utils.gbdt_libraries import ENSEMBLE, GBDT_MODELS, META_MEMBER
 from utils.inference import (
     KAGGLE_LIMIT_S,
     SubmissionError,
@@ -35,9 +32,12 @@ from utils.inference import (
     write_submission,
 )
 from utils.io import TEST_IMAGES, TEST_METADATA, DataDir
-from utils.kaggle_build import KAGGLE_PARAMETERS, SUBMISSION_KERNEL
+from utils.kaggle.build import KAGGLE_PARAMETERS, SUBMISSION_KERNEL
 from utils.pipeline import STAGES, make_run
 from utils.settings import resolve
+from utils.tabular.ensemble import GBDTEnsemble
+from utils.tabular.features import build_features
+from utils.tabular.libraries import ENSEMBLE, GBDT_MODELS, META_MEMBER
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "04_inference.ipynb"

@@ -1,4 +1,4 @@
-"""utils.kaggle_build: metadata rules, self-contained builds, the kaggle client's push offline."""
+"""utils.kaggle.build: metadata rules, self-contained builds, the kaggle client's push offline."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import nbformat
 import pytest
 from notebook_checks import write_standin_notebook
 
-from utils import kaggle_build as kb
-from utils import kaggle_input as ki
+from utils.kaggle import build as kb
+from utils.kaggle import input as ki
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "probe_kernel"
@@ -143,7 +143,7 @@ def test_utils_archive_is_deterministic_and_holds_the_package():
     archive = kb.utils_archive()
     assert archive == kb.utils_archive()
     names = zipfile.ZipFile(BytesIO(archive)).namelist()
-    assert {"utils/__init__.py", "utils/kaggle_build.py", "utils/metric.py"} <= set(names)
+    assert {"utils/__init__.py", "utils/kaggle/build.py", "utils/metric.py"} <= set(names)
     assert not any("__pycache__" in n or not n.endswith(".py") for n in names)
 
 
@@ -154,10 +154,10 @@ def test_a_kernel_embeds_only_the_modules_it_imports():
 
     submission, gbdt = embedded(kb.SUBMISSION_KERNEL), embedded("03_gbdt")
     for files in (submission, gbdt):
-        assert {"utils/__init__.py", "utils/kaggle_input.py", "utils/settings.py"} <= files
-        assert not files & {"utils/pipeline.py", "utils/synthetic.py", "utils/kaggle_build.py"}
-    assert "utils/models.py" in submission and "utils/layers/gem.py" in submission
-    assert "utils/models.py" not in gbdt  # a CPU kernel carries no torch code
+        assert {"utils/__init__.py", "utils/kaggle/input.py", "utils/settings.py"} <= files
+        assert not files & {"utils/pipeline.py", "utils/synthetic.py", "utils/kaggle/build.py"}
+    assert "utils/image/models.py" in submission and "utils/image/layers/gem.py" in submission
+    assert "utils/image/models.py" not in gbdt  # a CPU kernel carries no torch code
     assert "utils/metric.py" in gbdt
 
 
@@ -189,7 +189,7 @@ def test_built_parameters_name_the_owner_of_repo_datasets_only():
     source = kb.injected_source(kb.KAGGLE_PARAMETERS[kb.SUBMISSION_KERNEL], "alice")
     assert "input_path('isic-2024-challenge', 'test-metadata.csv')" in source
     assert f"'gbdt': '{kb.GBDT_DATASET}'}}, owner='alice')" in source
-    assert "from utils.kaggle_input import input_path, link_inputs" in source
+    assert "from utils.kaggle.input import input_path, link_inputs" in source
 
 
 def test_resolve_owner_reads_the_kaggle_clients_configuration(tmp_path, monkeypatch):
@@ -439,7 +439,7 @@ def test_built_vit_kernel_trains_from_the_weights_dataset_off_repo(tmp_path, syn
     import timm
     import torch
 
-    from utils.models import BACKBONES
+    from utils.image.models import BACKBONES
 
     inputs = tmp_path / "input"
     shutil.copytree(synthetic_dir, inputs / "competitions" / kb.COMPETITION)

@@ -1,4 +1,4 @@
-"""utils.kaggle_run: the whole Kaggle workflow against a recording fake Kaggle, resumed after
+"""utils.kaggle.run: the whole Kaggle workflow against a recording fake Kaggle, resumed after
 a failure at every step, the re-push rule, the offline plan, and the real client's calls."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from requests import HTTPError
 
-from utils import kaggle_build as kb
-from utils import kaggle_run as kr
+from utils.kaggle import build as kb
+from utils.kaggle import run as kr
 
 REPO = Path(__file__).resolve().parents[1]
 OWNER = "alice"
@@ -327,7 +327,7 @@ def test_a_failure_stops_the_run_and_a_rerun_resumes_it(tmp_path, weights_dir, s
     getattr(fake, f"fail_{kind}").add(what)
     stopped, _ = run(tmp_path, fake, weights_dir, tune=True, submit=True)
     assert stopped is not None and f"STOPPED at step {step!r}" in stopped
-    assert f"python -m utils.kaggle_run --owner {OWNER} --work-dir" in stopped
+    assert f"python -m utils.kaggle.run --owner {OWNER} --work-dir" in stopped
     later = kr.STEP_NAMES[kr.STEP_NAMES.index(step) + 1 :]
     assert not set(later) & set(steps_done(tmp_path))
     first = fake.actions()
@@ -438,7 +438,7 @@ def test_only_runs_one_step_and_says_what_it_needs_first(tmp_path, weights_dir):
 def test_an_existing_weights_dataset_is_used_and_a_missing_folder_is_explained(tmp_path):
     fake = FakeKaggle()
     stopped, _ = run(tmp_path, fake, tmp_path / "no-weights", only="weights")
-    assert "`python -m utils.kaggle_build weights --out" in stopped
+    assert "`python -m utils.kaggle.build weights --out" in stopped
     fake.datasets[f"{OWNER}/{kb.WEIGHTS_DATASET}"] = {"version": 4, "ready": True}
     stopped, lines = run(tmp_path, fake, tmp_path / "no-weights")
     assert stopped is None
@@ -691,7 +691,7 @@ def test_the_command_line_stops_with_exit_1_and_the_resume_command(tmp_path, cap
     assert code == 1
     err = capsys.readouterr().err
     assert "STOPPED at step 'gbdt'" in err and "run step 'image-dataset' first" in err
-    assert f"  python -m utils.kaggle_run --owner {OWNER} --work-dir {work} --tune\n" in err + "\n"
+    assert f"  python -m utils.kaggle.run --owner {OWNER} --work-dir {work} --tune\n" in err + "\n"
 
 
 def test_python_m_dry_run_with_owner_needs_nothing_else(tmp_path):
@@ -699,7 +699,7 @@ def test_python_m_dry_run_with_owner_needs_nothing_else(tmp_path):
     env.pop("KAGGLE_USERNAME", None)
     env.pop("KAGGLE_KEY", None)
     result = subprocess.run(
-        [sys.executable, "-m", "utils.kaggle_run", "--dry-run", "--owner", "carol",
+        [sys.executable, "-m", "utils.kaggle.run", "--dry-run", "--owner", "carol",
          "--work-dir", str(tmp_path / "work")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
@@ -824,7 +824,7 @@ def test_a_dropped_status_check_is_retried_until_it_keeps_failing(tmp_path, weig
     stopped, lines = run(tmp_path / "b", fake, weights_dir)
     assert "STOPPED at step 'images': HTTPError: 503 Server Error" in stopped
     assert sum("status check failed" in line for line in lines) == kr.MAX_FAILED_CHECKS - 1
-    assert "resume with:\n  python -m utils.kaggle_run" in stopped
+    assert "resume with:\n  python -m utils.kaggle.run" in stopped
 
 
 def test_ctrl_c_keeps_the_state_and_prints_the_resume_command(tmp_path, capsys):
@@ -837,7 +837,7 @@ def test_ctrl_c_keeps_the_state_and_prints_the_resume_command(tmp_path, capsys):
     fake.kernel_status = interrupted
     code = kr.main(["--owner", OWNER, "--work-dir", str(tmp_path / "work")], fake)
     assert code == 130
-    assert "resume with:\n  python -m utils.kaggle_run --owner alice" in capsys.readouterr().err
+    assert "resume with:\n  python -m utils.kaggle.run --owner alice" in capsys.readouterr().err
     pushed = state_of(tmp_path)["kernels"]
     assert sorted(pushed) == sorted(kr.IMAGE_KERNELS)
     assert {r["status"] for r in pushed.values()} == {"pushed"}

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from utils.layers import ClassToken, GeM, MultiScaleGeM, class_token, gem
+from utils.image.layers import ClassToken, GeM, MultiScaleGeM, class_token, gem
 
 
 def test_gem_p1_equals_average_pooling():

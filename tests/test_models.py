@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.models import BACKBONES, ImageModel, param_groups
+from utils.image.models import BACKBONES, ImageModel, param_groups
 
 SIZE = 32
 FINAL_NORM = {"convnextv2_nano": "head.norm", "vit_tiny": "norm", "vit_small": "norm"}

@@ -7,12 +7,12 @@ import numpy as np
 import polars as pl
 from notebook_checks import assert_thin_and_clean, run_notebook
 
-from utils.ensemble import GBDTEnsemble
-from utils.gbdt_libraries import ENSEMBLE, GBDT_MODELS
 from utils.io import DataDir
 from utils.manifest import read_manifest, verify_manifest
 from utils.oof import read_oof
 from utils.settings import DEMO_FOLDS
+from utils.tabular.ensemble import GBDTEnsemble
+from utils.tabular.libraries import ENSEMBLE, GBDT_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "03_gbdt.ipynb"

@@ -1,4 +1,4 @@
-"""The `plus` candidate features (utils.plus_features) and the ablation script (bench.ablation)."""
+"""The `plus` candidate features (tabular.plus_features) and the ablation (bench.ablation)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from sklearn.neighbors import LocalOutlierFactor
 
 from bench import ablation
-from utils.plus_features import (
+from utils.synthetic import default_truth_path
+from utils.tabular.plus_features import (
     LOF_NEUTRAL,
     UGLY_DUCKLING_DESCRIPTORS,
     patient_image_feature_names,
@@ -16,7 +17,6 @@ from utils.plus_features import (
     ugly_duckling_feature_names,
     ugly_duckling_features,
 )
-from utils.synthetic import default_truth_path
 
 IMAGES = ["img_a", "img_b"]
 

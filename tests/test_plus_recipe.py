@@ -16,21 +16,21 @@ import polars as pl
 import pytest
 from inference_artifacts import FEW_TREES, IMAGE_MODEL, N_FOLDS, build_artifacts
 
-from utils.ensemble import GBDTEnsemble
-from utils.features import build_features
-from utils.gbdt import load_training_frame, run_gbdt_stage
-from utils.gbdt_libraries import ENSEMBLE, META_MEMBER
+from utils.image.predict import predict
 from utils.inference import predict_submission, validate_submission
 from utils.io import DataDir
 from utils.metric import pauc
 from utils.oof import read_oof
-from utils.plus_features import (
+from utils.settings import PLUS_GBDT, PRESETS, RECIPES, GBDTConfig, resolve
+from utils.tabular.ensemble import GBDTEnsemble
+from utils.tabular.features import build_features
+from utils.tabular.gbdt import load_training_frame, run_gbdt_stage
+from utils.tabular.libraries import ENSEMBLE, META_MEMBER
+from utils.tabular.plus_features import (
     add_optional_features,
     patient_image_feature_names,
     ugly_duckling_feature_names,
 )
-from utils.predict import predict
-from utils.settings import PLUS_GBDT, PRESETS, RECIPES, GBDTConfig, resolve
 
 EVERY_SWITCH = {
     "site_features": True,

@@ -1,4 +1,4 @@
-"""utils.predict's numeric path: the ConvNeXt head under fp16, as the submission kernel runs it;
+"""image.predict's numeric path: the ConvNeXt head under fp16, as the submission kernel runs it;
 several devices scoring shares of the ids as one device does, and the time estimate counting
 the GPUs."""
 
@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from utils import inference
-from utils.distributed import workers_per_process
+from utils.image.distributed import workers_per_process
+from utils.image.layers import MultiScaleGeM
+from utils.image.predict import inference_devices, predict_on_devices, predict_with_models
 from utils.io import HDF5Images
-from utils.layers import MultiScaleGeM
-from utils.predict import inference_devices, predict_on_devices, predict_with_models
 from utils.settings import image_config, resolve
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from utils import kaggle_build, pipeline
-from utils.models import BACKBONES
+from utils import pipeline
+from utils.image.models import BACKBONES
+from utils.kaggle import build as kaggle_build
 from utils.settings import (
     IMAGE_MODELS,
     PAPER_GBDT_PARAMS,
@@ -22,7 +23,7 @@ from utils.settings import (
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules that may define settings: the settings module itself and the owners of other issues
-# (utils.models' BACKBONES is the timm name per backbone, checked against the registry below).
+# (utils.image.models' BACKBONES is the timm name per backbone, checked against the registry below).
 SETTINGS_FREE = [
     p
     for p in sorted((REPO / "utils").glob("*.py"))

@@ -24,15 +24,15 @@ import torch
 from inference_artifacts import IMAGE_MODEL, build_artifacts
 from notebook_checks import run_notebook
 
-from utils.ensemble import ArtifactError, GBDTEnsemble, lightgbm_text_problem
-from utils.features import build_features
-from utils.gbdt_libraries import ENSEMBLE
+from utils.image.predict import CheckpointError, load_checkpoint, predict
 from utils.inference import REPORT_FILE, check_image_model, predict_submission, validate_submission
 from utils.io import TEST_IMAGES, TEST_METADATA, read_metadata, read_test_metadata
 from utils.manifest import MANIFEST_FILE, atomic_output, check_folder, write_manifest
-from utils.predict import CheckpointError, load_checkpoint, predict
 from utils.schema import FEATURE_INPUT_COLUMNS, SchemaError
 from utils.settings import resolve
+from utils.tabular.ensemble import ArtifactError, GBDTEnsemble, lightgbm_text_problem
+from utils.tabular.features import build_features
+from utils.tabular.libraries import ENSEMBLE
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "04_inference.ipynb"

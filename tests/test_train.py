@@ -9,15 +9,21 @@ import polars as pl
 import pytest
 import torch
 
-import utils.train as train
+import utils.image.train as train
 from utils.folds import assign_folds
+from utils.image.models import BACKBONES, ImageModel
+from utils.image.predict import (
+    build_model,
+    load_config,
+    load_fold_models,
+    predict,
+    predict_with_models,
+)
+from utils.image.train import fold_scores, lr_factor, train_image_model
 from utils.io import DataDir, HDF5Images
 from utils.manifest import verify_manifest
-from utils.models import BACKBONES, ImageModel
 from utils.oof import read_oof
-from utils.predict import build_model, load_config, load_fold_models, predict, predict_with_models
 from utils.settings import TrainConfig, image_config
-from utils.train import fold_scores, lr_factor, train_image_model
 
 SIZE = 32
 

@@ -13,13 +13,13 @@ import pytest
 from notebook_checks import assert_thin_and_clean, run_notebook
 from optuna.trial import TrialState
 
-from utils.cv import cross_validate
-from utils.gbdt import load_training_frame
-from utils.gbdt_libraries import META_MEMBER, load_params, make_members, resolve_params
 from utils.manifest import verify_manifest
 from utils.pipeline import STAGES, make_run
 from utils.settings import DEMO_FOLDS, PAPER_GBDT_PARAMS, PRESETS, resolve
-from utils.tuning import (
+from utils.tabular.cv import cross_validate
+from utils.tabular.gbdt import load_training_frame
+from utils.tabular.libraries import META_MEMBER, load_params, make_members, resolve_params
+from utils.tabular.tuning import (
     BEST_PARAMS_FILE,
     DEFAULT_ATTR,
     SEARCH_SPACES,

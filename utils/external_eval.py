@@ -31,15 +31,15 @@ import polars as pl
 import torch
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-from utils.cv import cross_validate
 from utils.external import ExternalDataset, load_ham10000, load_ph2, write_layout
-from utils.features import join_image_oofs, one_hot_names
 from utils.folds import with_folds
-from utils.gbdt_libraries import ENSEMBLE, META_MEMBER, make_members, resolve_params
+from utils.image.train import train_image_model
 from utils.manifest import set_aside, write_json, write_manifest
 from utils.metric import pauc
 from utils.settings import ExternalEvalConfig, TrainConfig, image_config, resolve
-from utils.train import train_image_model
+from utils.tabular.cv import cross_validate
+from utils.tabular.features import join_image_oofs, one_hot_names
+from utils.tabular.libraries import ENSEMBLE, META_MEMBER, make_members, resolve_params
 
 METRICS_FILE = "external_metrics.json"
 PREDICTIONS_FILE = "predictions.csv"

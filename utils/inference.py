@@ -18,14 +18,14 @@
      that image column, so the metadata-only member (`lgb_meta`) scores every row (the other
      image models are then not run: their output could not be used);
    - a GBDT member with a damaged model file is left out of the soft vote
-     (`utils.ensemble.GBDTEnsemble.load`); with no member left, or an unreadable
+     (`utils.tabular.ensemble.GBDTEnsemble.load`); with no member left, or an unreadable
      ensemble.json / features.json, the kernel stops naming the file;
 3. prints a time estimate early, against Kaggle's 12 hours: on a GPU images/s measured on a few
    batches per model (decode and every used fold model included) times the rows; on a CPU a
    projection for one T4 from the models' counted FLOPs (stated as such; no extra pass);
-4. runs each needed image model with `utils.predict.predict`: the mean of its fold models'
+4. runs each needed image model with `utils.image.predict.predict`: the mean of its fold models'
    probabilities, as its OOF was made in training (fp16 autocast on CUDA, DataLoader workers);
-5. builds features with `utils.features.build_features` (the training code) plus the image
+5. builds features with `utils.tabular.features.build_features` (the training code) plus the image
    columns and runs `GBDTEnsemble.predict`: each member and the soft vote;
 6. documented fallback: a row whose image is unreadable or absent from the hdf5 file gets the
    `lgb_meta` score; the report counts those rows and names the first few.
@@ -48,21 +48,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from utils.distributed import workers_per_process
-from utils.ensemble import GBDTEnsemble
-from utils.features import IMAGE_PREFIX, build_features
-from utils.gbdt_libraries import ENSEMBLE, META_MEMBER
-from utils.io import (
-    TEST_METADATA,
-    DataDir,
-    HDF5Images,
-    MetadataNotes,
-    check_ids_match,
-    read_test_metadata,
-)
-from utils.manifest import MANIFEST_FILE, atomic_output, check_folder, write_json
-from utils.plus_features import add_optional_features
-from utils.predict import (
+from utils.image.distributed import workers_per_process
+from utils.image.predict import (
     CONFIG_FILE,
     CheckpointError,
     build_model,
@@ -76,7 +63,20 @@ from utils.predict import (
     predict,
     predict_with_models,
 )
+from utils.io import (
+    TEST_METADATA,
+    DataDir,
+    HDF5Images,
+    MetadataNotes,
+    check_ids_match,
+    read_test_metadata,
+)
+from utils.manifest import MANIFEST_FILE, atomic_output, check_folder, write_json
 from utils.settings import InferenceConfig, TrainConfig, resolve
+from utils.tabular.ensemble import GBDTEnsemble
+from utils.tabular.features import IMAGE_PREFIX, build_features
+from utils.tabular.libraries import ENSEMBLE, META_MEMBER
+from utils.tabular.plus_features import add_optional_features
 
 GBDT_DIR = "gbdt"
 SUBMISSION_FILE = "submission.csv"
@@ -377,7 +377,7 @@ def estimate_time(
 ) -> TimeEstimate:
     """On a GPU: images/s of each image model (its `folds`, default all) measured on the first
     batches of `ids` on one GPU with its share of the DataLoader workers, times the GPUs that
-    `predict` shares the rows between (utils.predict.inference_devices), projected to all rows.
+    `predict` shares the rows between (image.predict.inference_devices), projected to all rows.
     On a CPU: the T4 projection (project_t4, one T4), with the T4 x 2 figure printed beside it
     (twice the compute, the same CPUs decoding); the real pass then reports this machine's
     images/s."""

@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--weights-dir",
         type=Path,
-        help="folder of pretrained <backbone>.pth files (utils.kaggle_build weights), passed to "
+        help="folder of pretrained <backbone>.pth files (utils.kaggle.build weights), passed to "
         "each image stage as weights_path; none: random init",
     )
     parser.add_argument(

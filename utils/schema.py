@@ -149,7 +149,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     ),
 }
 NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c, t in TEST_COLUMNS.items() if t == F64)
-# What utils.features.build_features reads: a test file needs these, the rest may be absent.
+# What utils.tabular.features.build_features reads: a test file needs these, the rest may be absent.
 FEATURE_INPUT_COLUMNS: tuple[str, ...] = ID_COLUMNS + tuple(CATEGORIES) + NUMERIC_COLUMNS
 
 

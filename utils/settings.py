@@ -35,11 +35,11 @@ FOLD_SEED = 42
 
 @dataclass(frozen=True)
 class ImageModelSpec:
-    """One image model of the method: backbone (utils.models.BACKBONES), label, pooling head."""
+    """One image model of the method: backbone (image.models.BACKBONES), label, pooling head."""
 
     backbone: str
     label: str  # training label; validation and OOF always use the real target
-    pooling: str  # must be the head utils.models gives this backbone (a test checks it)
+    pooling: str  # must be the head utils.image.models gives this backbone (a test checks it)
 
     def __post_init__(self):
         if self.label not in LABELS or self.pooling not in POOLINGS:
@@ -86,7 +86,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     warmup: float = 0.05  # fraction of all steps with linear warm-up
     # The reference recipe (3rd-place code, train_*.py), point by point (issue 15):
-    # AdamW weight decay; None = the backbone's (utils.models.BACKBONES): ConvNeXt 1e-2 on every
+    # AdamW weight decay; None = the backbone's (image.models.BACKBONES): ConvNeXt 1e-2 on every
     # parameter, ViT 1e-3 with none on biases and norm weights, cls_token/pos_embed frozen.
     weight_decay: float | None = None
     max_grad_norm: float | None = None  # the reference clips no gradient; a value clips to it
@@ -113,12 +113,12 @@ class TrainConfig:
     # The epoch whose weights a fold keeps and predicts its OOF with: "best" (the reference: the
     # best validation pAUC on the held-out subsample) or "last" (issue 16, candidate 6: "best"
     # lifts the OOF score on the very labels it is scored on). history.csv holds every epoch's
-    # validation pAUC, so utils.train.epoch_choice reports both choices per fold.
+    # validation pAUC, so utils.image.train.epoch_choice reports both choices per fold.
     oof_epoch: str = "best"
     num_workers: int = 4
     eval_batch_size: int = 128
     weights_path: str | None = None
-    # Augmentations are the reference's, fixed in utils.image_data.train_transforms; CoarseDropout
+    # Augmentations are the reference's, fixed in utils.image.data.train_transforms; CoarseDropout
     # cuts one hole of 0.375 x the side, what the reference call did under its albumentations
     # 1.4.13 (the issue text read it as several holes).
 
@@ -161,14 +161,14 @@ class GBDTConfig:
     rounds: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Optional feature groups and the blend, none in the reference (so all off in `paper`), each
     # a candidate of the `plus` recipe (PLUS_GBDT holds the ones kept):
-    # patient x site normalisation and within-patient percentiles (utils.features),
+    # patient x site normalisation and within-patient percentiles (utils.tabular.features),
     site_features: bool = False
-    # "ugly duckling" outlier features of the metadata (utils.plus_features), every member,
+    # "ugly duckling" outlier features of the metadata (utils.tabular.plus_features), every member,
     ugly_duckling: bool = False
-    # patient-relative image scores (utils.plus_features), the image members,
+    # patient-relative image scores (utils.tabular.plus_features), the image members,
     patient_image: bool = False
     # "equal": the reference's soft vote; "nested": weights fitted on the members' OOF
-    # (utils.blend.nested_blend; the reported CV scores each fold with weights fitted without it).
+    # (tabular.blend.nested_blend; the reported CV scores each fold with weights fitted without it).
     blend: str = "equal"
 
     def __post_init__(self):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.layers.gem import GeM
+from utils.image.layers.gem import GeM
 
 
 class MultiScaleGeM(nn.Module):

@@ -1,13 +1,13 @@
 """Kaggle packaging: metadata validation and self-contained kernel builds (the build CLI).
 
-What runs inside a kernel (library checks, input paths) is utils.kaggle_input. Commands (the
+What runs inside a kernel (library checks, input paths) is utils.kaggle.input. Commands (the
 README's "Kaggle workflow" walks through them):
-    python -m utils.kaggle_build validate [--built build/kernels]
-    python -m utils.kaggle_build build [--owner NAME] [--out build/kernels] [--tuned]
-    python -m utils.kaggle_build dry-run [--out build/kernels]
-    python -m utils.kaggle_build dataset SLUG --from DIR [--owner NAME] [--out build/datasets]
-    python -m utils.kaggle_build weights --out DIR
-`python -m utils.kaggle_build COMMAND --help` describes one command and its defaults.
+    python -m utils.kaggle.build validate [--built build/kernels]
+    python -m utils.kaggle.build build [--owner NAME] [--out build/kernels] [--tuned]
+    python -m utils.kaggle.build dry-run [--out build/kernels]
+    python -m utils.kaggle.build dataset SLUG --from DIR [--owner NAME] [--out build/datasets]
+    python -m utils.kaggle.build weights --out DIR
+`python -m utils.kaggle.build COMMAND --help` describes one command and its defaults.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import nbformat
 from utils.cli import DefaultsHelpFormatter, RawDefaultsHelpFormatter
 from utils.settings import IMAGE_MODELS as IMAGE_MODEL_REGISTRY
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 UTILS_DIR = REPO_ROOT / "utils"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 KERNELS_DIR = REPO_ROOT / "kernels"
@@ -58,7 +58,7 @@ IMAGE_DATASET = "fusionnetx-isic2024-image-models"
 TUNING_DATASET = "fusionnetx-isic2024-gbdt-tuning"
 GBDT_DATASET = "fusionnetx-isic2024-gbdt-models"
 IMAGE_MODELS = tuple(IMAGE_MODEL_REGISTRY)
-# Pretrained backbone (utils.models.BACKBONES name) of each image model; its file is <name>.pth.
+# Pretrained backbone (image.models.BACKBONES name) of each image model; its file is <name>.pth.
 IMAGE_BACKBONES = {model: spec.backbone for model, spec in IMAGE_MODEL_REGISTRY.items()}
 WEIGHT_FILES = tuple(sorted({f"{b}.pth" for b in IMAGE_BACKBONES.values()}))
 # What each repo-defined dataset holds: names copied from the source folder by `dataset`.
@@ -241,10 +241,10 @@ def _helpers(value: Any) -> set[str]:
 
 def injected_source(parameters: dict[str, Any], owner: str | None = None) -> str:
     """Source of the cell that sets Kaggle parameters after the notebook's `parameters` cell."""
-    lines = ["# Kaggle parameters, injected by `python -m utils.kaggle_build build`"]
+    lines = ["# Kaggle parameters, injected by `python -m utils.kaggle.build build`"]
     helpers = sorted(set().union(*(_helpers(v) for v in parameters.values())))
     if helpers:
-        lines.append(f"from utils.kaggle_input import {', '.join(helpers)}")
+        lines.append(f"from utils.kaggle.input import {', '.join(helpers)}")
     lines += [f"{key} = {render_value(value, owner)}" for key, value in parameters.items()]
     return "\n".join(lines) + "\n"
 
@@ -417,7 +417,7 @@ def validate(
         if str(meta.get("id", "")).partition("/")[2] != folder.name:
             problems.append(f"{path}: folder name must equal the dataset slug")
         if folder.name not in DATASET_CONTENTS:
-            problems.append(f"{path}: no DATASET_CONTENTS entry in utils/kaggle_build.py")
+            problems.append(f"{path}: no DATASET_CONTENTS entry in utils/kaggle/build.py")
     known = set(defined_datasets(datasets_dir).values()) | set(PUBLIC_DATASETS)
     folders = kernel_folders(kernels_dir)
     if not folders:
@@ -430,7 +430,7 @@ def validate(
             problems.append(f"{path}: code_file must be {folder.name}.ipynb (the folder name)")
         params = KAGGLE_PARAMETERS.get(folder.name)
         if params is None:
-            problems.append(f"{path}: no KAGGLE_PARAMETERS entry in utils/kaggle_build.py")
+            problems.append(f"{path}: no KAGGLE_PARAMETERS entry in utils/kaggle/build.py")
             continue
         sources = {split_ref(r)[1] for r in meta.get("dataset_sources", []) if "/" in str(r)}
         sources |= set(meta.get("competition_sources", []))
@@ -463,7 +463,7 @@ def top_level_code_file() -> str:
 
 
 # Embedded in every kernel: the package itself and what runs before the stage.
-KERNEL_BASE_MODULES = ("utils/__init__.py", "utils/kaggle_input.py")
+KERNEL_BASE_MODULES = ("utils/__init__.py", "utils/kaggle/input.py")
 
 
 def _module_file(module: str, root: Path) -> Path | None:
@@ -534,7 +534,7 @@ def bootstrap_source(archive: bytes) -> str:
     digest = hashlib.sha256(archive).hexdigest()[:12]
     payload = base64.b64encode(archive).decode("ascii")
     return (
-        "# FusionNetX bootstrap, written by `python -m utils.kaggle_build build`: the utils/\n"
+        "# FusionNetX bootstrap, written by `python -m utils.kaggle.build build`: the utils/\n"
         "# package travels inside this notebook, so the kernel needs no repository checkout,\n"
         "# no code dataset and no internet.\n"
         "import base64, io, sys, tempfile, zipfile\n"
@@ -548,7 +548,7 @@ def bootstrap_source(archive: bytes) -> str:
         '    raise ImportError(f"utils imported from {utils.__file__}, not the embedded copy")\n'
         f'print("FusionNetX utils {digest} unpacked to", FUSIONNETX_SRC)\n'
         "# Fails here, in one line, when a library is older than any the suite is tested with.\n"
-        "from utils.kaggle_input import check_versions\n"
+        "from utils.kaggle.input import check_versions\n"
         "check_versions()\n"
     )
 
@@ -734,7 +734,7 @@ def download_weights(out_dir: Path) -> list[Path]:
     import timm
     import torch
 
-    from utils.models import BACKBONES
+    from utils.image.models import BACKBONES
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -853,7 +853,7 @@ COMMANDS = {  # name -> (one-line help, what it does)
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
-        prog="python -m utils.kaggle_build",
+        prog="python -m utils.kaggle.build",
         description=__doc__,
         formatter_class=RawDefaultsHelpFormatter,
     )

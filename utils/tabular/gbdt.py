@@ -2,14 +2,14 @@
 
 `run_gbdt_stage(data_dir, output_dir, image_oof_dirs, params_path, preset, recipe)` is what
 notebooks/03_gbdt calls, and what tuning (through `load_training_frame`), tests and bench reuse:
-1. read train-metadata.csv and build the features (utils.features);
+1. read train-metadata.csv and build the features (utils.tabular.features);
 2. join the folds (utils.folds) on isic_id, never by row position;
 3. join each image model's OOF on isic_id as img_<model> (the model and its run's config hash
    come from the run's config.json and are recorded per column);
    the `plus` recipe's optional groups (GBDTConfig: site_features, ugly_duckling, patient_image)
    are built here too and recorded in features.json, so the submission kernel builds the same;
-4. cross-validate the four members and the soft vote (utils.cv), or with `blend="nested"`
-   weights fitted on the members' OOF (utils.blend.nested_blend, saved in ensemble.json);
+4. cross-validate the four members and the soft vote (utils.tabular.cv), or with `blend="nested"`
+   weights fitted on the members' OOF (utils.tabular.blend.nested_blend, saved in ensemble.json);
 5. write `<output_dir>/gbdt/` from clean (an earlier run is moved aside): models, ensemble.json,
    features.json, params.json, cv_report.json, oof.csv, importance.csv, plots, and last
    manifest.json (utils.manifest). Every file is written atomically (a temporary name, then
@@ -29,18 +29,18 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from utils.blend import nested_blend
-from utils.cv import CVResult, ablation_table, cross_validate, cv_report, feature_importance
-from utils.features import build_features, features_spec, join_image_oofs
 from utils.folds import with_folds
-from utils.gbdt_libraries import ENSEMBLE, LIBRARIES, load_params, make_members, resolve_params
 from utils.io import DataDir
 from utils.manifest import atomic_output, set_aside, write_json, write_manifest
 from utils.metric import pauc
 from utils.oof import write_oof
 from utils.plots import plot_fold_scores, plot_importance, plot_roc
-from utils.plus_features import add_optional_features
 from utils.settings import FOLD_SEED, N_FOLDS, GBDTConfig, resolve
+from utils.tabular.blend import nested_blend
+from utils.tabular.cv import CVResult, ablation_table, cross_validate, cv_report, feature_importance
+from utils.tabular.features import build_features, features_spec, join_image_oofs
+from utils.tabular.libraries import ENSEMBLE, LIBRARIES, load_params, make_members, resolve_params
+from utils.tabular.plus_features import add_optional_features
 
 GBDT_DIR = "gbdt"
 
@@ -156,7 +156,7 @@ class GBDTRun:
 
 def apply_blend(result: CVResult, kind: str) -> dict[str, Any]:
     """The blend of the members' OOF (GBDTConfig.blend): "equal" keeps the soft vote; "nested"
-    replaces the ensemble's OOF by utils.blend.nested_blend's (each fold scored with weights
+    replaces the ensemble's OOF by utils.tabular.blend.nested_blend's (each fold scored with weights
     fitted on the other folds: an honest CV) and returns the weights fitted on every row, which
     the submission applies. JSON-ready: kind, weights per member, OOF pAUC of both blends."""
     names = list(result.members)

@@ -1,6 +1,6 @@
 """What runs inside a Kaggle kernel before the stage: library checks and input paths.
 
-Kept apart from the build CLI (utils.kaggle_build) and free of third-party imports, so a built
+Kept apart from the build CLI (utils.kaggle.build) and free of third-party imports, so a built
 kernel embeds it whatever stage it runs, and it can fail in seconds, before any long import.
 """
 

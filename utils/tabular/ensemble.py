@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from utils.gbdt_libraries import ENSEMBLE, LIBRARIES, META_MEMBER, Member, member_matrix
 from utils.manifest import MANIFEST_FILE, FolderCheck, check_folder
+from utils.tabular.libraries import ENSEMBLE, LIBRARIES, META_MEMBER, Member, member_matrix
 
 ENSEMBLE_FILE = "ensemble.json"
 FEATURES_FILE = "features.json"

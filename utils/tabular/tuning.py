@@ -3,8 +3,8 @@
 Entry: `run_tuning(data_dir, output_dir, image_oof_dirs, preset, recipe)`, settings from
 utils.settings (TuneConfig). One study per library kind (`SEARCH_SPACES`: "lgb", "cat", "xgb").
 A trial suggests params around the centre (the recipe's published params, utils.settings, with
-the preset's centres), and scores the stage-3 member of that kind with utils.cv.iter_cv on stage
-3's own training frame (utils.gbdt.load_training_frame): the same features, folds and in-fold
+the preset's centres), and scores the stage-3 member of that kind with tabular.cv.iter_cv on stage
+3's own training frame (tabular.gbdt.load_training_frame): the same features, folds and in-fold
 sampling. The objective is the pAUC of the member's OOF over all rows
 (stage 3's "overall"); after each fold the mean fold pAUC so far is reported so a MedianPruner
 can stop weak trials early. Trial 0 of a new study is the centre itself, so every study holds
@@ -19,7 +19,7 @@ The sampler is TPESampler(seed + trials already in the study): deterministic, an
 does not repeat the first run's random start-up points.
 
 `best_params.json` (next to the database) holds the best trial's params of every kind tuned on
-this setup, in the format utils.gbdt_libraries.load_params reads ({"lgb": {...}, ...}); the
+this setup, in the format utils.tabular.libraries.load_params reads ({"lgb": {...}, ...}); the
 tuned "lgb" params also apply to the metadata-only member lgb_meta (resolve_params). Tuned
 rounds replace the preset's: params tuned under "demo" carry demo-sized rounds.
 """
@@ -44,12 +44,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
-from utils.cv import iter_cv
-from utils.gbdt import TrainingFrame, feature_groups, load_training_frame
-from utils.gbdt_libraries import load_params, make_members, resolve_params
 from utils.manifest import MANIFEST_FILE, config_hash, set_aside, write_json, write_manifest
 from utils.metric import pauc
 from utils.settings import FOLD_SEED, GBDTConfig, TuneConfig, resolve
+from utils.tabular.cv import iter_cv
+from utils.tabular.gbdt import TrainingFrame, feature_groups, load_training_frame
+from utils.tabular.libraries import load_params, make_members, resolve_params
 
 TUNING_DIR = "tuning"
 STORAGE_FILE = "optuna.sqlite3"
@@ -297,7 +297,7 @@ def best_params(studies: Mapping[str, optuna.Study]) -> dict[str, dict[str, Any]
 
 
 def write_best_params(studies: Mapping[str, optuna.Study], output_dir: str | Path) -> Path:
-    """Write `<output_dir>/tuning/best_params.json` and check utils.gbdt.load_params reads it."""
+    """Write `<output_dir>/tuning/best_params.json` and check gbdt.load_params reads it."""
     params = best_params(studies)
     missing = sorted(set(studies) - set(params))
     if missing:

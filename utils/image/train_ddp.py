@@ -1,10 +1,10 @@
 """Stage 1 under torchrun: one image model trained by DDP ranks on one or several machines.
 
     torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        --local-ranks-filter 0 -m utils.train_ddp vit_tiny --data-dir DATA --output-dir OUT \\
+        --local-ranks-filter 0 -m utils.image.train_ddp vit_tiny --data-dir DATA --output-dir OUT \\
         --preset full --set weights_path=/weights/vit_tiny.pth
 
-Every rank runs utils.train.run_image_stage with the same arguments (the same data dir and
+Every rank runs utils.image.train.run_image_stage with the same arguments (the same data dir and
 settings on every machine; the ranks check their config_hash agrees) inside the group torchrun
 describes: NCCL with one GPU per rank, or gloo on CPUs (`--backend gloo`). Rank 0 writes the
 run dir (oof.csv, fold{k}.pt, config.json, history.csv, manifest.json, as a notebook run) and
@@ -24,7 +24,7 @@ from typing import Any
 import torch.distributed as dist
 
 from utils.cli import RawDefaultsHelpFormatter
-from utils.distributed import DEFAULT_TIMEOUT_S, init_from_env
+from utils.image.distributed import DEFAULT_TIMEOUT_S, init_from_env
 from utils.settings import IMAGE_MODELS, PRESETS, RECIPES, TrainConfig
 
 # fixed by the model's registry entry, not by --set
@@ -47,7 +47,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchrun ... -m utils.train_ddp",
+        prog="torchrun ... -m utils.image.train_ddp",
         description=__doc__,
         formatter_class=RawDefaultsHelpFormatter,
     )
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from utils.train import fold_scores, run_image_stage
+    from utils.image.train import fold_scores, run_image_stage
 
     group = init_from_env(args.backend, args.timeout_s)
     if group.is_main:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
-from utils.layers import ClassToken, MultiScaleGeM
+from utils.image.layers import ClassToken, MultiScaleGeM
 
 
 @dataclass(frozen=True)

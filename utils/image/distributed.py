@@ -1,14 +1,14 @@
 """torch.distributed for the image stage: process groups, each rank's share of an epoch's draw
 and of the ids to predict, and a launcher that spawns one process per GPU from a notebook.
 
-A training run takes one of three forms (utils.train picks it; nothing to configure):
+A training run takes one of three forms (utils.image.train picks it; nothing to configure):
 - one process (CPU, one GPU, or an explicit `cuda:k`): `Group()`, every collective a no-op;
 - one machine, N GPUs (a notebook cell or a script): `launch` spawns N processes with
   torch.multiprocessing's "spawn" start method (a notebook kernel cannot fork safely; the
   children import their function from utils, found through the sys.path spawn passes on), one
   NCCL rank per GPU (gloo ranks on CPU), joined through a TCPStore the parent opens on port 0
   (a free port, no race). Rank 0's return value comes back to the parent;
-- several machines: `torchrun` starts the processes (python -m utils.train_ddp) and
+- several machines: `torchrun` starts the processes (python -m utils.image.train_ddp) and
   `init_from_env` joins the group it describes.
 
 Failure: a rank that raises writes its traceback and exits; the launcher then stops the other
@@ -282,7 +282,7 @@ def launch(
 ) -> Any:
     """Run fn(*args) on `world_size` spawned ranks of one machine (NCCL, one GPU each, or gloo
     on the CPU) and return rank 0's result. `fn` must be importable (a module-level function of
-    a package on sys.path, e.g. utils.train.train_rank). A rank that fails stops every rank and
+    a package on sys.path, e.g. image.train.train_rank). A rank that fails stops every rank and
     raises RankFailed here with its traceback; so does one that outlives `timeout_s` in a
     collective. Scripts need the usual `if __name__ == "__main__":` guard of any spawn."""
     ctx = mp.get_context("spawn")

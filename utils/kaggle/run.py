@@ -1,6 +1,6 @@
 """The whole Kaggle workflow in one resumable command: build, push, wait, collect, publish, submit.
 
-    python -m utils.kaggle_run [--owner NAME] [--work-dir work/kaggle] [--weights weights/]
+    python -m utils.kaggle.run [--owner NAME] [--work-dir work/kaggle] [--weights weights/]
                                [--tune] [--submit] [--from STEP | --only STEP] [--dry-run]
 
 Steps, in order (see docs/kaggle_run.md):
@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from utils import kaggle_build as kb
+from utils.kaggle import build as kb
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
 DEFAULT_WEIGHTS_DIR = Path("weights")
@@ -352,7 +352,7 @@ class Options:
 
     def resume_command(self) -> str:
         """The command that continues this run."""
-        return shlex.join(["python", "-m", "utils.kaggle_run", *self.resume_args])
+        return shlex.join(["python", "-m", "utils.kaggle.run", *self.resume_args])
 
 
 class Runner:
@@ -640,7 +640,7 @@ class Runner:
             if not source.is_dir():
                 raise RunStopped(
                     f"{kb.WEIGHTS_DATASET} is missing on Kaggle and {source} does not exist: run "
-                    f"`python -m utils.kaggle_build weights --out {source}` first (needs internet)"
+                    f"`python -m utils.kaggle.build weights --out {source}` first (needs internet)"
                 )
         else:
             source = self.opts.work_dir / "staging" / slug
@@ -727,7 +727,7 @@ def push_reason(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m utils.kaggle_run",
+        prog="python -m utils.kaggle.run",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

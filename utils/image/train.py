@@ -1,4 +1,4 @@
-"""Stage 1: one training loop for every image model (prediction lives in utils.predict).
+"""Stage 1: one training loop for every image model (prediction lives in utils.image.predict).
 
 `run_image_stage(model, data_dir, output_dir, preset, recipe, **overrides)` is the entry the
 notebooks, tests and bench call. A run trains `n_folds` fold models of one image model
@@ -9,8 +9,8 @@ history), `history.csv`, `oof.csv` (every training row exactly once, utils.oof f
 last, `manifest.json` (utils.manifest).
 
 Recipe (utils.settings.TrainConfig, the reference's): each epoch trains on every positive twice
-plus as many fresh negatives (utils.image_data.NegativeResampler) with AdamW on the backbone's
-parameter groups (utils.models.param_groups), no gradient clipping, and validates on a fixed
+plus as many fresh negatives (utils.image.data.NegativeResampler) with AdamW on the backbone's
+parameter groups (utils.image.models.param_groups), no gradient clipping, and validates on a fixed
 subsample of the held-out fold (every positive plus 10 eligible negatives per positive, drawn
 once per fold) whose pAUC picks the checkpoint; the chosen checkpoint then predicts the whole
 held-out fold once for the OOF (the full fold every epoch cost more than the training itself).
@@ -31,9 +31,9 @@ first; oof.csv and the manifest wait until every fold is finished.
 Rerun: other settings or data (another `config_hash`), or `force`, move the old run dir aside
 (`<output_dir>/.previous/<model_name>`) and train from scratch.
 
-Several GPUs (utils.distributed, docs/multi_gpu.md): with more than one visible GPU the run
+Several GPUs (utils.image.distributed, docs/multi_gpu.md): with more than one visible GPU the run
 spawns one DistributedDataParallel process per GPU (NCCL; `world_size=` sets the count, gloo
-processes on the CPU in tests); under `torchrun` (python -m utils.train_ddp) each process is a
+processes on the CPU in tests); under `torchrun` (python -m utils.image.train_ddp) each process is a
 rank of torchrun's group, on one machine or several. `batch_size` stays the global batch: each
 epoch's draw is cut into the same global batches as one process takes, and every rank trains on
 a contiguous piece of each (RankBatches), its mean loss weighted by its share, so DDP's gradient
@@ -67,14 +67,25 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import distributed
-from utils.distributed import Group, RankBatches, gather_predictions
 from utils.folds import assign_folds
-from utils.image_data import (
+from utils.image import distributed
+from utils.image.data import (
     ImageDataset,
     NegativeResampler,
     train_transforms,
     validation_subsample,
+)
+from utils.image.distributed import Group, RankBatches, gather_predictions
+from utils.image.models import BACKBONES, param_groups
+from utils.image.predict import (
+    CONFIG_FILE,
+    batch_images,
+    build_model,
+    default_device,
+    make_loader,
+    predict_with_models,
+    resolve_images,
+    to_device,
 )
 from utils.io import DataDir, HDF5Images
 from utils.labels import suspicious_label
@@ -87,19 +98,8 @@ from utils.manifest import (
     write_manifest,
 )
 from utils.metric import pauc
-from utils.models import BACKBONES, param_groups
 from utils.notebook_params import list_parameter
 from utils.oof import write_oof
-from utils.predict import (
-    CONFIG_FILE,
-    batch_images,
-    build_model,
-    default_device,
-    make_loader,
-    predict_with_models,
-    resolve_images,
-    to_device,
-)
 from utils.settings import TrainConfig, image_config
 
 OOF_FILE = "oof.csv"
@@ -309,7 +309,7 @@ def predict_ids(
     device: torch.device,
     desc: str,
 ) -> np.ndarray:
-    """One model's probabilities for `isic_ids` (utils.predict at the run's eval settings)."""
+    """One model's probabilities for `isic_ids` (utils.image.predict at the run's eval settings)."""
     return predict_with_models(
         [model],
         images,

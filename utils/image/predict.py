@@ -32,16 +32,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from utils.distributed import shard_bounds, workers_per_process
-from utils.image_data import (
+from utils.image.data import (
     ImageDataset,
     NegativeResampler,
     collate_batch,
     eval_transforms,
     reseed_worker,
 )
+from utils.image.distributed import shard_bounds, workers_per_process
+from utils.image.models import ImageModel
 from utils.io import HDF5Images
-from utils.models import ImageModel
 from utils.settings import TrainConfig
 
 CONFIG_FILE = "config.json"
@@ -80,7 +80,7 @@ def make_loader(
     generator: torch.Generator | None = None,
     batch_sampler: Sampler[list[int]] | None = None,
 ) -> DataLoader:
-    """DataLoader of the item dicts; a `batch_sampler` (utils.distributed.RankBatches) gives
+    """DataLoader of the item dicts; a `batch_sampler` (utils.image.distributed.RankBatches) gives
     each batch's indices itself, in place of `batch_size` and `sampler`."""
     if batch_sampler is not None:
         batching = {"batch_sampler": batch_sampler}

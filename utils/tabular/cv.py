@@ -22,7 +22,9 @@ from imblearn.over_sampling import RandomOverSampler
 from imblearn.under_sampling import RandomUnderSampler
 from tqdm.auto import tqdm
 
-from utils.gbdt_libraries import (
+from utils.metric import pauc
+from utils.settings import Sampling
+from utils.tabular.libraries import (
     ENSEMBLE,
     LIBRARIES,
     META_MEMBER,
@@ -30,8 +32,6 @@ from utils.gbdt_libraries import (
     Member,
     member_matrix,
 )
-from utils.metric import pauc
-from utils.settings import Sampling
 
 DEFAULT_SAMPLING = Sampling()
 

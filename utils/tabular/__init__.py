@@ -1,0 +1,1 @@
+"""Tabular stage: metadata features, the GBDT libraries, CV, blending, the ensemble, tuning."""

@@ -14,8 +14,8 @@ P_t of the real target (validation and OOF always use the real target):
 - after (the recipe, utils.settings.TrainConfig): training pos_repeat x P (k-1)/k positives plus
   neg_ratio as many negatives per epoch; validation every P_t/k held-out positive plus
   val_neg_per_pos negatives per positive per epoch; one OOF pass over the N/k held-out rows.
-- before (the code until issue 15): training P (k-1)/k positives plus 20 negatives each per
-  epoch; the whole held-out fold (N/k) predicted after every epoch, no separate OOF pass.
+- before (the sampler the reference recipe replaced): training P (k-1)/k positives plus 20
+  negatives each per epoch; the whole held-out fold (N/k) predicted after every epoch, no separate OOF pass.
 Counts default to the ISIC 2024 training set (401,059 rows, 393 malignant); the suspicious label
 (target, iddx_1 Indeterminate or any iddx_2) has about 1,100-1,500 positives there: --suspicious
 takes the upper value, or --data-dir counts both from a train-metadata.csv.
@@ -60,7 +60,7 @@ from utils.settings import IMAGE_MODELS, TrainConfig, image_config  # noqa: E402
 
 ROWS, MALIGNANT = 401_059, 393  # ISIC 2024 train-metadata.csv
 GOAL_HOURS = 4.0  # a training kernel: one image model, all folds, one T4
-BEFORE_NEG_PER_POS = 20.0  # the sampler until issue 15: positives once, 20 negatives each
+BEFORE_NEG_PER_POS = 20.0  # the earlier sampler: positives once, 20 negatives each
 TRAIN_COST = 3.0  # FLOPs of a training image / a forward pass (forward + backward)
 GRAD_BYTES = 4  # fp32 gradients: autocast keeps the weights, and so DDP's buckets, in fp32
 LINK_GBPS = 6.0  # assumed all-reduce bandwidth between Kaggle's two T4s (see the docstring)
@@ -79,7 +79,7 @@ class Images:
 def fold_images(
     cfg: TrainConfig, rows: int, positives: int, malignant: int, recipe: bool
 ) -> Images:
-    """Images per fold of a run of `cfg`, after (`recipe`) or before issue 15."""
+    """Images per fold of a run of `cfg`: the reference recipe (`recipe`) or the earlier sampler."""
     share = (cfg.n_folds - 1) / cfg.n_folds
     train_pos, negatives = positives * share, (rows - positives) * share
     held_out, held_out_pos = rows / cfg.n_folds, malignant / cfg.n_folds

@@ -23,7 +23,7 @@ def _capture(module: nn.Module, store: dict, key: str, what: str = "output"):
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_pretrained_weights_from_local_file(tmp_path, backbone):
     # As kaggle_build.download_weights saves it: the whole timm model, 1000-class head included.
-    # Kaggle's timm (1.0.26) read the AugReg ViT files as JAX .npz through this path (issue 12).
+    # Kaggle's timm (1.0.26) read the AugReg ViT files as JAX .npz through this path.
     reference = timm.create_model(BACKBONES[backbone].timm_name, pretrained=False)
     state = reference.state_dict()
     norm = FINAL_NORM[backbone]

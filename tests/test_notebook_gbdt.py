@@ -44,7 +44,7 @@ def test_notebook_writes_gbdt_artifacts(synthetic_dir, demo_image_oof_dir, tmp_p
             "preset": "demo",
             "image_oof_dirs": [str(demo_image_oof_dir)],
             "params_path": str(params),
-            "seeds": [0],
+            "seeds": "[0, 1]",  # as `papermill -p seeds '[0, 1]'` delivers it
             "threads": 1,
         },
         tmp_path,
@@ -73,6 +73,7 @@ def test_notebook_writes_gbdt_artifacts(synthetic_dir, demo_image_oof_dir, tmp_p
     manifest = read_manifest(gbdt_dir)
     assert manifest["config"]["image_sources"] == ensemble.image_sources
     assert manifest["config"]["gbdt"]["preset"] == "demo" and "roc.png" in manifest["files"]
+    assert manifest["config"]["gbdt"]["seeds"] == [0, 1]
 
 
 def _pauc(oof: pl.DataFrame) -> float:

@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,7 +146,7 @@ def test_pipeline_passes_names_and_paths_only(tmp_path):
 
 @pytest.mark.parametrize("preset", ["demo", "full"])
 def test_paper_recipe_is_the_reference_training_recipe(preset):
-    """Issue 15: the reference's values in every preset (demo only shrinks sizes)."""
+    """The reference's values in every preset (demo only shrinks sizes)."""
     for name in IMAGE_MODELS:
         cfg = image_config(name, preset)
         assert (cfg.dropout, cfg.dropout_samples) == (0.5, 1)
@@ -168,3 +169,34 @@ def test_train_config_rejects_unknown_pool_and_bad_repeat():
         TrainConfig(pool="max")
     with pytest.raises(ValueError, match="pos_repeat"):
         TrainConfig(pos_repeat=0)
+
+
+@pytest.mark.parametrize(
+    ("stage", "given", "parsed"),
+    [
+        ("gbdt", {"seeds": "[0, 1]"}, {"seeds": (0, 1)}),  # papermill -p seeds '[0, 1]'
+        ("gbdt", {"seeds": 3}, {"seeds": (3,)}),  # papermill -p seeds 3
+        ("tuning", {"kinds": '["lgb"]'}, {"kinds": ("lgb",)}),
+        ("tuning", {"kinds": "cat"}, {"kinds": ("cat",)}),
+        ("tuning", {"timeout": "90"}, {"timeout": 90.0}),
+        ("image", {"epochs": "2", "head_norm": "true"}, {"epochs": 2, "head_norm": True}),
+        ("image", {"max_grad_norm": "1.5"}, {"max_grad_norm": 1.5}),
+        ("external", {"image_models": '["vit_tiny"]'}, {"image_models": ("vit_tiny",)}),
+    ],
+)
+def test_resolve_parses_parameters_by_field_type(stage, given, parsed):
+    config = getattr(resolve("demo", **{stage: given}), stage)
+    assert {name: getattr(config, name) for name in parsed} == parsed
+
+
+@pytest.mark.parametrize(
+    ("stage", "given", "message"),
+    [
+        ("image", {"epochs": "two"}, "epochs: expected int, got 'two'"),
+        ("gbdt", {"seeds": "[0,"}, "seeds: '[0,' looks like a list but is not valid JSON"),
+        ("external", {"weights_path": "{vit_tiny}"}, "weights_path: '{vit_tiny}' is not a JSON"),
+    ],
+)
+def test_resolve_names_the_parameter_it_cannot_parse(stage, given, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve("demo", **{stage: given})

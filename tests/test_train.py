@@ -211,7 +211,7 @@ def test_fold_k_never_trains_on_fold_k_and_its_oof_is_model_k(small_set, tmp_pat
 
 
 def test_oof_epoch_last_keeps_the_last_epoch_and_reports_both(small_set, tmp_path, monkeypatch):
-    """oof_epoch (issue 16, candidate 6): "best" keeps the epoch of the best validation score,
+    """oof_epoch (a plus candidate): "best" keeps the epoch of the best validation score,
     "last" the final epoch, from the same training; history.csv reports both choices."""
     meta, images = small_set
     cpu = torch.device("cpu")
@@ -288,7 +288,7 @@ def test_external_style_metadata_with_given_folds(small_set, tmp_path):
     assert record["folds"]["source"] == "metadata"
 
 
-# ---------------------------------------------------------------------------------- issue 15
+# ------------------------------------------------------------------- the reference recipe
 
 
 def test_validation_rows_keep_every_positive_and_eligible_negatives_once_per_fold():

@@ -303,3 +303,16 @@ def test_notebook_tunes_all_kinds(synthetic_dir, demo_image_oof_dir, tmp_path, m
         assert (tuning / plot).stat().st_size > 1000
     executed = json.loads((tmp_path / "executed.ipynb").read_text())
     assert "img_vit_tiny" in json.dumps(executed)
+
+
+def test_notebook_takes_kinds_as_papermill_delivers_them(
+    synthetic_dir, demo_image_oof_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "runs"
+    parameters = {"data_dir": str(synthetic_dir), "output_dir": str(out), "preset": "demo"}
+    # `papermill -p kinds '["lgb"]' -p n_trials 1` passes the list as a string
+    parameters |= {"kinds": '["lgb"]', "n_trials": 1, "threads": 1}
+    parameters["image_oof_dirs"] = str(demo_image_oof_dir)  # one plain string: a single item
+    run_notebook(str(NOTEBOOK), parameters, tmp_path, monkeypatch)
+    summary = pl.read_csv(out / TUNING_DIR / "summary.csv")
+    assert summary["kind"].to_list() == ["lgb"] and summary["trials"].to_list() == [1]

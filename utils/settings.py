@@ -14,10 +14,15 @@ cell through unchanged. Stage modules hold logic only: they take these configs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from utils.notebook_params import list_parameter, mapping_parameter
 
 RECIPES = ("paper", "plus")
 BLENDS = ("equal", "nested")  # GBDTConfig.blend: soft vote, or weights fitted on the OOF
@@ -417,13 +422,44 @@ def _demo(recipe: str) -> Settings:
 PRESETS = {"demo": _demo, "full": _full}
 
 
-def _given(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Overrides without None values; lists become tuples (frozen configs)."""
+def _given(overrides: Mapping[str, Any] | None, config: type | None = None) -> dict[str, Any]:
+    """Overrides without None values, each parsed to its field's type in `config` (if given).
+
+    Notebook parameters arrive as papermill delivers them: `-p seeds '[0, 1]'` is a string, and
+    `-p seeds 1` an int where the field holds a tuple. Lists become tuples (frozen configs).
+    """
+    hints = typing.get_type_hints(config) if config is not None else {}
     return {
-        k: tuple(v) if isinstance(v, list) else v
+        k: _typed(v, hints[k], k) if k in hints else tuple(v) if isinstance(v, list) else v
         for k, v in (overrides or {}).items()
         if v is not None
     }
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """`value` parsed to the field type `hint`; ValueError naming the parameter and the value."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = {typing.get_origin(h) or h for h in (typing.get_args(hint) if union else (hint,))}
+    if kinds & {tuple, list}:
+        return tuple(list_parameter(value if not isinstance(value, int | float) else [value], name))
+    if kinds & {Mapping, dict}:
+        return mapping_parameter(value, name)
+    if isinstance(value, str) and kinds & {int, float, bool}:
+        return _scalar(value, kinds, name)
+    return value
+
+
+def _scalar(text: str, kinds: set[Any], name: str) -> int | float | bool:
+    """A number or a boolean written as text (`-p epochs '3'`, `-p head_norm true`)."""
+    lowered = text.strip().lower()
+    if bool in kinds and lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        if kind in kinds:
+            with contextlib.suppress(ValueError):
+                return kind(text)
+    expected = " or ".join(sorted(k.__name__ for k in kinds if k in (int, float, bool)))
+    raise ValueError(f"{name}: expected {expected}, got {text!r}")
 
 
 def resolve(
@@ -443,7 +479,9 @@ def resolve(
         raise KeyError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
     settings = PRESETS[preset](recipe)
     changes = {
-        stage: dataclasses.replace(getattr(settings, stage), **_given(values))
+        stage: dataclasses.replace(
+            getattr(settings, stage), **_given(values, type(getattr(settings, stage)))
+        )
         for stage, values in stage_overrides.items()
         if _given(values)
     }
@@ -463,5 +501,5 @@ def image_config(
         model_name=model_name,
         backbone=spec.backbone,
         label=spec.label,
-        **_given(overrides),
+        **_given(overrides, type(template)),
     )

@@ -2,8 +2,11 @@
 
 Stage 1 scores its validation fold with `predict_with_models`; stage 4 (the submission kernel)
 and stage 5 load a finished run dir with `load_fold_models` and score test images with
-`predict`, whose value per image is the mean of the fold models' probabilities (as the OOF
-feature was made in training). fp16 autocast and channels_last on CUDA; CPU works the same.
+`predict`, whose value per image is the mean of the fold models' probabilities. That is not how
+the OOF feature is made: there each row is scored by the one fold model that did not see it, at
+the epoch chosen on that held-out fold's own score, so the OOF is a little optimistic and less
+smooth than the fold mean a test row gets. fp16 autocast and channels_last on CUDA; CPU works the
+same.
 
 Several GPUs: `predict` on device None or "cuda" (no index) scores on every visible GPU
 (`predict_on_devices`): each GPU takes a contiguous share of the ids with its own copies of the

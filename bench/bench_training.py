@@ -15,7 +15,8 @@ P_t of the real target (validation and OOF always use the real target):
   neg_ratio as many negatives per epoch; validation every P_t/k held-out positive plus
   val_neg_per_pos negatives per positive per epoch; one OOF pass over the N/k held-out rows.
 - before (the sampler the reference recipe replaced): training P (k-1)/k positives plus 20
-  negatives each per epoch; the whole held-out fold (N/k) predicted after every epoch, no separate OOF pass.
+  negatives each per epoch; the whole held-out fold (N/k) predicted after every epoch, no
+  separate OOF pass.
 Counts default to the ISIC 2024 training set (401,059 rows, 393 malignant); the suspicious label
 (target, iddx_1 Indeterminate or any iddx_2) has about 1,100-1,500 positives there: --suspicious
 takes the upper value, or --data-dir counts both from a train-metadata.csv.

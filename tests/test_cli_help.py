@@ -2,6 +2,7 @@
 
 import pytest
 
+from utils.cli import format_duration
 from utils.kaggle import build as kaggle_build
 
 
@@ -21,3 +22,17 @@ def test_kaggle_build_lists_one_command_a_line_and_helps_each(capsys):
     assert "write one folder per kernel" in build
     assert "build folder (default: " in build and "(default: None)" not in build
     assert "(default: False)" not in build  # a flag's default says nothing
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.4, "0 s"),
+        (42.2, "42 s"),
+        (185, "3 min 05 s"),
+        (3599.6, "1 h 00 min"),
+        (7500, "2 h 05 min"),
+    ],
+)
+def test_durations_read_the_same_everywhere(seconds, text):
+    assert format_duration(seconds) == text

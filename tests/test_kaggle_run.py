@@ -21,6 +21,7 @@ from requests import HTTPError
 
 from utils.kaggle import build as kb
 from utils.kaggle import run as kr
+from utils.manifest import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 OWNER = "alice"
@@ -270,7 +271,7 @@ def test_full_run_makes_every_call_in_order_and_records_it(tmp_path, weights_dir
     assert gbdt["version"] == 1 and gbdt["status"] == "complete"
     assert gbdt["against"] == {kb.IMAGE_DATASET: 1, kb.TUNING_DATASET: 1}
     assert set(gbdt["outputs"]) == set(KERNEL_FILES["03_gbdt"])
-    expected = kr.sha256_file(tmp_path / "work/outputs/03_gbdt/gbdt/oof.csv")
+    expected = file_sha256(tmp_path / "work/outputs/03_gbdt/gbdt/oof.csv")
     assert gbdt["outputs"]["gbdt/oof.csv"] == expected
     assert {s: d["version"] for s, d in state["datasets"].items()} == dict.fromkeys(
         kb.DATASET_CONTENTS, 1

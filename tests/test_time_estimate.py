@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from utils import inference
+from utils.cli import format_duration
 from utils.inference import (
     DECODE_IMAGES_PER_S,
     HIDDEN_TEST_ROWS,
     T4_FP16_TFLOPS,
     T4_UTILISATION,
     estimate_time,
-    format_duration,
     forward_gflops,
 )
 from utils.settings import image_config, resolve

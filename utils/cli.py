@@ -1,4 +1,5 @@
-"""Help text of the command-line tools: every option's default, shown once and only when set."""
+"""What the command-line tools print: help text with every option's default shown once and only
+when set, and durations in one format."""
 
 from __future__ import annotations
 
@@ -19,3 +20,12 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 class RawDefaultsHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """DefaultsHelpFormatter with the description kept as written (a docstring's layout)."""
+
+
+def format_duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s' or '2 h 05 min' (rounded to the second)."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"

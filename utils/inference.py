@@ -48,6 +48,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from utils.cli import format_duration
 from utils.image.distributed import workers_per_process
 from utils.image.predict import (
     CONFIG_FILE,
@@ -291,15 +292,6 @@ class TimeEstimate:
                 f"{KAGGLE_LIMIT_S / 3600:.0f} h limit: {100 * s / KAGGLE_LIMIT_S:.1f}%)"
             )
         return "\n".join(lines)
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as '12.3 s', '4.5 min' or '6.78 h'."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
 
 
 def _timed(fn: Callable[[Sequence[str]], object], ids: Sequence[str]) -> float:

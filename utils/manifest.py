@@ -93,11 +93,20 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (model files are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def data_fingerprint(frame: Any, label: str = "target") -> dict[str, Any]:
+    """Rows, positives (of `target`) and a sha1 of (isic_id, fold, `label`) sorted by isic_id:
+    which data a run saw (a polars frame; resume and provenance compare it)."""
+    rows = frame.select("isic_id", "fold", label).sort("isic_id").rows()
+    digest = hashlib.sha1("\n".join(f"{i},{f},{y}" for i, f, y in rows).encode()).hexdigest()
+    return {"rows": frame.height, "positives": int(frame["target"].sum()), "sha1": digest}
 
 
 def config_hash(config: Any) -> str:

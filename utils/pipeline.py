@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.cli import RawDefaultsHelpFormatter
+from utils.cli import RawDefaultsHelpFormatter, format_duration
 from utils.manifest import file_sha256, set_aside
 from utils.settings import IMAGE_MODELS, N_FOLDS, PRESETS, RECIPES, SyntheticConfig, resolve
 
@@ -330,8 +330,8 @@ def heartbeat(
         while not stop.wait(min(every_s, 5.0)):
             now = time.monotonic()
             if now - output.last >= every_s:
-                last = f" (last run took {_duration(previous_s)})" if previous_s else ""
-                log(f"{head}: still running, {_duration(now - start)} elapsed{last}")
+                last = f" (last run took {format_duration(previous_s)})" if previous_s else ""
+                log(f"{head}: still running, {format_duration(now - start)} elapsed{last}")
                 output.last = now
 
     thread = threading.Thread(target=beat, daemon=True)
@@ -341,12 +341,6 @@ def heartbeat(
     finally:
         stop.set()
         thread.join()
-
-
-def _duration(seconds: float) -> str:
-    """'42 s' or '3 min 05 s'."""
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def _execute_notebook(

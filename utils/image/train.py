@@ -50,10 +50,8 @@ so a run started on two GPUs resumes on one and the other way round.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import random
 import shutil
 from collections.abc import Sequence
@@ -93,6 +91,7 @@ from utils.manifest import (
     MANIFEST_FILE,
     atomic_output,
     config_hash,
+    data_fingerprint,
     set_aside,
     write_json,
     write_manifest,
@@ -179,20 +178,13 @@ def check_images(frame: pl.DataFrame, images: HDF5Images) -> None:
         )
 
 
-def data_fingerprint(frame: pl.DataFrame) -> dict:
-    """Row count, positives and a hash of (isic_id, fold, label): resume must see the same data."""
-    rows = frame.sort("isic_id").select("isic_id", "fold", "label").rows()
-    digest = hashlib.sha1("\n".join(f"{i},{f},{y}" for i, f, y in rows).encode()).hexdigest()
-    return {"rows": len(frame), "positives": int(frame["target"].sum()), "sha1": digest}
-
-
 def run_record(cfg: TrainConfig, frame: pl.DataFrame, folds_source: str) -> dict:
     """What config.json and the manifest record: config, folds, data fingerprint and the hash
     of all three without the RESUME_FREE settings (the run's identity, which stage 3 records)."""
     record = {
         "config": dataclasses.asdict(cfg),
         "folds": {"n_folds": cfg.n_folds, "seed": cfg.seed, "source": folds_source},
-        "data": data_fingerprint(frame),
+        "data": data_fingerprint(frame, "label"),  # resume must see the same data
     }
     identity = json.loads(json.dumps(record))
     for key in RESUME_FREE:
@@ -275,10 +267,9 @@ def train_one_epoch(
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename: an interrupted save leaves no broken file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file: an interrupted save leaves no broken file."""
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def cpu_state(model: nn.Module) -> dict:

@@ -40,7 +40,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from utils.cli import format_duration
 from utils.kaggle import build as kb
+from utils.manifest import file_sha256
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
 DEFAULT_WEIGHTS_DIR = Path("weights")
@@ -283,20 +285,11 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (model files are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checksums(root: Path, name: str) -> dict[str, str]:
     """sha256 of `name` under root (a file, or every file of a folder), by relative path."""
     target = root / name
     files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+    return {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
 
 
 def code_digest(notebook: Path) -> str:
@@ -322,13 +315,6 @@ def log_tail(log: str, lines: int = LOG_TAIL_LINES) -> str:
 def _now() -> str:
     """UTC time stamp for the state file."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _duration(seconds: float) -> str:
-    """1h05m / 4m30s."""
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 # ---------------------------------------------------------------- the run
@@ -503,7 +489,7 @@ class Runner:
             return
         start, delay = self.clock(), POLL_FIRST_S
         while True:
-            elapsed = _duration(self.clock() - start)
+            elapsed = format_duration(self.clock() - start)
             for kernel, record in list(pending.items()):
                 answer = self.check(step, kernel, record)
                 if answer is None:
@@ -659,7 +645,7 @@ class Runner:
             status = self.client.dataset_status(ref)
             if status == "ready":
                 return int(self.client.dataset_version(ref))
-            self.say(step.name, f"  {ref}: {status} after {_duration(self.clock() - start)}")
+            self.say(step.name, f"  {ref}: {status} after {format_duration(self.clock() - start)}")
             if status in ("failed", "deleted"):
                 raise RunStopped(f"Kaggle could not process {ref}: status {status}")
             if self.clock() - start >= self.opts.timeout_h * 3600:

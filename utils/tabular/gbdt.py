@@ -19,7 +19,6 @@ notebooks/03_gbdt calls, and what tuning (through `load_training_frame`), tests 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,13 @@ from matplotlib.figure import Figure
 
 from utils.folds import with_folds
 from utils.io import DataDir
-from utils.manifest import atomic_output, set_aside, write_json, write_manifest
+from utils.manifest import (
+    atomic_output,
+    data_fingerprint,
+    set_aside,
+    write_json,
+    write_manifest,
+)
 from utils.metric import pauc
 from utils.oof import write_oof
 from utils.plots import plot_fold_scores, plot_importance, plot_roc
@@ -83,13 +88,7 @@ class TrainingFrame:
 
     def fingerprint(self) -> dict[str, Any]:
         """Rows, positives and a hash of (isic_id, fold, target): which data a run saw."""
-        rows = self.frame.select("isic_id", "fold", "target").sort("isic_id").rows()
-        text = "\n".join(f"{i},{f},{t}" for i, f, t in rows)
-        return {
-            "rows": self.frame.height,
-            "positives": int(self.y.sum()),
-            "sha1": hashlib.sha1(text.encode()).hexdigest(),
-        }
+        return data_fingerprint(self.frame)
 
 
 FEATURE_GROUPS = ("site_features", "ugly_duckling", "patient_image")

@@ -1,7 +1,12 @@
 """utils.manifest: what made an artifact folder, its check, atomic writes, set-aside."""
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 from utils.manifest import (
     MANIFEST_FILE,
@@ -34,7 +39,7 @@ def test_manifest_records_files_config_code_and_libraries(tmp_path):
     assert record["files"]["models/m0.txt"]["size"] == 6
     assert record["config"] == {"lr": 0.1, "seed": 1} and record["stage"] == "test"
     assert record["config_hash"] == config_hash({"seed": 1, "lr": 0.1})
-    assert re.fullmatch(r"[0-9a-f]{16}", record["code_hash"]) and record["code_hash"] == code_hash()
+    assert re.fullmatch(r"[0-9a-f]{16}", record["code_hash"])
     assert record["libraries"]["polars"] and record["libraries"]["numpy"]
     assert record["libraries"] == library_versions()
     assert verify_manifest(root) == []
@@ -94,3 +99,23 @@ def test_check_folder_judges_each_file_and_skips_unfinished_writes(tmp_path):
     unreadable = check_folder(root)
     assert not unreadable.has_manifest and unreadable.problem("models/m0.txt") is None
     assert "manifest unreadable" in unreadable.messages()[0]
+
+
+def _code_hash_of(root: Path) -> str:
+    """code_hash() as computed by a process importing utils/ from `root`."""
+    command = [sys.executable, "-c", "from utils.manifest import code_hash; print(code_hash())"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_code_hash_follows_the_code_that_runs_not_its_location(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(
+        repo / "utils", tmp_path / "utils", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    copied = _code_hash_of(tmp_path)
+    assert copied == code_hash()  # same files elsewhere: same hash
+    metric = tmp_path / "utils" / "metric.py"
+    metric.write_text(metric.read_text() + "\n# one edited line\n")
+    assert _code_hash_of(tmp_path) != copied

@@ -1,8 +1,15 @@
 import polars as pl
 import pytest
 
-from utils.external import load_ham10000, load_ph2, read_layout, write_layout
+from utils.external import (
+    EXTERNAL_IMAGES,
+    EXTERNAL_METADATA,
+    load_ham10000,
+    load_ph2,
+    write_layout,
+)
 from utils.folds import with_folds
+from utils.io import HDF5Images
 
 
 def test_ph2_adapter_on_the_real_data(shared_data, tmp_path):
@@ -18,7 +25,8 @@ def test_ph2_adapter_on_the_real_data(shared_data, tmp_path):
     )
     assert frame["n_colours"].min() >= 1
     out = write_layout(ds, tmp_path / "ph2")
-    meta, images = read_layout(out)
+    meta = pl.read_csv(out / EXTERNAL_METADATA)
+    images = HDF5Images(out / EXTERNAL_IMAGES)
     assert meta["isic_id"].to_list() == frame["isic_id"].to_list()
     rgb = images.read("IMD002")
     assert rgb.shape[2] == 3 and max(rgb.shape[:2]) == 512

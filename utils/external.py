@@ -23,8 +23,6 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from utils.io import HDF5Images
-
 EXTERNAL_METADATA = "metadata.csv"
 EXTERNAL_IMAGES = "images.hdf5"
 ID_COLUMNS = ("isic_id", "patient_id", "target")
@@ -207,12 +205,3 @@ def write_layout(
                     data = _shrunk_jpeg(data, max_side, path)
                 h5.create_dataset(isic_id, data=np.bytes_(data))
     return out_dir
-
-
-def read_layout(out_dir: str | Path) -> tuple[pl.DataFrame, HDF5Images | None]:
-    """The metadata frame and (when present) the image store of an external data dir."""
-    out_dir = Path(out_dir)
-    frame = pl.read_csv(out_dir / EXTERNAL_METADATA, schema_overrides={"target": pl.Int8})
-    _require_columns(frame, ID_COLUMNS, out_dir / EXTERNAL_METADATA)
-    images = out_dir / EXTERNAL_IMAGES
-    return frame, (HDF5Images(images) if images.is_file() else None)

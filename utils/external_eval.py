@@ -31,7 +31,13 @@ import polars as pl
 import torch
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-from utils.external import ExternalDataset, load_ham10000, load_ph2, write_layout
+from utils.external import (
+    EXTERNAL_IMAGES,
+    ExternalDataset,
+    load_ham10000,
+    load_ph2,
+    write_layout,
+)
 from utils.folds import with_folds
 from utils.image.train import train_image_model
 from utils.manifest import set_aside, write_json, write_manifest
@@ -242,7 +248,7 @@ def run_image_models(
         for model in cfg.image_models:
             print(f"{dataset.name}: training {model} ({cfg.n_folds} folds)")
             train_image_model(
-                external_image_config(model, cfg), metadata, layout / "images.hdf5", run_dir
+                external_image_config(model, cfg), metadata, layout / EXTERNAL_IMAGES, run_dir
             )
     return [run_dir / model for model in cfg.image_models]
 

@@ -14,9 +14,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from utils.external import load_ph2
 from utils.external_eval import (
     FUSION_MEMBERS,
-    METRICS_FILE,
     PAPER_RESULTS,
-    PREDICTIONS_FILE,
     binary_metrics,
     encode_metadata,
     evaluate_dataset,
@@ -28,6 +26,7 @@ from utils.external_eval import (
 )
 from utils.folds import assign_folds
 from utils.io import HDF5Images
+from utils.layout import METRICS_FILE, PREDICTIONS_FILE
 from utils.manifest import verify_manifest
 from utils.metric import pauc
 from utils.oof import read_oof

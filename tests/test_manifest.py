@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from utils.layout import MANIFEST_FILE
 from utils.manifest import (
-    MANIFEST_FILE,
     check_folder,
     code_hash,
     config_hash,

@@ -25,9 +25,10 @@ from inference_artifacts import IMAGE_MODEL, build_artifacts
 from notebook_checks import run_notebook
 
 from utils.image.predict import CheckpointError, load_checkpoint, predict
-from utils.inference import REPORT_FILE, check_image_model, predict_submission, validate_submission
+from utils.inference import check_image_model, predict_submission, validate_submission
 from utils.io import TEST_IMAGES, TEST_METADATA, read_metadata, read_test_metadata
-from utils.manifest import MANIFEST_FILE, atomic_output, check_folder, write_manifest
+from utils.layout import MANIFEST_FILE, REPORT_FILE
+from utils.manifest import atomic_output, check_folder, write_manifest
 from utils.schema import FEATURE_INPUT_COLUMNS, SchemaError
 from utils.settings import resolve
 from utils.tabular.ensemble import ArtifactError, GBDTEnsemble, lightgbm_text_problem

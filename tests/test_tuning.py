@@ -13,6 +13,7 @@ import pytest
 from notebook_checks import assert_thin_and_clean, run_notebook
 from optuna.trial import TrialState
 
+from utils.layout import BEST_PARAMS_FILE, STORAGE_FILE, TUNING_DIR
 from utils.manifest import verify_manifest
 from utils.pipeline import STAGES, make_run
 from utils.settings import DEMO_FOLDS, PAPER_GBDT_PARAMS, PRESETS, resolve
@@ -20,11 +21,8 @@ from utils.tabular.cv import cross_validate
 from utils.tabular.gbdt import load_training_frame
 from utils.tabular.libraries import META_MEMBER, load_params, make_members, resolve_params
 from utils.tabular.tuning import (
-    BEST_PARAMS_FILE,
     DEFAULT_ATTR,
     SEARCH_SPACES,
-    STORAGE_FILE,
-    TUNING_DIR,
     centre_params,
     default_trial_params,
     objective,
@@ -98,7 +96,7 @@ def test_demo_preset_lowers_rounds_only_in_the_centre():
     [
         ({"kinds": ["lgbm"]}, r"unknown GBDT kind\(s\) \['lgbm'\]; choose from \['cat', 'lgb'"),
         ({"kinds": []}, "non-empty list"),
-        ({"kinds": "lgb"}, "non-empty list"),
+        ({"kinds": "[]"}, "non-empty list"),  # a papermill string holding an empty list
         ({"kinds": ["lgb", "lgb"]}, "twice"),
         ({"n_trials": 0}, "n_trials must be a positive integer"),
         ({"timeout": 0}, "timeout must be positive"),

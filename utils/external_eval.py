@@ -40,6 +40,7 @@ from utils.external import (
 )
 from utils.folds import with_folds
 from utils.image.train import train_image_model
+from utils.layout import METRICS_FILE, PREDICTIONS_FILE
 from utils.manifest import set_aside, write_json, write_manifest
 from utils.metric import pauc
 from utils.settings import ExternalEvalConfig, TrainConfig, image_config, resolve
@@ -47,8 +48,6 @@ from utils.tabular.cv import cross_validate
 from utils.tabular.features import join_image_oofs, one_hot_names
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER, make_members, resolve_params
 
-METRICS_FILE = "external_metrics.json"
-PREDICTIONS_FILE = "predictions.csv"
 METRICS = ("accuracy", "auc", "ap", "pauc")
 # FusionNetX paper, external evaluation (accuracy in %, as printed there).
 PAPER_RESULTS: dict[str, dict[str, float]] = {

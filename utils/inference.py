@@ -51,12 +51,10 @@ import torch
 from utils.cli import format_duration
 from utils.image.distributed import workers_per_process
 from utils.image.predict import (
-    CONFIG_FILE,
     CheckpointError,
     build_model,
     checkpoint_problem,
     default_device,
-    fold_file,
     inference_devices,
     load_checkpoint,
     load_config,
@@ -72,16 +70,22 @@ from utils.io import (
     check_ids_match,
     read_test_metadata,
 )
-from utils.manifest import MANIFEST_FILE, atomic_output, check_folder, write_json
+from utils.layout import (
+    CONFIG_FILE,
+    ENSEMBLE_FILE,
+    GBDT_DIR,
+    MANIFEST_FILE,
+    REPORT_FILE,
+    SUBMISSION_FILE,
+    fold_file,
+)
+from utils.manifest import atomic_output, check_folder, write_json
 from utils.settings import InferenceConfig, TrainConfig, resolve
 from utils.tabular.ensemble import GBDTEnsemble
 from utils.tabular.features import IMAGE_PREFIX, build_features
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER
 from utils.tabular.plus_features import add_optional_features
 
-GBDT_DIR = "gbdt"
-SUBMISSION_FILE = "submission.csv"
-REPORT_FILE = "submission_report.json"
 SUBMISSION_COLUMNS = ("isic_id", "target")
 KAGGLE_LIMIT_S = 12 * 3600
 HIDDEN_TEST_ROWS = 500_000  # about the size of the hidden test set the kernel is rerun on
@@ -610,7 +614,7 @@ def predict_submission(
     log(f"{data.path(TEST_METADATA)}: {len(ids):,} test rows; device {_device_name(device)}")
     for line in notes.lines():
         log(f"NOTE: {data.path(TEST_METADATA)}: {line}")
-    if not (artifacts_dir / GBDT_DIR / "ensemble.json").is_file():
+    if not (artifacts_dir / GBDT_DIR / ENSEMBLE_FILE).is_file():
         raise FileNotFoundError(
             f"no GBDT artifacts at {artifacts_dir / GBDT_DIR} (ensemble.json): run 03_gbdt first "
             "or attach its dataset"

@@ -26,8 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-MANIFEST_FILE = "manifest.json"
-PREVIOUS_DIR = ".previous"
+from utils.layout import MANIFEST_FILE, PREVIOUS_DIR
+
 # Distribution names per library; the first one installed is reported (xgboost-cpu off Kaggle).
 LIBRARIES: dict[str, tuple[str, ...]] = {
     "numpy": ("numpy",),

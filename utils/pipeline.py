@@ -36,6 +36,18 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import RawDefaultsHelpFormatter, format_duration
+from utils.layout import (
+    BEST_PARAMS_FILE,
+    CONFIG_FILE,
+    CV_REPORT_FILE,
+    GBDT_DIR,
+    MANIFEST_FILE,
+    OOF_FILE,
+    REPORT_FILE,
+    SUBMISSION_FILE,
+    TUNING_DIR,
+    fold_file,
+)
 from utils.manifest import file_sha256, set_aside
 from utils.settings import IMAGE_MODELS, N_FOLDS, PRESETS, RECIPES, SyntheticConfig, resolve
 
@@ -148,7 +160,7 @@ def _image_stage(model: str) -> Stage:
         ),
         outputs=lambda run: [
             run.artifacts / model / name
-            for name in ("oof.csv", "config.json", "fold*.pt", "manifest.json")
+            for name in (OOF_FILE, CONFIG_FILE, fold_file("*"), MANIFEST_FILE)
         ],
         folder=lambda run: run.artifacts / model,
     )
@@ -171,7 +183,7 @@ def _image_oof_dirs(run: Run) -> list[str]:
 
 def _best_params(run: Run) -> Path:
     """Where stage 2 writes its best parameters."""
-    return run.artifacts / "tuning" / "best_params.json"
+    return run.artifacts / TUNING_DIR / BEST_PARAMS_FILE
 
 
 STAGES: list[Stage] = [
@@ -191,9 +203,9 @@ STAGES: list[Stage] = [
         parameters=lambda run: _given(
             **_common(run, run.artifacts), image_oof_dirs=_image_oof_dirs(run)
         ),
-        outputs=lambda run: [_best_params(run), run.artifacts / "tuning" / "manifest.json"],
+        outputs=lambda run: [_best_params(run), run.artifacts / TUNING_DIR / MANIFEST_FILE],
         enabled=lambda run: run.tune,
-        folder=lambda run: run.artifacts / "tuning",
+        folder=lambda run: run.artifacts / TUNING_DIR,
     ),
     Stage(
         name="gbdt",
@@ -204,9 +216,9 @@ STAGES: list[Stage] = [
             params_path=str(_best_params(run)) if run.tune else None,
         ),
         outputs=lambda run: [
-            run.artifacts / "gbdt" / n for n in ("oof.csv", "cv_report.json", "manifest.json")
+            run.artifacts / GBDT_DIR / n for n in (OOF_FILE, CV_REPORT_FILE, MANIFEST_FILE)
         ],
-        folder=lambda run: run.artifacts / "gbdt",
+        folder=lambda run: run.artifacts / GBDT_DIR,
     ),
     Stage(
         name="inference",
@@ -214,7 +226,7 @@ STAGES: list[Stage] = [
         parameters=lambda run: _given(
             **_common(run, run.work_dir), artifacts_dir=str(run.artifacts)
         ),
-        outputs=lambda run: [run.work_dir / "submission.csv"],
+        outputs=lambda run: [run.work_dir / SUBMISSION_FILE],
     ),
 ]
 STAGE_WORDS = {  # what the stage line says runs
@@ -521,8 +533,8 @@ def results_block(run: Run) -> str:
     """What the run found: the pAUC scale, the best achievable score (synthetic data), OOF pAUC
     per GBDT member and the ensemble, the ablation's image-only and metadata-only rows, and
     where the submission, reports, plots and executed notebooks are."""
-    gbdt = run.artifacts / "gbdt"
-    report = _read_json(gbdt / "cv_report.json") or {}
+    gbdt = run.artifacts / GBDT_DIR
+    report = _read_json(gbdt / CV_REPORT_FILE) or {}
     lines = ["=" * 34 + " RESULTS " + "=" * 34, *textwrap.wrap(PAUC_SCALE + ".", 77)]
     best = best_achievable(run)
     if best is not None:
@@ -548,9 +560,9 @@ def results_block(run: Run) -> str:
             77,
         )
     where = [
-        ("submission", run.work_dir / "submission.csv"),
-        ("submission report", run.work_dir / "submission_report.json"),
-        ("GBDT report", gbdt / "cv_report.json"),
+        ("submission", run.work_dir / SUBMISSION_FILE),
+        ("submission report", run.work_dir / REPORT_FILE),
+        ("GBDT report", gbdt / CV_REPORT_FILE),
         ("plots", gbdt / "*.png"),
         ("executed notebooks (tables, plots)", run.executed / "*.ipynb"),
     ]

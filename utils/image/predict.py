@@ -45,17 +45,12 @@ from utils.image.data import (
 from utils.image.distributed import shard_bounds, workers_per_process
 from utils.image.models import ImageModel
 from utils.io import HDF5Images
+from utils.layout import CONFIG_FILE, fold_file
 from utils.settings import TrainConfig
-
-CONFIG_FILE = "config.json"
 
 
 class CheckpointError(ValueError):
     """A fold checkpoint that cannot be used; the message names the file and why."""
-
-
-def fold_file(k: int) -> str:
-    return f"fold{k}.pt"
 
 
 def default_device() -> torch.device:

@@ -76,7 +76,6 @@ from utils.image.data import (
 from utils.image.distributed import Group, RankBatches, gather_predictions
 from utils.image.models import BACKBONES, param_groups
 from utils.image.predict import (
-    CONFIG_FILE,
     batch_images,
     build_model,
     default_device,
@@ -87,8 +86,8 @@ from utils.image.predict import (
 )
 from utils.io import DataDir, HDF5Images
 from utils.labels import suspicious_label
+from utils.layout import CONFIG_FILE, HISTORY_FILE, MANIFEST_FILE, OOF_FILE, fold_file
 from utils.manifest import (
-    MANIFEST_FILE,
     atomic_output,
     config_hash,
     data_fingerprint,
@@ -101,8 +100,6 @@ from utils.notebook_params import list_parameter
 from utils.oof import write_oof
 from utils.settings import TrainConfig, image_config
 
-OOF_FILE = "oof.csv"
-HISTORY_FILE = "history.csv"
 CONFIDENCE = "tbp_lv_dnn_lesion_confidence"  # the reference's validation-negative filter
 # Settings that may change between a run and its resume (they do not change the result).
 RESUME_FREE = ("num_workers", "eval_batch_size")
@@ -351,8 +348,8 @@ def train_fold(
     rank 0 alone writes.
     """
     device = group.device
-    final, last = run_dir / f"fold{fold}.pt", run_dir / f"fold{fold}.last.pt"
-    best_path = run_dir / f"fold{fold}.best.pt"
+    final, last = run_dir / fold_file(fold), run_dir / fold_file(fold, "last")
+    best_path = run_dir / fold_file(fold, "best")
     train_rows, valid_rows = (
         frame.filter(pl.col("fold") != fold),
         frame.filter(pl.col("fold") == fold),
@@ -565,7 +562,7 @@ def train_folds(
         )
     parts, history = [], []
     for fold in range(cfg.n_folds):
-        path = run_dir / f"fold{fold}.pt"
+        path = run_dir / fold_file(fold)
         if group.broadcast(path.is_file()):  # rank 0's view decides
             if not group.is_main:
                 continue
@@ -606,7 +603,7 @@ def finish_run(
         .select("isic_id", "patient_id", "fold", "target")
         .join(preds, on="isic_id", how="left")
     )
-    remaining = [k for k in range(cfg.n_folds) if not (run_dir / f"fold{k}.pt").is_file()]
+    remaining = [k for k in range(cfg.n_folds) if not (run_dir / fold_file(k)).is_file()]
     if remaining:
         print(
             f"{cfg.model_name}: fold(s) {remaining} of {cfg.n_folds} remain; oof.csv and the "

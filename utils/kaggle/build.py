@@ -32,6 +32,7 @@ from typing import Any
 import nbformat
 
 from utils.cli import DefaultsHelpFormatter, RawDefaultsHelpFormatter
+from utils.layout import BEST_PARAMS_FILE
 from utils.settings import IMAGE_MODELS as IMAGE_MODEL_REGISTRY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -199,7 +200,7 @@ KAGGLE_PARAMETERS: dict[str, dict[str, Any]] = {
 TUNED_GBDT = (
     "03_gbdt",
     TUNING_DATASET,
-    {"params_path": InputPath(TUNING_DATASET, "best_params.json")},
+    {"params_path": InputPath(TUNING_DATASET, BEST_PARAMS_FILE)},
 )
 
 

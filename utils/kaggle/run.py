@@ -42,12 +42,12 @@ from typing import Any, Protocol
 
 from utils.cli import format_duration
 from utils.kaggle import build as kb
+from utils.layout import SUBMISSION_FILE
 from utils.manifest import file_sha256
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
 DEFAULT_WEIGHTS_DIR = Path("weights")
 STATE_FILE = "state.json"
-SUBMISSION_FILE = "submission.csv"
 # Kaggle stops a session after 12 h; a queued GPU kernel can wait a while before it starts.
 DEFAULT_TIMEOUT_H = 14.0
 # Back-off between status checks: a training kernel runs for hours, so 30 s doubling to 10 min

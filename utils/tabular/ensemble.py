@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from utils.manifest import MANIFEST_FILE, FolderCheck, check_folder
+from utils.layout import ENSEMBLE_FILE, FEATURES_FILE, MANIFEST_FILE
+from utils.manifest import FolderCheck, check_folder
 from utils.tabular.libraries import ENSEMBLE, LIBRARIES, META_MEMBER, Member, member_matrix
 
-ENSEMBLE_FILE = "ensemble.json"
-FEATURES_FILE = "features.json"
 LIGHTGBM_END = "end of trees"  # the line after a LightGBM model's last tree
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import polars as pl
 
 from utils.folds import check_folds_agree
+from utils.layout import CONFIG_FILE, OOF_FILE
 from utils.manifest import file_sha256
 from utils.oof import read_oof
 from utils.schema import CATEGORIES, NUMERIC_COLUMNS, TRAIN_ONLY_COLUMNS, validate_columns
@@ -272,7 +273,7 @@ def without_patient_context(names: Iterable[str]) -> list[str]:
 def image_source(model_dir: str | Path) -> dict[str, str]:
     """What stage 1 recorded about the run in `model_dir` (its config.json): the image model's
     name and the run's config hash, plus the sha256 of its oof.csv."""
-    path = Path(model_dir) / "config.json"
+    path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: an image OOF dir needs the config.json of its run")
     record = json.loads(path.read_text())
@@ -283,7 +284,7 @@ def image_source(model_dir: str | Path) -> dict[str, str]:
     return {
         "image_model": model,
         "config_hash": run_hash,
-        "oof_sha256": file_sha256(path.parent / "oof.csv"),
+        "oof_sha256": file_sha256(path.parent / OOF_FILE),
     }
 
 
@@ -298,7 +299,7 @@ def join_image_oofs(
     """
     sources: dict[str, dict[str, str]] = {}
     for model_dir in model_dirs:
-        path = Path(model_dir) / "oof.csv"
+        path = Path(model_dir) / OOF_FILE
         oof = read_oof(path)
         source = image_source(model_dir)
         name = f"{IMAGE_PREFIX}{source['image_model']}"

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from utils.folds import with_folds
 from utils.io import DataDir
+from utils.layout import CV_REPORT_FILE, ENSEMBLE_FILE, FEATURES_FILE, GBDT_DIR, OOF_FILE
 from utils.manifest import (
     atomic_output,
     data_fingerprint,
@@ -46,8 +47,6 @@ from utils.tabular.cv import CVResult, ablation_table, cross_validate, cv_report
 from utils.tabular.features import build_features, features_spec, join_image_oofs
 from utils.tabular.libraries import ENSEMBLE, LIBRARIES, load_params, make_members, resolve_params
 from utils.tabular.plus_features import add_optional_features
-
-GBDT_DIR = "gbdt"
 
 
 @dataclass(frozen=True)
@@ -210,16 +209,16 @@ def save_artifacts(
     ensemble: dict[str, Any] = {"members": members}
     if weights is not None:
         ensemble["weights"] = {name: float(w) for name, w in weights.items()}
-    write_json(out / "ensemble.json", ensemble)
-    write_json(out / "features.json", features)
+    write_json(out / ENSEMBLE_FILE, ensemble)
+    write_json(out / FEATURES_FILE, features)
     write_json(out / "params.json", params)
-    write_json(out / "cv_report.json", report)
+    write_json(out / CV_REPORT_FILE, report)
     oof = ids.select("isic_id", "patient_id").with_columns(
         fold=pl.Series(result.folds),
         target=pl.Series(result.y),
         pred=pl.Series(result.oof[ENSEMBLE]),
     )
-    with atomic_output(out / "oof.csv") as tmp:
+    with atomic_output(out / OOF_FILE) as tmp:
         write_oof(oof, tmp)
     return out
 

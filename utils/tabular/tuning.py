@@ -44,17 +44,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
-from utils.manifest import MANIFEST_FILE, config_hash, set_aside, write_json, write_manifest
+from utils.layout import BEST_PARAMS_FILE, MANIFEST_FILE, SETUP_FILE, STORAGE_FILE, TUNING_DIR
+from utils.manifest import config_hash, set_aside, write_json, write_manifest
 from utils.metric import pauc
 from utils.settings import FOLD_SEED, GBDTConfig, TuneConfig, resolve
 from utils.tabular.cv import iter_cv
 from utils.tabular.gbdt import TrainingFrame, feature_groups, load_training_frame
 from utils.tabular.libraries import load_params, make_members, resolve_params
 
-TUNING_DIR = "tuning"
-STORAGE_FILE = "optuna.sqlite3"
-BEST_PARAMS_FILE = "best_params.json"
-SETUP_FILE = "setup.json"
 DEFAULT_ATTR = "default_params"  # user attr marking trial 0, the centre of the search space
 
 Space = Callable[[optuna.Trial, Mapping[str, Any]], dict[str, Any]]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,41 @@ def external_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from standins import write_external_data
 
     return write_external_data(tmp_path_factory.mktemp("external"))
+
+
+# ------------------------------------------------------------------ the inner loop: -m "not slow"
+
+# A test that runs a notebook, the pipeline, a built kernel or any other child process (directly,
+# through a helper of its own module, or through a fixture) is `slow`: `pytest -m "not slow"` is
+# the few-minute inner loop, and CI runs everything. Marking by this rule rather than by hand
+# keeps a new notebook test out of the inner loop without anyone remembering to mark it.
+PROCESS_CALLS = ("run_notebook(", "execute_notebook(", "subprocess.run(", "subprocess.Popen(")
+
+
+def _runs_a_process(fn, seen: set) -> bool:
+    """True if `fn`, or a function of its own module that it calls (transitively), starts one."""
+    if fn in seen:
+        return False
+    seen.add(fn)
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    if any(call in source for call in PROCESS_CALLS):
+        return True
+    module = inspect.getmodule(fn)
+    called = (getattr(module, name, None) for name in set(re.findall(r"\b(\w+)\(", source)))
+    return any(
+        inspect.isfunction(obj) and obj.__module__ == module.__name__ and _runs_a_process(obj, seen)
+        for obj in called
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") or not isinstance(item, pytest.Function):
+            continue
+        seen: set = set()
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        if any(_runs_a_process(fn, seen) for fn in [item.function, *fixtures]):
+            item.add_marker(pytest.mark.slow)

@@ -60,13 +60,28 @@ def test_resolve_params_defaults_preset_and_overrides(tmp_path):
     assert own["lgb_meta"]["num_leaves"] == 7 and own["lgb"]["num_leaves"] == 31
 
 
-def test_speed_params_set_binning_only_and_a_params_file_can_undo_them():
-    full = resolve_params(FULL)
-    for lib, speed in GBDT_BINNING.items():
-        assert not set(speed) & set(PAPER_GBDT_PARAMS[lib])  # never a published hyper-parameter
-        assert all(full[lib][k] == v for k, v in speed.items())
-    assert full["cat"]["border_count"] == 128 and full["xgb"]["max_bin"] == 128
-    library_defaults = resolve_params(FULL, {"cat": {"border_count": 254}, "xgb": {"max_bin": 256}})
+def test_paper_bins_at_the_library_defaults_and_plus_coarser_for_speed():
+    """The reference notebook passes no border_count / max_bin: a paper model fitted with the
+    resolved params reports the libraries' defaults (CatBoost 254 borders, XGBoost 256 bins);
+    plus sets 128 (binning only, never a published hyper-parameter); a params file undoes it."""
+    paper, plus = resolve_params(FULL), resolve_params(resolve("full", "plus").gbdt)
+    for lib, speed in GBDT_BINNING["plus"].items():
+        assert not set(speed) & set(PAPER_GBDT_PARAMS[lib])
+        assert all(plus[lib][k] == v for k, v in speed.items())
+        assert not set(GBDT_BINNING["paper"][lib])
+    assert "border_count" not in paper["cat"] and "max_bin" not in paper["xgb"]
+    assert plus["cat"]["border_count"] == 128 and plus["xgb"]["max_bin"] == 128
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 3)), np.arange(200) % 2
+    small = {"cat": {"iterations": 2}, "xgb": {"n_estimators": 2}}
+    libraries = gbdt_libraries.LIBRARIES
+    cat = libraries["cat"].fit(x, y, {**paper["cat"], **small["cat"]})
+    assert cat.get_all_params()["border_count"] == 254
+    booster = libraries["xgb"].fit(x, y, {**paper["xgb"], **small["xgb"]})
+    trees = json.loads(booster.save_config())["learner"]["gradient_booster"]
+    assert trees["tree_train_param"]["max_bin"] == "256"
+    undo = {"cat": {"border_count": 254}, "xgb": {"max_bin": 256}}
+    library_defaults = resolve_params(resolve("full", "plus").gbdt, undo)
     assert library_defaults["cat"]["border_count"] == 254
     assert library_defaults["xgb"]["max_bin"] == 256
 

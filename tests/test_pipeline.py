@@ -150,6 +150,15 @@ def test_changed_parameters_or_corrupt_stamp_rerun_the_stage(tmp_path: Path, dat
     assert [s.name for s, will in plan(run) if will] == ["gbdt", "inference"]
 
 
+def test_another_recipe_reruns_stages_2_to_4_and_never_an_image_model(tmp_path, data_dir):
+    run = make_run(data_dir, tmp_path / "work", "demo", tune=True)
+    _mark_done(run)
+    plus = dataclasses.replace(run, recipe="plus")
+    assert [s.name for s, will in plan(plus) if will] == ["tune_gbdt", "gbdt", "inference"]
+    for stage in STAGES:
+        assert ("recipe" in stage.parameters(plus)) == (stage.name in ("tune_gbdt", "gbdt"))
+
+
 def test_tune_adds_the_tuning_stage_and_feeds_its_params_to_gbdt(tmp_path: Path, data_dir: Path):
     run = make_run(data_dir, tmp_path / "work", "demo", tune=True)
     names = [s.name for s, _ in plan(run)]
@@ -168,8 +177,10 @@ def test_run_executes_in_order_then_skips_everything(tmp_path, standins, data_di
     assert [c["notebook"] for c in calls] == [s.notebook for s, _ in plan(run, force=True)]
     image = calls[0]["params"]
     assert image["data_dir"] == str(data_dir) and image["output_dir"] == str(run.artifacts)
-    assert image == {**image, "preset": "demo", "recipe": "paper"} and len(image) == 4
+    assert image == {**image, "preset": "demo"} and len(image) == 3  # no recipe: see below
+    assert [c["params"]["recipe"] for c in calls[4:-1]] == ["paper", "paper"]  # tuning, GBDT
     inference = calls[-1]["params"]
+    assert "recipe" not in inference  # read from the GBDT artifacts
     assert inference["artifacts_dir"] == str(run.artifacts)
     assert inference["output_dir"] == str(run.work_dir)
     assert (run.work_dir / "submission.csv").is_file()

@@ -8,7 +8,10 @@ Work dir layout: data/ (generated data) and data-truth.csv (its true probabiliti
 artifacts/<model>/, artifacts/tuning/, artifacts/gbdt/, executed/ (executed notebooks + one
 <stage>.done.json stamp per finished stage), submission.csv and submission_report.json.
 Every stage reads its settings from utils.settings (preset x recipe); the pipeline passes names
-and paths only, so a notebook run alone and the pipeline run the same sizes.
+and paths only, so a notebook run alone and the pipeline run the same sizes. The recipe goes to
+stages 2 and 3 only: no recipe changes an image model, so `--recipe plus` after a `paper` run
+skips the image stages and reruns tuning, GBDT and submission (the submission kernel reads the
+recipe stage 3 recorded with its artifacts).
 A stage is skipped when its outputs exist, its stamp holds the same parameters and its outputs
 are still the files it wrote (the stamp records their sha256: a stage run by hand into the work
 dir is detected and rerun); once one stage runs, every later stage runs too (its inputs changed).
@@ -139,12 +142,13 @@ def _weights_path(run: Run, model: str) -> str | None:
 
 
 def _image_stage(model: str) -> Stage:
-    """Stage 1 for one image model."""
+    """Stage 1 for one image model: no recipe among its parameters, since no recipe changes
+    stage 1 (TrainConfig's identity leaves it out too), so switching it reuses every image run."""
     return Stage(
         name=f"image_{model}",
         notebook=f"01_image_{model}.ipynb",
         parameters=lambda run: _given(
-            **_common(run, run.artifacts), weights_path=_weights_path(run, model)
+            **_common(run, run.artifacts, recipe=False), weights_path=_weights_path(run, model)
         ),
         outputs=lambda run: [
             run.artifacts / model / name
@@ -154,14 +158,10 @@ def _image_stage(model: str) -> Stage:
     )
 
 
-def _common(run: Run, output_dir: Path) -> dict[str, Any]:
-    """The parameters every stage notebook takes."""
-    return {
-        "data_dir": str(run.data_dir),
-        "output_dir": str(output_dir),
-        "preset": run.preset,
-        "recipe": run.recipe,
-    }
+def _common(run: Run, output_dir: Path, recipe: bool = True) -> dict[str, Any]:
+    """The parameters every stage notebook takes; the recipe only where it changes the output."""
+    common = {"data_dir": str(run.data_dir), "output_dir": str(output_dir), "preset": run.preset}
+    return {**common, "recipe": run.recipe} if recipe else common
 
 
 def _image_oof_dirs(run: Run) -> list[str]:
@@ -211,8 +211,9 @@ STAGES: list[Stage] = [
     Stage(
         name="inference",
         notebook="04_inference.ipynb",
+        # the recipe comes from the GBDT artifacts (gbdt/features.json), never a parameter
         parameters=lambda run: _given(
-            **_common(run, run.work_dir), artifacts_dir=str(run.artifacts)
+            **_common(run, run.work_dir, recipe=False), artifacts_dir=str(run.artifacts)
         ),
         outputs=lambda run: [run.work_dir / "submission.csv"],
     ),

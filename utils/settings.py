@@ -188,6 +188,12 @@ class GBDTConfig:
     # "equal": the reference's soft vote; "nested": weights fitted on the members' OOF
     # (tabular.blend.nested_blend; the reported CV scores each fold with weights fitted without it).
     blend: str = "equal"
+    # The report always gives the plain CV score and the reference's "filtered" one (without the
+    # target-0 rows with iddx_1 "Indeterminate" or an iddx_2: utils.labels.reference_filtered).
+    # True also trains the fold models without those rows, the reference's CV exactly; False
+    # (default) trains on every row, as the reference's final refit does, since the fold models
+    # are what the submission uses.
+    filter_training: bool = False
 
     def __post_init__(self):
         if self.blend not in BLENDS:

@@ -343,6 +343,7 @@ class Options:
     weights_dir: Path = DEFAULT_WEIGHTS_DIR
     build_dir: Path = kb.DEFAULT_BUILD_DIR
     tune: bool = False
+    recipe: str = "paper"
     submit: bool = False
     start: str | None = None
     only: str | None = None
@@ -429,9 +430,12 @@ class Runner:
         problems = kb.validate()
         if problems:
             raise RunStopped("validate failed:\n" + "\n".join(problems))
-        built = kb.build_all(self.build_dir, self.opts.owner, tuned=self.opts.tune)
+        built = kb.build_all(
+            self.build_dir, self.opts.owner, tuned=self.opts.tune, recipe=self.opts.recipe
+        )
         where = "a scratch folder" if self.plan else str(self.build_dir)
         self.say("build", f"validated and built {len(built)} kernels into {where}")
+        self.say("build", f"recipe {self.opts.recipe} (tuning and GBDT kernels)")
 
     def save(self) -> None:
         """Persist the state (never in a plan)."""
@@ -735,6 +739,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="state + outputs")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR, help="local .pth dir")
     parser.add_argument("--tune", action="store_true", help="run 02_tune_gbdt; 03 reads its params")
+    parser.add_argument(
+        "--recipe",
+        choices=kb.RECIPES,
+        default="paper",
+        help="recipe of the tuning and GBDT kernels (the image kernels take none; after another "
+        "recipe's run, --from gbdt re-pushes what it changes)",
+    )
     parser.add_argument("--submit", action="store_true", help="submit (default: print the call)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--from", dest="start", choices=STEP_NAMES, help="redo this step and on")
@@ -757,12 +768,15 @@ def options_from(args: argparse.Namespace) -> Options:
         resume += ["--timeout-h", f"{args.timeout_h:g}"]
     if args.message != "FusionNetX":
         resume += ["--message", args.message]
+    if args.recipe != "paper":
+        resume += ["--recipe", args.recipe]
     resume += [flag for flag, on in (("--tune", args.tune), ("--submit", args.submit)) if on]
     return Options(
         owner=owner,
         work_dir=args.work_dir,
         weights_dir=args.weights,
         tune=args.tune,
+        recipe=args.recipe,
         submit=args.submit,
         start=args.start,
         only=args.only,

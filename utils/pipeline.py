@@ -544,6 +544,15 @@ def results_block(run: Run) -> str:
     if scores:
         lines.append("out-of-fold pAUC per GBDT member and the soft-vote ensemble (stage 3):")
         lines += [f"  {name:<{width}s}  {value:.4f}" for name, value in scores.items()]
+    filtered = report.get("filtered") or {}
+    if filtered.get("available") and "ensemble" in filtered.get("scores", {}):
+        value = filtered["scores"]["ensemble"]["overall"]
+        lines.append(f"  {'ensemble, filtered':<{width}s}  {value:.4f}")
+        note = (
+            f"(filtered: the reference's CV score, without the {filtered['rows_left_out']} "
+            f"target-0 rows with iddx_1 Indeterminate or an iddx_2; trained {filtered['training']})"
+        )
+        lines += textwrap.wrap(note, 77, initial_indent="  ", subsequent_indent="  ")
     if ablation:
         lines.append("ablation (paper Table 4):")
         lines += [f"  {name:<{width}s}  {value:.4f}" for name, value in ablation.items()]

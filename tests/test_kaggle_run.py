@@ -373,6 +373,23 @@ def test_kernels_still_running_at_a_failure_are_awaited_not_pushed_again(tmp_pat
     assert sorted(c[1] for c in downloads) == sorted(kr.IMAGE_KERNELS)  # each once
 
 
+def test_another_recipe_repushes_tuning_and_gbdt_never_an_image_kernel(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    run(tmp_path, fake, weights_dir, tune=True)
+    assert state_of(tmp_path)["kernels"]["03_gbdt"]["recipe"] == "paper"
+    before = len(fake.calls)
+    stopped, lines = run(tmp_path, fake, weights_dir, tune=True, recipe="plus")
+    assert stopped is None, stopped
+    pushes = [c[1] for c in fake.calls[before:] if c[0] == "push"]
+    assert pushes[:2] == ["02_tune_gbdt", "03_gbdt"]
+    assert not set(pushes) & set(kr.IMAGE_KERNELS)
+    assert any("recipe paper -> plus" in line for line in lines), lines
+    assert state_of(tmp_path)["kernels"]["03_gbdt"]["recipe"] == "plus"
+    before = len(fake.calls)
+    run(tmp_path, fake, weights_dir, tune=True, recipe="plus")
+    assert not [c for c in fake.calls[before:] if c[0] == "push"]  # nothing left to redo
+
+
 @pytest.mark.parametrize(
     ("bumped", "repushed"),
     [

@@ -456,7 +456,9 @@ class Runner:
             meta = kb.read_json(folder / kb.KERNEL_METADATA)
             against = self.inputs_of(kernel, meta)
             record = self.state["kernels"].get(kernel)
-            reason = push_reason(record, meta["id"], against, forced)
+            reason = push_reason(record, meta["id"], against, forced) or self.recipe_change(
+                kernel, record
+            )
             notebook = code_digest(folder / meta["code_file"])
             if reason is None and record["status"] == COMPLETE and "outputs" in record:
                 self.say(step.name, f"{kernel}: v{record['version']} complete, inputs unchanged")
@@ -468,10 +470,20 @@ class Runner:
             else:
                 record = self.push(step, kernel, folder, meta["id"], against, reason)
                 record["code_sha256"] = notebook
+                if "recipe" in kb.KAGGLE_PARAMETERS.get(kernel, {}):
+                    record["recipe"] = self.opts.recipe
                 self.save()
             pending[kernel] = record
         if pending:
             self.wait_kernels(step, pending)
+
+    def recipe_change(self, kernel: str, record: dict[str, Any] | None) -> str | None:
+        """Why a kernel that takes the recipe must run again under this run's recipe (a state
+        from before recipes were recorded ran `paper`, the only one built then)."""
+        if record is None or "recipe" not in kb.KAGGLE_PARAMETERS.get(kernel, {}):
+            return None
+        ran = record.get("recipe", "paper")
+        return None if ran == self.opts.recipe else f"recipe {ran} -> {self.opts.recipe}"
 
     def inputs_of(self, kernel: str, meta: dict[str, Any]) -> dict[str, int]:
         """Dataset slug -> the recorded version a push of this kernel would run against."""
@@ -743,8 +755,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--recipe",
         choices=kb.RECIPES,
         default="paper",
-        help="recipe of the tuning and GBDT kernels (the image kernels take none; after another "
-        "recipe's run, --from gbdt re-pushes what it changes)",
+        help="recipe of the tuning and GBDT kernels (the image kernels take none): after a run "
+        "with another recipe, they and what reads them are pushed again, the image kernels not",
     )
     parser.add_argument("--submit", action="store_true", help="submit (default: print the call)")
     group = parser.add_mutually_exclusive_group()

@@ -10,8 +10,11 @@ notebooks/03_gbdt calls, and what tuning (through `load_training_frame`), tests 
    are built here too and recorded in features.json, so the submission kernel builds the same;
 4. cross-validate the four members and the soft vote (utils.tabular.cv), or with `blend="nested"`
    weights fitted on the members' OOF (utils.tabular.blend.nested_blend, saved in ensemble.json);
+   the report gives the plain score and the reference's filtered one (utils.tabular.cv
+   .filtered_report; GBDTConfig.filter_training also trains the folds without those rows);
 5. write `<output_dir>/gbdt/` from clean (an earlier run is moved aside): models, ensemble.json,
-   features.json, params.json, cv_report.json, oof.csv, importance.csv, plots, and last
+   features.json (with the recipe, which the submission kernel reads), params.json,
+   cv_report.json, oof.csv, importance.csv, plots, and last
    manifest.json (utils.manifest). Every file is written atomically (a temporary name, then
    os.replace), so a killed stage leaves whole files and no manifest, never a cut model file.
 """
@@ -203,9 +206,8 @@ def save_artifacts(
     recipe: str | None = None,
 ) -> Path:
     """Write models/, ensemble.json (members, the recipe and, when fitted, blend weights),
-    features.json,
-    params.json, cv_report.json and oof.csv, each file atomically (the manifest comes after,
-    from run_gbdt_stage)."""
+    features.json, params.json, cv_report.json and oof.csv, each file atomically (the manifest
+    comes after, from run_gbdt_stage)."""
     out = Path(out_dir)
     (out / "models").mkdir(parents=True, exist_ok=True)
     members = {}

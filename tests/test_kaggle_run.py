@@ -564,7 +564,9 @@ def test_recipe_reaches_the_tuning_and_gbdt_kernels_and_the_resume_command(
 ):
     work = tmp_path / "work"
     code, lines = dry_run(["--owner", "bob", "--work-dir", str(work), "--recipe", "plus"])
-    assert code == 0 and any("recipe plus (tuning and GBDT kernels)" in line for line in lines)
+    assert code == 0 and any(
+        "(recipe plus in the tuning and GBDT kernels)" in line for line in lines
+    )
     args = kr.parse_args(["--owner", "bob", "--recipe", "plus", "--tune"])
     opts = kr.options_from(args)
     assert opts.recipe == "plus" and "--recipe plus" in opts.resume_command()

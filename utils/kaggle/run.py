@@ -434,8 +434,11 @@ class Runner:
             self.build_dir, self.opts.owner, tuned=self.opts.tune, recipe=self.opts.recipe
         )
         where = "a scratch folder" if self.plan else str(self.build_dir)
-        self.say("build", f"validated and built {len(built)} kernels into {where}")
-        self.say("build", f"recipe {self.opts.recipe} (tuning and GBDT kernels)")
+        self.say(
+            "build",
+            f"validated and built {len(built)} kernels into {where} "
+            f"(recipe {self.opts.recipe} in the tuning and GBDT kernels)",
+        )
 
     def save(self) -> None:
         """Persist the state (never in a plan)."""

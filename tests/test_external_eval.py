@@ -11,6 +11,7 @@ import torch
 from notebook_checks import assert_thin_and_clean, run_notebook
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
+from utils import external_eval, settings
 from utils.external import load_ph2
 from utils.external_eval import (
     FUSION_MEMBERS,
@@ -31,6 +32,7 @@ from utils.manifest import verify_manifest
 from utils.metric import pauc
 from utils.oof import read_oof
 from utils.settings import PAPER_GBDT_PARAMS, resolve
+from utils.tabular.plus_features import patient_image_feature_names
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "05_external_eval.ipynb"
@@ -179,6 +181,49 @@ def test_variants_share_folds_and_scores_match_predictions(external_data, tmp_pa
     # PH2's annotations are the dermoscopic criteria of melanoma: strongly predictive
     assert result.entries[0]["auc"] > 0.85
     assert len(FUSION_MEMBERS) == 4
+
+
+def test_plus_applies_stage_3s_blend_and_the_groups_external_metadata_allows(
+    external_data, tmp_path, monkeypatch
+):
+    """Stage 5 under a recipe uses stage 3's blend and feature groups: patient-relative image
+    scores apply; a group that needs ISIC 2024 columns is skipped and recorded as such."""
+    monkeypatch.setattr(
+        settings, "PLUS_GBDT", {"blend": "nested", "patient_image": True, "site_features": True}
+    )
+    ph2 = load_ph2(external_data / "ph2")
+    keep = ph2.frame.filter(pl.col("target") == 1).head(15)["isic_id"].to_list()
+    keep += ph2.frame.filter(pl.col("target") == 0).head(30)["isic_id"].to_list()
+    subset = dataclasses.replace(
+        ph2,
+        frame=ph2.frame.filter(pl.col("isic_id").is_in(keep)),
+        image_paths={i: ph2.image_paths[i] for i in keep},
+    )
+    cfg = resolve("demo", "plus", external={"n_folds": 3, "threads": 1}).external
+    seen, real = [], external_eval.run_gbdt
+    monkeypatch.setattr(
+        external_eval,
+        "run_gbdt",
+        lambda f, m, images, *a: seen.append(images) or real(f, m, images, *a),
+    )
+    result = evaluate_dataset(subset, cfg, tmp_path)
+    variants = [e["variant"] for e in result.entries]
+    assert variants == ["metadata", "image_vit_tiny", "fusion_lgb", "fusion_nested_blend"]
+    assert seen[-1] == ["img_vit_tiny", *patient_image_feature_names(["img_vit_tiny"])]
+    assert all(e["recipe"] == "plus" for e in result.entries)
+    record = json.loads(write_metrics([result], tmp_path, cfg).read_text())
+    assert record["stage3"] == {
+        "recipe": "plus",
+        "blend": "nested",
+        "feature_groups": ["patient_image"],
+        "skipped_feature_groups": {
+            "site_features": "needs ISIC 2024 metadata columns the external sets lack"
+        },
+    }
+    paper = resolve("demo", "paper").external
+    assert external_eval.stage3_choices(paper) == {
+        "recipe": "paper", "blend": "equal", "feature_groups": [], "skipped_feature_groups": {},
+    }  # fmt: skip
 
 
 def test_nothing_to_evaluate_is_an_error(external_data, tmp_path):

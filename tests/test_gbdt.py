@@ -11,16 +11,19 @@ from standins import write_image_run
 
 from utils.folds import assign_folds, with_folds
 from utils.io import DataDir
+from utils.labels import reference_filtered
 from utils.metric import pauc
 from utils.oof import read_oof
 from utils.settings import GBDT_BINNING, PAPER_GBDT_PARAMS, Sampling, resolve
 from utils.synthetic import generate
 from utils.tabular import libraries as gbdt_libraries
 from utils.tabular.cv import (
+    CVResult,
     ablation_table,
     cross_validate,
     cv_report,
     feature_importance,
+    filtered_report,
     sample_indices,
 )
 from utils.tabular.ensemble import GBDTEnsemble
@@ -60,13 +63,28 @@ def test_resolve_params_defaults_preset_and_overrides(tmp_path):
     assert own["lgb_meta"]["num_leaves"] == 7 and own["lgb"]["num_leaves"] == 31
 
 
-def test_speed_params_set_binning_only_and_a_params_file_can_undo_them():
-    full = resolve_params(FULL)
-    for lib, speed in GBDT_BINNING.items():
-        assert not set(speed) & set(PAPER_GBDT_PARAMS[lib])  # never a published hyper-parameter
-        assert all(full[lib][k] == v for k, v in speed.items())
-    assert full["cat"]["border_count"] == 128 and full["xgb"]["max_bin"] == 128
-    library_defaults = resolve_params(FULL, {"cat": {"border_count": 254}, "xgb": {"max_bin": 256}})
+def test_paper_bins_at_the_library_defaults_and_plus_coarser_for_speed():
+    """The reference notebook passes no border_count / max_bin: a paper model fitted with the
+    resolved params reports the libraries' defaults (CatBoost 254 borders, XGBoost 256 bins);
+    plus sets 128 (binning only, never a published hyper-parameter); a params file undoes it."""
+    paper, plus = resolve_params(FULL), resolve_params(resolve("full", "plus").gbdt)
+    for lib, speed in GBDT_BINNING["plus"].items():
+        assert not set(speed) & set(PAPER_GBDT_PARAMS[lib])
+        assert all(plus[lib][k] == v for k, v in speed.items())
+        assert not set(GBDT_BINNING["paper"][lib])
+    assert "border_count" not in paper["cat"] and "max_bin" not in paper["xgb"]
+    assert plus["cat"]["border_count"] == 128 and plus["xgb"]["max_bin"] == 128
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 3)), np.arange(200) % 2
+    small = {"cat": {"iterations": 2}, "xgb": {"n_estimators": 2}}
+    libraries = gbdt_libraries.LIBRARIES
+    cat = libraries["cat"].fit(x, y, {**paper["cat"], **small["cat"]})
+    assert cat.get_all_params()["border_count"] == 254
+    booster = libraries["xgb"].fit(x, y, {**paper["xgb"], **small["xgb"]})
+    trees = json.loads(booster.save_config())["learner"]["gradient_booster"]
+    assert trees["tree_train_param"]["max_bin"] == "256"
+    undo = {"cat": {"border_count": 254}, "xgb": {"max_bin": 256}}
+    library_defaults = resolve_params(resolve("full", "plus").gbdt, undo)
     assert library_defaults["cat"]["border_count"] == 254
     assert library_defaults["xgb"]["max_bin"] == 256
 
@@ -143,6 +161,77 @@ def test_sampling_and_fitting_happen_inside_training_folds_only(monkeypatch):
         np.testing.assert_array_equal(labels, y[train_rows])
         assert labels.sum() / (labels.size - labels.sum()) == pytest.approx(0.01, rel=0.05)
     assert np.isfinite(result.oof[ENSEMBLE]).all()
+
+
+def test_filtered_rows_leave_training_only_and_keep_their_oof(monkeypatch):
+    """`trainable` (the reference's CV: not reference_filtered) keeps rows out of every fit,
+    with or without shared bins, and never out of the validation rows."""
+    n = 2_000
+    rng = np.random.default_rng(1)
+    y = (rng.random(n) < 0.05).astype(np.int8)
+    folds = np.arange(n) % 4
+    trainable = rng.random(n) > 0.1
+    frame = pl.DataFrame({"row": np.arange(n, dtype=np.float32)})
+    fitted_rows, predicted_rows = [], []
+
+    def fit(x, labels, params):
+        fitted_rows.append(x[:, 0].astype(int))
+
+    def predict(model, x, threads):
+        predicted_rows.append(x[:, 0].astype(int))
+        return np.full(len(x), 0.5)
+
+    def bin_all(x, labels, params):
+        return x
+
+    def fit_rows(binned, rows, params):
+        fitted_rows.append(binned[rows, 0].astype(int))
+
+    members = make_members(["row"], [], resolve_params(FULL), names=["lgb_meta"])
+    none = Sampling(over=None, under=None)
+    for recorder in (
+        Library(fit, predict, None, None, None, "bin"),
+        Library(fit, predict, None, None, None, "bin", bin_all, fit_rows),
+    ):
+        fitted_rows.clear()
+        predicted_rows.clear()
+        monkeypatch.setitem(gbdt_libraries.LIBRARIES, "lgb", recorder)
+        cross_validate(frame, y, folds, members, sampling=none, threads=1, trainable=trainable)
+        for fold, (rows, valid) in enumerate(zip(fitted_rows, predicted_rows, strict=True)):
+            expected = np.flatnonzero((folds != fold) & trainable)
+            np.testing.assert_array_equal(np.sort(rows), expected)
+            np.testing.assert_array_equal(valid, np.flatnonzero(folds == fold))
+
+
+def test_filtered_report_scores_the_same_oof_without_the_filtered_rows():
+    rng = np.random.default_rng(2)
+    y = (np.arange(400) % 10 == 0).astype(np.int8)
+    folds = np.arange(400) % 4
+    result = CVResult(y, folds, {}, (0,))
+    result.oof = {ENSEMBLE: np.clip(0.5 * y + rng.random(400), 0, 1)}
+    filtered = (y == 0) & (rng.random(400) < 0.3)
+    report = filtered_report(result, filtered, left_out_of_training=False)
+    keep = ~filtered
+    assert report["available"] and report["rows_left_out"] == int(filtered.sum())
+    assert report["scores"][ENSEMBLE]["overall"] == pytest.approx(
+        pauc(y[keep], result.oof[ENSEMBLE][keep])
+    )
+    assert report["scores"][ENSEMBLE]["overall"] != pytest.approx(pauc(y, result.oof[ENSEMBLE]))
+    fold0 = keep & (folds == 0)
+    assert report["scores"][ENSEMBLE]["folds"][0] == pytest.approx(
+        pauc(y[fold0], result.oof[ENSEMBLE][fold0])
+    )
+    assert report["training"] == "on every row" and "iddx_2" in report["rule"]
+    assert filtered_report(result, filtered, True)["training"] == "without the filtered rows"
+    assert filtered_report(result, None, False)["available"] is False
+
+
+def test_training_frame_flags_the_reference_filtered_rows_by_isic_id(synthetic_dir):
+    data = load_training_frame(synthetic_dir)
+    train = DataDir(synthetic_dir).train_metadata()
+    flags = dict(zip(train["isic_id"], reference_filtered(train), strict=True))
+    assert data.filtered.tolist() == [flags[i] for i in data.frame["isic_id"]]
+    assert data.filtered.any() and not data.y[data.filtered].any()
 
 
 def test_shared_bins_are_built_once_per_member_and_folds_fit_on_training_rows(monkeypatch):

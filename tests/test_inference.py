@@ -28,6 +28,7 @@ from utils.inference import (
     measure_images_per_s,
     predict_submission,
     read_test_ids,
+    run_submission,
     validate_submission,
     write_submission,
 )
@@ -45,7 +46,6 @@ PARAMETERS = {
     "data_dir",
     "output_dir",
     "preset",
-    "recipe",
     "artifacts_dir",
     "batch_size",
     "num_workers",
@@ -124,6 +124,11 @@ def test_kernel_writes_valid_submission_for_real_test_files(
     assert estimate in text and "hidden test: 500,000 rows" in text
     assert "rows scored by lgb_meta (fallback)" in text and "0 row(s) scored by" in text
     assert f"full: image models ['{IMAGE_MODEL}']" in text
+    # the recipe is the GBDT's (features.json), not a parameter of the kernel
+    assert "recipe: paper" in text
+    assert json.loads((out / "submission_report.json").read_text())["recipe"] == "paper"
+    with pytest.raises(TypeError, match="takes no recipe.*features.json"):
+        run_submission(data, artifacts, out, "demo", recipe="plus")
 
 
 # ---------------------------------------------------------------------------------- fallbacks

@@ -175,21 +175,24 @@ class FakeKaggle:
         self.datasets[f"{OWNER}/{slug}"]["version"] += 1
 
 
-_BUILT: dict[tuple[str | None, bool], Path] = {}
+_BUILT: dict[tuple[str | None, bool, str], Path] = {}
 
 
 @pytest.fixture(autouse=True)
 def build_once(monkeypatch, tmp_path_factory):
-    """kaggle_build.build_all, run for real once per (owner, tuned) and copied after that: the
-    kernels are the real builds, and ~60 runs don't each rebuild seven notebooks."""
+    """kaggle_build.build_all, run for real once per (owner, tuned, recipe) and copied after
+    that: the kernels are the real builds, and ~60 runs don't each rebuild seven notebooks."""
     real = kb.build_all
 
-    def cached(out_dir: Path, owner: str | None = None, tuned: bool = False) -> list[Path]:
-        if (owner, tuned) not in _BUILT:
-            _BUILT[owner, tuned] = tmp_path_factory.mktemp("built")
-            real(_BUILT[owner, tuned], owner, tuned)
-        shutil.copytree(_BUILT[owner, tuned], out_dir, dirs_exist_ok=True)
-        return sorted(out_dir / p.name for p in _BUILT[owner, tuned].iterdir())
+    def cached(
+        out_dir: Path, owner: str | None = None, tuned: bool = False, recipe: str = "paper"
+    ) -> list[Path]:
+        key = owner, tuned, recipe
+        if key not in _BUILT:
+            _BUILT[key] = tmp_path_factory.mktemp("built")
+            real(_BUILT[key], owner, tuned, recipe=recipe)
+        shutil.copytree(_BUILT[key], out_dir, dirs_exist_ok=True)
+        return sorted(out_dir / p.name for p in _BUILT[key].iterdir())
 
     monkeypatch.setattr(kb, "build_all", cached)
 
@@ -371,6 +374,23 @@ def test_kernels_still_running_at_a_failure_are_awaited_not_pushed_again(tmp_pat
     assert sorted(c[1] for c in downloads) == sorted(kr.IMAGE_KERNELS)  # each once
 
 
+def test_another_recipe_repushes_tuning_and_gbdt_never_an_image_kernel(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    run(tmp_path, fake, weights_dir, tune=True)
+    assert state_of(tmp_path)["kernels"]["03_gbdt"]["recipe"] == "paper"
+    before = len(fake.calls)
+    stopped, lines = run(tmp_path, fake, weights_dir, tune=True, recipe="plus")
+    assert stopped is None, stopped
+    pushes = [c[1] for c in fake.calls[before:] if c[0] == "push"]
+    assert pushes[:2] == ["02_tune_gbdt", "03_gbdt"]
+    assert not set(pushes) & set(kr.IMAGE_KERNELS)
+    assert any("recipe paper -> plus" in line for line in lines), lines
+    assert state_of(tmp_path)["kernels"]["03_gbdt"]["recipe"] == "plus"
+    before = len(fake.calls)
+    run(tmp_path, fake, weights_dir, tune=True, recipe="plus")
+    assert not [c for c in fake.calls[before:] if c[0] == "push"]  # nothing left to redo
+
+
 @pytest.mark.parametrize(
     ("bumped", "repushed"),
     [
@@ -538,6 +558,20 @@ def test_dry_run_prints_the_complete_ordered_plan_offline(offline, tmp_path, wei
     assert f"against {kb.IMAGE_DATASET} v1, {kb.TUNING_DATASET} v1" in gbdt
     assert "-k bob/fusionnetx-isic2024-submission -v 1" in lines[-3]
     assert not work.exists()  # a plan writes no state
+
+
+def test_recipe_reaches_the_tuning_and_gbdt_kernels_and_the_resume_command(
+    offline, tmp_path, weights_dir
+):
+    work = tmp_path / "work"
+    code, lines = dry_run(["--owner", "bob", "--work-dir", str(work), "--recipe", "plus"])
+    assert code == 0 and any(
+        "(recipe plus in the tuning and GBDT kernels)" in line for line in lines
+    )
+    args = kr.parse_args(["--owner", "bob", "--recipe", "plus", "--tune"])
+    opts = kr.options_from(args)
+    assert opts.recipe == "plus" and "--recipe plus" in opts.resume_command()
+    assert kr.options_from(kr.parse_args(["--owner", "bob"])).recipe == "paper"
 
 
 def test_dry_run_after_a_partial_run_plans_only_what_is_left(tmp_path, weights_dir, offline):

@@ -150,6 +150,15 @@ def test_changed_parameters_or_corrupt_stamp_rerun_the_stage(tmp_path: Path, dat
     assert [s.name for s, will in plan(run) if will] == ["gbdt", "inference"]
 
 
+def test_another_recipe_reruns_stages_2_to_4_and_never_an_image_model(tmp_path, data_dir):
+    run = make_run(data_dir, tmp_path / "work", "demo", tune=True)
+    _mark_done(run)
+    plus = dataclasses.replace(run, recipe="plus")
+    assert [s.name for s, will in plan(plus) if will] == ["tune_gbdt", "gbdt", "inference"]
+    for stage in STAGES:
+        assert ("recipe" in stage.parameters(plus)) == (stage.name in ("tune_gbdt", "gbdt"))
+
+
 def test_tune_adds_the_tuning_stage_and_feeds_its_params_to_gbdt(tmp_path: Path, data_dir: Path):
     run = make_run(data_dir, tmp_path / "work", "demo", tune=True)
     names = [s.name for s, _ in plan(run)]
@@ -168,8 +177,10 @@ def test_run_executes_in_order_then_skips_everything(tmp_path, standins, data_di
     assert [c["notebook"] for c in calls] == [s.notebook for s, _ in plan(run, force=True)]
     image = calls[0]["params"]
     assert image["data_dir"] == str(data_dir) and image["output_dir"] == str(run.artifacts)
-    assert image == {**image, "preset": "demo", "recipe": "paper"} and len(image) == 4
+    assert image == {**image, "preset": "demo"} and len(image) == 3  # no recipe: see below
+    assert [c["params"]["recipe"] for c in calls[4:-1]] == ["paper", "paper"]  # tuning, GBDT
     inference = calls[-1]["params"]
+    assert "recipe" not in inference  # read from the GBDT artifacts
     assert inference["artifacts_dir"] == str(run.artifacts)
     assert inference["output_dir"] == str(run.work_dir)
     assert (run.work_dir / "submission.csv").is_file()
@@ -325,6 +336,12 @@ def test_results_block_reports_scores_scale_best_and_where(tmp_path: Path):
     gbdt.mkdir(parents=True)
     report = {
         "scores": {"lgb_meta": {"overall": 0.101}, "ensemble": {"overall": 0.123}},
+        "filtered": {
+            "available": True,
+            "rows_left_out": 7,
+            "training": "on every row",
+            "scores": {"ensemble": {"overall": 0.117}},
+        },
         "ablation": [
             {"setting": "image-only: img_vit_tiny", "pauc": 0.021},
             {"setting": "metadata-only: lgb_meta", "pauc": 0.101},
@@ -346,6 +363,7 @@ def test_results_block_reports_scores_scale_best_and_where(tmp_path: Path):
     assert "0 to 0.2" in words and "about 0.02" in words
     assert "best achievable on this synthetic data (its true probabilities): 0.2000" in text
     assert "lgb_meta" in text and "0.1230" in text
+    assert "ensemble, filtered 0.1170" in words and "without the 7 target-0 rows" in words
     assert "image-only: img_vit_tiny" in text and "metadata-only: lgb_meta" in text
     assert "full: soft vote" not in text  # the ensemble row is already listed above
     assert "score near random (about 0.02) on purpose" in words
@@ -455,22 +473,42 @@ def test_real_notebooks_demo_then_new_seed_then_force_then_resume(tmp_path: Path
     assert done.stdout.count("skipped (outputs complete") == 7
 
 
+def _image_files(work: Path) -> dict[str, str]:
+    """sha256 of every file under the image models' artifact folders."""
+    folders = [work / "artifacts" / m for m in IMAGE_MODELS]
+    return {str(p): file_sha256(p) for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
-def test_real_notebooks_plus_recipe_end_to_end(tmp_path: Path):
-    """`--recipe plus` runs every stage notebook at the demo size: the GBDT builds and records
-    the recipe's feature groups and blend, and the submission kernel scores with them."""
+def test_real_notebooks_paper_then_plus_reuse_every_image_run(tmp_path: Path):
+    """`--recipe plus` after a `paper` run: every image stage is skipped and its folder is the
+    same files byte for byte (no image model retrained); the GBDT builds and records plus's
+    feature groups and blend, and the submission kernel reads the recipe from its artifacts."""
     work = tmp_path / "work"
+    _pipeline(work)
+    paper = _check_outputs_of_this_data(work)
+    image_files = _image_files(work)
+    assert len(image_files) >= 4 * (DEMO_FOLDS + 3)  # folds, oof, config, history, manifest
+
     done = _pipeline(work, "--recipe", "plus")
+    for model in IMAGE_MODELS:
+        assert f"image_{model}: skipped (outputs complete" in done.stdout, model
+    assert _image_files(work) == image_files  # reused byte for byte, nothing retrained
     manifests = _check_outputs_of_this_data(work)
+    for model in IMAGE_MODELS:
+        assert manifests[model]["run_id"] == paper[model]["run_id"]
     gbdt = work / "artifacts" / "gbdt"
     plus = resolve("demo", "plus").gbdt
     assert manifests["gbdt"]["config"]["gbdt"]["recipe"] == "plus"
-    groups = json.loads((gbdt / "features.json").read_text())["feature_groups"]
+    features = json.loads((gbdt / "features.json").read_text())
+    assert features["recipe"] == "plus"
+    groups = features["feature_groups"]
     assert groups == {g: getattr(plus, g) for g in ("site_features", "ugly_duckling")} | {
         "patient_image": plus.patient_image
     }
     report = json.loads((gbdt / "cv_report.json").read_text())
-    assert report["blend"]["kind"] == plus.blend
-    for model in IMAGE_MODELS:
-        assert manifests[model]["config"]["config"]["recipe"] == "plus"
+    assert report["blend"]["kind"] == plus.blend and report["recipe"] == "plus"
+    assert report["filtered"]["available"] and report["filtered"]["training"] == "on every row"
+    submission_report = json.loads((work / "submission_report.json").read_text())
+    assert submission_report["recipe"] == "plus"
     assert "RESULTS" in done.stdout and "ensemble" in done.stdout

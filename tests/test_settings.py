@@ -21,6 +21,7 @@ from utils.settings import (
     image_config,
     resolve,
 )
+from utils.tabular.libraries import resolve_params
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules that may define settings: the settings module itself and the owners of other issues
@@ -140,7 +141,7 @@ def test_pipeline_passes_names_and_paths_only(tmp_path):
     """So a notebook run alone and the pipeline get the same demo sizes from utils.settings."""
     run = pipeline.make_run(None, tmp_path, "demo")
     image = next(s for s in pipeline.STAGES if s.name == "image_vit_tiny")
-    assert set(image.parameters(run)) == {"data_dir", "output_dir", "preset", "recipe"}
+    assert set(image.parameters(run)) == {"data_dir", "output_dir", "preset"}  # no recipe
     assert run.sizes == resolve("demo").data
 
 
@@ -155,11 +156,14 @@ def test_paper_recipe_is_the_reference_training_recipe(preset):
         assert (cfg.pool, cfg.head_norm) == (None, False)
         assert cfg.weight_decay is None  # the backbone's: ConvNeXt 1e-2, ViT 1e-3
         assert cfg.max_grad_norm is None  # the reference clips no gradient
+        assert cfg.validate_on == "label"  # it relabels before the split: suspicious validation
         assert (cfg.lr, cfg.min_lr, cfg.warmup) == (
             (1e-4, 1e-6, 0.05) if preset == "full" else (3e-4, 1e-6, 0.05)
         )
     gbdt = resolve(preset).gbdt
     assert gbdt.site_features is False
+    assert gbdt.filter_training is False  # the fold models ship: on every row, as the refit
+    assert resolve_params(gbdt)["cat"].get("border_count") is None  # the library default
     assert PAPER_GBDT_PARAMS["cat"]["iterations"] == 250  # Table 2
 
 

@@ -21,6 +21,7 @@ from utils.image.predict import (
 )
 from utils.image.train import fold_scores, lr_factor, train_image_model
 from utils.io import DataDir, HDF5Images
+from utils.labels import suspicious_label
 from utils.manifest import verify_manifest
 from utils.oof import read_oof
 from utils.settings import TrainConfig, image_config
@@ -297,6 +298,7 @@ def test_validation_rows_keep_every_positive_and_eligible_negatives_once_per_fol
         {
             "isic_id": [f"ISIC_{i}" for i in range(100)],
             "target": [1] * 4 + [0] * 96,
+            "label": [1.0] * 4 + [0.0] * 96,
             "eligible": [True] * 4 + [i % 2 == 0 for i in range(96)],
         }
     )
@@ -306,6 +308,82 @@ def test_validation_rows_keep_every_positive_and_eligible_negatives_once_per_fol
     assert negatives.height == 12 and negatives["eligible"].all()
     assert rows.equals(train.validation_rows(cfg, held_out, fold=0))  # drawn once, reproducibly
     assert not rows.equals(train.validation_rows(cfg, held_out, fold=1))
+
+
+def test_validation_is_on_the_models_own_label_unless_switched_to_the_target():
+    """The reference relabels before the split: a suspicious model's validation positives and
+    negatives are on the suspicious label. validate_on="target" draws them on the real target."""
+    held_out = pl.DataFrame(
+        {
+            "isic_id": [f"ISIC_{i}" for i in range(60)],
+            "target": [1] * 2 + [0] * 58,
+            "label": [1.0] * 6 + [0.0] * 54,  # 4 suspicious negatives
+            "eligible": [True] * 60,
+        }
+    )
+    on_label = train.validation_rows(tiny_config(val_neg_per_pos=2), held_out, fold=0)
+    assert on_label.filter(pl.col("target") == 1)["isic_id"].to_list() == [
+        f"ISIC_{i}" for i in range(6)
+    ]
+    assert on_label.height == 6 + 12 and on_label["label"].sum() == 6
+    cfg = tiny_config(val_neg_per_pos=2, validate_on="target")
+    on_target = train.validation_rows(cfg, held_out, fold=0)
+    assert on_target.filter(pl.col("target") == 1).height == 2 and on_target.height == 2 + 4
+    with pytest.raises(ValueError, match="validate_on"):
+        tiny_config(validate_on="suspicious")
+
+
+def test_suspicious_model_picks_its_checkpoint_on_its_label_and_its_oof_keeps_the_target(
+    small_set, synthetic_dir, tmp_path, monkeypatch
+):
+    """The per-epoch score sees the suspicious label; oof.csv (what stage 3 reads) the target."""
+    meta, images = small_set
+    full = DataDir(synthetic_dir).train_metadata()
+    full = full.with_columns(suspicious_label(full))
+    extra = full.filter((pl.col("target") == 0) & (pl.col("suspicious") == 1)).head(6)
+    assert extra.height >= 4  # suspicious negatives that only the suspicious label calls positive
+    meta = pl.concat([meta, extra.drop("suspicious")])
+    cfg = dataclasses.replace(tiny_config(epochs=1), model_name="vit_tiny_suspicious")
+    cfg = dataclasses.replace(cfg, label="suspicious")
+    scored, real = [], train.safe_score
+    monkeypatch.setattr(
+        train, "safe_score", lambda y, p, loss: scored.append(y) or real(y, p, loss)
+    )
+    oof = train_image_model(cfg, meta, images, tmp_path, torch.device("cpu"))
+    frame = train.prepare_frame(cfg, meta)
+    for fold, seen in enumerate(scored):
+        subset = train.validation_rows(cfg, frame.filter(pl.col("fold") == fold), fold)
+        assert np.array_equal(seen, subset["label"].to_numpy())
+    assert sum(int(y.sum()) for y in scored) == int(frame["label"].sum()) > frame["target"].sum()
+    written = read_oof(tmp_path / cfg.model_name / "oof.csv").sort("isic_id")
+    truth = meta.select("isic_id", "target").sort("isic_id")
+    assert (
+        written["target"].to_list()
+        == truth["target"].to_list()
+        == oof.sort("isic_id")["target"].to_list()
+    )
+
+
+def test_identity_holds_only_what_changes_stage_1s_output(small_set):
+    """Another recipe, preset name or loader setting is the same run (reused, never retrained);
+    anything that changes the trained weights is another run."""
+    meta, _ = small_set
+    cfg = tiny_config()
+    frame = train.prepare_frame(cfg, meta)
+
+    def identity(**changes):
+        return train.run_record(dataclasses.replace(cfg, **changes), frame, "assign_folds")[
+            "config_hash"
+        ]
+
+    same = identity()
+    for free in ({"recipe": "plus"}, {"preset": "full"}, {"num_workers": 3}):
+        assert identity(**free) == same, free
+    for changed in ({"epochs": 3}, {"validate_on": "target"}, {"lr": 1e-3}, {"seed": 1}):
+        assert identity(**changed) != same, changed
+    assert image_config("vit_tiny", "demo", "plus") == dataclasses.replace(
+        image_config("vit_tiny", "demo", "paper"), recipe="plus"
+    )
 
 
 def test_eligible_negatives_are_the_references_confident_lesions(small_set):

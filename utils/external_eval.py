@@ -7,9 +7,14 @@ i.e. by lesion for HAM10000 and by image for PH2) and scored on its out-of-fold 
 - `image_<model>`: an image model of utils.settings.IMAGE_MODELS trained with the stage 1 loop;
   external sets have no iddx columns, so the "suspicious" models train on the target;
 - `fusion_lgb`: LightGBM on metadata + the image OOF columns (`img_<model>`);
-- `fusion_soft_vote`: the stage 3 soft vote of lgb_meta, lgb, CatBoost and XGBoost.
-The GBDTs keep the stage 3 params, except that `min_data_in_leaf` is capped for small sets
-(see `gbdt_params`): the published 85 leaves no split at all on PH2's 160 training rows.
+- `fusion_soft_vote`: the stage 3 soft vote of lgb_meta, lgb, CatBoost and XGBoost, or under a
+  recipe whose blend is "nested" (`plus`) `fusion_nested_blend`, stage 3's fitted weights.
+The GBDTs keep the stage 3 params of the recipe, except that `min_data_in_leaf` is capped for
+small sets (see `gbdt_params`): the published 85 leaves no split at all on PH2's 160 training
+rows. The recipe's stage 3 choices apply as in stage 3 (`stage3_choices`): its blend, and each
+optional feature group the external metadata allows (patient-relative image scores need only
+patient_id and the image columns); a group that needs ISIC 2024's TBP columns is skipped and
+named as such in the metrics file, never dropped silently.
 
 Metrics per variant: accuracy at a stated threshold (0.5 by default; probabilities are not
 recalibrated), ROC AUC, average precision and the competition's pAUC above 80% TPR.
@@ -44,9 +49,11 @@ from utils.layout import METRICS_FILE, PREDICTIONS_FILE
 from utils.manifest import set_aside, write_json, write_manifest
 from utils.metric import pauc
 from utils.settings import ExternalEvalConfig, TrainConfig, image_config, resolve
-from utils.tabular.cv import cross_validate
+from utils.tabular.cv import CVResult, cross_validate
 from utils.tabular.features import join_image_oofs, one_hot_names
+from utils.tabular.gbdt import apply_blend, feature_groups
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER, make_members, resolve_params
+from utils.tabular.plus_features import patient_image_feature_names, patient_image_features
 
 METRICS = ("accuracy", "auc", "ap", "pauc")
 # FusionNetX paper, external evaluation (accuracy in %, as printed there).
@@ -59,6 +66,9 @@ FUSION_MEMBERS = (META_MEMBER, "lgb", "cat", "xgb")
 DATASETS = ("PH2", "HAM10000")
 HAM_METADATA = "ham10000/HAM10000_metadata.csv"
 HAM_IMAGES = "ham10000/images"  # used when present and no ham_image_dir is given
+# stage 3's optional feature groups that external metadata allows (the others need ISIC 2024's
+# columns: anatomical sites, TBP measurements)
+EXTERNAL_GROUPS = ("patient_image",)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -158,6 +168,7 @@ def metric_entry(
         "fold_auc": per_fold,
         "threshold": cfg.threshold,
         "preset": cfg.preset,
+        "recipe": cfg.recipe,
         "fold_scheme": fold_scheme(dataset, cfg.n_folds, cfg.seed),
     }
 
@@ -197,14 +208,55 @@ def run_gbdt(
     image_columns: Sequence[str],
     names: Sequence[str],
     cfg: ExternalEvalConfig,
-) -> dict[str, np.ndarray]:
-    """OOF predictions per member `names` (and their soft vote) on `features`' fold column."""
+) -> CVResult:
+    """The CV of members `names` (OOF per member and their soft vote) on `features`' folds."""
     folds = features["fold"].to_numpy()
     train_rows = int(np.min([np.sum(folds != k) for k in np.unique(folds)]))
     members = make_members(meta_columns, image_columns, gbdt_params(cfg, train_rows), names)
     y = features["target"].to_numpy()
-    result = cross_validate(features, y, folds, members, cfg.gbdt_seeds, threads=cfg.threads)
-    return result.oof
+    return cross_validate(features, y, folds, members, cfg.gbdt_seeds, threads=cfg.threads)
+
+
+def stage3_choices(cfg: ExternalEvalConfig) -> dict[str, Any]:
+    """The recipe's stage 3 choices as stage 5 applies them: blend, feature groups applied and
+    those skipped (with why); recorded in the metrics file."""
+    gbdt = resolve(cfg.preset, cfg.recipe).gbdt
+    wanted = [name for name, on in feature_groups(gbdt).items() if on]
+    return {
+        "recipe": cfg.recipe,
+        "blend": gbdt.blend,
+        "feature_groups": [g for g in wanted if g in EXTERNAL_GROUPS],
+        "skipped_feature_groups": {
+            g: "needs ISIC 2024 metadata columns the external sets lack"
+            for g in wanted
+            if g not in EXTERNAL_GROUPS
+        },
+    }
+
+
+def fusion_variants(
+    features: pl.DataFrame,
+    meta_columns: Sequence[str],
+    image_columns: Sequence[str],
+    cfg: ExternalEvalConfig,
+) -> dict[str, tuple[str, np.ndarray]]:
+    """`fusion_lgb` and the ensemble of the four members, with the recipe's stage 3 choices."""
+    choices = stage3_choices(cfg)
+    image_features = list(image_columns)
+    if "patient_image" in choices["feature_groups"]:
+        features = patient_image_features(features, image_columns)
+        image_features += patient_image_feature_names(image_columns)
+    result = run_gbdt(features, meta_columns, image_features, FUSION_MEMBERS, cfg)
+    blend = apply_blend(result, choices["blend"])
+    members = "lgb_meta, LightGBM, CatBoost, XGBoost (stage 3)"
+    if blend["kind"] == "nested":
+        ensemble = ("fusion_nested_blend", f"nested-blend weights of {members}")
+    else:
+        ensemble = ("fusion_soft_vote", f"soft vote of {members}")
+    return {
+        "fusion_lgb": ("LightGBM on metadata + image OOFs", result.oof["lgb"]),
+        ensemble[0]: (ensemble[1], result.oof[ENSEMBLE]),
+    }
 
 
 def external_image_config(model: str, cfg: ExternalEvalConfig) -> TrainConfig:
@@ -276,7 +328,7 @@ def evaluate_dataset(
     features = with_folds(features, cfg.n_folds, cfg.seed)
     variants: dict[str, tuple[str, np.ndarray]] = {}
     if meta_columns:
-        oof = run_gbdt(features, meta_columns, (), (META_MEMBER,), cfg)
+        oof = run_gbdt(features, meta_columns, (), (META_MEMBER,), cfg).oof
         variants["metadata"] = (f"LightGBM ({META_MEMBER}) on metadata", oof[META_MEMBER])
     image_columns: list[str] = []
     if not dataset.image_paths:
@@ -291,12 +343,7 @@ def evaluate_dataset(
             model = source["image_model"]
             variants[f"image_{model}"] = (f"image model {model}", features[column].to_numpy())
     if meta_columns and image_columns:
-        oof = run_gbdt(features, meta_columns, image_columns, FUSION_MEMBERS, cfg)
-        variants["fusion_lgb"] = ("LightGBM on metadata + image OOFs", oof["lgb"])
-        variants["fusion_soft_vote"] = (
-            "soft vote of lgb_meta, LightGBM, CatBoost, XGBoost (stage 3)",
-            oof[ENSEMBLE],
-        )
+        variants |= fusion_variants(features, meta_columns, image_columns, cfg)
     if not variants:
         raise ValueError(f"{dataset.name}: neither metadata columns nor images to evaluate")
     y, folds = features["target"].to_numpy(), features["fold"].to_numpy()
@@ -320,6 +367,7 @@ def write_metrics(
     """`<output_dir>/external_metrics.json`: the settings and every dataset x variant entry."""
     record = {
         "settings": dataclasses.asdict(cfg),
+        "stage3": stage3_choices(cfg),
         "paper": PAPER_RESULTS,
         "entries": [e for r in results for e in r.entries],
     }

@@ -81,7 +81,7 @@ from utils.layout import (
 )
 from utils.manifest import atomic_output, check_folder, write_json
 from utils.settings import InferenceConfig, TrainConfig, resolve
-from utils.tabular.ensemble import GBDTEnsemble
+from utils.tabular.ensemble import GBDTEnsemble, recorded_recipe
 from utils.tabular.features import IMAGE_PREFIX, build_features
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER
 from utils.tabular.plus_features import add_optional_features
@@ -784,18 +784,26 @@ def run_submission(
     artifacts_dir: str | Path,
     output_dir: str | Path,
     preset: str = "full",
-    recipe: str = "paper",
     **overrides,
 ) -> tuple[pl.DataFrame, InferenceReport, Path]:
     """Stage 4 entry: settings (utils.settings), predict, validate and write submission.csv and,
     beside it, submission_report.json (InferenceReport.to_dict: every fallback decision).
 
+    The recipe is the one stage 3 recorded with its artifacts (gbdt/features.json, with the
+    feature groups and blend it used): the kernel takes no recipe of its own to disagree with.
     `overrides` are InferenceConfig fields (batch_size, num_workers, ...); None keeps the preset's.
     """
-    cfg = resolve(preset, recipe, inference=overrides).inference
+    if "recipe" in overrides:
+        raise TypeError(
+            "run_submission takes no recipe: it reads the one stage 3 recorded in "
+            f"{Path(artifacts_dir) / GBDT_DIR / 'features.json'}"
+        )
+    recipe = recorded_recipe(Path(artifacts_dir) / GBDT_DIR)
+    cfg = resolve(preset, recipe or "paper", inference=overrides).inference
     print(cfg)
+    print(f"recipe: {recipe or 'not recorded (GBDT artifacts from before recipes were recorded)'}")
     submission, report = predict_submission(data_dir, artifacts_dir, cfg)
     path = write_submission(submission, output_dir, read_test_ids(data_dir))
-    write_json(Path(output_dir) / REPORT_FILE, report.to_dict())
+    write_json(Path(output_dir) / REPORT_FILE, {**report.to_dict(), "recipe": recipe})
     print(f"wrote {path} and {REPORT_FILE}: {submission.height:,} rows; {report.mode}")
     return submission, report, path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 SUSPICIOUS_COLUMNS = ("target", "iddx_1", "iddx_2")
@@ -29,3 +30,39 @@ def suspicious_label(df: pl.DataFrame) -> pl.Series:
 def with_suspicious(df: pl.DataFrame) -> pl.DataFrame:
     """`df` with an Int8 `suspicious` column."""
     return df.with_columns(suspicious_label(df))
+
+
+def reference_filtered(df: pl.DataFrame) -> pl.Series:
+    """True for the rows the reference's tabular CV leaves out (Boolean `reference_filtered`):
+    target 0 with iddx_1 == "Indeterminate" or a non-null iddx_2, i.e. benign lesions a
+    dermatologist still sent for a closer look (the suspicious label's extra positives).
+
+    The 3rd-place notebook trains its fold models without them and scores its "filtered" CV
+    without them; its final refit keeps them. An empty iddx_2 string counts as null, as there
+    (it reads the CSV with pandas, which turns "" into NaN).
+    """
+    missing = [c for c in SUSPICIOUS_COLUMNS if c not in df.columns]
+    if missing:
+        raise KeyError(f"reference_filtered: metadata lacks column(s) {missing}")
+    if df["target"].null_count():
+        raise ValueError(f"reference_filtered: {df['target'].null_count()} row(s) have no target")
+    iddx_2 = pl.col("iddx_2").cast(pl.String)
+    flagged = (pl.col("iddx_1") == "Indeterminate").fill_null(False) | (
+        iddx_2.is_not_null() & (iddx_2 != "")
+    )
+    return df.select(((pl.col("target") == 0) & flagged).alias("reference_filtered"))[
+        "reference_filtered"
+    ]
+
+
+def reference_filter_mask(metadata: pl.DataFrame, isic_ids: pl.Series) -> np.ndarray | None:
+    """reference_filtered of `metadata` for `isic_ids` in their order (one bool each; an id
+    not in `metadata` is not filtered), or None when `metadata` has no iddx columns (external
+    or stripped data: no filtered score)."""
+    if any(c not in metadata.columns for c in SUSPICIOUS_COLUMNS):
+        return None
+    flags = metadata.select("isic_id", reference_filtered(metadata))
+    joined = isic_ids.to_frame("isic_id").join(
+        flags, on="isic_id", how="left", maintain_order="left"
+    )
+    return joined["reference_filtered"].fill_null(False).to_numpy()

@@ -8,7 +8,10 @@ Work dir layout: data/ (generated data) and data-truth.csv (its true probabiliti
 artifacts/<model>/, artifacts/tuning/, artifacts/gbdt/, executed/ (executed notebooks + one
 <stage>.done.json stamp per finished stage), submission.csv and submission_report.json.
 Every stage reads its settings from utils.settings (preset x recipe); the pipeline passes names
-and paths only, so a notebook run alone and the pipeline run the same sizes.
+and paths only, so a notebook run alone and the pipeline run the same sizes. The recipe goes to
+stages 2 and 3 only: no recipe changes an image model, so `--recipe plus` after a `paper` run
+skips the image stages and reruns tuning, GBDT and submission (the submission kernel reads the
+recipe stage 3 recorded with its artifacts).
 A stage is skipped when its outputs exist, its stamp holds the same parameters and its outputs
 are still the files it wrote (the stamp records their sha256: a stage run by hand into the work
 dir is detected and rerun); once one stage runs, every later stage runs too (its inputs changed).
@@ -151,12 +154,13 @@ def _weights_path(run: Run, model: str) -> str | None:
 
 
 def _image_stage(model: str) -> Stage:
-    """Stage 1 for one image model."""
+    """Stage 1 for one image model: no recipe among its parameters, since no recipe changes
+    stage 1 (TrainConfig's identity leaves it out too), so switching it reuses every image run."""
     return Stage(
         name=f"image_{model}",
         notebook=f"01_image_{model}.ipynb",
         parameters=lambda run: _given(
-            **_common(run, run.artifacts), weights_path=_weights_path(run, model)
+            **_common(run, run.artifacts, recipe=False), weights_path=_weights_path(run, model)
         ),
         outputs=lambda run: [
             run.artifacts / model / name
@@ -166,14 +170,10 @@ def _image_stage(model: str) -> Stage:
     )
 
 
-def _common(run: Run, output_dir: Path) -> dict[str, Any]:
-    """The parameters every stage notebook takes."""
-    return {
-        "data_dir": str(run.data_dir),
-        "output_dir": str(output_dir),
-        "preset": run.preset,
-        "recipe": run.recipe,
-    }
+def _common(run: Run, output_dir: Path, recipe: bool = True) -> dict[str, Any]:
+    """The parameters every stage notebook takes; the recipe only where it changes the output."""
+    common = {"data_dir": str(run.data_dir), "output_dir": str(output_dir), "preset": run.preset}
+    return {**common, "recipe": run.recipe} if recipe else common
 
 
 def _image_oof_dirs(run: Run) -> list[str]:
@@ -223,8 +223,9 @@ STAGES: list[Stage] = [
     Stage(
         name="inference",
         notebook="04_inference.ipynb",
+        # the recipe comes from the GBDT artifacts (gbdt/features.json), never a parameter
         parameters=lambda run: _given(
-            **_common(run, run.work_dir), artifacts_dir=str(run.artifacts)
+            **_common(run, run.work_dir, recipe=False), artifacts_dir=str(run.artifacts)
         ),
         outputs=lambda run: [run.work_dir / SUBMISSION_FILE],
     ),
@@ -549,6 +550,15 @@ def results_block(run: Run) -> str:
     if scores:
         lines.append("out-of-fold pAUC per GBDT member and the soft-vote ensemble (stage 3):")
         lines += [f"  {name:<{width}s}  {value:.4f}" for name, value in scores.items()]
+    filtered = report.get("filtered") or {}
+    if filtered.get("available") and "ensemble" in filtered.get("scores", {}):
+        value = filtered["scores"]["ensemble"]["overall"]
+        lines.append(f"  {'ensemble, filtered':<{width}s}  {value:.4f}")
+        note = (
+            f"(filtered: the reference's CV score, without the {filtered['rows_left_out']} "
+            f"target-0 rows with iddx_1 Indeterminate or an iddx_2; trained {filtered['training']})"
+        )
+        lines += textwrap.wrap(note, 77, initial_indent="  ", subsequent_indent="  ")
     if ablation:
         lines.append("ablation (paper Table 4):")
         lines += [f"  {name:<{width}s}  {value:.4f}" for name, value in ablation.items()]

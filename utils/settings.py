@@ -28,6 +28,7 @@ RECIPES = ("paper", "plus")
 BLENDS = ("equal", "nested")  # GBDTConfig.blend: soft vote, or weights fitted on the OOF
 LABELS = ("target", "suspicious")
 OOF_EPOCHS = ("best", "last")  # TrainConfig.oof_epoch
+VALIDATE_ON = ("label", "target")  # TrainConfig.validate_on
 POOLINGS = ("multiscale_gem", "token")
 
 # The one fold assignment (utils.folds): StratifiedGroupKFold by patient, this many splits, seed.
@@ -43,7 +44,7 @@ class ImageModelSpec:
     """One image model of the method: backbone (image.models.BACKBONES), label, pooling head."""
 
     backbone: str
-    label: str  # training label; validation and OOF always use the real target
+    label: str  # training label (and, with TrainConfig.validate_on "label", the validation's)
     pooling: str  # must be the head utils.image.models gives this backbone (a test checks it)
 
     def __post_init__(self):
@@ -120,6 +121,12 @@ class TrainConfig:
     # lifts the OOF score on the very labels it is scored on). history.csv holds every epoch's
     # validation pAUC, so utils.image.train.epoch_choice reports both choices per fold.
     oof_epoch: str = "best"
+    # What the per-epoch validation subsample is drawn on and scored against: "label" (the
+    # reference: train_*.py relabels before the split, so a suspicious-label model's validation
+    # positives, eligible negatives and checkpoint-choosing pAUC are all on the suspicious label)
+    # or "target" (the real target). Same thing for target-label models. The OOF always records
+    # the real target: stage 3 scores and fits on it.
+    validate_on: str = "label"
     num_workers: int = 4
     eval_batch_size: int = 128
     weights_path: str | None = None
@@ -138,10 +145,21 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: unknown pool {self.pool!r}")
         if self.pos_repeat < 1:
             raise ValueError(f"TrainConfig: pos_repeat must be >= 1, got {self.pos_repeat}")
+        if self.validate_on not in VALIDATE_ON:
+            raise ValueError(
+                f"TrainConfig: validate_on must be one of {VALIDATE_ON}, got {self.validate_on!r}"
+            )
         if self.oof_epoch not in OOF_EPOCHS:
             raise ValueError(
                 f"TrainConfig: oof_epoch must be one of {OOF_EPOCHS}, got {self.oof_epoch!r}"
             )
+
+
+# TrainConfig fields that never change stage 1's output, so they stay out of a run's identity
+# (utils.image.train.run_record's config_hash, which decides reuse and resume): `recipe` names
+# stage 3's choices (switching it never retrains an image model), `preset` names a size table
+# whose stage 1 values are the other fields themselves, and the loader settings change speed only.
+TRAIN_IDENTITY_FREE = ("preset", "recipe", "num_workers", "eval_batch_size")
 
 
 @dataclass(frozen=True)
@@ -175,6 +193,12 @@ class GBDTConfig:
     # "equal": the reference's soft vote; "nested": weights fitted on the members' OOF
     # (tabular.blend.nested_blend; the reported CV scores each fold with weights fitted without it).
     blend: str = "equal"
+    # The report always gives the plain CV score and the reference's "filtered" one (without the
+    # target-0 rows with iddx_1 "Indeterminate" or an iddx_2: utils.labels.reference_filtered).
+    # True also trains the fold models without those rows, the reference's CV exactly; False
+    # (default) trains on every row, as the reference's final refit does, since the fold models
+    # are what the submission uses.
+    filter_training: bool = False
 
     def __post_init__(self):
         if self.blend not in BLENDS:
@@ -329,15 +353,15 @@ GBDT_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
 # table, command and what was left out in docs/benchmarks.md, "The plus recipe").
 PLUS_GBDT: dict[str, Any] = {"blend": "nested"}
 
-# Binning only (no published hyper-parameter changes): fewer histogram bins than the libraries'
-# defaults (CatBoost 254 borders, XGBoost 256 bins). Measured on 401,059 synthetic rows (5-fold
-# OOF pAUC, seed 0; docs/benchmarks.md): CatBoost 0.1641 -> 0.1665 with 19% less CPU, XGBoost
-# 0.1645 -> 0.1676 with 12% less; seed-to-seed spread about 0.001-0.002. LightGBM's training
-# time hardly depends on max_bin, so it keeps 255. A params JSON can set other values.
-GBDT_BINNING: dict[str, dict[str, Any]] = {
-    "lgb": {},
-    "cat": {"border_count": 128},
-    "xgb": {"max_bin": 128},
+# Histogram binning per recipe and library (added to the params before the preset's rounds).
+# `paper` keeps the libraries' defaults (CatBoost 254 borders, XGBoost 256 bins, LightGBM 255),
+# as the reference notebook does. `plus` bins coarser for speed: measured on 401,059 synthetic
+# rows (5-fold OOF pAUC, seed 0; docs/benchmarks.md) CatBoost 0.1641 -> 0.1665 with 19% less CPU,
+# XGBoost 0.1645 -> 0.1676 with 12% less, inside the seed-to-seed spread (up to 0.003 there), so
+# the CPU saving is the reason, not the score. A params JSON can set other values.
+GBDT_BINNING: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"lgb": {}, "cat": {}, "xgb": {}},
+    "plus": {"lgb": {}, "cat": {"border_count": 128}, "xgb": {"max_bin": 128}},
 }
 
 

@@ -3,7 +3,8 @@
 `run_image_stage(model, data_dir, output_dir, preset, recipe, **overrides)` is the entry the
 notebooks, tests and bench call. A run trains `n_folds` fold models of one image model
 (utils.settings.IMAGE_MODELS) and writes to `<output_dir>/<model_name>/`: `config.json` (resolved
-config, folds, data fingerprint and `config_hash`, the run's identity), `fold{k}.pt` (the chosen
+config, folds, data fingerprint and `config_hash`, the run's identity: settings that change the
+output only, never the recipe), `fold{k}.pt` (the chosen
 checkpoint of fold k: fp16 weights, config, best epoch and score, held-out ids and predictions,
 history), `history.csv`, `oof.csv` (every training row exactly once, utils.oof format) and,
 last, `manifest.json` (utils.manifest).
@@ -12,7 +13,9 @@ Recipe (utils.settings.TrainConfig, the reference's): each epoch trains on every
 plus as many fresh negatives (utils.image.data.NegativeResampler) with AdamW on the backbone's
 parameter groups (utils.image.models.param_groups), no gradient clipping, and validates on a fixed
 subsample of the held-out fold (every positive plus 10 eligible negatives per positive, drawn
-once per fold) whose pAUC picks the checkpoint; the chosen checkpoint then predicts the whole
+once per fold, on the model's own label: a suspicious-label model validates on the suspicious
+label, as the reference; `validate_on="target"` uses the real target) whose pAUC picks the
+checkpoint; the chosen checkpoint then predicts the whole
 held-out fold once for the OOF (the full fold every epoch cost more than the training itself).
 `oof_epoch="last"` keeps the last epoch instead (issue 16, candidate 6); each fold prints both
 epochs' validation pAUC and `epoch_choice(history)` tabulates them.
@@ -98,11 +101,11 @@ from utils.manifest import (
 from utils.metric import pauc
 from utils.notebook_params import list_parameter
 from utils.oof import write_oof
-from utils.settings import TrainConfig, image_config
+from utils.settings import TRAIN_IDENTITY_FREE, TrainConfig, image_config
 
 CONFIDENCE = "tbp_lv_dnn_lesion_confidence"  # the reference's validation-negative filter
-# Settings that may change between a run and its resume (they do not change the result).
-RESUME_FREE = ("num_workers", "eval_batch_size")
+# Settings that may change between a run and its resume or reuse (they do not change the result).
+RESUME_FREE = TRAIN_IDENTITY_FREE
 
 
 def seed_everything(seed: int) -> None:
@@ -177,7 +180,8 @@ def check_images(frame: pl.DataFrame, images: HDF5Images) -> None:
 
 def run_record(cfg: TrainConfig, frame: pl.DataFrame, folds_source: str) -> dict:
     """What config.json and the manifest record: config, folds, data fingerprint and the hash
-    of all three without the RESUME_FREE settings (the run's identity, which stage 3 records)."""
+    of all three without the RESUME_FREE settings (the run's identity, which stage 3 records):
+    only what changes stage 1's output, so another recipe or preset name reuses the run."""
     record = {
         "config": dataclasses.asdict(cfg),
         "folds": {"n_folds": cfg.n_folds, "seed": cfg.seed, "source": folds_source},
@@ -281,8 +285,12 @@ def half_state(state: dict) -> dict:
 
 def validation_rows(cfg: TrainConfig, held_out: pl.DataFrame, fold: int) -> pl.DataFrame:
     """The held-out rows that validate every epoch: every positive plus cfg.val_neg_per_pos
-    eligible negatives per positive, drawn once per (seed, fold)."""
+    eligible negatives per positive, drawn once per (seed, fold). Their `target` is what the
+    validation scores and picks the checkpoint on: the training label with cfg.validate_on
+    "label" (the reference), the real target with "target"; the OOF keeps the real target."""
     seed = int(np.random.SeedSequence([cfg.seed, fold], spawn_key=(1,)).generate_state(1)[0])
+    if cfg.validate_on == "label":
+        held_out = held_out.with_columns(pl.col("label").cast(pl.Int8).alias("target"))
     rows = validation_subsample(
         held_out["target"].to_numpy(), cfg.val_neg_per_pos, seed, held_out["eligible"].to_numpy()
     )
@@ -339,7 +347,7 @@ def train_fold(
 ) -> dict:
     """Train fold `fold` (resuming from fold{k}.last.pt) and write fold{k}.pt; returns it.
 
-    Each epoch validates on `validation_rows` (pAUC on the real target picks the checkpoint, or
+    Each epoch validates on `validation_rows` (pAUC on its validation label picks the checkpoint, or
     the last epoch with cfg.oof_epoch "last");
     the chosen checkpoint, in the fp16 weights fold{k}.pt keeps, then predicts the whole
     held-out fold once: those are the fold's OOF predictions. On several ranks (`group`) each

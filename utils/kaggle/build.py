@@ -34,6 +34,7 @@ import nbformat
 from utils.cli import DefaultsHelpFormatter, RawDefaultsHelpFormatter
 from utils.layout import BEST_PARAMS_FILE
 from utils.settings import IMAGE_MODELS as IMAGE_MODEL_REGISTRY
+from utils.settings import RECIPES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UTILS_DIR = REPO_ROOT / "utils"
@@ -178,12 +179,14 @@ KAGGLE_PARAMETERS: dict[str, dict[str, Any]] = {
         "data_dir": COMPETITION_DATA,
         "output_dir": KAGGLE_WORKING,
         "preset": "full",
+        "recipe": "paper",  # `build --recipe` replaces it
         "image_oof_dirs": IMAGE_OOF_DIRS,
     },
     "03_gbdt": {
         "data_dir": COMPETITION_DATA,
         "output_dir": KAGGLE_WORKING,
         "preset": "full",
+        "recipe": "paper",  # `build --recipe` replaces it
         "image_oof_dirs": IMAGE_OOF_DIRS,
     },
     SUBMISSION_KERNEL: {
@@ -676,15 +679,21 @@ def build_all(
     notebooks_dir: Path = NOTEBOOKS_DIR,
     train_folds: list[int] | None = None,
     continue_run: bool = False,
+    recipe: str = "paper",
 ) -> list[Path]:
     """Build every kernel folder; --tuned feeds the tuning dataset to the GBDT kernel; image
     kernels get a fold selection and/or continue from their own last output (see
-    image_kernel_parameters)."""
+    image_kernel_parameters). `recipe` goes to the kernels that take one (tuning and GBDT: no
+    recipe changes an image model, and the submission kernel reads it from the GBDT dataset)."""
+    if recipe not in RECIPES:
+        raise KaggleBuildError(f"unknown recipe {recipe!r}; choose from {list(RECIPES)}")
     owner = resolve_owner(owner)
     datasets = defined_datasets(kernels_dir / "datasets")
     built = []
     for folder in kernel_folders(kernels_dir):
         params, extra, kernels = dict(KAGGLE_PARAMETERS[folder.name]), (), ()
+        if "recipe" in params:
+            params["recipe"] = recipe
         if tuned and folder.name == TUNED_GBDT[0]:
             params.update(TUNED_GBDT[2])
             extra = (datasets[TUNED_GBDT[1]],)
@@ -873,6 +882,9 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR, help="build folder")
     p_build.add_argument("--tuned", action="store_true", help="GBDT kernel reads tuning dataset")
     p_build.add_argument(
+        "--recipe", choices=RECIPES, default="paper", help="recipe of the tuning and GBDT kernels"
+    )
+    p_build.add_argument(
         "--folds",
         type=lambda text: [int(f) for f in text.split(",")],
         help="image kernels train only these folds, e.g. 0,1 (the others in later sessions)",
@@ -915,6 +927,7 @@ def _run(args: argparse.Namespace) -> int:
             args.tuned,
             train_folds=args.folds,
             continue_run=args.continue_run,
+            recipe=args.recipe,
         )
         for folder in built:
             print(f"built {folder}")

@@ -329,6 +329,7 @@ class Options:
     weights_dir: Path = DEFAULT_WEIGHTS_DIR
     build_dir: Path = kb.DEFAULT_BUILD_DIR
     tune: bool = False
+    recipe: str = "paper"
     submit: bool = False
     start: str | None = None
     only: str | None = None
@@ -415,9 +416,15 @@ class Runner:
         problems = kb.validate()
         if problems:
             raise RunStopped("validate failed:\n" + "\n".join(problems))
-        built = kb.build_all(self.build_dir, self.opts.owner, tuned=self.opts.tune)
+        built = kb.build_all(
+            self.build_dir, self.opts.owner, tuned=self.opts.tune, recipe=self.opts.recipe
+        )
         where = "a scratch folder" if self.plan else str(self.build_dir)
-        self.say("build", f"validated and built {len(built)} kernels into {where}")
+        self.say(
+            "build",
+            f"validated and built {len(built)} kernels into {where} "
+            f"(recipe {self.opts.recipe} in the tuning and GBDT kernels)",
+        )
 
     def save(self) -> None:
         """Persist the state (never in a plan)."""
@@ -438,7 +445,9 @@ class Runner:
             meta = kb.read_json(folder / kb.KERNEL_METADATA)
             against = self.inputs_of(kernel, meta)
             record = self.state["kernels"].get(kernel)
-            reason = push_reason(record, meta["id"], against, forced)
+            reason = push_reason(record, meta["id"], against, forced) or self.recipe_change(
+                kernel, record
+            )
             notebook = code_digest(folder / meta["code_file"])
             if reason is None and record["status"] == COMPLETE and "outputs" in record:
                 self.say(step.name, f"{kernel}: v{record['version']} complete, inputs unchanged")
@@ -450,10 +459,20 @@ class Runner:
             else:
                 record = self.push(step, kernel, folder, meta["id"], against, reason)
                 record["code_sha256"] = notebook
+                if "recipe" in kb.KAGGLE_PARAMETERS.get(kernel, {}):
+                    record["recipe"] = self.opts.recipe
                 self.save()
             pending[kernel] = record
         if pending:
             self.wait_kernels(step, pending)
+
+    def recipe_change(self, kernel: str, record: dict[str, Any] | None) -> str | None:
+        """Why a kernel that takes the recipe must run again under this run's recipe (a state
+        from before recipes were recorded ran `paper`, the only one built then)."""
+        if record is None or "recipe" not in kb.KAGGLE_PARAMETERS.get(kernel, {}):
+            return None
+        ran = record.get("recipe", "paper")
+        return None if ran == self.opts.recipe else f"recipe {ran} -> {self.opts.recipe}"
 
     def inputs_of(self, kernel: str, meta: dict[str, Any]) -> dict[str, int]:
         """Dataset slug -> the recorded version a push of this kernel would run against."""
@@ -721,6 +740,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="state + outputs")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR, help="local .pth dir")
     parser.add_argument("--tune", action="store_true", help="run 02_tune_gbdt; 03 reads its params")
+    parser.add_argument(
+        "--recipe",
+        choices=kb.RECIPES,
+        default="paper",
+        help="recipe of the tuning and GBDT kernels (the image kernels take none): after a run "
+        "with another recipe, they and what reads them are pushed again, the image kernels not",
+    )
     parser.add_argument("--submit", action="store_true", help="submit (default: print the call)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--from", dest="start", choices=STEP_NAMES, help="redo this step and on")
@@ -743,12 +769,15 @@ def options_from(args: argparse.Namespace) -> Options:
         resume += ["--timeout-h", f"{args.timeout_h:g}"]
     if args.message != "FusionNetX":
         resume += ["--message", args.message]
+    if args.recipe != "paper":
+        resume += ["--recipe", args.recipe]
     resume += [flag for flag, on in (("--tune", args.tune), ("--submit", args.submit)) if on]
     return Options(
         owner=owner,
         work_dir=args.work_dir,
         weights_dir=args.weights,
         tune=args.tune,
+        recipe=args.recipe,
         submit=args.submit,
         start=args.start,
         only=args.only,

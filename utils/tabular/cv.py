@@ -7,6 +7,10 @@ Sampling: RandomOverSampler(0.003) then RandomUnderSampler(0.01) on the training
 fold only (utils.settings.Sampling). A step whose ratio (positives / negatives) is already
 reached is skipped, and the fold's note in `CVResult.sampling` says so (tiny or test data with
 many positives).
+
+Reports: `cv_report` scores every row (the plain score); `filtered_report` scores the same OOF
+without the rows the reference's CV leaves out (utils.labels.reference_filtered), its "filtered"
+score, named as such in cv_report.json.
 """
 
 from __future__ import annotations
@@ -110,14 +114,17 @@ def train_fold(
     sampling: Sampling = DEFAULT_SAMPLING,
     threads: int | None = None,
     binned: Any = None,
+    trainable: np.ndarray | None = None,
 ) -> FoldResult:
     """Fit `member` on the sampled rows outside `fold` and score it on the rows of `fold`.
 
-    `binned` (from `bin_member(x, y, member)`) fits on those rows of the shared binned data.
+    `binned` (from `bin_member(x, y, member)`) fits on those rows of the shared binned data;
+    `trainable` (one bool per row) keeps the other rows out of training, never out of the OOF.
     """
     library = LIBRARIES[member.library]
     threads = threads or os.cpu_count() or 1
-    train_rows, note = sample_indices(np.flatnonzero(folds != fold), y, seed, sampling)
+    outside = folds != fold if trainable is None else (folds != fold) & trainable
+    train_rows, note = sample_indices(np.flatnonzero(outside), y, seed, sampling)
     valid_rows = np.flatnonzero(folds == fold)
     params = {**member.params, "random_state": seed, THREAD_PARAM[member.library]: threads}
     if binned is not None:
@@ -138,11 +145,12 @@ def iter_cv(
     sampling: Sampling = DEFAULT_SAMPLING,
     threads: int | None = None,
     bin_once: bool = True,
+    trainable: np.ndarray | None = None,
 ) -> Iterator[FoldResult]:
     """Yield one FoldResult per member x seed x fold (for pruning, report each score).
 
     `bin_once` bins each member's rows once for all its folds where the library can
-    (`bin_member`); False bins every fold's training rows anew.
+    (`bin_member`); False bins every fold's training rows anew. `trainable`: see train_fold.
     """
     y = np.asarray(y, dtype=np.int8)
     folds = np.asarray(folds)
@@ -151,7 +159,9 @@ def iter_cv(
         binned = bin_member(x, y, member, threads) if bin_once else None
         for seed in seeds:
             for fold in np.unique(folds):
-                yield train_fold(x, y, folds, int(fold), member, seed, sampling, threads, binned)
+                yield train_fold(
+                    x, y, folds, int(fold), member, seed, sampling, threads, binned, trainable
+                )
         del x, binned
 
 
@@ -194,15 +204,18 @@ def cross_validate(
     threads: int | None = None,
     on_fold: Callable[[FoldResult], None] | None = None,
     bin_once: bool = True,
+    trainable: np.ndarray | None = None,
 ) -> CVResult:
-    """Fit every member x seed x fold; OOF per member (seed mean) and the soft-vote ensemble."""
+    """Fit every member x seed x fold; OOF per member (seed mean) and the soft-vote ensemble.
+    `trainable` (one bool per row, e.g. not labels.reference_filtered) limits the training rows;
+    every row still gets its OOF prediction."""
     y = np.asarray(y, dtype=np.int8)
     folds = np.asarray(folds)
     result = CVResult(y, folds, dict(members), tuple(seeds))
     sums = {name: np.zeros(len(y)) for name in members}
     total = len(members) * len(seeds) * len(np.unique(folds))
     for fr in tqdm(
-        iter_cv(frame, y, folds, members, seeds, sampling, threads, bin_once),
+        iter_cv(frame, y, folds, members, seeds, sampling, threads, bin_once, trainable),
         total=total,
         desc="GBDT CV",
     ):
@@ -275,4 +288,42 @@ def cv_report(result: CVResult, ablation: pl.DataFrame, image_columns: Sequence[
         },
         "ablation": ablation.to_dicts(),
         "sampling": result.sampling,
+    }
+
+
+FILTER_RULE = (
+    "the reference's filtered CV (3rd-place tabular notebook): without the target-0 rows with "
+    'iddx_1 == "Indeterminate" or a non-null iddx_2 (utils.labels.reference_filtered)'
+)
+
+
+def filtered_report(
+    result: CVResult, filtered: np.ndarray | None, left_out_of_training: bool
+) -> dict[str, Any]:
+    """The CV scores without the `filtered` rows (one bool per row), beside the plain scores of
+    cv_report: per member and ensemble, overall and per fold. `left_out_of_training` says whether
+    the fold models also trained without them (the reference's CV exactly) or with them (as the
+    reference's final refit, the models the submission uses). None: the data has no iddx
+    columns, so no filtered score (said so, never a copy of the plain one)."""
+    if filtered is None:
+        return {"rule": FILTER_RULE, "available": False, "why": "no iddx_1 / iddx_2 columns"}
+    keep = ~np.asarray(filtered, dtype=bool)
+    kept = CVResult(result.y[keep], result.folds[keep], result.members, result.seeds)
+    kept.oof = {name: pred[keep] for name, pred in result.oof.items()}
+    folds = kept.fold_scores()
+    overall = kept.overall_scores()
+    return {
+        "rule": FILTER_RULE,
+        "available": True,
+        "training": "without the filtered rows" if left_out_of_training else "on every row",
+        "rows_left_out": int((~keep).sum()),
+        "rows": int(keep.sum()),
+        "positives": int(kept.y.sum()),
+        "scores": {
+            name: {
+                "overall": overall[name],
+                "folds": folds.filter(pl.col("model") == name)["pauc"].to_list(),
+            }
+            for name in kept.oof
+        },
     }

@@ -90,6 +90,16 @@ def load_member(check: FolderCheck, files: list[str], library: str) -> tuple[lis
     return models, ""
 
 
+def recorded_recipe(gbdt_dir: str | Path) -> str | None:
+    """The recipe stage 3 recorded in `<gbdt_dir>/features.json`; None when absent or unreadable
+    (GBDTEnsemble.load then names what is wrong with the folder)."""
+    try:
+        recipe = json.loads((Path(gbdt_dir) / FEATURES_FILE).read_text()).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recipe if isinstance(recipe, str) else None
+
+
 @dataclass(frozen=True)
 class GBDTEnsemble:
     """Fitted members loaded from a gbdt artifact dir, for inference."""
@@ -105,6 +115,7 @@ class GBDTEnsemble:
     weights: dict[str, float] | None = None
     # optional feature groups stage 3 built (features.json; artifacts from before: none)
     feature_groups: dict[str, bool] = field(default_factory=dict)
+    recipe: str | None = None  # the recipe stage 3 ran (features.json; artifacts from before: None)
 
     @classmethod
     def load(cls, gbdt_dir: str | Path) -> GBDTEnsemble:
@@ -129,6 +140,7 @@ class GBDTEnsemble:
             image_columns = tuple(info["image_columns"])
             image_sources = dict(info.get("image_sources", {}))
             groups = {k: bool(v) for k, v in dict(info.get("feature_groups", {})).items()}
+            recipe = info.get("recipe")
             weights = None if weights is None else {k: float(v) for k, v in weights.items()}
             listed = {
                 name: (m["library"], list(m["models"]), m["features"])
@@ -160,6 +172,7 @@ class GBDTEnsemble:
             notes=tuple(notes),
             weights=weights,
             feature_groups=groups,
+            recipe=recipe,
         )
 
     def image_missing(self, frame: pl.DataFrame) -> np.ndarray:

@@ -10,8 +10,11 @@ notebooks/03_gbdt calls, and what tuning (through `load_training_frame`), tests 
    are built here too and recorded in features.json, so the submission kernel builds the same;
 4. cross-validate the four members and the soft vote (utils.tabular.cv), or with `blend="nested"`
    weights fitted on the members' OOF (utils.tabular.blend.nested_blend, saved in ensemble.json);
+   the report gives the plain score and the reference's filtered one (utils.tabular.cv
+   .filtered_report; GBDTConfig.filter_training also trains the folds without those rows);
 5. write `<output_dir>/gbdt/` from clean (an earlier run is moved aside): models, ensemble.json,
-   features.json, params.json, cv_report.json, oof.csv, importance.csv, plots, and last
+   features.json (with the recipe, which the submission kernel reads), params.json,
+   cv_report.json, oof.csv, importance.csv, plots, and last
    manifest.json (utils.manifest). Every file is written atomically (a temporary name, then
    os.replace), so a killed stage leaves whole files and no manifest, never a cut model file.
 """
@@ -30,6 +33,7 @@ from matplotlib.figure import Figure
 
 from utils.folds import with_folds
 from utils.io import DataDir
+from utils.labels import reference_filter_mask
 from utils.layout import CV_REPORT_FILE, ENSEMBLE_FILE, FEATURES_FILE, GBDT_DIR, OOF_FILE
 from utils.manifest import (
     atomic_output,
@@ -43,7 +47,14 @@ from utils.oof import write_oof
 from utils.plots import plot_fold_scores, plot_importance, plot_roc
 from utils.settings import FOLD_SEED, N_FOLDS, GBDTConfig, resolve
 from utils.tabular.blend import nested_blend
-from utils.tabular.cv import CVResult, ablation_table, cross_validate, cv_report, feature_importance
+from utils.tabular.cv import (
+    CVResult,
+    ablation_table,
+    cross_validate,
+    cv_report,
+    feature_importance,
+    filtered_report,
+)
 from utils.tabular.features import build_features, features_spec, join_image_oofs
 from utils.tabular.libraries import ENSEMBLE, LIBRARIES, load_params, make_members, resolve_params
 from utils.tabular.plus_features import add_optional_features
@@ -59,6 +70,9 @@ class TrainingFrame:
     # features derived from the image columns (patient_image), seen by the image members only
     image_derived: tuple[str, ...] = ()
     groups: dict[str, bool] = dataclasses.field(default_factory=dict)  # optional groups built
+    # rows the reference's filtered CV leaves out (utils.labels.reference_filtered); None: the
+    # metadata has no iddx columns
+    filtered: np.ndarray | None = None
 
     @property
     def image_columns(self) -> tuple[str, ...]:
@@ -126,8 +140,9 @@ def load_training_frame(
         "ugly_duckling": ugly_duckling,
         "patient_image": bool(image_added),
     }
+    filtered = reference_filter_mask(train, frame["isic_id"])
     return TrainingFrame(
-        frame, tuple(meta_features + meta_added), sources, tuple(image_added), groups
+        frame, tuple(meta_features + meta_added), sources, tuple(image_added), groups, filtered
     )
 
 
@@ -186,10 +201,11 @@ def save_artifacts(
     params: Mapping[str, Any],
     report: Mapping[str, Any],
     weights: Mapping[str, float] | None = None,
+    recipe: str | None = None,
 ) -> Path:
-    """Write models/, ensemble.json (members and, when fitted, blend weights), features.json,
-    params.json, cv_report.json and oof.csv, each file atomically (the manifest comes after,
-    from run_gbdt_stage)."""
+    """Write models/, ensemble.json (members, the recipe and, when fitted, blend weights),
+    features.json, params.json, cv_report.json and oof.csv, each file atomically (the manifest
+    comes after, from run_gbdt_stage)."""
     out = Path(out_dir)
     (out / "models").mkdir(parents=True, exist_ok=True)
     members = {}
@@ -207,6 +223,8 @@ def save_artifacts(
             "models": files,
         }
     ensemble: dict[str, Any] = {"members": members}
+    if recipe is not None:
+        ensemble["recipe"] = recipe
     if weights is not None:
         ensemble["weights"] = {name: float(w) for name, w in weights.items()}
     write_json(out / ENSEMBLE_FILE, ensemble)
@@ -259,17 +277,36 @@ def run_gbdt_stage(
     tuned = load_params(params_path) if params_path else None
     params = resolve_params(cfg, tuned)
     members = make_members(data.meta_features, data.image_features, params)
+    trainable = None
+    if cfg.filter_training and data.filtered is not None:
+        trainable = ~data.filtered
     result = cross_validate(
-        data.frame, data.y, data.folds, members, cfg.seeds, cfg.sampling, cfg.threads
+        data.frame,
+        data.y,
+        data.folds,
+        members,
+        cfg.seeds,
+        cfg.sampling,
+        cfg.threads,
+        trainable=trainable,
     )
     blend = apply_blend(result, cfg.blend)
     ablation = ablation_table(result, {c: data.frame[c].to_numpy() for c in data.image_columns})
-    report = cv_report(result, ablation, data.image_columns) | {"blend": blend}
+    report = cv_report(result, ablation, data.image_columns) | {
+        "recipe": cfg.recipe,
+        "blend": blend,
+        "filtered": filtered_report(result, data.filtered, trainable is not None),
+    }
     importance = feature_importance(result)
     out = Path(output_dir) / GBDT_DIR
     set_aside(out)  # a GBDT run is never resumed: start clean
     spec = features_spec(data.meta_features, data.image_sources, data.groups, data.image_derived)
-    save_artifacts(out, result, data.frame, spec, params, report, blend["weights"])
+    # the recipe travels with the artifacts: the submission kernel reads it here, never from a
+    # parameter of its own that could disagree
+    spec = {**spec, "recipe": cfg.recipe}
+    save_artifacts(
+        out, result, data.frame, spec, params, report, blend["weights"], recipe=cfg.recipe
+    )
     with atomic_output(out / "importance.csv") as tmp:
         importance.write_csv(tmp)
     figures = stage_figures(data, result, importance)

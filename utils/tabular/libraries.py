@@ -9,9 +9,10 @@ Params JSON (written by the tuning stage, read by `load_params`):
     {"lgb": {...}, "cat": {...}, "xgb": {...}, "lgb_meta": {...}}
 Every key is optional; each object holds keyword arguments of the library's scikit-learn
 estimator (LGBMClassifier, CatBoostClassifier, XGBClassifier) and updates the recipe's published
-params (utils.settings.GBDT_PARAMS) key by key, after the binning settings (GBDT_BINNING) and the
-preset's rounds. `lgb_meta` uses the resolved "lgb" params unless "lgb_meta" is given. The seed
-(`random_state`) and thread count are set per run and override the file.
+params (utils.settings.GBDT_PARAMS) key by key, after the recipe's binning settings
+(GBDT_BINNING: the libraries' defaults in `paper`) and the preset's rounds. `lgb_meta` uses the
+resolved "lgb" params unless "lgb_meta" is given. The seed (`random_state`) and thread count are
+set per run and override the file.
 
 Speed: LightGBM bins each member's rows once and fits every fold on rows of that binned data
 (`Library.bin_all` / `fit_rows`); CatBoost and XGBoost bin per fold (binning all 401,059 rows
@@ -166,13 +167,13 @@ def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
 def resolve_params(
     cfg: GBDTConfig, overrides: Mapping[str, Mapping[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Params per member: the recipe's published params, the binning settings, the preset's
+    """Params per member: the recipe's published params, its binning settings, the preset's
     rounds (cfg.rounds), then `overrides` (a params JSON); "lgb_meta" starts from "lgb"."""
     overrides = overrides or {}
     by_library = {
         lib: {
             **params,
-            **GBDT_BINNING[lib],
+            **GBDT_BINNING[cfg.recipe][lib],
             **cfg.rounds.get(lib, {}),
             **overrides.get(lib, {}),
         }

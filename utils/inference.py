@@ -38,7 +38,6 @@ report's `text()` is the summary block printed at the end of the kernel.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -71,9 +70,16 @@ from utils.io import (
     check_ids_match,
     read_test_metadata,
 )
-from utils.manifest import MANIFEST_FILE, atomic_output, check_folder, write_json
+from utils.manifest import (
+    MANIFEST_FILE,
+    atomic_output,
+    check_folder,
+    damaged_file_rule,
+    verified_json,
+    write_json,
+)
 from utils.settings import InferenceConfig, TrainConfig, resolve
-from utils.tabular.ensemble import GBDTEnsemble
+from utils.tabular.ensemble import ENSEMBLE_FILE, FEATURES_FILE, GBDTEnsemble
 from utils.tabular.features import IMAGE_PREFIX, build_features
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER
 from utils.tabular.plus_features import add_optional_features
@@ -136,10 +142,10 @@ def check_image_model(model_dir: Path) -> ModelCheck:
             "checked by reading them instead"
         )
     elif (why := check.problem(CONFIG_FILE)) is not None:
-        notes.append(f"{why}; it parses and is used")
+        notes.append(f"{why}: not used; {damaged_file_rule(CONFIG_FILE)[1]}")
     try:
         cfg = load_config(model_dir)
-    except (FileNotFoundError, TypeError, ValueError, json.JSONDecodeError) as err:
+    except (FileNotFoundError, TypeError, ValueError, KeyError) as err:
         return ModelCheck(
             0, (), problem=f"{model_dir}: unreadable config ({err})", notes=tuple(notes)
         )
@@ -161,8 +167,8 @@ def model_dir_problem(model_dir: Path) -> str | None:
 def recorded_run_hash(model_dir: Path) -> str | None:
     """The config_hash stage 1 recorded in `model_dir`/config.json (None if unreadable)."""
     try:
-        return json.loads((model_dir / CONFIG_FILE).read_text()).get("config_hash")
-    except (OSError, json.JSONDecodeError, AttributeError):
+        return verified_json(model_dir, CONFIG_FILE).get("config_hash")
+    except (OSError, ValueError, AttributeError):
         return None
 
 
@@ -623,6 +629,9 @@ def predict_submission(
             f"no GBDT artifacts at {artifacts_dir / GBDT_DIR} (ensemble.json): run 03_gbdt first "
             "or attach its dataset"
         )
+    gbdt_check = check_folder(artifacts_dir / GBDT_DIR)
+    for name in (ENSEMBLE_FILE, FEATURES_FILE):  # DamagedArtifact (STOP) before any image is read
+        verified_json(artifacts_dir / GBDT_DIR, name, gbdt_check)
     ensemble = GBDTEnsemble.load(artifacts_dir / GBDT_DIR)
     plan = plan_images(artifacts_dir, image_sources_of(ensemble))
     artifact_notes = ensemble.notes + plan.notes

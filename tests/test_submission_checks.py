@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 from inference_artifacts import IMAGE_MODEL, build_artifacts
-from test_submission_robustness import BATCH, FAST, TEST_ROWS, member_scores
+from test_submission_robustness import BATCH, FAST, TEST_ROWS, edit_metadata, member_scores
 
 from utils import io as data_io
-from utils.inference import REPORT_FILE, predict_submission, run_submission
-from utils.io import TEST_IMAGES, TEST_METADATA
-from utils.manifest import MANIFEST_FILE, DamagedArtifact, check_folder, damaged_file_rule
+from utils.inference import REHEARSAL_ROWS, REPORT_FILE, predict_submission, run_submission
+from utils.io import TEST_IMAGES, TEST_METADATA, coerced_values, read_metadata
+from utils.manifest import (
+    MANIFEST_FILE,
+    DamagedArtifact,
+    check_folder,
+    damaged_file_rule,
+    write_manifest,
+)
+from utils.submission_checks import rehearsal_problems
+from utils.tabular.ensemble import ArtifactError
 from utils.tabular.libraries import ENSEMBLE
 
 
@@ -128,3 +137,126 @@ def test_intact_run_reports_no_manifest_difference(artifacts, test_data, intact,
     )  # fmt: skip
     np.testing.assert_allclose(sub["target"].to_numpy(), intact[ENSEMBLE], rtol=1e-5)
     assert report.artifact_notes == ()
+
+
+# ---------------------------------------------------------------------------------- before the pass
+
+
+def test_member_missing_a_column_stops_within_seconds_before_any_image(
+    art, test_data, tmp_path, monkeypatch
+):
+    """A GBDT whose member reads a column the test features lack (artifacts made by other code,
+    consistent with their manifest): the kernel stops before reading any image, naming
+    ensemble.json, the member and the column, instead of failing after the image pass."""
+    path = art / "gbdt" / "ensemble.json"
+    edit_json(path, lambda r: r["members"]["cat"]["features"].append("age_apprax"))
+    manifest = json.loads((art / "gbdt" / MANIFEST_FILE).read_text())
+    write_manifest(art / "gbdt", manifest["config"])
+    no_image_read(monkeypatch)
+    start = time.perf_counter()
+    with pytest.raises(ArtifactError, match=rf"{path}.*\n  member 'cat'.*\['age_apprax'\]"):
+        run_submission(test_data, art, tmp_path / "out", "demo", batch_size=BATCH, num_workers=0)
+    elapsed = time.perf_counter() - start
+    print(f"stopped {elapsed:.1f} s after the kernel started")
+    assert elapsed < 30
+    assert not (tmp_path / "out" / "submission.csv").exists()
+
+
+def test_whole_chain_runs_on_a_few_rows_before_the_image_pass(artifacts, test_data):
+    lines: list[str] = []
+    predict_submission(test_data, artifacts, FAST, log=lines.append)
+    checked = next(i for i, line in enumerate(lines) if line.startswith("checks passed"))
+    image_pass = next(i for i, line in enumerate(lines) if line.startswith(f"{IMAGE_MODEL}: "))
+    assert checked < image_pass and f"{TEST_ROWS} images" in lines[image_pass]
+    assert f"scored {REHEARSAL_ROWS} test rows" in lines[checked]
+
+
+def test_rehearsal_problems_name_the_member_and_rows():
+    scores = {"lgb": np.array([0.1, np.nan, 0.2]), "cat": np.array([0.1, 0.2, 1.5])}
+    problems = rehearsal_problems(scores, ["a", "b", "c"])
+    assert problems == [
+        "lgb: 1 score(s) not in [0, 1] for ['b']",
+        "cat: 1 score(s) not in [0, 1] for ['c']",
+    ]
+    assert rehearsal_problems({"lgb": np.array([0.0, 1.0])}, ["a", "b"]) == []
+
+
+def test_unwritable_output_dir_fails_first_naming_it(artifacts, test_data, tmp_path, monkeypatch):
+    """An output dir that cannot take a file (here: under a plain file) fails before any image
+    is read, naming the path."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    no_image_read(monkeypatch)
+    with pytest.raises(OSError, match=rf"cannot write {blocker}/out/"):
+        run_submission(test_data, artifacts, blocker / "out", "demo", batch_size=BATCH)
+
+
+# ---------------------------------------------------------------------------------- values
+
+
+def impossible(df: pl.DataFrame) -> pl.DataFrame:
+    """Text NaN in every row of tbp_lv_deltaA; age -5 and 1e400 (parses to inf), a 1e308 mm
+    diameter, a -1e30 mm2 area, an inf coordinate on 5 rows: values no lesion can have."""
+    row = pl.int_range(pl.len())
+    return df.with_columns(
+        pl.lit("NaN").alias("tbp_lv_deltaA"),
+        pl.when(row == 0).then(pl.lit("-5")).when(row == 1).then(pl.lit("1e400"))
+        .otherwise(pl.col("age_approx")).alias("age_approx"),
+        pl.when(row == 2).then(pl.lit("1e308")).otherwise(pl.col("clin_size_long_diam_mm"))
+        .alias("clin_size_long_diam_mm"),
+        pl.when(row == 3).then(pl.lit("-1e30")).otherwise(pl.col("tbp_lv_areaMM2"))
+        .alias("tbp_lv_areaMM2"),
+        pl.when(row < 5).then(pl.lit("inf")).otherwise(pl.col("tbp_lv_x")).alias("tbp_lv_x"),
+    )  # fmt: skip
+
+
+def blanked(df: pl.DataFrame) -> pl.DataFrame:
+    """The same cells left empty: what the kernel must score."""
+    row = pl.int_range(pl.len())
+    return df.with_columns(
+        pl.lit(None, dtype=pl.String).alias("tbp_lv_deltaA"),
+        *[
+            pl.when(rows).then(None).otherwise(pl.col(col)).alias(col)
+            for col, rows in (
+                ("age_approx", row < 2),
+                ("clin_size_long_diam_mm", row == 2),
+                ("tbp_lv_areaMM2", row == 3),
+                ("tbp_lv_x", row < 5),
+            )
+        ],
+    )
+
+
+def test_values_no_lesion_can_have_become_missing_and_are_counted(test_data, artifacts, tmp_path):
+    data, empty = tmp_path / "data", tmp_path / "empty"
+    for root, change in ((data, impossible), (empty, blanked)):
+        shutil.copytree(test_data, root)
+        edit_metadata(root, change)
+    expected = member_scores(artifacts, empty)[ENSEMBLE]
+    out = tmp_path / "out"
+    sub, report, _ = run_submission(data, artifacts, out, "demo", batch_size=BATCH, num_workers=0)
+    np.testing.assert_allclose(sub["target"].to_numpy(), expected, rtol=1e-5)
+    saved = json.loads((out / REPORT_FILE).read_text())
+    assert saved["test_metadata"]["coerced"] == {
+        "age_approx": {"NaN/inf": 1, "outside >= 0 and <= 120": 1},
+        "clin_size_long_diam_mm": {"outside > 0 and <= 1000": 1},
+        "tbp_lv_areaMM2": {"outside > 0 and <= 1e+06": 1},
+        "tbp_lv_deltaA": {"NaN/inf": TEST_ROWS},
+        "tbp_lv_x": {"NaN/inf": 5},
+    }
+    assert "tbp_lv_deltaA" in saved["test_metadata"]["empty_columns"]
+    coerced = saved["summary"]["coerced values (made missing)"]
+    assert "tbp_lv_x: 5 value(s) made missing (5 NaN/inf)" in coerced and len(coerced) == 5
+    assert "coerced values (made missing): 5\n" in report.text()
+
+
+def test_training_metadata_values_are_coerced_and_counted(fixtures_dir, tmp_path, artifacts):
+    """Stage 3 reads train metadata through the same rule; its CV report counts them."""
+    path = tmp_path / "train-metadata.csv"
+    text = pl.read_csv(fixtures_dir / "train-metadata-sample5.csv", infer_schema=False)
+    impossible(text).write_csv(path)
+    train = read_metadata(path, "train")
+    assert train["age_approx"].head(2).is_null().all() and train["tbp_lv_deltaA"].null_count() == 5
+    assert coerced_values(path)["tbp_lv_x"] == {"NaN/inf": 5}
+    report = json.loads((artifacts / "gbdt" / "cv_report.json").read_text())
+    assert report["coerced_values"] == {}  # the synthetic data has none

@@ -30,7 +30,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from utils.folds import with_folds
-from utils.io import DataDir
+from utils.io import TRAIN_METADATA, DataDir, coerced_values
 from utils.manifest import atomic_output, set_aside, write_json, write_manifest
 from utils.metric import pauc
 from utils.oof import write_oof
@@ -266,7 +266,10 @@ def run_gbdt_stage(
     )
     blend = apply_blend(result, cfg.blend)
     ablation = ablation_table(result, {c: data.frame[c].to_numpy() for c in data.image_columns})
-    report = cv_report(result, ablation, data.image_columns) | {"blend": blend}
+    report = cv_report(result, ablation, data.image_columns) | {
+        "blend": blend,
+        "coerced_values": coerced_values(DataDir(data_dir).path(TRAIN_METADATA)),
+    }
     importance = feature_importance(result)
     out = Path(output_dir) / GBDT_DIR
     set_aside(out)  # a GBDT run is never resumed: start clean

@@ -12,15 +12,31 @@ import shutil
 import time
 from pathlib import Path
 
+import cv2
+import h5py
 import numpy as np
 import polars as pl
 import pytest
 from inference_artifacts import IMAGE_MODEL, build_artifacts
-from test_submission_robustness import BATCH, FAST, TEST_ROWS, edit_metadata, member_scores
+from test_submission_robustness import (
+    BATCH,
+    FAST,
+    TEST_ROWS,
+    edit_metadata,
+    member_scores,
+    run_kernel,
+    submission_of,
+)
 
 from utils import io as data_io
 from utils.inference import REHEARSAL_ROWS, REPORT_FILE, predict_submission, run_submission
-from utils.io import TEST_IMAGES, TEST_METADATA, coerced_values, read_metadata
+from utils.io import (
+    TEST_IMAGES,
+    TEST_METADATA,
+    coerced_values,
+    read_metadata,
+    read_test_metadata,
+)
 from utils.manifest import (
     MANIFEST_FILE,
     DamagedArtifact,
@@ -28,7 +44,7 @@ from utils.manifest import (
     damaged_file_rule,
     write_manifest,
 )
-from utils.submission_checks import rehearsal_problems
+from utils.submission_checks import MIN_IMAGE_SIDE, rehearsal_problems
 from utils.tabular.ensemble import ArtifactError
 from utils.tabular.libraries import ENSEMBLE
 
@@ -260,3 +276,61 @@ def test_training_metadata_values_are_coerced_and_counted(fixtures_dir, tmp_path
     assert coerced_values(path)["tbp_lv_x"] == {"NaN/inf": 5}
     report = json.loads((artifacts / "gbdt" / "cv_report.json").read_text())
     assert report["coerced_values"] == {}  # the synthetic data has none
+
+
+# ---------------------------------------------------------------------------------- summary
+
+
+def one_pixel_jpeg() -> bytes:
+    ok, buf = cv2.imencode(".jpg", np.full((1, 1, 3), 128, np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def test_summary_says_none_for_every_class_of_a_clean_run(artifacts, test_data):
+    _, report = predict_submission(test_data, artifacts, FAST)
+    assert all(lines == [] for lines in report.sections().values()), report.sections()
+    text = report.text()
+    for title in report.sections():
+        assert f"\n{title}: none\n" in text
+
+
+def test_disk_full_writing_the_submission_names_the_file(
+    artifacts, test_data, tmp_path, monkeypatch
+):
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pl.DataFrame, "write_csv", disk_full)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=rf"cannot write {out / 'submission.csv'}: No space left"):
+        run_submission(test_data, artifacts, out, "demo", batch_size=BATCH, num_workers=0)
+    assert list(out.iterdir()) == []  # no partial file
+
+
+def test_real_notebook_summary_names_a_degenerate_image_and_coerced_values(
+    artifacts, test_data, tmp_path, monkeypatch
+):
+    """The real notebook on a test set with a 1x1 JPEG and impossible values: the image is
+    scored (no fallback) but counted and named, the values counted, and the last block lists
+    both classes while the classes with nothing to report say none."""
+    data = tmp_path / "data"
+    shutil.copytree(test_data, data)
+    edit_metadata(data, impossible)
+    tiny = read_test_metadata(data / TEST_METADATA)[0]["isic_id"][6]
+    with h5py.File(data / TEST_IMAGES, "a") as h5:
+        del h5[tiny]
+        h5.create_dataset(tiny, data=np.bytes_(one_pixel_jpeg()))
+    out = tmp_path / "out"
+    text = run_kernel(data, artifacts, out, tmp_path, monkeypatch)
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["degenerate_images"] == {
+        "count": 1, "min_side_px": MIN_IMAGE_SIDE, "first": {tiny: "1 x 1 px"},
+    }  # fmt: skip
+    assert report["fallback_rows"]["count"] == 0 and submission_of(out, data).size == TEST_ROWS
+    block = text[text.index("SUBMISSION SUMMARY") :]
+    assert f"degenerate images: 1\n  - 1 test image(s) smaller than {MIN_IMAGE_SIDE} px" in block
+    assert f"'{tiny}': '1 x 1 px'" in block
+    assert "coerced values (made missing): 5\n" in block
+    assert "runs that do not belong together: none" in block
+    assert "manifest differences: none" in block and "fallback decisions: none" in block

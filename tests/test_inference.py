@@ -34,6 +34,7 @@ from utils.inference import (
 )
 from utils.io import TEST_IMAGES, TEST_METADATA, DataDir
 from utils.kaggle.build import KAGGLE_PARAMETERS, SUBMISSION_KERNEL
+from utils.manifest import write_manifest
 from utils.pipeline import STAGES, make_run
 from utils.settings import resolve
 from utils.tabular.ensemble import GBDTEnsemble
@@ -214,7 +215,9 @@ def test_image_model_of_another_run_is_named_before_predicting(
     shutil.copytree(artifacts / IMAGE_MODEL, art / IMAGE_MODEL)
     config = art / IMAGE_MODEL / "config.json"
     record = json.loads(config.read_text())
-    config.write_text(json.dumps({**record, "config_hash": "another-run"}))
+    other = {**record, "config_hash": "another-run"}
+    config.write_text(json.dumps(other))
+    write_manifest(art / IMAGE_MODEL, other)  # a whole other run: its files match its manifest
     data = copy_test_files(synthetic_dir, tmp_path / "data")
     _, report = predict_submission(data, art, FAST)
     out = capsys.readouterr().out
@@ -222,8 +225,14 @@ def test_image_model_of_another_run_is_named_before_predicting(
     warning = "GBDT AND IMAGE MODELS DO NOT BELONG TOGETHER"
     assert warning in out and out.index(warning) < out.index(f"{IMAGE_MODEL}: 100 images")
     assert "holds run another-run" in report.plan.mismatched[IMAGE_MODEL]
+    # the last block and the report list the mismatch; "none" only for the run that belongs
+    assert "runs that do not belong together: 1\n  - the GBDT was trained" in report.text()
+    assert report.to_dict()["summary"]["runs that do not belong together"] == [
+        report.plan.mismatched[IMAGE_MODEL]
+    ]
     _, same = predict_submission(data, artifacts, FAST)
     assert same.plan.mismatched == {} and not any(warning in w for w in same.warnings)
+    assert "runs that do not belong together: none" in same.text()
 
 
 def test_submission_follows_an_unsorted_test_metadata_file(artifacts, synthetic_dir, tmp_path):

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -36,6 +39,7 @@ from utils.pipeline import (
     stamp_path,
     why_incomplete,
 )
+from utils.run_guard import LOCK_FILE, WorkDirBusy, work_dir_lock
 from utils.settings import DEMO_FOLDS, resolve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -512,3 +516,133 @@ def test_real_notebooks_paper_then_plus_reuse_every_image_run(tmp_path: Path):
     submission_report = json.loads((work / "submission_report.json").read_text())
     assert submission_report["recipe"] == "plus"
     assert "RESULTS" in done.stdout and "ensemble" in done.stdout
+
+
+# ---------------------------------------------------------------------------------- signals, lock
+
+
+def _slow_gbdt(standins: Path, pid_file: Path) -> None:
+    """A gbdt stand-in that records its kernel's pid and then runs for a minute."""
+    body = _body("03_gbdt.ipynb", [])
+    body += f"import time\nPath({str(pid_file)!r}).write_text(str(os.getpid()))\ntime.sleep(60)\n"
+    _notebook(standins / "03_gbdt.ipynb", body)
+
+
+def _start_pipeline(data_dir: Path, work: Path, standins: Path) -> subprocess.Popen:
+    """`python -m utils.pipeline` in its own process group, as a terminal starts a job."""
+    cmd = [sys.executable, "-m", "utils.pipeline", "--data-dir", str(data_dir)]
+    cmd += ["--work-dir", str(work), "--notebooks-dir", str(standins)]
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file() or not path.read_text():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never written"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "to_group", "code"), [(signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)]
+)
+def test_signal_stops_the_running_stage_unstamped_then_rerun_resumes(
+    tmp_path, standins, data_dir, sig, to_group, code
+):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGTERM to the pid stops
+    the pipeline within seconds: the stage's kernel is gone, the stage is not stamped done, no
+    later stage runs, one line says which stage and how to resume; the rerun resumes there."""
+    work, pid_file = tmp_path / "work", tmp_path / "kernel.pid"
+    _slow_gbdt(standins, pid_file)
+    process = _start_pipeline(data_dir, work, standins)
+    _wait_for(pid_file, process)
+    kernel = int(pid_file.read_text())
+    sent = time.monotonic()
+    os.killpg(process.pid, sig) if to_group else process.send_signal(sig)
+    out, err = process.communicate(timeout=60)
+    stopped_in = time.monotonic() - sent
+    assert process.returncode == code, (out, err)
+    assert stopped_in < 15, stopped_in
+    print(f"stopped {stopped_in:.1f} s after {sig.name}")
+    line = f"STOPPED by {sig.name}: stage gbdt stopped and not marked done"
+    assert line in err and "python -m utils.pipeline --data-dir" in err, err
+    assert "RESULTS" not in out and "inference: running" not in out
+    run = make_run(data_dir, work, "demo")
+    gbdt = next(s for s in STAGES if s.name == "gbdt")
+    assert not stamp_path(gbdt, run).exists()
+    assert not _alive(kernel), f"kernel {kernel} still running"
+    images = {p: p.read_bytes() for p in run.executed.glob("image_*.done.json")}
+    assert len(images) == len(IMAGE_MODELS)
+
+    _notebook(standins / "03_gbdt.ipynb", _body("03_gbdt.ipynb", _writes("03_gbdt.ipynb")))
+    resumed = _start_pipeline(data_dir, work, standins)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert out.count("skipped (outputs complete") == len(IMAGE_MODELS)
+    assert "] gbdt: running 03_gbdt.ipynb" in out and "] gbdt: skipped" not in out
+    assert {p: p.read_bytes() for p in images} == images  # earlier stages kept as they were
+    assert stamp_path(gbdt, run).is_file() and (work / "submission.csv").is_file()
+
+
+@pytest.mark.slow
+def test_second_run_on_a_work_dir_stops_at_once_naming_the_holder(tmp_path, standins, data_dir):
+    """While one pipeline runs, a second on the same work dir stops at once naming the first's
+    pid and start time; after the first is killed (SIGKILL: no clean-up), its lock is free."""
+    work, pid_file = tmp_path / "work", tmp_path / "kernel.pid"
+    _slow_gbdt(standins, pid_file)
+    first = _start_pipeline(data_dir, work, standins)
+    _wait_for(pid_file, first)
+    holder = json.loads((work / LOCK_FILE).read_text())
+    assert holder["pid"] == first.pid
+    start = time.monotonic()
+    second = _start_pipeline(data_dir, work, standins)
+    out, err = second.communicate(timeout=60)
+    assert second.returncode == 1 and time.monotonic() - start < 15
+    assert f"in use by another pipeline run (pid {first.pid}, started {holder['started']})" in err
+    assert "running" not in out  # nothing of the work dir was touched
+
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate(timeout=60)
+    with work_dir_lock(work):  # a dead holder's lock is taken over
+        assert json.loads((work / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_lock_is_exclusive_and_released_on_any_exit(tmp_path: Path):
+    busy = pytest.raises(WorkDirBusy, match=rf"pid {os.getpid()}, started 20")
+    with work_dir_lock(tmp_path) as path, busy, work_dir_lock(tmp_path):
+        pass
+    with pytest.raises(ValueError), work_dir_lock(tmp_path):
+        raise ValueError("a failure inside the block")
+    with work_dir_lock(tmp_path):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_kernel_interrupt_noise_is_filtered(tmp_path: Path, data_dir: Path, capfd):
+    """The kernel's 'KeyboardInterrupt caught in kernel.' ERROR line (jupyter_client interrupts
+    a kernel before shutting it down) never reaches the pipeline's output; other errors do."""
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    body = (
+        "log = get_ipython().kernel.log\n"
+        "log.error('KeyboardInterrupt caught in kernel.')\n"
+        "log.error('a real kernel error')\n"
+    )
+    _notebook(nb_dir / "03_gbdt.ipynb", body)
+    run = make_run(data_dir, tmp_path / "work", "demo")
+    gbdt = next(s for s in STAGES if s.name == "gbdt")
+    with pytest.raises(PipelineError):  # the stand-in writes no outputs
+        run_stage(gbdt, run, nb_dir)
+    err = capfd.readouterr().err
+    assert "a real kernel error" in err and "KeyboardInterrupt caught" not in err

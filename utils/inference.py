@@ -1,47 +1,44 @@
 """Stage 4, the submission kernel: image models -> features -> GBDT soft vote -> submission.csv.
 
-`predict_submission(data_dir, artifacts_dir, cfg)` does, in order:
-1. reads test-metadata.csv with `utils.io.read_test_metadata`: only the columns the features read
-   are required, extra columns are ignored, category spellings are matched after trimming and
-   ignoring case; what it found (ignored/absent columns, respelled and unseen categories, empty
-   feature columns) goes into the report. An empty file, duplicate ids or a value that is not a
-   number stop the kernel with the file, the column and the rows' isic_id;
-2. checks every artifact file against its folder's manifest before a library opens it
-   (`utils.manifest.check_folder`; a folder without one, made before manifests, is checked for
-   presence and completeness only, with a note) and plans:
-   - the image sources the GBDT recorded (`gbdt/features.json`: per image column the image
-     model and its run's config hash) decide which image models are needed; a model dir holding
-     another run than the recorded one is reported (WARNING "GBDT AND IMAGE MODELS DO NOT BELONG
-     TOGETHER") and used;
-   - a missing or damaged `fold{k}.pt` is left out: that model averages its other folds;
-   - a needed model with no usable fold (or no readable config.json) leaves every row without
-     that image column, so the metadata-only member (`lgb_meta`) scores every row (the other
-     image models are then not run: their output could not be used);
-   - a GBDT member with a damaged model file is left out of the soft vote
-     (`utils.tabular.ensemble.GBDTEnsemble.load`); with no member left, or an unreadable
-     ensemble.json / features.json, the kernel stops naming the file;
-3. prints a time estimate early, against Kaggle's 12 hours: on a GPU images/s measured on a few
-   batches per model (decode and every used fold model included) times the rows; on a CPU a
-   projection for one T4 from the models' counted FLOPs (stated as such; no extra pass);
-4. runs each needed image model with `utils.image.predict.predict`: the mean of its fold models'
-   probabilities, as its OOF was made in training (fp16 autocast on CUDA, DataLoader workers);
-5. builds features with `utils.tabular.features.build_features` (the training code) plus the image
-   columns and runs `GBDTEnsemble.predict`: each member and the soft vote;
-6. documented fallback: a row whose image is unreadable or absent from the hdf5 file gets the
-   `lgb_meta` score; the report counts those rows and names the first few.
+`predict_submission(data_dir, artifacts_dir, cfg)` makes every check before the first image is
+decoded (steps 1-4), so a late error costs seconds, not the image pass:
+1. `read_inputs`: test-metadata.csv with `utils.io.read_test_metadata`: only the columns the
+   features read are required, extra columns are ignored, category spellings are matched after
+   trimming and ignoring case, values a lesion cannot have (utils.schema.VALUE_RANGES) become
+   missing and are counted; an empty file, duplicate ids or a value that is not a number stop
+   the kernel with the file, the column and the rows' isic_id;
+2. `load_artifacts`: every artifact file checked against its folder's manifest before a library
+   opens it; a file that differs is never used (utils.manifest.DAMAGED_FILE_RULES: an edited
+   `config.json` gives way to the configuration the manifest records, an edited ensemble.json /
+   features.json stops the kernel); the image plan (utils.submission_checks.plan_images): the
+   image sources the GBDT recorded decide which image models run, a model dir holding another
+   run is warned about ("GBDT AND IMAGE MODELS DO NOT BELONG TOGETHER"), a damaged `fold{k}.pt`
+   is left out, a model with no usable fold leaves every row to `lgb_meta`, a damaged GBDT
+   member is left out of the vote;
+3. `metadata_features`: the test features that need no image, by the training code;
+   `open_images` indexes the hdf5 file (absent ids) and reads every JPEG header (degenerate
+   images, smaller than MIN_IMAGE_SIDE);
+4. `rehearse`: every GBDT member finds each of its columns, and the whole chain scores a handful
+   of test rows in [0, 1]; otherwise the kernel stops naming the file;
+5. `image_pass`: the time estimate against Kaggle's 12 hours (measured on a GPU, a T4 projection
+   from counted FLOPs on a CPU), then each needed image model over every row (fold mean, fp16
+   autocast on CUDA); the GBDT soft vote on the features with the image columns; a row whose
+   image is unreadable or absent gets the `lgb_meta` score, counted and named.
 
 `write_submission` checks the frame with `validate_submission` (exactly the test ids in
 test-metadata order, targets finite and in [0, 1]) and refuses to write a bad file;
-`run_submission` writes `submission_report.json` beside it (every fallback decision) and the
-report's `text()` is the summary block printed at the end of the kernel.
+`run_submission` checks the output dir is writable before anything runs, writes
+`submission_report.json` beside the submission, and the report's `text()` is the summary block
+printed at the end of the kernel (utils.submission_report: every warning class, "none" only when
+there is none).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +48,9 @@ import torch
 from utils.cli import format_duration
 from utils.image.distributed import workers_per_process
 from utils.image.predict import (
-    CheckpointError,
     build_model,
-    checkpoint_problem,
     default_device,
     inference_devices,
-    load_checkpoint,
     load_config,
     load_fold_models,
     predict,
@@ -71,17 +65,28 @@ from utils.io import (
     read_test_metadata,
 )
 from utils.layout import (
-    CONFIG_FILE,
     ENSEMBLE_FILE,
+    FEATURES_FILE,
     GBDT_DIR,
-    MANIFEST_FILE,
     REPORT_FILE,
     SUBMISSION_FILE,
-    fold_file,
 )
-from utils.manifest import atomic_output, check_folder, write_json
+from utils.manifest import atomic_output, write_json
 from utils.settings import InferenceConfig, TrainConfig, resolve
-from utils.tabular.ensemble import GBDTEnsemble, recorded_recipe
+from utils.submission_checks import (  # noqa: F401 - check_image_model, ...: the kernel's API
+    ImagePlan,
+    ModelCheck,
+    check_gbdt_description,
+    check_image_model,
+    check_member_columns,
+    degenerate_images,
+    image_sources_of,
+    model_dir_problem,
+    plan_images,
+    rehearsal_problems,
+)
+from utils.submission_report import SHOW_IDS, InferenceReport, _count_ids
+from utils.tabular.ensemble import ArtifactError, GBDTEnsemble, recorded_recipe
 from utils.tabular.features import IMAGE_PREFIX, build_features
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER
 from utils.tabular.plus_features import add_optional_features
@@ -89,154 +94,10 @@ from utils.tabular.plus_features import add_optional_features
 SUBMISSION_COLUMNS = ("isic_id", "target")
 KAGGLE_LIMIT_S = 12 * 3600
 HIDDEN_TEST_ROWS = 500_000  # about the size of the hidden test set the kernel is rerun on
-SHOW_IDS = 5  # ids named in messages
 
 
 class SubmissionError(ValueError):
     """A submission frame that Kaggle would reject or score wrongly (message lists why)."""
-
-
-# ---------------------------------------------------------------------------------- plan
-
-
-@dataclass(frozen=True)
-class ModelCheck:
-    """What the file check found in one image model dir."""
-
-    n_folds: int
-    folds: tuple[int, ...]  # fold checkpoints that can be used
-    damaged: dict[str, str] = field(default_factory=dict)  # fold file left out -> why
-    problem: str | None = None  # why no fold can be used (the model drops out)
-    notes: tuple[str, ...] = ()  # manifest findings that stopped nothing
-
-
-def fold_problem(model_dir: Path, k: int, check) -> str | None:
-    """Why fold{k}.pt of `model_dir` must not be used: the manifest's verdict, else (no
-    manifest) absent, empty, not a complete zip or not loadable by torch."""
-    rel = fold_file(k)
-    if check.has_manifest:
-        if rel not in check.listed and rel not in check.unlisted:
-            return f"{model_dir / rel}: missing"
-        if (why := check.problem(rel)) is not None:
-            return why
-        return checkpoint_problem(model_dir / rel)
-    if (why := checkpoint_problem(model_dir / rel)) is not None:
-        return why
-    try:  # no manifest vouches for it: read it once, here, rather than die in the long pass
-        load_checkpoint(model_dir / rel)
-    except CheckpointError as err:
-        return str(err)
-    return None
-
-
-def check_image_model(model_dir: Path) -> ModelCheck:
-    """The usable folds of an image model dir, the ones left out and why (each names its file)."""
-    if not model_dir.is_dir():
-        return ModelCheck(0, (), problem=f"{model_dir} does not exist")
-    check = check_folder(model_dir)
-    notes = []
-    if not check.has_manifest:
-        notes.append(
-            f"{model_dir}: no usable {MANIFEST_FILE} ({check.error}); its fold checkpoints are "
-            "checked by reading them instead"
-        )
-    elif (why := check.problem(CONFIG_FILE)) is not None:
-        notes.append(f"{why}; it parses and is used")
-    try:
-        cfg = load_config(model_dir)
-    except (FileNotFoundError, TypeError, ValueError, json.JSONDecodeError) as err:
-        return ModelCheck(
-            0, (), problem=f"{model_dir}: unreadable config ({err})", notes=tuple(notes)
-        )
-    damaged = {
-        fold_file(k): why
-        for k in range(cfg.n_folds)
-        if (why := fold_problem(model_dir, k, check)) is not None
-    }
-    folds = tuple(k for k in range(cfg.n_folds) if fold_file(k) not in damaged)
-    problem = None if folds else f"{model_dir}: no usable fold checkpoint"
-    return ModelCheck(cfg.n_folds, folds, damaged, problem, tuple(notes))
-
-
-def model_dir_problem(model_dir: Path) -> str | None:
-    """Why an image model dir cannot be used at all (absent, no config.json, no usable fold)."""
-    return check_image_model(model_dir).problem
-
-
-def recorded_run_hash(model_dir: Path) -> str | None:
-    """The config_hash stage 1 recorded in `model_dir`/config.json (None if unreadable)."""
-    try:
-        return json.loads((model_dir / CONFIG_FILE).read_text()).get("config_hash")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-
-
-def image_sources_of(ensemble: GBDTEnsemble) -> dict[str, dict[str, str]]:
-    """Image column -> its recorded source run; ValueError for a GBDT that recorded none."""
-    absent = [c for c in ensemble.image_columns if c not in ensemble.image_sources]
-    if absent:
-        raise ValueError(
-            f"GBDT features.json records no image_sources for {absent}: rerun 03_gbdt so each "
-            "image column names the image model and run it was trained on"
-        )
-    return {c: ensemble.image_sources[c] for c in ensemble.image_columns}
-
-
-@dataclass(frozen=True)
-class ImagePlan:
-    """Which image models the GBDT reads, which will run (on which folds), which are unusable."""
-
-    needed: tuple[str, ...]  # read by the GBDT (features.json image_sources), in its order
-    run: tuple[str, ...]  # will be run on the test images
-    missing: dict[str, str]  # needed but unusable (no usable fold) -> why
-    unused: tuple[str, ...]  # complete under artifacts_dir but not read by the GBDT
-    mismatched: dict[str, str] = field(default_factory=dict)  # another run than the GBDT's -> why
-    checks: dict[str, ModelCheck] = field(default_factory=dict)  # needed model -> file check
-
-    @property
-    def metadata_only(self) -> bool:
-        """True when no row can use an image feature."""
-        return not self.needed or bool(self.missing)
-
-    @property
-    def folds(self) -> dict[str, tuple[int, ...]]:
-        """The fold checkpoints each model to run averages."""
-        return {n: self.checks[n].folds for n in self.run if n in self.checks}
-
-    @property
-    def damaged_folds(self) -> dict[str, dict[str, str]]:
-        """Needed model -> {fold file left out -> why}."""
-        return {n: c.damaged for n, c in self.checks.items() if c.damaged}
-
-    @property
-    def notes(self) -> tuple[str, ...]:
-        return tuple(note for c in self.checks.values() for note in c.notes)
-
-
-def plan_images(artifacts_dir: Path, image_sources: Mapping[str, Mapping[str, str]]) -> ImagePlan:
-    """The ImagePlan for a GBDT whose image columns came from `image_sources` (features.json:
-    column -> image_model, config_hash), given the run dirs under `artifacts_dir`. A run dir
-    whose config_hash is not the recorded one is another run than the GBDT saw: `mismatched`."""
-    needed = tuple(source["image_model"] for source in image_sources.values())
-    checks = {n: check_image_model(artifacts_dir / n) for n in needed}
-    missing = {n: c.problem for n, c in checks.items() if c.problem is not None}
-    mismatched = {}
-    for source in image_sources.values():
-        name, wanted = source["image_model"], source["config_hash"]
-        found = recorded_run_hash(artifacts_dir / name)
-        if name not in missing and found != wanted:
-            mismatched[name] = (
-                f"the GBDT was trained on the OOF of {name} run {wanted}, but "
-                f"{artifacts_dir / name} holds run {found}"
-            )
-    present = sorted(
-        p.name
-        for p in artifacts_dir.iterdir()
-        if p.name != GBDT_DIR and p.name not in needed and (p / CONFIG_FILE).is_file()
-    )
-    unused = tuple(n for n in present if model_dir_problem(artifacts_dir / n) is None)
-    run = () if missing else needed
-    return ImagePlan(needed, run, missing, unused, mismatched, checks)
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -418,143 +279,6 @@ def estimate_time(
 # ---------------------------------------------------------------------------------- predict
 
 
-@dataclass(frozen=True)
-class InferenceReport:
-    """What the kernel did: plan, fallbacks, timings and every warning it printed."""
-
-    rows: int
-    device: str
-    plan: ImagePlan
-    absent_ids: tuple[str, ...]  # test ids with no key in test-image.hdf5 (counted up front)
-    fallback_ids: tuple[str, ...]  # rows scored by lgb_meta: an image feature is missing
-    estimate: TimeEstimate | None
-    images_per_s: dict[str, float]  # measured on the full pass, per image model
-    member_means: dict[str, float]  # mean score per GBDT member and the ensemble
-    warnings: tuple[str, ...] = field(default=())
-    members: tuple[str, ...] = ()  # GBDT members in the soft vote
-    dropped_members: dict[str, str] = field(default_factory=dict)  # left out -> why
-    metadata: MetadataNotes | None = None  # what reading test-metadata.csv found
-    artifact_notes: tuple[str, ...] = ()  # manifest findings that stopped nothing
-
-    @property
-    def n_fallback(self) -> int:
-        return len(self.fallback_ids)
-
-    @property
-    def mode(self) -> str:
-        """How the rows were scored, in words."""
-        if not self.plan.needed:
-            return "metadata-only: the GBDT was trained without image columns"
-        if self.plan.missing:
-            missing = sorted(self.plan.missing)
-            return f"metadata-only: {META_MEMBER} for every row (missing {missing})"
-        mode = f"full: image models {list(self.plan.run)} + GBDT soft vote"
-        partial = [
-            f"{n} on folds {list(c.folds)} of {c.n_folds}"
-            for n, c in self.plan.checks.items()
-            if n in self.plan.run and len(c.folds) < c.n_folds
-        ]
-        if partial:
-            mode += f"; {', '.join(partial)}"
-        if self.dropped_members:
-            mode += f"; members left out: {sorted(self.dropped_members)}"
-        return mode
-
-    def decisions(self) -> list[str]:
-        """Every fallback decision, one line each, naming the file or rows behind it."""
-        lines = []
-        for name, damaged in self.plan.damaged_folds.items():
-            check = self.plan.checks[name]
-            effect = (
-                f"averages folds {list(check.folds)} of {check.n_folds}"
-                if check.folds
-                else "has no usable fold"
-            )
-            for why in damaged.values():
-                lines.append(f"image model {name} {effect}: left out {why}")
-        for name, why in self.plan.missing.items():
-            lines.append(f"image model {name} unusable ({why}): {META_MEMBER} scores every row")
-        for name, why in self.dropped_members.items():
-            lines.append(f"GBDT member {name} left out of the vote: {why}")
-        if self.fallback_ids and not self.plan.missing:
-            lines.append(
-                f"{self.n_fallback:,} row(s) without a readable image scored by {META_MEMBER}: "
-                f"{_count_ids(self.fallback_ids)}"
-            )
-        return lines
-
-    def to_dict(self) -> dict:
-        """The JSON of submission_report.json."""
-        return {
-            "rows": self.rows,
-            "device": self.device,
-            "mode": self.mode,
-            "decisions": self.decisions(),
-            "image_models": {
-                "needed": list(self.plan.needed),
-                "run": list(self.plan.run),
-                "folds_used": {n: list(f) for n, f in self.plan.folds.items()},
-                "folds_left_out": self.plan.damaged_folds,
-                "unusable": self.plan.missing,
-                "unused": list(self.plan.unused),
-                "another_run": self.plan.mismatched,
-            },
-            "gbdt_members": {"voting": list(self.members), "left_out": self.dropped_members},
-            "fallback_rows": {"count": self.n_fallback, "first_ids": list(self.fallback_ids[:20])},
-            "absent_from_hdf5": {
-                "count": len(self.absent_ids),
-                "first_ids": list(self.absent_ids[:20]),
-            },
-            "test_metadata": asdict(self.metadata) if self.metadata else None,
-            "artifact_notes": list(self.artifact_notes),
-            "warnings": list(self.warnings),
-            "images_per_s": self.images_per_s,
-            "estimate_s": None if self.estimate is None else self.estimate.seconds(),
-            "member_means": self.member_means,
-        }
-
-    def text(self) -> str:
-        """The summary block the kernel prints last: mode, every decision and finding."""
-        notes = self.metadata.lines() if self.metadata else []
-        sections = [
-            ("mode", [self.mode]),
-            ("fallback decisions", self.decisions() or ["none"]),
-            ("test-metadata.csv", notes or ["as expected"]),
-            ("artifacts", list(self.artifact_notes) or ["every file matches its manifest"]),
-        ]
-        lines = ["=" * 30 + " SUBMISSION SUMMARY " + "=" * 30, f"rows: {self.rows:,}"]
-        for title, items in sections:
-            lines.append(f"{title}:")
-            lines += [f"  - {item}" for item in items]
-        return "\n".join(lines + ["=" * 80])
-
-    def summary(self) -> pl.DataFrame:
-        """One row per fact, for the notebook."""
-        facts = {
-            "rows": f"{self.rows:,}",
-            "device": self.device,
-            "mode": self.mode,
-            "image models run": ", ".join(self.plan.run) or "none",
-            "image models unused by the GBDT": ", ".join(self.plan.unused) or "none",
-            "image models of another run than the GBDT's": ", ".join(self.plan.mismatched)
-            or "none",
-            "GBDT members voting": ", ".join(self.members) or "none",
-            "test ids absent from the hdf5": _count_ids(self.absent_ids),
-            f"rows scored by {META_MEMBER} (fallback)": _count_ids(self.fallback_ids),
-            **{f"{m} img/s (full pass)": f"{r:,.1f}" for m, r in self.images_per_s.items()},
-            **{f"mean score {m}": f"{s:.5f}" for m, s in self.member_means.items()},
-            **{f"decision {i + 1}": d for i, d in enumerate(self.decisions())},
-            **{f"warning {i + 1}": w for i, w in enumerate(self.warnings)},
-        }
-        return pl.DataFrame({"item": list(facts), "value": list(facts.values())})
-
-
-def _count_ids(ids: Sequence[str]) -> str:
-    """'n' or 'n (first ids ...)'."""
-    shown = f" (e.g. {list(ids[:SHOW_IDS])})" if len(ids) else ""
-    return f"{len(ids):,}{shown}"
-
-
 def image_features(
     artifacts_dir: Path,
     models: Sequence[str],
@@ -591,6 +315,186 @@ def image_features(
     return frame, rates
 
 
+REHEARSAL_ROWS = 4  # test rows the whole chain runs on before the long image pass
+
+
+@dataclass
+class KernelRun:
+    """One run of the kernel: where things are, its settings, and every warning, by class."""
+
+    data: DataDir
+    artifacts_dir: Path
+    cfg: InferenceConfig
+    device: torch.device
+    log: Callable[[str], None]
+    warnings: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)  # warnings of no class of the report
+
+    def warn(self, message: str, other: bool = False) -> None:
+        self.warnings.append(message)
+        if other:
+            self.other.append(message)
+        self.log(f"WARNING: {message}")
+
+
+def read_inputs(run: KernelRun) -> tuple[pl.DataFrame, MetadataNotes]:
+    """Step 1: test-metadata.csv, read and checked (utils.io.read_test_metadata), its notes."""
+    path = run.data.path(TEST_METADATA)
+    metadata, notes = read_test_metadata(path)
+    run.log(f"{path}: {metadata.height:,} test rows; device {_device_name(run.device)}")
+    for line in notes.lines():
+        run.log(f"NOTE: {path}: {line}")
+    return metadata, notes
+
+
+def load_artifacts(run: KernelRun) -> tuple[GBDTEnsemble, ImagePlan]:
+    """Step 2: every artifact checked against its manifest and loaded, the image plan made;
+    each finding printed (NOTE) or warned."""
+    gbdt_dir = run.artifacts_dir / GBDT_DIR
+    if not (gbdt_dir / ENSEMBLE_FILE).is_file():
+        raise FileNotFoundError(
+            f"no GBDT artifacts at {gbdt_dir} ({ENSEMBLE_FILE}): run 03_gbdt first or attach its "
+            "dataset"
+        )
+    check_gbdt_description(gbdt_dir)
+    ensemble = GBDTEnsemble.load(gbdt_dir)
+    plan = plan_images(run.artifacts_dir, image_sources_of(ensemble))
+    for note in ensemble.notes + plan.notes:
+        run.log(f"NOTE: {note}")
+    warn_plan(run, ensemble, plan)
+    return ensemble, plan
+
+
+def warn_plan(run: KernelRun, ensemble: GBDTEnsemble, plan: ImagePlan) -> None:
+    """One WARNING per fallback the plan takes and per run that does not belong."""
+    for name, why in ensemble.dropped.items():
+        run.warn(f"GBDT member {name} left out of the vote: {why}")
+    for why in plan.mismatched.values():
+        run.warn(f"GBDT AND IMAGE MODELS DO NOT BELONG TOGETHER: {why}")
+    for name, damaged in plan.damaged_folds.items():
+        if name not in plan.missing:
+            used = list(plan.checks[name].folds)
+            run.warn(
+                f"image model {name} averages folds {used}; left out: {list(damaged.values())}"
+            )
+    for name, why in plan.missing.items():
+        details = list(plan.checks[name].damaged.values())
+        run.warn(f"image model {name} is needed by the GBDT but unusable: {why} {details or ''}")
+    if plan.missing:
+        run.warn(f"METADATA-ONLY SUBMISSION: every row gets the {META_MEMBER} score")
+    elif not plan.needed:
+        run.warn("METADATA-ONLY SUBMISSION: the GBDT was trained without image columns", True)
+    if plan.unused:
+        run.log(f"image model(s) {list(plan.unused)} present but not read by the GBDT: skipped")
+    if META_MEMBER not in ensemble.models and plan.needed:
+        run.warn(
+            f"no usable {META_MEMBER} member: rows without an image feature are scored by "
+            f"{list(ensemble.models)} with the image columns missing",
+            True,
+        )
+
+
+def metadata_features(
+    run: KernelRun, metadata: pl.DataFrame, ensemble: GBDTEnsemble
+) -> pl.DataFrame:
+    """Step 3: the test features that need no image, by the training code: every optional
+    group is built (members read the columns they were trained on), and the ugly-duckling
+    features when stage 3 recorded them (features.json); then every GBDT member must find each
+    of its columns (ArtifactError naming ensemble.json otherwise)."""
+    frame, _ = build_features(metadata, source=run.data.path(TEST_METADATA), site_features=True)
+    if ensemble.feature_groups.get("ugly_duckling", False):
+        start = time.perf_counter()
+        frame, _, _ = add_optional_features(
+            frame, metadata, (), ugly_duckling=True, threads=run.cfg.threads
+        )
+        run.log(f"ugly-duckling features: {time.perf_counter() - start:.1f}s")
+    head = with_images(frame.head(REHEARSAL_ROWS), frame.select("isic_id"), ensemble, 1)
+    check_member_columns(ensemble, head, run.artifacts_dir / GBDT_DIR)
+    return frame
+
+
+def with_images(
+    features: pl.DataFrame, image_frame: pl.DataFrame, ensemble: GBDTEnsemble, threads: int
+) -> pl.DataFrame:
+    """The GBDT's input: `features` with the image columns (missing ones null) and, when stage
+    3 recorded them, the patient-relative image features."""
+    frame = features.join(image_frame, on="isic_id", how="left", maintain_order="left")
+    absent = [c for c in ensemble.image_columns if c not in frame.columns]
+    frame = frame.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in absent)
+    if ensemble.feature_groups.get("patient_image", False):
+        frame, _, _ = add_optional_features(
+            frame, frame, ensemble.image_columns, patient_image=True, threads=threads
+        )
+    return frame
+
+
+def _quiet(message: str) -> None:
+    """A log for the rehearsal's image pass: its timings on a few rows mean nothing."""
+
+
+def rehearse(
+    run: KernelRun, features: pl.DataFrame, ensemble: GBDTEnsemble, plan: ImagePlan, images
+) -> None:
+    """Step 4: before the long pass, the whole chain (image models, features, members, vote)
+    scores a handful of rows; a score that is not in [0, 1] stops the kernel naming the file,
+    within seconds rather than after the image pass."""
+    head = features.head(REHEARSAL_ROWS)
+    ids = head["isic_id"].to_list()
+    image_frame = head.select("isic_id")
+    if plan.run:
+        image_frame, _ = image_features(
+            run.artifacts_dir, plan.run, images, ids, run.cfg, run.device, _quiet, plan.folds
+        )
+    scores = ensemble.predict(with_images(head, image_frame, ensemble, 1), run.cfg.threads)
+    problems = rehearsal_problems(scores, ids)
+    if problems:
+        raise ArtifactError(
+            f"{run.artifacts_dir / GBDT_DIR}: the chain on {len(ids)} test rows gives unusable "
+            "scores:\n  " + "\n  ".join(problems)
+        )
+    run.log(f"checks passed: the whole chain scored {len(ids)} test rows; the long pass starts")
+
+
+def open_images(
+    run: KernelRun, metadata: pl.DataFrame, plan: ImagePlan
+) -> tuple[HDF5Images | None, list[str], dict[str, str]]:
+    """The test images (None when no image model runs), the ids absent from them and the
+    degenerate images (smaller than MIN_IMAGE_SIDE), each warned."""
+    if not plan.run:
+        return None, [], {}
+    images = run.data.test_images()
+    absent = check_ids_match(metadata, images, str(images.path))
+    if absent:
+        run.warn(f"{len(absent):,} test id(s) absent from {images.path}: {_count_ids(absent)}")
+    small = degenerate_images(images, metadata["isic_id"].to_list())
+    if small:
+        shown = dict(list(small.items())[:SHOW_IDS])
+        run.warn(f"{len(small):,} degenerate test image(s) in {images.path}: {shown}")
+    return images, absent, small
+
+
+def image_pass(
+    run: KernelRun, plan: ImagePlan, images, ids: Sequence[str]
+) -> tuple[pl.DataFrame, dict[str, float], TimeEstimate | None]:
+    """Step 5: the time estimate, then the long pass: every needed image model on every row."""
+    if not plan.run:
+        return pl.DataFrame({"isic_id": ids}, schema={"isic_id": pl.String}), {}, None
+    cfg, estimate = run.cfg, None
+    if cfg.estimate_batches > 0 and ids:
+        estimate = estimate_time(
+            run.artifacts_dir, plan.run, images, ids, cfg, run.device, plan.folds
+        )
+        run.log(f"time estimate of the image models ({_device_name(run.device)}):\n{estimate}")
+        if not estimate.fits():
+            run.warn(
+                f"image inference needs ~{format_duration(estimate.seconds())}, over 12 h", True
+            )
+    frame, rates = image_features(
+        run.artifacts_dir, plan.run, images, ids, cfg, run.device, run.log, plan.folds
+    )
+    return frame, rates, estimate
+
+
 def predict_submission(
     data_dir: str | Path,
     artifacts_dir: str | Path,
@@ -598,98 +502,31 @@ def predict_submission(
     device: torch.device | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[pl.DataFrame, InferenceReport]:
-    """The submission frame (isic_id, target in test-metadata order) and what was done."""
+    """The submission frame (isic_id, target in test-metadata order) and what was done: every
+    check first (steps 1-4), then the long image pass and the vote."""
     cfg = cfg or resolve("full").inference
     device = device or default_device()
-    artifacts_dir = Path(artifacts_dir)
-    warnings: list[str] = []
-
-    def warn(message: str) -> None:
-        warnings.append(message)
-        log(f"WARNING: {message}")
-
-    data = DataDir(data_dir)
-    metadata, notes = read_test_metadata(data.path(TEST_METADATA))
+    run = KernelRun(DataDir(data_dir), Path(artifacts_dir), cfg, device, log)
+    metadata, notes = read_inputs(run)
     ids = metadata["isic_id"].to_list()
-    log(f"{data.path(TEST_METADATA)}: {len(ids):,} test rows; device {_device_name(device)}")
-    for line in notes.lines():
-        log(f"NOTE: {data.path(TEST_METADATA)}: {line}")
-    if not (artifacts_dir / GBDT_DIR / ENSEMBLE_FILE).is_file():
-        raise FileNotFoundError(
-            f"no GBDT artifacts at {artifacts_dir / GBDT_DIR} (ensemble.json): run 03_gbdt first "
-            "or attach its dataset"
-        )
-    ensemble = GBDTEnsemble.load(artifacts_dir / GBDT_DIR)
-    plan = plan_images(artifacts_dir, image_sources_of(ensemble))
-    artifact_notes = ensemble.notes + plan.notes
-    for note in artifact_notes:
-        log(f"NOTE: {note}")
-    for name, why in ensemble.dropped.items():
-        warn(f"GBDT member {name} left out of the vote: {why}")
-    for why in plan.mismatched.values():
-        warn(f"GBDT AND IMAGE MODELS DO NOT BELONG TOGETHER: {why}")
-    for name, damaged in plan.damaged_folds.items():
-        if name not in plan.missing:
-            used = list(plan.checks[name].folds)
-            warn(f"image model {name} averages folds {used}; left out: {list(damaged.values())}")
-    for name, why in plan.missing.items():
-        details = list(plan.checks[name].damaged.values())
-        warn(f"image model {name} is needed by the GBDT but unusable: {why} {details or ''}")
-    if plan.missing:
-        warn(f"METADATA-ONLY SUBMISSION: every row gets the {META_MEMBER} score")
-    elif not plan.needed:
-        warn("METADATA-ONLY SUBMISSION: the GBDT was trained without image columns")
-    if plan.unused:
-        log(f"image model(s) {list(plan.unused)} present but not read by the GBDT: skipped")
-    if META_MEMBER not in ensemble.models and plan.needed:
-        warn(
-            f"no usable {META_MEMBER} member: rows without an image feature are scored by "
-            f"{list(ensemble.models)} with the image columns missing"
-        )
-
-    absent: list[str] = []
-    estimate = None
-    image_frame = pl.DataFrame({"isic_id": ids}, schema={"isic_id": pl.String})
-    rates: dict[str, float] = {}
-    if plan.run:
-        images = data.test_images()
-        absent = check_ids_match(metadata, images, str(images.path))
-        if absent:
-            warn(f"{len(absent):,} test id(s) absent from {images.path}: {_count_ids(absent)}")
-        if cfg.estimate_batches > 0 and ids:
-            estimate = estimate_time(artifacts_dir, plan.run, images, ids, cfg, device, plan.folds)
-            log(f"time estimate of the image models ({_device_name(device)}):\n{estimate}")
-            if not estimate.fits():
-                warn(f"image inference needs ~{format_duration(estimate.seconds())}, over 12 h")
-        image_frame, rates = image_features(
-            artifacts_dir, plan.run, images, ids, cfg, device, log, plan.folds
-        )
-    # every optional feature group is built: the members read the columns they were trained on
-    frame, _ = build_features(metadata, source=data.path(TEST_METADATA), site_features=True)
-    frame = frame.join(image_frame, on="isic_id", how="left", maintain_order="left")
-    for column in ensemble.image_columns:
-        if column not in frame.columns:
-            frame = frame.with_columns(pl.lit(None, dtype=pl.Float32).alias(column))
-    # the optional groups stage 3 recorded in features.json (the `plus` recipe), by the same code:
-    # ugly-duckling features of the test metadata, patient-relative fold-mean test scores
-    groups = {g: ensemble.feature_groups.get(g, False) for g in ("ugly_duckling", "patient_image")}
-    if any(groups.values()):
-        start = time.perf_counter()
-        frame, _, _ = add_optional_features(
-            frame, metadata, ensemble.image_columns, threads=cfg.threads, **groups
-        )
-        built = [g for g, on in groups.items() if on]
-        log(f"optional feature groups {built}: {time.perf_counter() - start:.1f}s")
+    ensemble, plan = load_artifacts(run)
+    features = metadata_features(run, metadata, ensemble)
+    images, absent, small = open_images(run, metadata, plan)
+    rehearse(run, features, ensemble, plan, images)
+    image_frame, rates, estimate = image_pass(run, plan, images, ids)
+    frame = with_images(features, image_frame, ensemble, cfg.threads)
     scores = ensemble.predict(frame, cfg.threads)
-    fallback = ensemble.image_missing(frame) if META_MEMBER in scores else np.zeros(len(ids), bool)
-    fallback_ids = tuple(np.asarray(ids, dtype=object)[fallback].tolist())
-    if fallback.any() and not plan.missing:
-        warn(f"{len(fallback_ids):,} row(s) fell back to {META_MEMBER}: {_count_ids(fallback_ids)}")
     submission = pl.DataFrame(
         {"isic_id": frame["isic_id"], "target": scores[ENSEMBLE].astype(np.float64)},
         schema={"isic_id": pl.String, "target": pl.Float64},
     )
     validate_submission(submission, ids)
+    fallback = ensemble.image_missing(frame) if META_MEMBER in scores else np.zeros(len(ids), bool)
+    fallback_ids = tuple(np.asarray(ids, dtype=object)[fallback].tolist())
+    if fallback.any() and not plan.missing:
+        run.warn(
+            f"{len(fallback_ids):,} row(s) fell back to {META_MEMBER}: {_count_ids(fallback_ids)}"
+        )
     report = InferenceReport(
         rows=len(ids),
         device=_device_name(device),
@@ -699,11 +536,13 @@ def predict_submission(
         estimate=estimate,
         images_per_s=rates,
         member_means={m: float(np.mean(s)) for m, s in scores.items()},
-        warnings=tuple(warnings),
+        warnings=tuple(run.warnings),
         members=tuple(ensemble.models),
         dropped_members=dict(ensemble.dropped),
         metadata=notes,
-        artifact_notes=artifact_notes,
+        artifact_notes=ensemble.notes + plan.notes,
+        degenerate=small,
+        other_warnings=tuple(run.other),
     )
     log(f"mode: {report.mode}; {report.n_fallback:,} row(s) scored by {META_MEMBER}")
     return submission, report
@@ -774,9 +613,29 @@ def write_submission(sub: pl.DataFrame, output_dir: str | Path, test_ids: Sequen
     """Validate, then write `<output_dir>/submission.csv` atomically; its path."""
     validate_submission(sub, test_ids)
     path = Path(output_dir) / SUBMISSION_FILE
-    with atomic_output(path) as tmp:
+    with naming_the_file(path), atomic_output(path) as tmp:
         sub.write_csv(tmp)
     return path
+
+
+@contextmanager
+def naming_the_file(path: Path) -> Iterator[None]:
+    """An I/O failure inside the block (disk full, no permission) re-raised as OSError whose
+    message names `path` (a library's own message may name only its temporary file, or none)."""
+    try:
+        yield
+    except (OSError, pl.exceptions.PolarsError) as err:
+        why = getattr(err, "strerror", None) or str(err)
+        raise OSError(getattr(err, "errno", None), f"cannot write {path}: {why}") from err
+
+
+def check_writable(output_dir: Path) -> None:
+    """Fail before any work, naming the folder, when `output_dir` cannot take a file."""
+    probe = output_dir / f".{SUBMISSION_FILE}.probe"
+    with naming_the_file(probe):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(probe, {})
+    probe.unlink()
 
 
 def run_submission(
@@ -796,14 +655,16 @@ def run_submission(
     if "recipe" in overrides:
         raise TypeError(
             "run_submission takes no recipe: it reads the one stage 3 recorded in "
-            f"{Path(artifacts_dir) / GBDT_DIR / 'features.json'}"
+            f"{Path(artifacts_dir) / GBDT_DIR / FEATURES_FILE}"
         )
     recipe = recorded_recipe(Path(artifacts_dir) / GBDT_DIR)
     cfg = resolve(preset, recipe or "paper", inference=overrides).inference
     print(cfg)
+    check_writable(Path(output_dir))
     print(f"recipe: {recipe or 'not recorded (GBDT artifacts from before recipes were recorded)'}")
     submission, report = predict_submission(data_dir, artifacts_dir, cfg)
     path = write_submission(submission, output_dir, read_test_ids(data_dir))
-    write_json(Path(output_dir) / REPORT_FILE, {**report.to_dict(), "recipe": recipe})
+    with naming_the_file(Path(output_dir) / REPORT_FILE):
+        write_json(Path(output_dir) / REPORT_FILE, {**report.to_dict(), "recipe": recipe})
     print(f"wrote {path} and {REPORT_FILE}: {submission.height:,} rows; {report.mode}")
     return submission, report, path

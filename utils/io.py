@@ -5,7 +5,9 @@ reported with its file, column and the row's isic_id; category values are respel
 canonically (utils.schema.normalise_categories). `read_test_metadata` is the submission
 kernel's reader: it needs only the columns the features read, ignores extra columns and says
 what it found (`MetadataNotes`: ignored and absent columns, respelled and unseen categories,
-empty feature columns); an empty file, duplicate ids or a bad number stop it, named.
+empty feature columns, values made missing); an empty file, duplicate ids or a bad number stop
+it, named. Both readers make missing every numeric value no lesion can have (NaN/inf, or
+outside utils.schema.VALUE_RANGES), so train and test see the same missing values.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from utils.schema import (
     SCHEMAS,
     TEST_COLUMNS,
     SchemaError,
+    coerce_impossible,
     normalise_categories,
     unseen_categories,
     validate_columns,
@@ -99,9 +102,18 @@ def read_metadata(path: str | Path, kind: str, *, validate: bool = True) -> pl.D
     if validate:
         validate_columns(df.columns, kind, path)
     df, _ = normalise_categories(cast_columns(df, SCHEMAS[kind], path))
+    df, _ = coerce_impossible(df)
     if validate:
         validate_frame(df, kind, path)
     return df
+
+
+def coerced_values(path: str | Path, kind: str = "train") -> dict[str, dict[str, int]]:
+    """Per numeric column of a metadata CSV, how many values `read_metadata` makes missing
+    because no lesion can have them (utils.schema.coerce_impossible), by reason; for reports."""
+    path = Path(path)
+    df = cast_columns(_read_text(path, kind), SCHEMAS[kind], path)
+    return coerce_impossible(df)[1]
 
 
 @dataclass(frozen=True)
@@ -116,10 +128,20 @@ class MetadataNotes:
     )  # column -> values matched by case/space
     unseen: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> value -> rows
     empty_columns: tuple[str, ...] = ()  # feature columns with no value in any row
+    # column -> {why -> values made missing}: text NaN/inf, outside the schema's range
+    coerced: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def coerced_lines(self) -> list[str]:
+        """One line per column whose impossible values were made missing, with the counts."""
+        lines = []
+        for col, reasons in self.coerced.items():
+            counts = ", ".join(f"{n} {why}" for why, n in reasons.items())
+            lines.append(f"{col}: {sum(reasons.values())} value(s) made missing ({counts})")
+        return lines
 
     def lines(self) -> list[str]:
         """One line per finding (empty when the file was as expected)."""
-        lines = []
+        lines = self.coerced_lines()
         if self.ignored_columns:
             lines.append(f"extra column(s) ignored: {list(self.ignored_columns)}")
         if self.absent_columns:
@@ -158,11 +180,41 @@ def read_test_metadata(path: str | Path) -> tuple[pl.DataFrame, MetadataNotes]:
     df = df.with_columns(pl.lit(None, dtype=pl.String).alias(c) for c in absent)
     df = cast_columns(df.select(list(TEST_COLUMNS)), TEST_COLUMNS, path)
     df, respelled = normalise_categories(df)
+    df, coerced = coerce_impossible(df)
     validate_frame(df, "test", path)
     features = [c for c in FEATURE_INPUT_COLUMNS if c not in ("isic_id", "patient_id")]
     empty = tuple(c for c in features if df[c].null_count() == df.height)
-    notes = MetadataNotes(df.height, ignored, absent, respelled, unseen_categories(df), empty)
-    return df, notes
+    unseen = unseen_categories(df)
+    return df, MetadataNotes(df.height, ignored, absent, respelled, unseen, empty, coerced)
+
+
+# JPEG start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC): their segment holds the size
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame header, without decoding; None when the
+    bytes are not a JPEG with a readable header."""
+    buf = bytes(data) if isinstance(data, np.ndarray) else data
+    if buf[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(buf):
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in SOF_MARKERS:
+            return int.from_bytes(buf[i + 5 : i + 7], "big"), int.from_bytes(
+                buf[i + 7 : i + 9], "big"
+            )
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
+    return None
 
 
 def decode_jpeg(

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from fnmatch import fnmatch
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,53 @@ def check_folder(folder: str | Path) -> FolderCheck:
     present = [p.relative_to(folder).as_posix() for p in _files(folder)]
     unlisted = tuple(rel for rel in present if rel not in entries)
     return FolderCheck(folder, None, problems, unlisted, tuple(entries))
+
+
+class DamagedArtifact(ValueError):
+    """A file differs from its folder's manifest and no fallback exists (message names it)."""
+
+
+RECORDED, STOP, LEAVE_OUT = "recorded", "stop", "leave out"
+# What a reader does with a file whose size or sha256 differs from its folder's manifest (or that
+# the manifest lists and is missing): the first pattern that matches the file name decides.
+# README's robustness section shows this table.
+DAMAGED_FILE_RULES: tuple[tuple[str, str, str], ...] = (
+    (
+        "config.json",
+        RECORDED,
+        "the configuration the manifest records is used; none recorded: the image model is "
+        "unusable (its fallback: the metadata-only member scores every row)",
+    ),
+    ("ensemble.json", STOP, "the kernel stops before any image is read, naming the file"),
+    ("features.json", STOP, "the kernel stops before any image is read, naming the file"),
+    ("fold*.pt", LEAVE_OUT, "the fold is left out: the image model averages its other folds"),
+    ("*", LEAVE_OUT, "a GBDT member's model file: the member is left out of the soft vote"),
+)
+
+
+def damaged_file_rule(rel: str) -> tuple[str, str]:
+    """(action, words) of DAMAGED_FILE_RULES for file `rel` of an artifact folder."""
+    name = Path(rel).name
+    return next((action, words) for p, action, words in DAMAGED_FILE_RULES if fnmatch(name, p))
+
+
+def verified_json(folder: str | Path, rel: str, check: FolderCheck | None = None) -> Any:
+    """The parsed JSON file `rel` of `folder` when it matches the manifest (or there is none);
+    when it differs, the rule for its name: RECORDED gives the record the manifest holds (the
+    `config` a stage's manifest saves), STOP (or nothing recorded) raises DamagedArtifact."""
+    folder = Path(folder)
+    path = folder / rel
+    check = check or check_folder(folder)
+    why = check.problem(rel)
+    if why is None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing")
+        return json.loads(path.read_text())
+    action, words = damaged_file_rule(rel)
+    recorded = read_manifest(folder).get("config") if action == RECORDED else None
+    if not isinstance(recorded, dict):
+        raise DamagedArtifact(f"{why}: not used ({words})")
+    return recorded
 
 
 def verify_manifest(folder: str | Path) -> list[str]:

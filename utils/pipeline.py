@@ -19,6 +19,9 @@ A stage that runs on other settings or data moves its earlier outputs aside
 (`<folder>/../.previous/`); `--force` does so for every stage, so nothing is resumed or mixed in.
 While a stage runs, its printed lines (folds, epochs, scores) are echoed with the stage's name,
 and a heartbeat line every 30 s says how long it has run. The run ends with a results block.
+One run per work dir: a second run stops at once naming the first's pid and start time
+(utils.run_guard). Ctrl-C (SIGINT) or SIGTERM shuts the running stage's kernel down, leaves that
+stage unstamped, prints one line naming it and the command that resumes, and exits 130 / 143.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import dataclasses
 import json
 import os
 import resource
+import shlex
 import sys
 import textwrap
 import threading
@@ -52,6 +56,15 @@ from utils.layout import (
     fold_file,
 )
 from utils.manifest import file_sha256, set_aside
+from utils.run_guard import (
+    Stopped,
+    WorkDirBusy,
+    run_stoppable,
+    shut_down_kernels,
+    stop_on_signals,
+    tracked_kernel_manager,
+    work_dir_lock,
+)
 from utils.settings import IMAGE_MODELS, N_FOLDS, PRESETS, RECIPES, SyntheticConfig, resolve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,11 +74,15 @@ HEARTBEAT_S = 30.0  # a stage that prints nothing for this long gets a "still ru
 DURATIONS_FILE = "durations.json"  # seconds each stage took last time (for the heartbeat)
 # Kernel start-up noise a user cannot act on: ipykernel 7's "running over TCP without
 # encryption" (the kernel listens on localhost only), and tqdm.auto's "IProgress not found"
-# (imported by timm's huggingface_hub; the bars are text bars either way).
+# (imported by timm's huggingface_hub; the bars are text bars either way), and the ERROR line
+# "KeyboardInterrupt caught in kernel." that jupyter_client's shutdown causes: it interrupts the
+# kernel before asking it to shut down, and a kernel still handling a message logs that.
 KERNEL_ARGUMENTS = [
     "--IPKernelApp.log_level=ERROR",
     "--IPKernelApp.exec_lines=import warnings; "
-    "warnings.filterwarnings('ignore', message='IProgress not found')",
+    "warnings.filterwarnings('ignore', message='IProgress not found'); "
+    "get_ipython().kernel.log.addFilter("
+    "lambda r: 'KeyboardInterrupt caught in kernel' not in r.getMessage())",
 ]
 
 
@@ -368,17 +385,22 @@ def _execute_notebook(
     import papermill as pm
 
     executed = run.executed / stage.notebook
+    kernels: list = []  # the kernel manager papermill makes, so a signal can shut it down
     try:
         with _repo_importable():
-            pm.execute_notebook(
-                str(notebooks_dir / stage.notebook),
-                str(executed),
-                parameters=params,
-                kernel_name="python3",
-                cwd=str(REPO_ROOT),
-                progress_bar=False,
-                stdout_file=output,
-                extra_arguments=KERNEL_ARGUMENTS,
+            run_stoppable(
+                lambda: pm.execute_notebook(
+                    str(notebooks_dir / stage.notebook),
+                    str(executed),
+                    parameters=params,
+                    kernel_name="python3",
+                    cwd=str(REPO_ROOT),
+                    progress_bar=False,
+                    stdout_file=output,
+                    extra_arguments=KERNEL_ARGUMENTS,
+                    kernel_manager_class=tracked_kernel_manager(kernels),
+                ),
+                on_stop=lambda: shut_down_kernels(kernels),
             )
     except pm.PapermillExecutionError as err:
         raise PipelineError(
@@ -474,7 +496,19 @@ def run_pipeline(
     log: Callable[[str], None] = _say,
 ) -> list[str]:
     """Run every stage that is not complete, in order, then log the results block; names of the
-    stages that ran."""
+    stages that ran. Holds the work dir's lock throughout (WorkDirBusy when another run has it);
+    SIGINT / SIGTERM stop it with Stopped, its `stage` the stage that was stopped, unstamped."""
+    with work_dir_lock(run.work_dir), stop_on_signals():
+        return _run_stages(run, stages, notebooks_dir, force, log)
+
+
+def _run_stages(
+    run: Run,
+    stages: list[Stage],
+    notebooks_dir: Path,
+    force: bool,
+    log: Callable[[str], None],
+) -> list[str]:
     steps = plan(run, stages, force)
     check_notebooks(steps, notebooks_dir)
     ran, start, cpu = [], time.perf_counter(), cpu_seconds()
@@ -493,6 +527,9 @@ def run_pipeline(
                 run_stage(stage, run, notebooks_dir, clean=force, output=output)
         except PipelineError as err:
             raise PipelineError(f"{err}\n  after {time.perf_counter() - t0:.1f}s") from err
+        except Stopped as stop:
+            stop.stage = stage.name
+            raise
         wall_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - cpu0
         _record_duration(run, stage.name, wall_s, cpu_s)
         log(f"{head}: done in {wall_s:.1f}s (CPU {cpu_s:.1f}s)")
@@ -665,10 +702,22 @@ def main(argv: list[str] | None = None) -> int:
             args.weights_dir,
         )
         run_pipeline(run, notebooks_dir=args.notebooks_dir, force=args.force)
-    except PipelineError as err:
+    except (PipelineError, WorkDirBusy) as err:
         print(f"ERROR {err}", file=sys.stderr)
         return 1
+    except Stopped as stop:
+        print(stopped_message(stop, argv if argv is not None else sys.argv[1:]), file=sys.stderr)
+        return stop.exit_code
     return 0
+
+
+def stopped_message(stop: Stopped, argv: list[str]) -> str:
+    """One line: what the signal stopped and the command that resumes from there."""
+    where = f"stage {stop.stage}" if getattr(stop, "stage", None) else "the pipeline"
+    command = shlex.join(["python", "-m", "utils.pipeline", *argv])
+    return (
+        f"STOPPED by {stop.name}: {where} stopped and not marked done; `{command}` resumes from it"
+    )
 
 
 if __name__ == "__main__":

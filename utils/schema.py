@@ -7,8 +7,10 @@ spelling variant is never encoded as an unseen category.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -154,6 +156,62 @@ FEATURE_INPUT_COLUMNS: tuple[str, ...] = ID_COLUMNS + tuple(CATEGORIES) + NUMERI
 
 
 SCHEMAS = {"train": TRAIN_COLUMNS, "test": TEST_COLUMNS}
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """The values a numeric column can hold: finite, within [low, high] (`low_open`: > low)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+
+    def outside(self, col: str) -> pl.Expr:
+        """True where the finite value of `col` lies outside the range."""
+        below = pl.col(col) <= self.low if self.low_open else pl.col(col) < self.low
+        return below | (pl.col(col) > self.high)
+
+    def __str__(self) -> str:
+        low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+        return low if math.isinf(self.high) else f"{low} and <= {self.high:g}"
+
+
+AGE_YEARS = ValueRange(0, 120)
+# Sizes are > 0 and, generously, at most a metre (lengths) or a square metre (areas): the real
+# data's largest lesion is under 30 mm across, so 1e308 mm is a broken value, not a lesion.
+LENGTH_MM = ValueRange(0, 1_000, low_open=True)
+AREA_MM2 = ValueRange(0, 1_000_000, low_open=True)
+# What a lesion can have; every other numeric column (colours, coordinates, scores) may hold any
+# finite value. NaN or inf (text "NaN", "inf", or 1e400, which parses to inf) is never a value.
+VALUE_RANGES: dict[str, ValueRange] = {
+    "age_approx": AGE_YEARS,
+    "clin_size_long_diam_mm": LENGTH_MM,
+    "tbp_lv_minorAxisMM": LENGTH_MM,
+    "tbp_lv_perimeterMM": LENGTH_MM,
+    "tbp_lv_areaMM2": AREA_MM2,
+}
+NOT_FINITE = "NaN/inf"
+
+
+def coerce_impossible(df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, dict[str, int]]]:
+    """`df` with every numeric value a lesion cannot have made missing (null): NaN or inf in any
+    numeric column, a value outside VALUE_RANGES; and per column how many, by reason. Only those
+    cells change: a patient's other rows keep their values."""
+    counts: dict[str, dict[str, int]] = {}
+    exprs = []
+    for col in (c for c in NUMERIC_COLUMNS if c in df.columns):
+        if not df.schema[col].is_float():
+            continue
+        value_range = VALUE_RANGES.get(col, ValueRange())
+        not_finite = pl.col(col).is_nan() | pl.col(col).is_infinite()
+        outside = ~not_finite & value_range.outside(col)
+        found = df.select(not_finite.sum().alias("nf"), outside.sum().alias("out")).row(0)
+        reasons = {NOT_FINITE: found[0], f"outside {value_range}": found[1]}
+        reasons = {why: int(n) for why, n in reasons.items() if n}
+        if reasons:
+            counts[col] = reasons
+            exprs.append(pl.when(not_finite | outside).then(None).otherwise(pl.col(col)).alias(col))
+    return (df.with_columns(exprs) if exprs else df), counts
 
 
 class SchemaError(ValueError):

@@ -21,7 +21,6 @@ same without loading (size and zip structure), and `folds=` loads only the folds
 
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from utils.image.distributed import shard_bounds, workers_per_process
 from utils.image.models import ImageModel
 from utils.io import HDF5Images
 from utils.layout import CONFIG_FILE, fold_file
+from utils.manifest import verified_json
 from utils.settings import TrainConfig
 
 
@@ -209,11 +209,10 @@ def predict_on_devices(
 
 
 def load_config(model_dir: str | Path) -> TrainConfig:
-    """The TrainConfig saved in `model_dir`/config.json."""
-    path = Path(model_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in image model dir {model_dir}")
-    return TrainConfig(**json.loads(path.read_text())["config"])
+    """The TrainConfig saved in `model_dir`/config.json; when that file differs from the folder's
+    manifest, the one the manifest records (utils.manifest.verified_json: a damaged file is
+    never used)."""
+    return TrainConfig(**verified_json(model_dir, CONFIG_FILE)["config"])
 
 
 def checkpoint_problem(path: str | Path) -> str | None:

@@ -32,7 +32,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from utils.folds import with_folds
-from utils.io import DataDir
+from utils.io import TRAIN_METADATA, DataDir, coerced_values
 from utils.labels import reference_filter_mask
 from utils.layout import CV_REPORT_FILE, ENSEMBLE_FILE, FEATURES_FILE, GBDT_DIR, OOF_FILE
 from utils.manifest import (
@@ -296,6 +296,7 @@ def run_gbdt_stage(
         "recipe": cfg.recipe,
         "blend": blend,
         "filtered": filtered_report(result, data.filtered, trainable is not None),
+        "coerced_values": coerced_values(DataDir(data_dir).path(TRAIN_METADATA)),
     }
     importance = feature_importance(result)
     out = Path(output_dir) / GBDT_DIR

@@ -20,6 +20,7 @@ import pytest
 from requests import HTTPError
 
 from utils.kaggle import build as kb
+from utils.kaggle import limits as kl
 from utils.kaggle import run as kr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,11 +48,25 @@ def http_error(code: int) -> HTTPError:
     return HTTPError(f"{code} Server Error", response=response)
 
 
+MOUNT_RACE_LOG = (
+    "FileNotFoundError: Kaggle input 'fusionnetx-timm-weights' (not mounted) has no "
+    "'vit_tiny.pth' under /kaggle/input; mounted inputs: ['isic-2024-challenge']"
+)
+
+
 class FakeKaggle:
     """Kaggle as the workflow sees it, recording every call. A kernel version is queued, then
     running, then complete (or `error` when its kernel is in fail_kernels); an upload is
     'pending' for one check, then ready. Each push remembers which dataset versions were ready
-    then: what Kaggle would mount, to check nothing runs against stale inputs."""
+    then: what Kaggle would mount, to check nothing runs against stale inputs.
+
+    Kaggle's limits, off by default: `gpu_cap` refuses a GPU push while that many GPU sessions
+    run (`other_gpu_sessions` of them started by hand, ending after `other_gpu_until` s);
+    `forbid_unready` answers 403 for a dataset still processing (the adapter turns a 403 from
+    dataset_version into None, as for a missing one) and `status_403` 403s kernel status checks;
+    `dataset_outages` 503s dataset status checks; `mount_race` fails the first version of those
+    kernels as input_path does when a dataset is not mounted yet. `gpu_seconds` is the GPU
+    session time Kaggle would charge (push to end)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -66,6 +81,17 @@ class FakeKaggle:
         self.never_finish: set[str] = set()
         self.status_outages = 0
         self.now, self.sleeps = 0.0, []
+        self.gpu_cap: int | None = None
+        self.other_gpu_sessions, self.other_gpu_until = 0, 0.0
+        self.forbid_unready = False
+        self.status_403 = 0
+        self.dataset_outages = 0
+        self.mount_race: set[str] = set()
+        self.processing_checks: dict[str, int] = {}
+        self.gpu_started: dict[tuple[str, int], float] = {}
+        self.gpu_seconds = 0.0
+        self.most_gpu_sessions = 0
+        self.refusals = 0
 
     # the clock the runner polls with
     def sleep(self, seconds: float) -> None:
@@ -80,9 +106,18 @@ class FakeKaggle:
             raise http_error(503)
 
     # the KaggleClient protocol
+    def gpu_sessions(self) -> int:
+        others = self.other_gpu_sessions if self.now < self.other_gpu_until else 0
+        return len(self.gpu_started) + others
+
     def push_kernel(self, folder: Path) -> int:
         meta = json.loads((folder / kb.KERNEL_METADATA).read_text())
         ref = meta["id"]
+        capped = self.gpu_cap is not None and self.gpu_sessions() >= self.gpu_cap
+        if meta["enable_gpu"] and capped:
+            self.refusals += 1
+            self.calls.append(("refused", folder.name, self.kernels.get(ref, 0) + 1))
+            raise kl.SessionCapReached("Maximum number of concurrent GPU sessions reached")
         self.kernels[ref] = self.kernels.get(ref, 0) + 1
         self.kernel_of[ref] = folder.name
         sources = {}
@@ -92,6 +127,9 @@ class FakeKaggle:
             if data is not None and not data["ready"]:
                 sources[source] = f"v{data['version']} still processing"
         self.mounted[(ref, self.kernels[ref])] = sources
+        if meta["enable_gpu"]:
+            self.gpu_started[(ref, self.kernels[ref])] = self.now
+            self.most_gpu_sessions = max(self.most_gpu_sessions, self.gpu_sessions())
         self.calls.append(("push", folder.name, self.kernels[ref]))
         return self.kernels[ref]
 
@@ -99,6 +137,9 @@ class FakeKaggle:
         if self.status_outages:
             self.status_outages -= 1
             raise http_error(503)
+        if self.status_403:
+            self.status_403 -= 1
+            raise http_error(403)
         self.checks[(ref, version)] += 1
         kernel = self.kernel_of[ref]
         self.calls.append(("status", kernel, version))
@@ -107,9 +148,12 @@ class FakeKaggle:
         seen = self.checks[(ref, version)]
         if seen < 3:
             return ("queued", "running")[seen - 1], ""
-        if kernel in self.fail_kernels:
-            return "error", "Notebook failed: see log"
-        return "complete", ""
+        status, message = "complete", ""
+        if kernel in self.fail_kernels or (kernel in self.mount_race and version == 1):
+            status, message = "error", "Notebook failed: see log"
+        if (ref, version) in self.gpu_started:
+            self.gpu_seconds += self.now - self.gpu_started.pop((ref, version))
+        return status, message
 
     def kernel_output(self, ref: str, version: int, path: Path) -> list[str]:
         kernel = self.kernel_of[ref]
@@ -126,18 +170,32 @@ class FakeKaggle:
 
     def kernel_log(self, ref: str, version: int) -> str:
         self.calls.append(("log", self.kernel_of[ref], version))
+        if self.kernel_of[ref] in self.mount_race and version == 1:
+            return json.dumps([{"stream_name": "stderr", "time": 1.0, "data": MOUNT_RACE_LOG}])
         return json.dumps(KAGGLE_LOG)
 
     def dataset_version(self, ref: str) -> int | None:
         data = self.datasets.get(ref)
+        if data is not None and self.forbid_unready and not data["ready"]:
+            return None  # Kaggle's 403, as the adapter reports it
         return None if data is None else data["version"]
 
     def dataset_status(self, ref: str) -> str:
-        data = self.datasets[ref]
+        if self.dataset_outages:
+            self.dataset_outages -= 1
+            raise http_error(503)
+        data = self.datasets.get(ref)
+        if data is None:
+            raise http_error(403 if self.forbid_unready else 404)
         if ref.split("/")[1] in self.fail_datasets:
             return "failed"
         if not data["ready"]:
-            data["ready"] = True
+            left = self.processing_checks.get(ref.split("/")[1], 1)
+            self.processing_checks[ref.split("/")[1]] = left - 1
+            if left <= 1:
+                data["ready"] = True
+            if self.forbid_unready:
+                raise http_error(403)
             return "pending"
         return "ready"
 
@@ -258,9 +316,11 @@ def test_full_run_makes_every_call_in_order_and_records_it(tmp_path, weights_dir
     assert stopped is None, stopped
     assert fake.actions() == FULL_RUN
     assert_no_stale_push(fake)
-    # the four image kernels run at the same time: all pushed before the first status check
+    # two image kernels run at once (Kaggle's GPU session cap), the other two when those end
     first_status = next(i for i, c in enumerate(fake.calls) if c[0] == "status")
-    assert [c[0] for c in fake.calls[:first_status]] == ["create"] + ["push"] * 4
+    assert [c[0] for c in fake.calls[:first_status]] == ["create"] + ["push"] * 2
+    pushes = [i for i, c in enumerate(fake.calls) if c[:2] == ("push", kr.IMAGE_KERNELS[2])]
+    assert fake.calls[pushes[0] - 1][0] == "output"  # after a running one was collected
     # back-off: 30 s for the weights upload, then 30 s doubling while the kernels are queued
     assert fake.sleeps[:3] == [30.0, 30.0, 60.0]
     assert max(fake.sleeps) <= kr.POLL_MAX_S
@@ -353,19 +413,19 @@ def test_a_failure_stops_the_run_and_a_rerun_resumes_it(tmp_path, weights_dir, s
 
 def test_kernels_still_running_at_a_failure_are_awaited_not_pushed_again(tmp_path, weights_dir):
     fake = FakeKaggle()
-    fake.fail_kernels.add("01_image_vit_tiny")
-    stopped, _ = run(tmp_path, fake, weights_dir)
-    assert "01_image_vit_tiny" in stopped
+    fake.fail_kernels.add("01_image_vit_tiny_suspicious")
+    stopped, _ = run(tmp_path, fake, weights_dir, gpu_sessions=4)
+    assert "01_image_vit_tiny_suspicious" in stopped
     statuses = state_of(tmp_path)["kernels"]
     assert statuses["01_image_convnextv2_nano"]["status"] == "complete"
-    assert statuses["01_image_vit_tiny_suspicious"]["status"] == "running"
+    assert statuses["01_image_vit_small_suspicious"]["status"] == "running"
     fake.fail_kernels.clear()
     calls_before = len(fake.calls)
     run(tmp_path, fake, weights_dir)
     pushed = [
         c[1] for c in fake.calls[calls_before:] if c[0] == "push" and c[1] in kr.IMAGE_KERNELS
     ]
-    assert pushed == ["01_image_vit_tiny"]
+    assert pushed == ["01_image_vit_tiny_suspicious"]
     downloads = [c for c in fake.calls if c[0] == "output" and c[1] in kr.IMAGE_KERNELS]
     assert sorted(c[1] for c in downloads) == sorted(kr.IMAGE_KERNELS)  # each once
 
@@ -839,5 +899,5 @@ def test_ctrl_c_keeps_the_state_and_prints_the_resume_command(tmp_path, capsys):
     assert code == 130
     assert "resume with:\n  python -m utils.kaggle.run --owner alice" in capsys.readouterr().err
     pushed = state_of(tmp_path)["kernels"]
-    assert sorted(pushed) == sorted(kr.IMAGE_KERNELS)
+    assert sorted(pushed) == sorted(kr.IMAGE_KERNELS[:2])  # the GPU session cap: two at once
     assert {r["status"] for r in pushed.values()} == {"pushed"}

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from utils.kaggle import build as kb
+from utils.kaggle import limits as kl
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
 DEFAULT_WEIGHTS_DIR = Path("weights")
@@ -98,6 +99,19 @@ DATASET_STEP = {step.dataset: step.name for step in STEPS if step.dataset}
 KERNEL_STEP = {kernel: step.name for step in STEPS for kernel in step.kernels}
 
 
+@dataclass(frozen=True)
+class Queued:
+    """A kernel to push once a GPU session is free."""
+
+    kernel: str
+    folder: Path
+    ref: str
+    against: dict[str, int]
+    why: str
+    notebook: str
+    mount_retry: bool = False
+
+
 class RunStopped(Exception):
     """The run cannot go on; the message says why and how to resume."""
 
@@ -140,8 +154,11 @@ class KaggleApiClient:
     def push_kernel(self, folder: Path) -> int:
         """`kaggle kernels push -p folder`: the new version number."""
         response = self.api.kernels_push(str(folder))
+        error = getattr(response, "error", "no response") if response is not None else "no reply"
         if response is None or response.error:
-            raise RunStopped(f"push {folder}: {getattr(response, 'error', 'no response')}")
+            if kl.is_cap_refusal(str(error)):
+                raise kl.SessionCapReached(f"push {folder}: {error}")
+            raise RunStopped(f"push {folder}: {error}")
         invalid = [*response.invalid_dataset_sources, *response.invalid_competition_sources]
         if invalid:
             raise RunStopped(f"push {folder}: Kaggle rejected sources {invalid}")
@@ -162,13 +179,15 @@ class KaggleApiClient:
         return self.api.kernels_logs(f"{ref}/{version}")
 
     def dataset_version(self, ref: str) -> int | None:
-        """Current version number of a dataset, None when it does not exist."""
+        """Current version number of a dataset, None when it does not exist (Kaggle answers 403,
+        not 404, for a dataset that is not there or not visible yet: the Runner's upload record
+        tells a dataset being created from a missing one)."""
         from requests import HTTPError
 
         try:
             payload = self.api.dataset_status(ref, format="json(current_version_number)")
         except HTTPError as err:
-            if err.response is not None and err.response.status_code == 404:
+            if kl.http_status(err) in (403, 404):
                 return None
             raise
         return int(json.loads(payload)["current_version_number"])
@@ -348,6 +367,8 @@ class Options:
     only: str | None = None
     timeout_h: float = DEFAULT_TIMEOUT_H
     message: str = "FusionNetX"
+    gpu_sessions: int = kl.DEFAULT_GPU_SESSIONS
+    gpu_hours: float = kl.DEFAULT_GPU_HOURS
     resume_args: list[str] = field(default_factory=list)
 
     def resume_command(self) -> str:
@@ -369,6 +390,8 @@ class Runner:
     ) -> None:
         self.opts, self.plan, self.sleep, self.clock, self.out = opts, plan, sleep, clock, say
         self.failed_checks = 0
+        self.gpu: dict[str, bool] = {}  # kernel -> runs on the GPU image
+        self.pushed_at: dict[str, float] = {}  # kernel -> clock() at its push in this run
         self.state_path = opts.work_dir / STATE_FILE
         state = load_state(self.state_path, opts.owner)
         self.state = copy.deepcopy(state) if plan else state
@@ -445,8 +468,10 @@ class Runner:
     # ------------------------------------------------------------ kernels
 
     def kernel_step(self, step: Step, forced: bool) -> None:
-        """Push what is stale, wait for what is running, collect what completed."""
+        """Push what is stale (GPU kernels at most --gpu-sessions at once, the rest queued),
+        wait for what is running, collect what completed."""
         pending: dict[str, dict[str, Any]] = {}
+        queued: list[Queued] = []
         for kernel in step.kernels:
             folder = self.build_dir / kernel
             meta = kb.read_json(folder / kb.KERNEL_METADATA)
@@ -454,6 +479,7 @@ class Runner:
             record = self.state["kernels"].get(kernel)
             reason = push_reason(record, meta["id"], against, forced)
             notebook = code_digest(folder / meta["code_file"])
+            self.gpu[kernel] = bool(meta.get("enable_gpu"))
             if reason is None and record["status"] == COMPLETE and "outputs" in record:
                 self.say(step.name, f"{kernel}: v{record['version']} complete, inputs unchanged")
                 if record.get("code_sha256") != notebook:
@@ -461,13 +487,11 @@ class Runner:
                 continue
             if reason is None:
                 self.say(step.name, f"{kernel}: v{record['version']} {record['status']}, waiting")
+                pending[kernel] = record
             else:
-                record = self.push(step, kernel, folder, meta["id"], against, reason)
-                record["code_sha256"] = notebook
-                self.save()
-            pending[kernel] = record
-        if pending:
-            self.wait_kernels(step, pending)
+                queued.append(Queued(kernel, folder, meta["id"], against, reason, notebook))
+        if pending or queued:
+            self.wait_kernels(step, pending, queued)
 
     def inputs_of(self, kernel: str, meta: dict[str, Any]) -> dict[str, int]:
         """Dataset slug -> the recorded version a push of this kernel would run against."""
@@ -494,15 +518,41 @@ class Runner:
         self.state["kernels"][kernel] = record
         return record
 
-    def wait_kernels(self, step: Step, pending: dict[str, dict[str, Any]]) -> None:
+    def gpu_busy(self, pending: dict[str, dict[str, Any]]) -> int:
+        """GPU sessions this run holds: its GPU kernels pushed and not ended."""
+        return sum(self.gpu.get(kernel, False) for kernel in pending)
+
+    def push_queued(
+        self, step: Step, pending: dict[str, dict[str, Any]], queued: list[Queued]
+    ) -> None:
+        """Push queued kernels in order while a GPU session is free; a cap refusal is a wait."""
+        while queued:
+            item = queued[0]
+            if self.gpu[item.kernel] and self.gpu_busy(pending) >= self.opts.gpu_sessions:
+                return
+            try:
+                record = self.push(step, item.kernel, item.folder, item.ref, item.against, item.why)
+            except kl.SessionCapReached as err:
+                self.say(step.name, f"  {item.kernel}: Kaggle's GPU session cap ({err}); waiting")
+                return
+            record["code_sha256"] = item.notebook
+            if item.mount_retry:
+                record["mount_retry"] = True
+            self.save()
+            self.pushed_at[item.kernel] = self.clock()
+            pending[item.kernel] = record
+            queued.pop(0)
+
+    def wait_kernels(
+        self, step: Step, pending: dict[str, dict[str, Any]], queued: list[Queued]
+    ) -> None:
         """Poll with back-off until each completes (collect it) or one fails or times out."""
         if self.plan:
-            for kernel, record in pending.items():
-                self.say(step.name, f"  wait for {kernel} v{record['version']}, then download")
-                record.update(status=COMPLETE, outputs={"planned": record["version"]})
+            self.plan_kernels(step, pending, queued)
             return
         start, delay = self.clock(), POLL_FIRST_S
         while True:
+            self.push_queued(step, pending, queued)
             elapsed = _duration(self.clock() - start)
             for kernel, record in list(pending.items()):
                 answer = self.check(step, kernel, record)
@@ -511,31 +561,90 @@ class Runner:
                 status, message = answer
                 self.say(step.name, f"  {kernel} v{record['version']}: {status} after {elapsed}")
                 record["status"] = status
+                if status == COMPLETE or status in FAILED:
+                    self.account_gpu(kernel)
                 self.save()
                 if status == COMPLETE:
                     self.collect(step, kernel, record)
                     del pending[kernel]
                 elif status in FAILED:
-                    raise RunStopped(self.failure_text(kernel, record, message))
-            if not pending:
+                    del pending[kernel]
+                    self.after_failure(step, kernel, record, message, queued)
+            if not pending and not queued:
                 return
             if self.clock() - start >= self.opts.timeout_h * 3600:
-                names = ", ".join(
-                    f"{k} v{r['version']} ({r['status']})" for k, r in pending.items()
+                self.timed_out(pending, queued)
+            if pending:
+                self.sleep(delay)
+                delay = min(2 * delay, POLL_MAX_S)
+
+    def plan_kernels(
+        self, step: Step, pending: dict[str, dict[str, Any]], queued: list[Queued]
+    ) -> None:
+        """The plan: what is pushed at once, what waits for a GPU session, then the download."""
+        for kernel, record in pending.items():
+            self.say(step.name, f"  wait for {kernel} v{record['version']}, then download")
+            record.update(status=COMPLETE, outputs={"planned": record["version"]})
+        running: list[str] = []
+        for item in queued:
+            if self.gpu[item.kernel] and len(running) >= self.opts.gpu_sessions:
+                ends = running.pop(0)
+                self.say(
+                    step.name,
+                    f"queue {item.kernel}: {self.opts.gpu_sessions} GPU sessions busy "
+                    f"(--gpu-sessions), pushed when {ends} ends",
                 )
-                raise RunStopped(
-                    f"timed out after {self.opts.timeout_h:g} h waiting for {names}; "
-                    "they may still be running on Kaggle: resuming waits for them again"
-                    + "".join(f"\n{self.tail_text(r)}" for r in pending.values())
-                )
-            self.sleep(delay)
-            delay = min(2 * delay, POLL_MAX_S)
+            record = self.push(step, item.kernel, item.folder, item.ref, item.against, item.why)
+            running += [item.kernel] if self.gpu[item.kernel] else []
+            self.say(step.name, f"  wait for {item.kernel} v{record['version']}, then download")
+            record.update(status=COMPLETE, outputs={"planned": record["version"]})
+
+    def timed_out(self, pending: dict[str, dict[str, Any]], queued: list[Queued]) -> None:
+        """Stop after --timeout-h: name what is still running and what never got a session."""
+        names = ", ".join(f"{k} v{r['version']} ({r['status']})" for k, r in pending.items())
+        names += "".join(f", {q.kernel} (queued, not pushed)" for q in queued)
+        raise RunStopped(
+            f"timed out after {self.opts.timeout_h:g} h waiting for {names.lstrip(', ')}; "
+            "they may still be running on Kaggle: resuming waits for them again"
+            + "".join(f"\n{self.tail_text(r)}" for r in pending.values())
+        )
+
+    def after_failure(
+        self,
+        step: Step,
+        kernel: str,
+        record: dict[str, Any],
+        message: str,
+        queued: list[Queued],
+    ) -> None:
+        """A failed kernel: pushed again once when an input was not mounted yet, else stop."""
+        log = self.client.kernel_log(record["ref"], record["version"])
+        if kl.is_mount_race(f"{message}\n{log_tail(log)}") and not record.get("mount_retry"):
+            self.say(step.name, f"  {kernel}: an input was not mounted yet; pushing it once more")
+            folder = self.build_dir / kernel
+            notebook = record.get("code_sha256", "")
+            why = f"an input was not mounted in v{record['version']}"
+            retry = Queued(kernel, folder, record["ref"], record["against"], why, notebook, True)
+            queued.insert(0, retry)
+            return
+        raise RunStopped(self.failure_text(kernel, record, message))
+
+    def account_gpu(self, kernel: str) -> None:
+        """Add a GPU kernel's session time (push to end, as seen from here) to the state."""
+        if not self.gpu.get(kernel) or kernel not in self.pushed_at:
+            return
+        spent = self.state.setdefault("gpu_seconds", {})
+        spent[kernel] = spent.get(kernel, 0.0) + self.clock() - self.pushed_at.pop(kernel)
 
     def check(self, step: Step, kernel: str, record: dict[str, Any]) -> tuple[str, str] | None:
-        """kernel_status, or None after a network error (raised once it keeps happening)."""
+        """kernel_status, or None after a network error (raised once it keeps happening) or a
+        403 (a version Kaggle does not show yet: pending)."""
         try:
             answer = self.client.kernel_status(record["ref"], record["version"])
         except OSError as err:
+            if kl.http_status(err) == 403:
+                self.say(step.name, f"  {kernel} v{record['version']}: not visible yet (403)")
+                return None
             self.failed_checks += 1
             if self.failed_checks >= MAX_FAILED_CHECKS:
                 raise
@@ -578,27 +687,52 @@ class Runner:
     # ------------------------------------------------------------ datasets
 
     def dataset_step(self, step: Step, forced: bool) -> None:
-        """Create the dataset, or version it when its content changed; wait until it is ready."""
+        """Create the dataset, or version it when its content changed; wait until it is ready.
+        An upload this run made and never saw ready (Kaggle answers 403 while it processes) is
+        waited for, not uploaded again."""
         slug = step.dataset
         ref = f"{self.opts.owner}/{slug}"
         record = self.state["datasets"].get(slug)
         content = self.dataset_content(slug)
+        uploads = self.state.setdefault("uploads", {})
+        upload = uploads.get(slug)
         current = self.client.dataset_version(ref)
-        if slug == kb.WEIGHTS_DATASET and current is not None and not forced:
+        if upload and upload["digest"] == digest_of(content) and not forced:
+            self.say(step.name, f"{ref}: the upload of {upload['at']} is still processing")
+        elif slug == kb.WEIGHTS_DATASET and current is not None and not forced:
             if record is None or record["version"] != current:
                 self.say(step.name, f"{ref} exists on Kaggle (v{current}): using it")
             else:
                 self.say(step.name, f"{ref} v{current} is up to date")
-            self.state["datasets"][slug] = {"ref": ref, "version": current, "digest": None}
+            version = self.wait_dataset(step, ref)
+            self.state["datasets"][slug] = {"ref": ref, "version": version, "digest": None}
             return
-        if record and current is not None and record["digest"] == digest_of(content) and not forced:
-            if current != record["version"]:
-                self.say(
-                    step.name, f"{ref}: v{record['version']} -> v{current} (changed on Kaggle)"
-                )
-                record["version"] = current
-            self.say(step.name, f"{ref} v{current} is up to date")
-            return
+        elif record and current is not None and record["digest"] == digest_of(content):
+            if not forced:
+                if current != record["version"]:
+                    self.say(
+                        step.name, f"{ref}: v{record['version']} -> v{current} (changed on Kaggle)"
+                    )
+                    record["version"] = current
+                self.say(step.name, f"{ref} v{current} is up to date")
+                return
+            self.upload(step, ref, slug, current, content)
+        else:
+            self.upload(step, ref, slug, current, content)
+        version = self.wait_dataset(step, ref)
+        self.state["datasets"][slug] = {
+            "ref": ref,
+            "version": version,
+            "digest": digest_of(content),
+        }
+        uploads.pop(slug, None)
+        self.save()
+        self.say(step.name, f"{ref} v{version} ready")
+
+    def upload(
+        self, step: Step, ref: str, slug: str, current: int | None, content: dict[str, Any]
+    ) -> None:
+        """Create (no version yet) or version the dataset; record the upload before waiting."""
         folder = self.dataset_folder(slug)
         if current is None:
             self.client.create_dataset(folder)
@@ -606,14 +740,8 @@ class Runner:
         else:
             self.client.version_dataset(folder, f"{self.opts.message}: new {slug} outputs")
             self.say(step.name, f"version {ref} (was v{current}) from {folder}")
-        version = self.wait_dataset(step, ref)
-        self.state["datasets"][slug] = {
-            "ref": ref,
-            "version": version,
-            "digest": digest_of(content),
-        }
+        self.state.setdefault("uploads", {})[slug] = {"digest": digest_of(content), "at": _now()}
         self.save()
-        self.say(step.name, f"{ref} v{version} ready")
 
     def dataset_content(self, slug: str) -> dict[str, Any]:
         """What a dataset would hold: the output checksums of the kernels that produce it."""
@@ -653,19 +781,42 @@ class Runner:
         return kb.build_dataset(slug, source, out, self.opts.owner)
 
     def wait_dataset(self, step: Step, ref: str) -> int:
-        """Poll until Kaggle has processed the upload; its version number."""
+        """Poll until Kaggle has processed the upload; its version number. A 403 means still
+        processing; a dropped connection or a 5xx is asked again with back-off."""
         start, delay = self.clock(), POLL_FIRST_S
         while True:
-            status = self.client.dataset_status(ref)
-            if status == "ready":
-                return int(self.client.dataset_version(ref))
+            status = self.dataset_state(step, ref)
+            version = self.dataset_version_now(step, ref) if status == "ready" else None
+            if version is not None:
+                return version
             self.say(step.name, f"  {ref}: {status} after {_duration(self.clock() - start)}")
             if status in ("failed", "deleted"):
+                self.state.get("uploads", {}).pop(kb.split_ref(ref)[1], None)
+                self.save()  # the resume uploads it again
                 raise RunStopped(f"Kaggle could not process {ref}: status {status}")
             if self.clock() - start >= self.opts.timeout_h * 3600:
                 raise RunStopped(f"timed out waiting for {ref} to become ready ({status})")
             self.sleep(delay)
             delay = min(2 * delay, POLL_MAX_S)
+
+    def dataset_state(self, step: Step, ref: str) -> str:
+        """dataset_status, 'pending (403)' while Kaggle does not show it yet."""
+        say = lambda text: self.say(step.name, text)  # noqa: E731
+        try:
+            return kl.retry_transient(
+                lambda: self.client.dataset_status(ref), f"{ref} status", self.sleep, say
+            )
+        except OSError as err:
+            if kl.http_status(err) == 403:
+                return "pending (403)"
+            raise
+
+    def dataset_version_now(self, step: Step, ref: str) -> int | None:
+        """The ready dataset's version (None while it still answers 403)."""
+        say = lambda text: self.say(step.name, text)  # noqa: E731
+        return kl.retry_transient(
+            lambda: self.client.dataset_version(ref), f"{ref} version", self.sleep, say
+        )
 
     # ------------------------------------------------------------ submit
 
@@ -742,6 +893,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the plan; no network")
     parser.add_argument("--timeout-h", type=float, default=DEFAULT_TIMEOUT_H, help="per kernel")
     parser.add_argument("--message", default="FusionNetX", help="submission / version note")
+    parser.add_argument(
+        "--gpu-sessions",
+        type=int,
+        default=kl.DEFAULT_GPU_SESSIONS,
+        help="GPU kernels running at once (Kaggle's per-account cap); the rest are queued",
+    )
+    parser.add_argument(
+        "--gpu-hours",
+        type=float,
+        default=kl.DEFAULT_GPU_HOURS,
+        help="refuse the image step when its projected GPU-hours exceed this (weekly quota)",
+    )
     return parser.parse_args(argv)
 
 
@@ -757,6 +920,10 @@ def options_from(args: argparse.Namespace) -> Options:
         resume += ["--timeout-h", f"{args.timeout_h:g}"]
     if args.message != "FusionNetX":
         resume += ["--message", args.message]
+    if args.gpu_sessions != kl.DEFAULT_GPU_SESSIONS:
+        resume += ["--gpu-sessions", str(args.gpu_sessions)]
+    if args.gpu_hours != kl.DEFAULT_GPU_HOURS:
+        resume += ["--gpu-hours", f"{args.gpu_hours:g}"]
     resume += [flag for flag, on in (("--tune", args.tune), ("--submit", args.submit)) if on]
     return Options(
         owner=owner,
@@ -768,6 +935,8 @@ def options_from(args: argparse.Namespace) -> Options:
         only=args.only,
         timeout_h=args.timeout_h,
         message=args.message,
+        gpu_sessions=args.gpu_sessions,
+        gpu_hours=args.gpu_hours,
         resume_args=resume,
     )
 
@@ -779,9 +948,10 @@ def main(argv: list[str] | None = None, client: KaggleClient | None = None) -> i
     try:
         opts = options_from(args)
         if not args.dry_run and client is None:
+            kl.check_client_version()
             client = KaggleApiClient()
         Runner(client, opts, plan=args.dry_run).run()
-    except (RunStopped, kb.KaggleBuildError) as err:
+    except (RunStopped, kb.KaggleBuildError, kl.ClientVersionError) as err:
         print(err, file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,198 @@
+"""Kaggle's limits in utils.kaggle.run: the GPU session cap, 403 answers, a dataset still
+processing, the mount race, transient errors and the client version, each driven through the
+workflow against the fake Kaggle of test_kaggle_run to a submission."""
+
+from __future__ import annotations
+
+import pytest
+import test_kaggle_run as base
+from test_kaggle_run import (
+    OWNER,
+    FakeKaggle,
+    RecordingApi,
+    assert_no_stale_push,
+    dry_run,
+    http_error,
+    run,
+    state_of,
+)
+
+from utils.kaggle import build as kb
+from utils.kaggle import limits as kl
+from utils.kaggle import run as kr
+
+# the fixtures of test_kaggle_run: the kernels built once, local weights, no network
+build_once, weights_dir, offline = base.build_once, base.weights_dir, base.offline
+
+
+def test_the_workflow_reaches_a_submission_through_every_limit_at_once(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.gpu_cap = 2
+    fake.other_gpu_sessions, fake.other_gpu_until = 1, 200.0  # a session started by hand
+    fake.forbid_unready = True  # 403 for a missing dataset and for one still processing
+    fake.status_403 = 2
+    fake.dataset_outages = 1
+    fake.mount_race.add("01_image_vit_tiny")
+    stopped, lines = run(tmp_path, fake, weights_dir, tune=True, submit=True)
+    assert stopped is None, stopped
+    assert fake.actions(("submit",)) == [("submit", f"{OWNER}/fusionnetx-isic2024-submission", 1)]
+    assert fake.most_gpu_sessions <= 2 and fake.refusals >= 1  # refused while 2 ran
+    assert any("Kaggle's GPU session cap" in line for line in lines)
+    assert_no_stale_push(fake)  # nothing pushed against a dataset still processing
+    creates = fake.actions(("create",))
+    assert sorted(c[1] for c in creates) == sorted(kb.DATASET_CONTENTS)  # each created once
+    assert fake.actions(("version",)) == []
+    pushes = [c for c in fake.actions(("push",)) if c[1] == "01_image_vit_tiny"]
+    assert pushes == [("push", "01_image_vit_tiny", 1), ("push", "01_image_vit_tiny", 2)]
+    state = state_of(tmp_path)
+    assert state["kernels"]["01_image_vit_tiny"]["mount_retry"] is True
+    assert not state["uploads"]
+    # GPU-hours: what the state records is what Kaggle charged, the mount race's session included
+    spent = sum(state["gpu_seconds"].values())
+    assert spent == pytest.approx(fake.gpu_seconds) and spent > 0
+    assert set(state["gpu_seconds"]) == {*kr.IMAGE_KERNELS, kb.SUBMISSION_KERNEL}
+
+
+def test_gpu_kernels_are_queued_under_the_cap_and_cpu_kernels_are_not(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.gpu_cap = 1
+    stopped, _ = run(tmp_path, fake, weights_dir, gpu_sessions=1)
+    assert stopped is None, stopped
+    assert fake.most_gpu_sessions == 1 and fake.refusals == 0
+    order = [c[1] for c in fake.calls if c[0] in ("push", "output") and c[1] in kr.IMAGE_KERNELS]
+    assert order == [k for kernel in kr.IMAGE_KERNELS for k in (kernel, kernel)]
+
+
+def test_a_mount_race_is_pushed_again_once_then_stops(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.mount_race.add("03_gbdt")
+    fake.fail_kernels.add("03_gbdt")  # the second version fails too
+    stopped, _ = run(tmp_path, fake, weights_dir)
+    assert "STOPPED at step 'gbdt'" in stopped and "ended with status error" in stopped
+    assert [c for c in fake.actions(("push",)) if c[1] == "03_gbdt"] == [
+        ("push", "03_gbdt", 1),
+        ("push", "03_gbdt", 2),
+    ]
+
+
+def test_an_upload_still_processing_is_waited_for_not_uploaded_again(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.forbid_unready = True
+    fake.processing_checks[kb.IMAGE_DATASET] = 10_000
+    stopped, _ = run(tmp_path, fake, weights_dir, timeout_h=1.0)
+    assert "timed out waiting for" in stopped and kb.IMAGE_DATASET in stopped
+    assert state_of(tmp_path)["uploads"][kb.IMAGE_DATASET]["digest"]
+    fake.processing_checks[kb.IMAGE_DATASET] = 1
+    stopped, lines = run(tmp_path, fake, weights_dir)
+    assert stopped is None, stopped  # FakeKaggle.create_dataset asserts no second create
+    assert any("is still processing" in line for line in lines)
+    assert fake.actions(("create",)).count(("create", kb.IMAGE_DATASET, 1)) == 1
+    assert_no_stale_push(fake)
+
+
+def test_an_existing_dataset_still_processing_is_waited_for(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.datasets[f"{OWNER}/{kb.WEIGHTS_DATASET}"] = {"version": 3, "ready": False}
+    fake.processing_checks[kb.WEIGHTS_DATASET] = 3
+    stopped, _ = run(tmp_path, fake, weights_dir)
+    assert stopped is None, stopped
+    assert fake.actions()[0] == ("push", kr.IMAGE_KERNELS[0], 1)
+    assert_no_stale_push(fake)  # the image kernels were pushed only once v3 was ready
+
+
+def test_a_failed_upload_is_uploaded_again_on_resume(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.fail_datasets.add(kb.GBDT_DATASET)
+    stopped, _ = run(tmp_path, fake, weights_dir)
+    assert "could not process" in stopped
+    fake.fail_datasets.clear()
+    assert run(tmp_path, fake, weights_dir)[0] is None
+    assert ("version", kb.GBDT_DATASET, 2) in fake.actions()
+
+
+def test_transient_dataset_errors_are_retried_with_back_off(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.dataset_outages = 2
+    stopped, lines = run(tmp_path, fake, weights_dir, only="weights")
+    assert stopped is None, stopped
+    assert sum("status failed (503 Server Error); retrying in" in line for line in lines) == 2
+    assert fake.sleeps[:2] == [kl.TRANSIENT_FIRST_S, 2 * kl.TRANSIENT_FIRST_S]
+
+
+def test_retry_transient_gives_up_and_never_retries_a_client_error():
+    sleeps, said = [], []
+    answers = iter([http_error(502), http_error(503), "ready"])
+
+    def flaky():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert kl.retry_transient(flaky, "x", sleeps.append, said.append) == "ready"
+    assert sleeps == [15.0, 30.0] and len(said) == 2
+
+    def forbidden():
+        raise http_error(401)
+
+    with pytest.raises(OSError, match="401"):
+        kl.retry_transient(forbidden, "x", sleeps.append, said.append)
+    assert len(sleeps) == 2
+
+    def down():
+        raise ConnectionError("dropped")
+
+    with pytest.raises(ConnectionError):
+        kl.retry_transient(down, "x", sleeps.append, said.append, retries=2)
+    assert sleeps[2:] == [15.0, 30.0]
+
+
+def test_the_adapter_reads_a_cap_refusal_and_a_403(tmp_path):
+    api = RecordingApi()
+    api.answer_kernels_push = lambda folder, **kw: type(
+        "R", (), {"error": "Maximum number of concurrent GPU sessions reached"}
+    )()
+
+    def forbidden(dataset, format=None):
+        raise http_error(403)
+
+    api.answer_dataset_status = forbidden
+    client = kr.KaggleApiClient(api)
+    with pytest.raises(kl.SessionCapReached, match="concurrent GPU sessions"):
+        client.push_kernel(tmp_path)
+    assert client.dataset_version(f"{OWNER}/{kb.WEIGHTS_DATASET}") is None
+    with pytest.raises(OSError, match="403"):
+        client.dataset_status(f"{OWNER}/{kb.WEIGHTS_DATASET}")
+
+
+@pytest.mark.parametrize("old", ["1.6.17", "1.7.4.5", "2.2.4", None])
+def test_an_old_kaggle_client_is_refused_naming_the_version_needed(old, monkeypatch, capsys):
+    if old is None:
+        with pytest.raises(kl.ClientVersionError, match="the kaggle client is missing"):
+            kl.check_client_version("")
+        return
+    with pytest.raises(kl.ClientVersionError, match=r"kaggle 1\.|kaggle 2\.2\.4") as err:
+        kl.check_client_version(old)
+    assert "needs kaggle>=2.2.5" in str(err.value)
+    monkeypatch.setattr(kl.metadata, "version", lambda name: old)
+    assert kr.main(["--owner", OWNER, "--work-dir", "unused"]) == 1
+    assert f"kaggle {old} is installed; utils.kaggle.run needs kaggle>=2.2.5" in (
+        capsys.readouterr().err
+    )
+
+
+def test_the_installed_client_is_new_enough():
+    assert kl.release(kl.check_client_version()) >= (2, 2, 5)
+
+
+def test_the_plan_shows_the_queue_under_the_cap(offline, tmp_path):
+    code, lines = dry_run(["--owner", "alice", "--work-dir", str(tmp_path / "work")])
+    assert code == 0
+    queued = [line for line in lines if " queue " in f" {line}"]
+    assert [line.split()[2] for line in queued] == [
+        "01_image_vit_tiny_suspicious:",
+        "01_image_vit_small_suspicious:",
+    ]
+    assert "pushed when 01_image_convnextv2_nano ends" in queued[0]
+    code, lines = dry_run(["--owner", "alice", "--gpu-sessions", "4", "--work-dir", str(tmp_path)])
+    assert not any(" queue " in f" {line}" for line in lines)

@@ -28,7 +28,7 @@ build_once, weights_dir, offline = base.build_once, base.weights_dir, base.offli
 def test_the_workflow_reaches_a_submission_through_every_limit_at_once(tmp_path, weights_dir):
     fake = FakeKaggle()
     fake.gpu_cap = 2
-    fake.other_gpu_sessions, fake.other_gpu_until = 1, 200.0  # a session started by hand
+    fake.other_gpu_sessions, fake.other_gpu_until = 1, 400.0  # a session started by hand
     fake.forbid_unready = True  # 403 for a missing dataset and for one still processing
     fake.status_403 = 2
     fake.dataset_outages = 1
@@ -50,7 +50,7 @@ def test_the_workflow_reaches_a_submission_through_every_limit_at_once(tmp_path,
     # GPU-hours: what the state records is what Kaggle charged, the mount race's session included
     spent = sum(state["gpu_seconds"].values())
     assert spent == pytest.approx(fake.gpu_seconds) and spent > 0
-    assert set(state["gpu_seconds"]) == {*kr.IMAGE_KERNELS, kb.SUBMISSION_KERNEL}
+    assert set(state["gpu_seconds"]) == {"00_probe_gpu", *kr.IMAGE_KERNELS, kb.SUBMISSION_KERNEL}
 
 
 def test_gpu_kernels_are_queued_under_the_cap_and_cpu_kernels_are_not(tmp_path, weights_dir):
@@ -96,7 +96,7 @@ def test_an_existing_dataset_still_processing_is_waited_for(tmp_path, weights_di
     fake.processing_checks[kb.WEIGHTS_DATASET] = 3
     stopped, _ = run(tmp_path, fake, weights_dir)
     assert stopped is None, stopped
-    assert fake.actions()[0] == ("push", kr.IMAGE_KERNELS[0], 1)
+    assert fake.actions()[len(kr.PROBE_KERNELS)] == ("push", kr.IMAGE_KERNELS[0], 1)
     assert_no_stale_push(fake)  # the image kernels were pushed only once v3 was ready
 
 

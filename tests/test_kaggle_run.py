@@ -21,6 +21,7 @@ from requests import HTTPError
 
 from utils.kaggle import build as kb
 from utils.kaggle import limits as kl
+from utils.kaggle import probe
 from utils.kaggle import run as kr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ OWNER = "alice"
 IMAGE_MODELS = kb.DATASET_CONTENTS[kb.IMAGE_DATASET]
 # What each notebook writes under /kaggle/working (see the notebooks' output cells).
 KERNEL_FILES = {
+    **{kernel: [kr.PRODUCES[kernel]] for kernel in kr.PROBE_KERNELS},
     **{
         f"01_image_{m}": [f"{m}/oof.csv", f"{m}/fold0.pt", f"{m}/config.json"] for m in IMAGE_MODELS
     },
@@ -52,6 +54,20 @@ MOUNT_RACE_LOG = (
     "FileNotFoundError: Kaggle input 'fusionnetx-timm-weights' (not mounted) has no "
     "'vit_tiny.pth' under /kaggle/input; mounted inputs: ['isic-2024-challenge']"
 )
+
+
+_PROBED: dict[str, dict] = {}
+
+
+def probe_result(kernel: str) -> dict:
+    """utils.kaggle.probe run for real on this machine (once), as that probe kernel's output."""
+    image = kr.PRODUCES[kernel].removeprefix("probe-").removesuffix(".json")
+    if not _PROBED:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            _PROBED.update(probe.probe_environment("cpu", Path(scratch)))
+    return {**_PROBED, "image": image}
 
 
 class FakeKaggle:
@@ -92,6 +108,7 @@ class FakeKaggle:
         self.gpu_seconds = 0.0
         self.most_gpu_sessions = 0
         self.refusals = 0
+        self.probes = {kernel: probe_result(kernel) for kernel in kr.PROBE_KERNELS}
 
     # the clock the runner polls with
     def sleep(self, seconds: float) -> None:
@@ -163,6 +180,8 @@ class FakeKaggle:
             target = path / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(f"{ref} v{version} {name}")
+            if kernel in self.probes:  # what the probe found in that image
+                target.write_text(json.dumps(self.probes[kernel]))
             written.append(str(target))
         log = path / f"{ref.split('/')[1]}.log"
         log.write_text(json.dumps(KAGGLE_LOG))
@@ -298,6 +317,7 @@ def assert_no_stale_push(fake: FakeKaggle) -> None:
 
 
 FULL_RUN = [
+    *[("push", kernel, 1) for kernel in kr.PROBE_KERNELS],
     ("create", kb.WEIGHTS_DATASET, 1),
     *[("push", kernel, 1) for kernel in kr.IMAGE_KERNELS],
     ("create", kb.IMAGE_DATASET, 1),
@@ -317,12 +337,13 @@ def test_full_run_makes_every_call_in_order_and_records_it(tmp_path, weights_dir
     assert fake.actions() == FULL_RUN
     assert_no_stale_push(fake)
     # two image kernels run at once (Kaggle's GPU session cap), the other two when those end
-    first_status = next(i for i, c in enumerate(fake.calls) if c[0] == "status")
-    assert [c[0] for c in fake.calls[:first_status]] == ["create"] + ["push"] * 2
+    image_calls = [c for c in fake.calls if c[1] in kr.IMAGE_KERNELS]
+    first_status = next(i for i, c in enumerate(image_calls) if c[0] == "status")
+    assert [c[0] for c in image_calls[:first_status]] == ["push"] * 2
     pushes = [i for i, c in enumerate(fake.calls) if c[:2] == ("push", kr.IMAGE_KERNELS[2])]
     assert fake.calls[pushes[0] - 1][0] == "output"  # after a running one was collected
-    # back-off: 30 s for the weights upload, then 30 s doubling while the kernels are queued
-    assert fake.sleeps[:3] == [30.0, 30.0, 60.0]
+    # back-off: 30 s doubling while the probes are queued, then 30 s for the weights upload
+    assert fake.sleeps[:3] == [30.0, 60.0, 30.0]
     assert max(fake.sleeps) <= kr.POLL_MAX_S
     state = state_of(tmp_path)
     assert list(state["steps"]) == list(kr.STEP_NAMES)
@@ -502,8 +523,8 @@ def test_an_existing_weights_dataset_is_used_and_a_missing_folder_is_explained(t
     fake.datasets[f"{OWNER}/{kb.WEIGHTS_DATASET}"] = {"version": 4, "ready": True}
     stopped, lines = run(tmp_path, fake, tmp_path / "no-weights")
     assert stopped is None
-    assert f"{OWNER}/{kb.WEIGHTS_DATASET} exists on Kaggle (v4): using it" in lines[1]
-    assert fake.actions()[0] == ("push", kr.IMAGE_KERNELS[0], 1)
+    assert f"{OWNER}/{kb.WEIGHTS_DATASET} exists on Kaggle (v4): using it" in "".join(lines)
+    assert fake.actions()[len(kr.PROBE_KERNELS)] == ("push", kr.IMAGE_KERNELS[0], 1)
     assert state_of(tmp_path)["kernels"][kr.IMAGE_KERNELS[0]]["against"] == {kb.WEIGHTS_DATASET: 4}
 
 
@@ -581,6 +602,8 @@ def test_dry_run_prints_the_complete_ordered_plan_offline(offline, tmp_path, wei
     assert code == 0
     actions = [line.split()[1:3] for line in lines if line.split()[1] in ("create", "push")]
     assert actions == [
+        ["push", "bob/fusionnetx-isic2024-probe-cpu"],
+        ["push", "bob/fusionnetx-isic2024-probe-gpu"],
         ["create", f"bob/{kb.WEIGHTS_DATASET}"],
         ["push", "bob/fusionnetx-isic2024-convnextv2-nano"],
         ["push", "bob/fusionnetx-isic2024-vit-tiny"],
@@ -740,7 +763,8 @@ def test_every_kernel_folder_belongs_to_exactly_one_step():
     assert sorted(kernels) == sorted(p.name for p in kb.kernel_folders())
     assert set(kr.PRODUCES) == set(kernels)
     published = {name for slug in kr.DATASET_STEP for name in kb.DATASET_CONTENTS[slug]}
-    assert published - set(kb.WEIGHT_FILES) == set(kr.PRODUCER) - {kr.SUBMISSION_FILE}
+    probes = {kr.PRODUCES[kernel] for kernel in kr.PROBE_KERNELS}
+    assert published - set(kb.WEIGHT_FILES) == set(kr.PRODUCER) - {kr.SUBMISSION_FILE} - probes
 
 
 def test_the_command_line_stops_with_exit_1_and_the_resume_command(tmp_path, capsys):
@@ -882,7 +906,7 @@ def test_a_dropped_status_check_is_retried_until_it_keeps_failing(tmp_path, weig
     fake = FakeKaggle()
     fake.status_outages = kr.MAX_FAILED_CHECKS
     stopped, lines = run(tmp_path / "b", fake, weights_dir)
-    assert "STOPPED at step 'images': HTTPError: 503 Server Error" in stopped
+    assert "STOPPED at step 'probe': HTTPError: 503 Server Error" in stopped
     assert sum("status check failed" in line for line in lines) == kr.MAX_FAILED_CHECKS - 1
     assert "resume with:\n  python -m utils.kaggle.run" in stopped
 
@@ -899,5 +923,5 @@ def test_ctrl_c_keeps_the_state_and_prints_the_resume_command(tmp_path, capsys):
     assert code == 130
     assert "resume with:\n  python -m utils.kaggle.run --owner alice" in capsys.readouterr().err
     pushed = state_of(tmp_path)["kernels"]
-    assert sorted(pushed) == sorted(kr.IMAGE_KERNELS[:2])  # the GPU session cap: two at once
+    assert sorted(pushed) == sorted(kr.PROBE_KERNELS)  # the first step's pushes
     assert {r["status"] for r in pushed.values()} == {"pushed"}

@@ -172,7 +172,14 @@ def _image_parameters(model: str) -> dict[str, Any]:
     }
 
 
+# The probe kernels: what Kaggle's CPU and GPU images offer (utils.kaggle.probe).
+PROBE_KERNELS = ("00_probe_cpu", "00_probe_gpu")
+
 KAGGLE_PARAMETERS: dict[str, dict[str, Any]] = {
+    **{
+        kernel: {"output_dir": KAGGLE_WORKING, "image": kernel.rsplit("_", 1)[1]}
+        for kernel in PROBE_KERNELS
+    },
     **{f"01_image_{model}": _image_parameters(model) for model in IMAGE_MODELS},
     "02_tune_gbdt": {
         "data_dir": COMPETITION_DATA,
@@ -762,7 +769,8 @@ def build_all(
                 frozenset(datasets.values()),
                 extra_sources=extra,
                 kernel_sources=kernels,
-                skip_version_check=skip_version_check,
+                # a probe reports every version, it never stops on one
+                skip_version_check=skip_version_check or folder.name in PROBE_KERNELS,
             )
         )
     return built

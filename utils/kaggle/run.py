@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from utils.kaggle import build as kb
 from utils.kaggle import limits as kl
+from utils.kaggle import probe
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
 DEFAULT_WEIGHTS_DIR = Path("weights")
@@ -64,7 +65,9 @@ IMAGE_KERNELS = tuple(f"01_image_{model}" for model in kb.DATASET_CONTENTS[kb.IM
 TUNE_KERNEL = "02_tune_gbdt"
 GBDT_KERNEL = kb.TUNED_GBDT[0]
 # What each kernel writes under /kaggle/working that the next step needs.
+PROBE_KERNELS = kb.PROBE_KERNELS
 PRODUCES: dict[str, str] = {
+    **{kernel: f"probe-{kernel.rsplit('_', 1)[1]}.json" for kernel in PROBE_KERNELS},
     **{f"01_image_{model}": model for model in kb.DATASET_CONTENTS[kb.IMAGE_DATASET]},
     TUNE_KERNEL: "tuning",
     GBDT_KERNEL: "gbdt",
@@ -84,6 +87,7 @@ class Step:
 
 
 STEPS = (
+    Step("probe", kernels=PROBE_KERNELS),
     Step("weights", dataset=kb.WEIGHTS_DATASET),
     Step("images", kernels=IMAGE_KERNELS),
     Step("image-dataset", dataset=kb.IMAGE_DATASET),
@@ -440,6 +444,8 @@ class Runner:
         """One step; marks it finished in the state."""
         if step.kernels:
             self.kernel_step(step, forced)
+            if step.name == "probe":
+                self.report_probes()
         elif step.dataset:
             self.dataset_step(step, forced)
         elif not self.submit_step(forced):
@@ -517,6 +523,30 @@ class Runner:
         record = {"ref": ref, "version": version, "against": against, "status": "pushed"}
         self.state["kernels"][kernel] = record
         return record
+
+    def report_probes(self) -> None:
+        """Keep the probes' findings in the state and print each difference from
+        requirements-kaggle.txt; stop on a library the kernels would stop on anyway."""
+        if self.plan:
+            self.say("probe", "  compare both images with requirements-kaggle.txt (printed here)")
+            return
+        pins = probe.requirement_pins((kb.REPO_ROOT / "requirements-kaggle.txt").read_text())
+        blocking_all = []
+        for kernel in PROBE_KERNELS:
+            path = self.opts.work_dir / "outputs" / kernel / PRODUCES[kernel]
+            found = json.loads(path.read_text(encoding="utf-8"))
+            self.state.setdefault("probes", {})[found.get("image", kernel)] = found
+            blocking, notes = probe.differences(found, pins)
+            blocking_all += blocking
+            for line in notes:
+                self.say("probe", f"  differs: {line}")
+            if not notes and not blocking:
+                self.say("probe", f"  {kernel}: as requirements-kaggle.txt pins")
+        self.save()
+        if blocking_all:
+            raise RunStopped(
+                "the kernels would stop in their first cell: " + "; ".join(blocking_all)
+            )
 
     def gpu_busy(self, pending: dict[str, dict[str, Any]]) -> int:
         """GPU sessions this run holds: its GPU kernels pushed and not ended."""

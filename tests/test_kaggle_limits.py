@@ -50,6 +50,9 @@ def test_the_workflow_reaches_a_submission_through_every_limit_at_once(tmp_path,
     # GPU-hours: what the state records is what Kaggle charged, the mount race's session included
     spent = sum(state["gpu_seconds"].values())
     assert spent == pytest.approx(fake.gpu_seconds) and spent > 0
+    assert state["submitted"]["status"] == "complete"
+    assert state["submitted"]["public_score"] == "0.1702"
+    assert any("scored: public score 0.1702" in line for line in lines)
     assert set(state["gpu_seconds"]) == {"00_probe_gpu", *kr.IMAGE_KERNELS, kb.SUBMISSION_KERNEL}
 
 
@@ -196,3 +199,37 @@ def test_the_plan_shows_the_queue_under_the_cap(offline, tmp_path):
     assert "pushed when 01_image_convnextv2_nano ends" in queued[0]
     code, lines = dry_run(["--owner", "alice", "--gpu-sessions", "4", "--work-dir", str(tmp_path)])
     assert not any(" queue " in f" {line}" for line in lines)
+
+
+def test_a_submission_that_fails_scoring_stops_with_kaggles_error(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.fail_scoring = True
+    stopped, lines = run(tmp_path, fake, weights_dir, submit=True)
+    assert "Kaggle could not score the submission: Submission Scoring Error" in stopped
+    assert any("failed: Submission Scoring Error: see the kernel log" in line for line in lines)
+    done = state_of(tmp_path)["submitted"]
+    assert done["status"] == "error" and done["submission_ref"] == 900
+    polls = fake.submissions[0]["polls"]
+    stopped, lines = run(tmp_path, fake, weights_dir, submit=True)
+    assert stopped is None and fake.submissions[0]["polls"] == polls  # recorded, not polled
+    assert any("failed: Submission Scoring Error" in line for line in lines)
+    assert fake.actions(("submit",)) == [("submit", f"{OWNER}/fusionnetx-isic2024-submission", 1)]
+
+
+def test_follow_submission_backs_off_and_returns_a_pending_one_at_the_timeout():
+    from utils.kaggle import submission as sub
+
+    now, sleeps = [0.0], []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    pending = {"ref": 1, "status": "pending", "description": "FusionNetX v3"}
+    found = sub.follow_submission(lambda: pending, "FusionNetX v3", sleep, lambda: now[0],
+                                  lambda _: None, timeout_s=3600)  # fmt: skip
+    assert found["status"] == "pending" and sub.outcome(found).startswith("still pending")
+    assert sleeps[:4] == [60.0, 120.0, 240.0, 480.0] and max(sleeps) == sub.POLL_MAX_S
+    with pytest.raises(sub.SubmissionNotFound, match="'FusionNetX v2', not 'FusionNetX v3'"):
+        sub.follow_submission(lambda: {**pending, "description": "FusionNetX v2"},
+                              "FusionNetX v3", sleep, lambda: now[0], print, 1)  # fmt: skip

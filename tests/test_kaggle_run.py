@@ -108,6 +108,8 @@ class FakeKaggle:
         self.gpu_seconds = 0.0
         self.most_gpu_sessions = 0
         self.refusals = 0
+        self.submissions: list[dict] = []
+        self.fail_scoring = False
         self.probes = {kernel: probe_result(kernel) for kernel in kr.PROBE_KERNELS}
 
     # the clock the runner polls with
@@ -240,7 +242,21 @@ class FakeKaggle:
     def submit(self, competition: str, kernel: str, version: int, file_name: str, message: str):
         self._maybe_fail("submit")
         self.calls.append(("submit", kernel, version))
+        self.submissions.append({"ref": 900 + len(self.submissions), "description": message})
         return "Successfully submitted"
+
+    def latest_submission(self, competition: str) -> dict | None:
+        """The newest submission: pending for two polls, then scored (or failed: fail_scoring)."""
+        if not self.submissions:
+            return None
+        newest = self.submissions[-1]
+        newest["polls"] = newest.get("polls", 0) + 1
+        status, score, error = "pending", "", ""
+        if newest["polls"] > 2:
+            status, score = "complete", "0.1702"
+            if self.fail_scoring:
+                status, score, error = "error", "", "Submission Scoring Error: see the kernel log"
+        return {**newest, "status": status, "public_score": score, "error": error}
 
     # what the tests read back
     def actions(self, kinds=("push", "create", "version", "submit")) -> list[tuple]:
@@ -699,6 +715,15 @@ class RecordingApi:
 
     answer_dataset_create_version = answer_dataset_create_new
 
+    def answer_competition_submissions(self, competition, **kwargs):
+        from kagglesdk.competitions.types.competition_api_service import ApiSubmission
+        from kagglesdk.competitions.types.submission_status import SubmissionStatus
+
+        newest = ApiSubmission()
+        newest.ref, newest.status, newest.public_score = 41, SubmissionStatus.COMPLETE, "0.17"
+        newest.description = "FusionNetX v7"
+        return [newest]
+
     def answer_competition_submit_code(self, **kwargs):
         from kagglesdk.competitions.types.competition_api_service import (
             ApiCreateCodeSubmissionResponse,
@@ -736,13 +761,17 @@ def test_every_call_exists_with_that_signature_on_the_installed_kaggle_package(t
     assert client.submit(kb.COMPETITION, "alice/k", 7, "submission.csv", "m") == (
         "Successfully submitted"
     )
+    assert client.latest_submission(kb.COMPETITION) == {
+        "ref": 41, "status": "complete", "public_score": "0.17", "error": "",
+        "description": "FusionNetX v7",
+    }  # fmt: skip
     assert set(api.bound) == api_calls_in(kr.KaggleApiClient)
     assert "cancel_acknowledged" in kr.FAILED
 
 
 def test_the_fake_and_the_plan_client_speak_the_real_clients_protocol():
     protocol = [n for n in vars(kr.KaggleClient) if not n.startswith("_")]
-    assert len(protocol) == 9
+    assert len(protocol) == 10
     for name in protocol:
         real = inspect.signature(getattr(kr.KaggleApiClient, name)).parameters
         for other in (FakeKaggle, kr.PlanClient):

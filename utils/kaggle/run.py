@@ -43,6 +43,7 @@ from typing import Any, Protocol
 from utils.kaggle import build as kb
 from utils.kaggle import limits as kl
 from utils.kaggle import probe
+from utils.kaggle import submission as sub
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
 DEFAULT_WEIGHTS_DIR = Path("weights")
@@ -134,6 +135,7 @@ class KaggleClient(Protocol):
     def submit(
         self, competition: str, kernel: str, version: int, file_name: str, message: str
     ) -> str: ...
+    def latest_submission(self, competition: str) -> dict[str, Any] | None: ...
 
 
 # ---------------------------------------------------------------- the real client
@@ -230,6 +232,20 @@ class KaggleApiClient:
         )
         return response.message
 
+    def latest_submission(self, competition: str) -> dict[str, Any] | None:
+        """The newest of this account's submissions: ref, status, score, error, description."""
+        listed = self.api.competition_submissions(competition, page_size=1)
+        if not listed:
+            return None
+        newest = listed[0]
+        return {
+            "ref": newest.ref,
+            "status": newest.status.name.lower(),
+            "public_score": newest.public_score,
+            "error": newest.error_description,
+            "description": newest.description,
+        }
+
 
 # ---------------------------------------------------------------- offline plan client
 
@@ -273,6 +289,9 @@ class PlanClient:
         self, competition: str, kernel: str, version: int, file_name: str, message: str
     ) -> str:
         return "planned"
+
+    def latest_submission(self, competition: str) -> dict[str, Any] | None:
+        return None
 
 
 # ---------------------------------------------------------------- state
@@ -866,6 +885,10 @@ class Runner:
         done = self.state.get("submitted")
         if done and done["ref"] == ref and done["version"] == version and not forced:
             self.say("submit", f"{ref} v{version} was already submitted ({done['reply']})")
+            if done.get("status", sub.PENDING) == sub.PENDING:
+                self.follow(done)
+            else:
+                self.say("submit", f"  {sub.outcome(done)}")
             return True
         if not self.opts.submit:
             self.say("submit", f"to submit, run: {self.submit_command(ref, version)}")
@@ -873,10 +896,38 @@ class Runner:
             return False
         message = f"{self.opts.message} v{version}"
         reply = self.client.submit(kb.COMPETITION, ref, version, SUBMISSION_FILE, message)
-        self.state["submitted"] = {"ref": ref, "version": version, "reply": reply, "at": _now()}
+        done = {"ref": ref, "version": version, "reply": reply, "at": _now(), "message": message}
+        self.state["submitted"] = done
+        self.save()
         verb = "would submit" if self.plan else "submitted"
         self.say("submit", f"{verb} {ref} v{version} to {kb.COMPETITION}: {reply}")
+        self.follow(done)
         return True
+
+    def follow(self, done: dict[str, Any]) -> None:
+        """Poll the submission until it is scored or failed; record and print the outcome."""
+        if self.plan:
+            self.say("submit", "  then poll it until scored; print the public score or the error")
+            return
+        description = done.get("message", f"{self.opts.message} v{done['version']}")
+        try:
+            found = sub.follow_submission(
+                lambda: self.client.latest_submission(kb.COMPETITION),
+                description,
+                self.sleep,
+                self.clock,
+                lambda text: self.say("submit", text),
+                self.opts.timeout_h * 3600,
+            )
+        except sub.SubmissionNotFound as err:
+            self.say("submit", f"  cannot follow the submission: {err}")
+            return
+        done.update({k: found.get(k) for k in ("status", "public_score", "error")})
+        done["submission_ref"] = found.get("ref")
+        self.save()
+        self.say("submit", f"  {sub.outcome(found)}")
+        if found["status"] == sub.FAILED:
+            raise RunStopped(f"Kaggle could not score the submission: {found.get('error')}")
 
 
 def push_reason(

@@ -4,6 +4,9 @@ workflow against the fake Kaggle of test_kaggle_run to a submission."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import test_kaggle_run as base
 from test_kaggle_run import (
@@ -33,6 +36,7 @@ def test_the_workflow_reaches_a_submission_through_every_limit_at_once(tmp_path,
     fake.status_403 = 2
     fake.dataset_outages = 1
     fake.mount_race.add("01_image_vit_tiny")
+    fake.out_of_time["01_image_convnextv2_nano"] = [3, 4]  # Kaggle's 12 hours
     stopped, lines = run(tmp_path, fake, weights_dir, tune=True, submit=True)
     assert stopped is None, stopped
     assert fake.actions(("submit",)) == [("submit", f"{OWNER}/fusionnetx-isic2024-submission", 1)]
@@ -233,3 +237,49 @@ def test_follow_submission_backs_off_and_returns_a_pending_one_at_the_timeout():
     with pytest.raises(sub.SubmissionNotFound, match="'FusionNetX v2', not 'FusionNetX v3'"):
         sub.follow_submission(lambda: {**pending, "description": "FusionNetX v2"},
                               "FusionNetX v3", sleep, lambda: now[0], print, 1)  # fmt: skip
+
+
+def test_an_image_session_out_of_time_is_continued_not_pushed_again(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    kernel = "01_image_vit_small_suspicious"
+    fake.out_of_time[kernel] = [2, 3, 4]
+    stopped, lines = run(tmp_path, fake, weights_dir)
+    assert stopped is None, stopped
+    pushes = [c for c in fake.actions(("push",)) if c[1] == kernel]
+    assert pushes == [("push", kernel, 1), ("push", kernel, 2)]
+    slug = "fusionnetx-isic2024-vit-small-suspicious"
+    first, second = (fake.pushed_meta[(f"{OWNER}/{slug}", v)] for v in (1, 2))
+    assert not first.get("kernel_sources") and second["kernel_sources"] == [f"{OWNER}/{slug}"]
+    notebook = json.loads((Path(second["folder"]) / f"{kernel}.ipynb").read_text())
+    injected = next(
+        "".join(c["source"])
+        for c in notebook["cells"]
+        if kb.INJECTED_TAG in c["metadata"].get("tags", [])
+    )
+    assert "train_folds = [2, 3, 4]" in injected and "resume_from = str(input_path(" in injected
+    assert any("ran out of its time budget; continue folds [2, 3, 4] of v1" in x for x in lines)
+    record = state_of(tmp_path)["kernels"][kernel]
+    assert record["version"] == 2 and record["status"] == "complete"
+    # the image dataset was made from the finished run: the second session's oof.csv
+    oof = tmp_path / "work/datasets" / kb.IMAGE_DATASET / "vit_small_suspicious/oof.csv"
+    assert oof.read_text() == f"{OWNER}/{slug} v2 vit_small_suspicious/oof.csv"
+
+
+def test_a_partial_session_recorded_before_a_stop_is_continued_on_resume(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    kernel = kr.IMAGE_KERNELS[0]
+    fake.out_of_time[kernel] = [4]
+    fake.fail_kernels.add(kr.IMAGE_KERNELS[1])  # stops the run before the continuation ends
+    stopped, _ = run(tmp_path, fake, weights_dir)
+    assert "STOPPED at step 'images'" in stopped
+    assert state_of(tmp_path)["kernels"][kernel]["status"] == "partial"
+    fake.fail_kernels.clear()
+    assert run(tmp_path, fake, weights_dir)[0] is None
+    assert [c for c in fake.actions(("push",)) if c[1] == kernel][-1] == ("push", kernel, 2)
+    assert state_of(tmp_path)["kernels"][kernel]["status"] == "complete"
+
+
+def test_the_progress_file_name_is_the_trainings():
+    import utils.image.train as train
+
+    assert kr.PROGRESS_FILE == train.PROGRESS_FILE

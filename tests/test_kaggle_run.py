@@ -81,8 +81,9 @@ class FakeKaggle:
     `forbid_unready` answers 403 for a dataset still processing (the adapter turns a 403 from
     dataset_version into None, as for a missing one) and `status_403` 403s kernel status checks;
     `dataset_outages` 503s dataset status checks; `mount_race` fails the first version of those
-    kernels as input_path does when a dataset is not mounted yet. `gpu_seconds` is the GPU
-    session time Kaggle would charge (push to end)."""
+    kernels as input_path does when a dataset is not mounted yet; `out_of_time` {kernel: folds}
+    makes a first image session end with those folds left by its time budget. `gpu_seconds` is
+    the GPU session time Kaggle would charge (push to end)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -109,6 +110,8 @@ class FakeKaggle:
         self.most_gpu_sessions = 0
         self.refusals = 0
         self.submissions: list[dict] = []
+        self.out_of_time: dict[str, list[int]] = {}
+        self.pushed_meta: dict[tuple[str, int], dict] = {}
         self.fail_scoring = False
         self.probes = {kernel: probe_result(kernel) for kernel in kr.PROBE_KERNELS}
 
@@ -146,6 +149,7 @@ class FakeKaggle:
             if data is not None and not data["ready"]:
                 sources[source] = f"v{data['version']} still processing"
         self.mounted[(ref, self.kernels[ref])] = sources
+        self.pushed_meta[(ref, self.kernels[ref])] = {**meta, "folder": str(folder)}
         if meta["enable_gpu"]:
             self.gpu_started[(ref, self.kernels[ref])] = self.now
             self.most_gpu_sessions = max(self.most_gpu_sessions, self.gpu_sessions())
@@ -178,7 +182,14 @@ class FakeKaggle:
         kernel = self.kernel_of[ref]
         self.calls.append(("output", kernel, version))
         written = []
-        for name in KERNEL_FILES[kernel]:
+        names = KERNEL_FILES[kernel]
+        if kernel in self.out_of_time and version == 1:  # the time budget left folds
+            names = [n for n in names if not n.endswith("oof.csv")]
+            model = names[0].split("/")[0]
+            progress = {"finished": [0], "remaining": self.out_of_time[kernel], "over_budget": []}
+            (path / model).mkdir(parents=True, exist_ok=True)
+            (path / model / "progress.json").write_text(json.dumps(progress))
+        for name in names:
             target = path / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(f"{ref} v{version} {name}")

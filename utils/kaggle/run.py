@@ -60,6 +60,9 @@ LOG_TAIL_LINES = 25
 # this many times in a row (over half an hour at the back-off cap).
 MAX_FAILED_CHECKS = 5
 COMPLETE = "complete"
+# An image kernel that completed with folds left by its time budget (utils.image.train).
+PARTIAL = "partial"
+PROGRESS_FILE = "progress.json"
 FAILED = frozenset({"error", "cancel_requested", "cancel_acknowledged"})
 
 IMAGE_KERNELS = tuple(f"01_image_{model}" for model in kb.DATASET_CONTENTS[kb.IMAGE_DATASET])
@@ -510,7 +513,9 @@ class Runner:
                 if record.get("code_sha256") != notebook:
                     self.say(step.name, f"  note: its code changed; --from {step.name} re-pushes")
                 continue
-            if reason is None:
+            if reason is None and record["status"] == PARTIAL:
+                queued.append(self.continuation(step, kernel, record))
+            elif reason is None:
                 self.say(step.name, f"{kernel}: v{record['version']} {record['status']}, waiting")
                 pending[kernel] = record
             else:
@@ -616,6 +621,8 @@ class Runner:
                 if status == COMPLETE:
                     self.collect(step, kernel, record)
                     del pending[kernel]
+                    if record["status"] == PARTIAL:
+                        queued.insert(0, self.continuation(step, kernel, record))
                 elif status in FAILED:
                     del pending[kernel]
                     self.after_failure(step, kernel, record, message, queued)
@@ -729,9 +736,30 @@ class Runner:
             found = sorted(p.name for p in dest.iterdir())
             raise RunStopped(f"{kernel} completed but its output has no {name!r} (got {found})")
         record["outputs"] = checksums(dest, name)
+        progress = dest / name / PROGRESS_FILE
+        if progress.is_file():  # the session's time budget left folds for the next one
+            record.update(status=PARTIAL, progress=json.loads(progress.read_text()))
         self.save()
         count = len(record["outputs"])
         self.say(step.name, f"  downloaded {name} ({count} file{'s' * (count != 1)}) to {dest}")
+
+    def continuation(self, step: Step, kernel: str, record: dict[str, Any]) -> Queued:
+        """The next session of an image kernel whose time budget left folds: built to train
+        only those, resuming from its own last output (a kernel source), never the same code."""
+        remaining = record["progress"]["remaining"]
+        params, own = kb.image_kernel_parameters(
+            kb.KERNELS_DIR / kernel, kb.KAGGLE_PARAMETERS[kernel], remaining, continue_run=True
+        )
+        repo_ids = frozenset(kb.defined_datasets().values())
+        folder = kb.build_kernel(
+            kb.KERNELS_DIR / kernel, self.build_dir / "continue", self.opts.owner, params,
+            repo_ids=repo_ids, kernel_sources=own,
+        )  # fmt: skip
+        notebook = code_digest(folder / f"{kernel}.ipynb")
+        done = record["progress"]["finished"]
+        why = f"continue folds {remaining} of v{record['version']} (folds {done} finished)"
+        self.say(step.name, f"  {kernel}: v{record['version']} ran out of its time budget; {why}")
+        return Queued(kernel, folder, record["ref"], record["against"], why, notebook)
 
     # ------------------------------------------------------------ datasets
 

@@ -201,6 +201,14 @@ def test_the_plan_shows_the_queue_under_the_cap(offline, tmp_path):
         "01_image_vit_small_suspicious:",
     ]
     assert "pushed when 01_image_convnextv2_nano ends" in queued[0]
+    text = "\n".join(lines)
+    assert text.index("push alice/fusionnetx-isic2024-probe-gpu") < text.index("projected GPU")
+    assert "compare both images with requirements-kaggle.txt" in text
+    assert "total 1.86 h (x2 for the projection's error: 3.72 h)" in text
+    assert text.index("projected GPU-hours") < text.index("push alice/fusionnetx-isic2024-vit")
+    assert "polls the submission until Kaggle scores it" in lines[-2]
+    code, lines = dry_run(["--owner", "alice", "--submit", "--work-dir", str(tmp_path / "w")])
+    assert "then poll it until scored" in "\n".join(lines)
     code, lines = dry_run(["--owner", "alice", "--gpu-sessions", "4", "--work-dir", str(tmp_path)])
     assert not any(" queue " in f" {line}" for line in lines)
 
@@ -283,3 +291,24 @@ def test_the_progress_file_name_is_the_trainings():
     import utils.image.train as train
 
     assert kr.PROGRESS_FILE == train.PROGRESS_FILE
+
+
+def test_the_image_step_prints_projected_gpu_hours_and_refuses_beyond_the_quota(
+    tmp_path, weights_dir
+):
+    from utils.kaggle import quota
+
+    fake = FakeKaggle()
+    stopped, lines = run(tmp_path, fake, weights_dir, gpu_hours=3.0)
+    assert "STOPPED at step 'images'" in stopped and "raise --gpu-hours" in stopped
+    expected = quota.QUOTA_SAFETY * sum(quota.PROJECTED_HOURS.values())
+    assert f"projected at up to {expected:.2f} GPU-hours" in stopped
+    assert any("FLOP projection" in line and "not measured" in line for line in lines)
+    assert not [c for c in fake.actions(("push",)) if c[1] in kr.IMAGE_KERNELS]
+    stopped, lines = run(tmp_path, fake, weights_dir, gpu_hours=30.0)
+    assert stopped is None, stopped
+    spent = sum(state_of(tmp_path)["gpu_seconds"].values()) / 3600
+    assert spent == pytest.approx(fake.gpu_seconds / 3600) and spent > 0
+    # spent hours count against the quota on the next run
+    lines_again, refusal = quota.quota_lines(list(quota.PROJECTED_HOURS), state_of(tmp_path), spent)
+    assert refusal is not None and f"spent so far {spent:.2f} h" in lines_again[-1]

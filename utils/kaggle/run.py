@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 from utils.kaggle import build as kb
 from utils.kaggle import limits as kl
-from utils.kaggle import probe
+from utils.kaggle import probe, quota
 from utils.kaggle import submission as sub
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
@@ -464,6 +464,8 @@ class Runner:
 
     def run_step(self, step: Step, forced: bool) -> None:
         """One step; marks it finished in the state."""
+        if step.name == "images":
+            self.check_quota(forced)
         if step.kernels:
             self.kernel_step(step, forced)
             if step.name == "probe":
@@ -547,6 +549,22 @@ class Runner:
         record = {"ref": ref, "version": version, "against": against, "status": "pushed"}
         self.state["kernels"][kernel] = record
         return record
+
+    def check_quota(self, forced: bool) -> None:
+        """Print the projected GPU-hours of the image kernels still to run and the submission;
+        stop before pushing any when they may exceed what --gpu-hours leaves."""
+        todo = [
+            kernel
+            for kernel in IMAGE_KERNELS
+            if forced or self.state["kernels"].get(kernel, {}).get("status") != COMPLETE
+        ]
+        lines, refusal = quota.quota_lines(
+            [*todo, kb.SUBMISSION_KERNEL], self.state, self.opts.gpu_hours
+        )
+        for line in lines:
+            self.say("images", line)
+        if refusal:
+            raise RunStopped(refusal)
 
     def report_probes(self) -> None:
         """Keep the probes' findings in the state and print each difference from
@@ -652,8 +670,10 @@ class Runner:
                 )
             record = self.push(step, item.kernel, item.folder, item.ref, item.against, item.why)
             running += [item.kernel] if self.gpu[item.kernel] else []
-            self.say(step.name, f"  wait for {item.kernel} v{record['version']}, then download")
             record.update(status=COMPLETE, outputs={"planned": record["version"]})
+        if queued:
+            names = ", ".join(item.kernel for item in queued)
+            self.say(step.name, f"  wait for {names}; download each as it completes")
 
     def timed_out(self, pending: dict[str, dict[str, Any]], queued: list[Queued]) -> None:
         """Stop after --timeout-h: name what is still running and what never got a session."""
@@ -920,7 +940,11 @@ class Runner:
             return True
         if not self.opts.submit:
             self.say("submit", f"to submit, run: {self.submit_command(ref, version)}")
-            self.say("submit", "(or rerun with --submit)")
+            self.say(
+                "submit",
+                "(or rerun with --submit: it then polls the submission until Kaggle scores it "
+                "and prints the public score or the error)",
+            )
             return False
         message = f"{self.opts.message} v{version}"
         reply = self.client.submit(kb.COMPETITION, ref, version, SUBMISSION_FILE, message)

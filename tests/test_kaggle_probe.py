@@ -157,3 +157,64 @@ def test_built_probe_kernel_runs_off_the_repo_against_an_emulated_input(tmp_path
     found = json.loads((elsewhere / kr.PRODUCES[kernel]).read_text())
     assert found["image"] == kernel.rsplit("_", 1)[1]
     assert found["inputs"] == {kb.COMPETITION + "/": {"test-metadata.csv": 8}}
+
+
+SMOKE_OK = {
+    "device": "cuda:0",
+    "gpus": 1,
+    "models": {
+        "vit_tiny": {"train_images_per_s": 812.5, "infer_images_per_s": 2410.0,
+                     "peak_gpu_memory_gib": 3.1, "image_size": 224, "batch_size": 32},
+    },
+    "failed": [],
+}  # fmt: skip
+
+
+def test_a_failed_gpu_smoke_refuses_the_image_step_until_the_probes_pass(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.smoke = {
+        "models": {"vit_small_suspicious": {"error": "RuntimeError: CUDA error: no kernel image"}},
+        "failed": ["vit_small_suspicious"],
+    }
+    stopped, lines = run(tmp_path, fake, weights_dir)
+    assert "STOPPED at step 'images'" in stopped
+    assert "vit_small_suspicious: RuntimeError: CUDA error: no kernel image" in stopped
+    assert "--only probe" in stopped
+    assert not [c for c in fake.actions(("push",)) if c[1] in kr.IMAGE_KERNELS]
+    fake.smoke = SMOKE_OK
+    assert run(tmp_path, fake, weights_dir, only="probe")[0] is None
+    stopped, lines = run(tmp_path, fake, weights_dir, submit=True)
+    assert stopped is None, stopped
+    assert state_of(tmp_path)["smoke"]["failed"] == []
+    assert fake.actions(("submit",))
+
+
+def test_the_run_prints_the_smoke_rates(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.smoke = SMOKE_OK
+    stopped, lines = run(tmp_path, fake, weights_dir, only="probe")
+    assert stopped is None
+    assert any(
+        "GPU smoke: vit_tiny train 812.5 img/s, infer 2410 img/s, peak 3.1 GiB" in x for x in lines
+    )
+
+
+def test_the_smoke_dry_path_runs_on_a_cpu_and_records_a_failure(tmp_path, monkeypatch):
+    from utils.kaggle import smoke
+
+    real = smoke.smoke_model
+
+    def fail_convnext(name, device, steps, **overrides):
+        if name == "convnextv2_nano":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(name, device, steps, **overrides)
+
+    monkeypatch.setattr(smoke, "smoke_model", fail_convnext)
+    found = json.loads(smoke.run_smoke(tmp_path, 1, ["vit_tiny", "convnextv2_nano"]).read_text())
+    tiny = found["models"]["vit_tiny"]
+    assert found["device"] == "cpu" and tiny["image_size"] == 32 and tiny["train_images_per_s"] > 0
+    assert found["failed"] == ["convnextv2_nano"]
+    assert "Traceback" in found["models"]["convnextv2_nano"]["traceback"]
+    assert smoke.smoke_failures(found) == [
+        "convnextv2_nano: RuntimeError: CUDA out of memory (simulated)"
+    ]

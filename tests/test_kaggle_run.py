@@ -111,6 +111,7 @@ class FakeKaggle:
         self.refusals = 0
         self.submissions: list[dict] = []
         self.out_of_time: dict[str, list[int]] = {}
+        self.smoke: dict | None = None  # the GPU probe's smoke-gpu.json, when set
         self.pushed_meta: dict[tuple[str, int], dict] = {}
         self.fail_scoring = False
         self.probes = {kernel: probe_result(kernel) for kernel in kr.PROBE_KERNELS}
@@ -195,6 +196,8 @@ class FakeKaggle:
             target.write_text(f"{ref} v{version} {name}")
             if kernel in self.probes:  # what the probe found in that image
                 target.write_text(json.dumps(self.probes[kernel]))
+            if kernel == "00_probe_gpu" and self.smoke is not None:
+                (path / "smoke-gpu.json").write_text(json.dumps(self.smoke))
             written.append(str(target))
         log = path / f"{ref.split('/')[1]}.log"
         log.write_text(json.dumps(KAGGLE_LOG))

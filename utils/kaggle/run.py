@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 from utils.kaggle import build as kb
 from utils.kaggle import limits as kl
-from utils.kaggle import probe, quota
+from utils.kaggle import probe, quota, smoke
 from utils.kaggle import submission as sub
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
@@ -565,6 +565,14 @@ class Runner:
             self.say("images", line)
         if refusal:
             raise RunStopped(refusal)
+        failed = smoke.smoke_failures(self.state.get("smoke"))
+        if failed and todo:
+            raise RunStopped(
+                "the GPU smoke test in 00_probe_gpu failed, so the image kernels would too: "
+                + "; ".join(failed)
+                + f" (tracebacks in {self.opts.work_dir / 'outputs' / '00_probe_gpu'}); once "
+                "fixed, rerun the probes with --only probe"
+            )
 
     def report_probes(self) -> None:
         """Keep the probes' findings in the state and print each difference from
@@ -578,6 +586,10 @@ class Runner:
             path = self.opts.work_dir / "outputs" / kernel / PRODUCES[kernel]
             found = json.loads(path.read_text(encoding="utf-8"))
             self.state.setdefault("probes", {})[found.get("image", kernel)] = found
+            measured = path.parent / smoke.SMOKE_FILE
+            if measured.is_file():
+                self.state["smoke"] = json.loads(measured.read_text(encoding="utf-8"))
+                self.say("probe", f"  GPU smoke: {smoke.smoke_summary(self.state['smoke'])}")
             blocking, notes = probe.differences(found, pins)
             blocking_all += blocking
             for line in notes:

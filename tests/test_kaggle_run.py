@@ -23,6 +23,7 @@ from utils.kaggle import build as kb
 from utils.kaggle import limits as kl
 from utils.kaggle import probe
 from utils.kaggle import run as kr
+from utils.kaggle import state as ks
 
 REPO = Path(__file__).resolve().parents[1]
 OWNER = "alice"
@@ -381,7 +382,7 @@ def test_full_run_makes_every_call_in_order_and_records_it(tmp_path, weights_dir
     assert gbdt["version"] == 1 and gbdt["status"] == "complete"
     assert gbdt["against"] == {kb.IMAGE_DATASET: 1, kb.TUNING_DATASET: 1}
     assert set(gbdt["outputs"]) == set(KERNEL_FILES["03_gbdt"])
-    expected = kr.sha256_file(tmp_path / "work/outputs/03_gbdt/gbdt/oof.csv")
+    expected = ks.sha256_file(tmp_path / "work/outputs/03_gbdt/gbdt/oof.csv")
     assert gbdt["outputs"]["gbdt/oof.csv"] == expected
     assert {s: d["version"] for s, d in state["datasets"].items()} == dict.fromkeys(
         kb.DATASET_CONTENTS, 1
@@ -576,8 +577,8 @@ def test_a_state_file_of_another_owner_is_refused(tmp_path, weights_dir):
 
 def test_the_state_file_is_replaced_atomically(tmp_path):
     path = tmp_path / "state.json"
-    kr.save_state(path, kr.empty_state(OWNER))
-    kr.save_state(path, {**kr.empty_state(OWNER), "submitted": {"version": 3}})
+    kr.save_state(path, ks.empty_state(OWNER))
+    kr.save_state(path, {**ks.empty_state(OWNER), "submitted": {"version": 3}})
     assert kr.load_state(path, OWNER)["submitted"] == {"version": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 

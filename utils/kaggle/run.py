@@ -23,12 +23,8 @@ input datasets have a newer version than the one they ran against.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import hashlib
-import io
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -36,14 +32,25 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from utils.kaggle import build as kb
 from utils.kaggle import limits as kl
 from utils.kaggle import probe, quota, smoke
 from utils.kaggle import submission as sub
+from utils.kaggle.client import COMPLETE, KaggleApiClient, KaggleClient, PlanClient, RunStopped
+from utils.kaggle.state import (
+    LOG_TAIL_LINES,
+    checksums,
+    code_digest,
+    digest_of,
+    duration_text,
+    load_state,
+    log_tail,
+    save_state,
+    utc_now,
+)
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
 DEFAULT_WEIGHTS_DIR = Path("weights")
@@ -55,11 +62,9 @@ DEFAULT_TIMEOUT_H = 14.0
 # keeps one run under ~100 status calls per kernel while noticing a quick failure at once.
 POLL_FIRST_S = 30.0
 POLL_MAX_S = 600.0
-LOG_TAIL_LINES = 25
 # A dropped connection during an hours-long wait is no reason to stop: retry, unless it repeats
 # this many times in a row (over half an hour at the back-off cap).
 MAX_FAILED_CHECKS = 5
-COMPLETE = "complete"
 # An image kernel that completed with folds left by its time budget (utils.image.train).
 PARTIAL = "partial"
 PROGRESS_FILE = "progress.json"
@@ -118,262 +123,6 @@ class Queued:
     why: str
     notebook: str
     mount_retry: bool = False
-
-
-class RunStopped(Exception):
-    """The run cannot go on; the message says why and how to resume."""
-
-
-class KaggleClient(Protocol):
-    """The few calls the workflow makes (KaggleApiClient is the real one)."""
-
-    def push_kernel(self, folder: Path) -> int: ...
-    def kernel_status(self, ref: str, version: int) -> tuple[str, str]: ...
-    def kernel_output(self, ref: str, version: int, path: Path) -> list[str]: ...
-    def kernel_log(self, ref: str, version: int) -> str: ...
-    def dataset_version(self, ref: str) -> int | None: ...
-    def dataset_status(self, ref: str) -> str: ...
-    def create_dataset(self, folder: Path) -> None: ...
-    def version_dataset(self, folder: Path, notes: str) -> None: ...
-    def submit(
-        self, competition: str, kernel: str, version: int, file_name: str, message: str
-    ) -> str: ...
-    def latest_submission(self, competition: str) -> dict[str, Any] | None: ...
-
-
-# ---------------------------------------------------------------- the real client
-
-
-def kaggle_api() -> Any:
-    """An authenticated KaggleApi (its import-time chatter silenced; `import kaggle` would
-    authenticate at import and exit without credentials)."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        from kaggle.api.kaggle_api_extended import KaggleApi
-    api = KaggleApi()
-    api.authenticate()
-    return api
-
-
-class KaggleApiClient:
-    """KaggleClient over the installed kaggle package's KaggleApi (the CLI's own calls)."""
-
-    def __init__(self, api: Any | None = None) -> None:
-        self.api = api if api is not None else kaggle_api()
-
-    def push_kernel(self, folder: Path) -> int:
-        """`kaggle kernels push -p folder`: the new version number."""
-        response = self.api.kernels_push(str(folder))
-        error = getattr(response, "error", "no response") if response is not None else "no reply"
-        if response is None or response.error:
-            if kl.is_cap_refusal(str(error)):
-                raise kl.SessionCapReached(f"push {folder}: {error}")
-            raise RunStopped(f"push {folder}: {error}")
-        invalid = [*response.invalid_dataset_sources, *response.invalid_competition_sources]
-        if invalid:
-            raise RunStopped(f"push {folder}: Kaggle rejected sources {invalid}")
-        return int(response.version_number)
-
-    def kernel_status(self, ref: str, version: int) -> tuple[str, str]:
-        """(status, failure message) of one kernel version, e.g. ('running', '')."""
-        response = self.api.kernels_status(f"{ref}/{version}")
-        return response.status.name.lower(), response.failure_message
-
-    def kernel_output(self, ref: str, version: int, path: Path) -> list[str]:
-        """Download one kernel version's output files (and its log) into path."""
-        files, _ = self.api.kernels_output(f"{ref}/{version}", str(path), force=True, quiet=True)
-        return files
-
-    def kernel_log(self, ref: str, version: int) -> str:
-        """The session log of one kernel version."""
-        return self.api.kernels_logs(f"{ref}/{version}")
-
-    def dataset_version(self, ref: str) -> int | None:
-        """Current version number of a dataset, None when it does not exist (Kaggle answers 403,
-        not 404, for a dataset that is not there or not visible yet: the Runner's upload record
-        tells a dataset being created from a missing one)."""
-        from requests import HTTPError
-
-        try:
-            payload = self.api.dataset_status(ref, format="json(current_version_number)")
-        except HTTPError as err:
-            if kl.http_status(err) in (403, 404):
-                return None
-            raise
-        return int(json.loads(payload)["current_version_number"])
-
-    def dataset_status(self, ref: str) -> str:
-        """Processing status of a dataset's latest version ('ready' once kernels can mount it)."""
-        return self.api.dataset_status(ref)
-
-    def create_dataset(self, folder: Path) -> None:
-        """`kaggle datasets create -p folder --dir-mode zip` (private)."""
-        response = self.api.dataset_create_new(
-            str(folder), public=False, quiet=True, dir_mode="zip"
-        )
-        if response.error:
-            raise RunStopped(f"create dataset from {folder}: {response.error}")
-
-    def version_dataset(self, folder: Path, notes: str) -> None:
-        """`kaggle datasets version -p folder -m notes --dir-mode zip`."""
-        response = self.api.dataset_create_version(
-            str(folder), version_notes=notes, quiet=True, dir_mode="zip"
-        )
-        if response.error:
-            raise RunStopped(f"version dataset from {folder}: {response.error}")
-
-    def submit(
-        self, competition: str, kernel: str, version: int, file_name: str, message: str
-    ) -> str:
-        """Submit a kernel version to a code competition; Kaggle's reply."""
-        response = self.api.competition_submit_code(
-            file_name=file_name,
-            message=message,
-            competition=competition,
-            kernel=kernel,
-            kernel_version=version,
-            quiet=True,
-        )
-        return response.message
-
-    def latest_submission(self, competition: str) -> dict[str, Any] | None:
-        """The newest of this account's submissions: ref, status, score, error, description."""
-        listed = self.api.competition_submissions(competition, page_size=1)
-        if not listed:
-            return None
-        newest = listed[0]
-        return {
-            "ref": newest.ref,
-            "status": newest.status.name.lower(),
-            "public_score": newest.public_score,
-            "error": newest.error_description,
-            "description": newest.description,
-        }
-
-
-# ---------------------------------------------------------------- offline plan client
-
-
-class PlanClient:
-    """Answers like a Kaggle where every kernel completes and every upload is ready at once;
-    versions are predicted from the state file (Kaggle assigns the real ones)."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.owner = state["owner"]
-        self.kernels = {k["ref"]: k["version"] for k in state["kernels"].values()}
-        self.datasets = {d["ref"]: d["version"] for d in state["datasets"].values()}
-
-    def push_kernel(self, folder: Path) -> int:
-        ref = kb.read_json(folder / kb.KERNEL_METADATA)["id"]
-        self.kernels[ref] = self.kernels.get(ref, 0) + 1
-        return self.kernels[ref]
-
-    def kernel_status(self, ref: str, version: int) -> tuple[str, str]:
-        return COMPLETE, ""
-
-    def kernel_output(self, ref: str, version: int, path: Path) -> list[str]:
-        return []
-
-    def kernel_log(self, ref: str, version: int) -> str:
-        return ""
-
-    def dataset_version(self, ref: str) -> int | None:
-        return self.datasets.get(ref)
-
-    def dataset_status(self, ref: str) -> str:
-        return "ready"
-
-    def create_dataset(self, folder: Path) -> None:
-        self.datasets[f"{self.owner}/{folder.name}"] = 1
-
-    def version_dataset(self, folder: Path, notes: str) -> None:
-        self.datasets[f"{self.owner}/{folder.name}"] += 1
-
-    def submit(
-        self, competition: str, kernel: str, version: int, file_name: str, message: str
-    ) -> str:
-        return "planned"
-
-    def latest_submission(self, competition: str) -> dict[str, Any] | None:
-        return None
-
-
-# ---------------------------------------------------------------- state
-
-
-def empty_state(owner: str) -> dict[str, Any]:
-    """State of a run that has done nothing yet."""
-    return {"owner": owner, "kernels": {}, "datasets": {}, "steps": {}, "submitted": None}
-
-
-def load_state(path: Path, owner: str) -> dict[str, Any]:
-    """The state file, or an empty state; RunStopped when it belongs to another owner."""
-    if not path.is_file():
-        return empty_state(owner)
-    state = json.loads(path.read_text(encoding="utf-8"))
-    if state.get("owner") != owner:
-        raise RunStopped(
-            f"{path} records a run for owner {state.get('owner')!r}, not {owner!r}: "
-            "use another --work-dir for another account"
-        )
-    return state
-
-
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write the state atomically (a crash leaves the old file or the new, never half)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        json.dump(state, out, indent=2)
-        out.write("\n")
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (model files are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def checksums(root: Path, name: str) -> dict[str, str]:
-    """sha256 of `name` under root (a file, or every file of a folder), by relative path."""
-    target = root / name
-    files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
-
-
-def code_digest(notebook: Path) -> str:
-    """sha256 of a built notebook's cell sources (cell ids are random per build, so not bytes)."""
-    import nbformat
-
-    cells = nbformat.read(notebook, as_version=4).cells
-    return digest_of({"cells": [[cell.cell_type, cell.source] for cell in cells]})
-
-
-def digest_of(items: dict[str, Any]) -> str:
-    """One sha256 for a JSON-able mapping (the content of a dataset to publish)."""
-    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
-
-
-def log_tail(log: str, lines: int = LOG_TAIL_LINES) -> str:
-    """Last lines of a kernel log; Kaggle's log is a JSON list of {stream_name, time, data}."""
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        log = "".join(entry.get("data", "") for entry in json.loads(log))
-    return "\n".join(log.rstrip().splitlines()[-lines:])
-
-
-def _now() -> str:
-    """UTC time stamp for the state file."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _duration(seconds: float) -> str:
-    """1h05m / 4m30s."""
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 # ---------------------------------------------------------------- the run
@@ -474,7 +223,7 @@ class Runner:
             self.dataset_step(step, forced)
         elif not self.submit_step(forced):
             return
-        self.state["steps"][step.name] = {"finished": _now()}
+        self.state["steps"][step.name] = {"finished": utc_now()}
         self.save()
 
     def build(self) -> None:
@@ -637,7 +386,7 @@ class Runner:
         start, delay = self.clock(), POLL_FIRST_S
         while True:
             self.push_queued(step, pending, queued)
-            elapsed = _duration(self.clock() - start)
+            elapsed = duration_text(self.clock() - start)
             for kernel, record in list(pending.items()):
                 answer = self.check(step, kernel, record)
                 if answer is None:
@@ -849,7 +598,7 @@ class Runner:
         else:
             self.client.version_dataset(folder, f"{self.opts.message}: new {slug} outputs")
             self.say(step.name, f"version {ref} (was v{current}) from {folder}")
-        self.state.setdefault("uploads", {})[slug] = {"digest": digest_of(content), "at": _now()}
+        self.state.setdefault("uploads", {})[slug] = {"digest": digest_of(content), "at": utc_now()}
         self.save()
 
     def dataset_content(self, slug: str) -> dict[str, Any]:
@@ -898,7 +647,7 @@ class Runner:
             version = self.dataset_version_now(step, ref) if status == "ready" else None
             if version is not None:
                 return version
-            self.say(step.name, f"  {ref}: {status} after {_duration(self.clock() - start)}")
+            self.say(step.name, f"  {ref}: {status} after {duration_text(self.clock() - start)}")
             if status in ("failed", "deleted"):
                 self.state.get("uploads", {}).pop(kb.split_ref(ref)[1], None)
                 self.save()  # the resume uploads it again
@@ -960,7 +709,7 @@ class Runner:
             return False
         message = f"{self.opts.message} v{version}"
         reply = self.client.submit(kb.COMPETITION, ref, version, SUBMISSION_FILE, message)
-        done = {"ref": ref, "version": version, "reply": reply, "at": _now(), "message": message}
+        done = {"ref": ref, "version": version, "reply": reply, "at": utc_now(), "message": message}
         self.state["submitted"] = done
         self.save()
         verb = "would submit" if self.plan else "submitted"

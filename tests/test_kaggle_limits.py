@@ -312,3 +312,17 @@ def test_the_image_step_prints_projected_gpu_hours_and_refuses_beyond_the_quota(
     # spent hours count against the quota on the next run
     lines_again, refusal = quota.quota_lines(list(quota.PROJECTED_HOURS), state_of(tmp_path), spent)
     assert refusal is not None and f"spent so far {spent:.2f} h" in lines_again[-1]
+
+
+def test_a_mount_race_in_a_continuation_pushes_the_continuation_again(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    kernel = "01_image_vit_tiny"
+    fake.out_of_time[kernel] = [3, 4]  # v1 ends with folds left
+    fake.mount_race.add(kernel)
+    fake.mount_race_version = 2  # the continuation starts before its input is mounted
+    stopped, _ = run(tmp_path, fake, weights_dir)
+    assert stopped is None, stopped
+    slug = f"{OWNER}/fusionnetx-isic2024-vit-tiny"
+    sources = [fake.pushed_meta[(slug, v)].get("kernel_sources") for v in (1, 2, 3)]
+    assert sources == [[], [slug], [slug]]  # v3 is the continuation again, not a fresh run
+    assert "/continue/" in state_of(tmp_path)["kernels"][kernel]["folder"]

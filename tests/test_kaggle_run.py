@@ -105,6 +105,7 @@ class FakeKaggle:
         self.status_403 = 0
         self.dataset_outages = 0
         self.mount_race: set[str] = set()
+        self.mount_race_version = 1
         self.processing_checks: dict[str, int] = {}
         self.gpu_started: dict[tuple[str, int], float] = {}
         self.gpu_seconds = 0.0
@@ -174,7 +175,9 @@ class FakeKaggle:
         if seen < 3:
             return ("queued", "running")[seen - 1], ""
         status, message = "complete", ""
-        if kernel in self.fail_kernels or (kernel in self.mount_race and version == 1):
+        if kernel in self.fail_kernels or (
+            kernel in self.mount_race and version == self.mount_race_version
+        ):
             status, message = "error", "Notebook failed: see log"
         if (ref, version) in self.gpu_started:
             self.gpu_seconds += self.now - self.gpu_started.pop((ref, version))
@@ -206,7 +209,7 @@ class FakeKaggle:
 
     def kernel_log(self, ref: str, version: int) -> str:
         self.calls.append(("log", self.kernel_of[ref], version))
-        if self.kernel_of[ref] in self.mount_race and version == 1:
+        if self.kernel_of[ref] in self.mount_race and version == self.mount_race_version:
             return json.dumps([{"stream_name": "stderr", "time": 1.0, "data": MOUNT_RACE_LOG}])
         return json.dumps(KAGGLE_LOG)
 

@@ -3,16 +3,19 @@
     python -m utils.kaggle.run [--owner NAME] [--work-dir work/kaggle] [--weights weights/]
                                [--tune] [--submit] [--from STEP | --only STEP] [--dry-run]
 
-Steps, in order (see docs/kaggle_run.md):
+Steps, in order (see docs/kaggle_run.md, which also lists each Kaggle limit and its handling):
+    probe          push the CPU and GPU probe kernels (and the GPU smoke), compare with the pins
     weights        create the weights dataset if it is missing (upload --weights)
-    images         push the four image kernels, wait for them, download their outputs
+    images         check the projected GPU-hours, push the four image kernels (at most
+                   --gpu-sessions at once), wait, download, continue those out of time
     image-dataset  create or version the image-model dataset from those outputs
     tune           (--tune) push 02_tune_gbdt, wait, download
     tune-dataset   (--tune) create or version the tuning dataset
     gbdt           push 03_gbdt, wait, download
     gbdt-dataset   create or version the GBDT model dataset
     submission     push the submission kernel, wait for its run on the public test
-    submit         print the submit command (with --submit: submit that kernel version)
+    submit         print the submit command (with --submit: submit that kernel version and
+                   follow it until Kaggle has scored it)
 
 A JSON state file in the work dir records every pushed kernel version, the dataset versions it
 was pushed against, its output checksums and every dataset version, so a rerun skips what is
@@ -295,7 +298,13 @@ class Runner:
         version = self.client.push_kernel(folder)
         inputs = ", ".join(f"{slug} v{v}" for slug, v in against.items()) or "no datasets"
         self.say(step.name, f"push {ref} -> v{version} ({why}; against {inputs})")
-        record = {"ref": ref, "version": version, "against": against, "status": "pushed"}
+        record = {
+            "ref": ref,
+            "version": version,
+            "against": against,
+            "status": "pushed",
+            "folder": str(folder),
+        }
         self.state["kernels"][kernel] = record
         return record
 
@@ -458,7 +467,7 @@ class Runner:
         log = self.client.kernel_log(record["ref"], record["version"])
         if kl.is_mount_race(f"{message}\n{log_tail(log)}") and not record.get("mount_retry"):
             self.say(step.name, f"  {kernel}: an input was not mounted yet; pushing it once more")
-            folder = self.build_dir / kernel
+            folder = Path(record.get("folder", self.build_dir / kernel))  # a continuation's own
             notebook = record.get("code_sha256", "")
             why = f"an input was not mounted in v{record['version']}"
             retry = Queued(kernel, folder, record["ref"], record["against"], why, notebook, True)

@@ -28,6 +28,9 @@ Each epoch is seeded from (seed, fold, epoch), so a resumed run draws the same s
 uninterrupted one. `folds=[...]` trains only those folds (one model's folds split over several
 Kaggle sessions) and `resume_from=` copies the folds of an earlier output of the same run
 first; oof.csv and the manifest wait until every fold is finished.
+Time budget (run_image_stage's `time_budget_h`, default 11 h: Kaggle's 12-hour session less an
+hour): no fold starts that cannot finish by the folds timed so far in this session; the run then
+ends cleanly and `progress.json` names the finished and the remaining folds for the next one.
 Rerun: other settings or data (another `config_hash`), or `force`, move the old run dir aside
 (`<output_dir>/.previous/<model_name>`) and train from scratch.
 

@@ -62,6 +62,7 @@ def test_every_stage_has_one_kernel_folder_and_the_top_level_is_the_submission()
     assert names == {
         "01_image_convnextv2_nano", "01_image_vit_tiny", "01_image_vit_tiny_suspicious",
         "01_image_vit_small_suspicious", "02_tune_gbdt", "03_gbdt", "04_inference",
+        "00_probe_cpu", "00_probe_gpu",
     }  # fmt: skip
     top = kb.read_json(kb.TOP_LEVEL_METADATA)
     assert top["enable_internet"] is False and top["enable_gpu"] is True
@@ -119,6 +120,21 @@ def test_validate_checks_dataset_metadata(tree: Path, changes: dict, expected: s
 def test_top_level_must_mirror_the_submission_kernel(tree: Path):
     _edit(tree / kb.KERNEL_METADATA, enable_internet=True)
     assert any("differs from" in p and "enable_internet" in p for p in _problems(tree))
+
+
+def test_top_level_metadata_follows_the_build_owner(tree: Path, tmp_path: Path):
+    top = tree / kb.KERNEL_METADATA
+    before = top.read_text()
+    assert not kb.write_top_level(tmp_path / "elsewhere", "alice", top, tree / "kernels")
+    assert top.read_text() == before  # a build outside build/kernels leaves it alone
+    assert kb.write_top_level(kb.DEFAULT_BUILD_DIR, "alice", top, tree / "kernels")
+    meta = kb.read_json(top)
+    assert meta["id"] == "alice/fusionnetx-isic2024-submission"
+    assert meta["dataset_sources"] == [f"alice/{kb.IMAGE_DATASET}", f"alice/{kb.GBDT_DATASET}"]
+    assert meta["code_file"] == kb.top_level_code_file()
+    assert _problems(tree) == []
+    _edit(top, dataset_sources=[f"fusionnetx/{kb.IMAGE_DATASET}", f"alice/{kb.GBDT_DATASET}"])
+    assert any("dataset_sources" in p for p in _problems(tree))
 
 
 def test_input_path_finds_files_in_any_mount_layout(tmp_path, monkeypatch, capsys):
@@ -233,22 +249,113 @@ def test_installed_libraries_pass_the_version_check(capsys):
     assert capsys.readouterr().out.startswith("libraries: torch ")
 
 
+def test_every_checked_library_has_an_import_name():
+    assert sorted(ki.IMPORT_NAMES.values()) == sorted(ki.MIN_VERSIONS)
+    assert set(ki.KNOWN_INCOMPATIBLE) <= set(ki.MIN_VERSIONS)
+
+
 @pytest.mark.parametrize(
     ("found", "expected"),
     [
-        ({"timm": "1.0.25"}, "timm 1.0.25 is older than 1.0.26, the oldest version tested"),
-        ({"torch": "2.9.1+cu126"}, "torch 2.9.1+cu126 is older than 2.10.0"),
-        ({"polars": None}, "polars is not installed (tested from 1.35.2)"),
+        ({"timm": "0.6.13"}, "timm 0.6.13 is known not to work (needs >= 0.9.0): create_model"),
+        ({"torch": "2.1.2+cu121"}, "torch 2.1.2+cu121 is known not to work (needs >= 2.3.0)"),
+        ({"polars": "0.18.15"}, "polars 0.18.15 is known not to work (needs >= 0.19.0)"),
     ],
 )
-def test_an_old_or_missing_library_stops_the_kernel_in_one_line(monkeypatch, found, expected):
+def test_a_known_bad_version_stops_the_kernel_in_one_line(monkeypatch, capsys, found, expected):
     monkeypatch.delenv(ki.SKIP_VERSION_CHECK_ENV, raising=False)
     versions = {**ki.installed_versions(), **found}
     with pytest.raises(ki.LibraryVersionError, match=re.escape(expected)) as err:
-        ki.check_versions(versions)
-    assert "\n" not in str(err.value)
+        ki.check_versions(versions=versions)
+    assert "\n" not in str(err.value) and "--skip-version-check" in str(err.value)
+    assert ki.check_versions(versions=versions, stop=False) == versions
+    assert expected in capsys.readouterr().err
     monkeypatch.setenv(ki.SKIP_VERSION_CHECK_ENV, "1")
-    assert ki.check_versions(versions) == versions
+    assert ki.check_versions(versions=versions) == versions
+
+
+@pytest.mark.parametrize(
+    ("found", "warning"),
+    [
+        ({"optuna": "4.2.1"}, "optuna 4.2.1 differs from the tested 5.0.0"),
+        ({"timm": "1.0.20"}, "timm 1.0.20 differs from the tested 1.0.26"),
+        ({"catboost": "1.2.11"}, "catboost 1.2.11 differs from the tested 1.2.10"),
+        ({"polars": None}, "polars is not installed (tested with 1.35.2)"),
+    ],
+)
+def test_any_other_difference_only_warns(monkeypatch, capsys, found, warning):
+    monkeypatch.delenv(ki.SKIP_VERSION_CHECK_ENV, raising=False)
+    versions = {**ki.installed_versions(), **found}
+    assert ki.check_versions(versions=versions) == versions
+    assert f"WARNING: {warning}" in capsys.readouterr().err.splitlines()
+
+
+def test_each_kernel_checks_only_the_libraries_it_imports():
+    def libraries(kernel: str) -> list[str]:
+        code = kb.notebook_sources(kb.NOTEBOOKS_DIR / f"{kernel}.ipynb")
+        code.append(kb.injected_source(kb.KAGGLE_PARAMETERS[kernel]))
+        return kb.kernel_libraries(kb.utils_archive(kb.kernel_modules(code)), code)
+
+    submission, tuning, image = (
+        libraries(k) for k in ("04_inference", "02_tune_gbdt", "01_image_vit_tiny")
+    )
+    assert "optuna" not in submission and "optuna" in tuning
+    assert {"torch", "timm", "polars", "lightgbm"} <= set(submission)
+    assert "timm" not in tuning and "lightgbm" not in image
+
+
+GATE_RUNNER = """\
+import importlib.metadata, json, os, sys
+fake = json.loads(os.environ["FAKE_VERSIONS"])
+real = importlib.metadata.version
+importlib.metadata.version = lambda name: fake.get(name) or real(name)
+exec(open(sys.argv[1]).read())
+"""
+
+
+def _run_gate(built: Path, fake: dict[str, str]) -> subprocess.CompletedProcess:
+    """The built kernel's bootstrap cell, run off the repo with library versions faked."""
+    cells = nbformat.read(next(built.glob("*.ipynb")), as_version=4).cells
+    (built / "bootstrap.py").write_text(cells[0].source)
+    (built / "gate.py").write_text(GATE_RUNNER)
+    (built / "tmp").mkdir(exist_ok=True)
+    dropped = ("PYTHONPATH", ki.SKIP_VERSION_CHECK_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env.update(FAKE_VERSIONS=json.dumps(fake), TMPDIR=str(built / "tmp"))
+    cmd = [sys.executable, "gate.py", "bootstrap.py"]
+    return subprocess.run(cmd, cwd=built, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_built_submission_kernel_passes_its_gate_with_an_old_optuna_and_stops_on_a_bad_timm(
+    tmp_path,
+):
+    def build(out: str, skip: bool = False) -> Path:
+        return kb.build_kernel(
+            kb.KERNELS_DIR / kb.SUBMISSION_KERNEL, tmp_path / out, "alice",
+            kb.KAGGLE_PARAMETERS[kb.SUBMISSION_KERNEL], skip_version_check=skip,
+        )  # fmt: skip
+
+    built = build("build")
+    old_optuna = _run_gate(built, {"optuna": "3.6.1", "catboost": "1.2.7"})
+    assert old_optuna.returncode == 0, old_optuna.stderr
+    assert "optuna" not in old_optuna.stdout + old_optuna.stderr  # never imported, never checked
+    assert "WARNING: catboost 1.2.7 differs from the tested 1.2.10" in old_optuna.stderr
+    bad_timm = _run_gate(built, {"timm": "0.6.13"})
+    assert bad_timm.returncode != 0
+    assert "LibraryVersionError: timm 0.6.13 is known not to work (needs >= 0.9.0): " in (
+        bad_timm.stderr
+    )
+    assert "pretrained_cfg_overlay" in bad_timm.stderr
+    skipped = _run_gate(build("skip", skip=True), {"timm": "0.6.13"})
+    assert skipped.returncode == 0, skipped.stderr
+    assert "WARNING: timm 0.6.13 is known not to work" in skipped.stderr
+
+
+def test_build_cli_has_skip_version_check(tmp_path, capsys):
+    code = kb.main(["build", "--owner", "alice", "--out", str(tmp_path), "--skip-version-check"])
+    assert code == 0
+    source = nbformat.read(tmp_path / "03_gbdt" / "03_gbdt.ipynb", as_version=4).cells[0].source
+    assert "stop=False" in source and "'optuna'" not in source
 
 
 def test_release_orders_versions_by_number():

@@ -20,7 +20,10 @@ import pytest
 from requests import HTTPError
 
 from utils.kaggle import build as kb
+from utils.kaggle import limits as kl
+from utils.kaggle import probe
 from utils.kaggle import run as kr
+from utils.kaggle import state as ks
 from utils.manifest import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +31,7 @@ OWNER = "alice"
 IMAGE_MODELS = kb.DATASET_CONTENTS[kb.IMAGE_DATASET]
 # What each notebook writes under /kaggle/working (see the notebooks' output cells).
 KERNEL_FILES = {
+    **{kernel: [kr.PRODUCES[kernel]] for kernel in kr.PROBE_KERNELS},
     **{
         f"01_image_{m}": [f"{m}/oof.csv", f"{m}/fold0.pt", f"{m}/config.json"] for m in IMAGE_MODELS
     },
@@ -48,11 +52,40 @@ def http_error(code: int) -> HTTPError:
     return HTTPError(f"{code} Server Error", response=response)
 
 
+MOUNT_RACE_LOG = (
+    "FileNotFoundError: Kaggle input 'fusionnetx-timm-weights' (not mounted) has no "
+    "'vit_tiny.pth' under /kaggle/input; mounted inputs: ['isic-2024-challenge']"
+)
+
+
+_PROBED: dict[str, dict] = {}
+
+
+def probe_result(kernel: str) -> dict:
+    """utils.kaggle.probe run for real on this machine (once), as that probe kernel's output."""
+    image = kr.PRODUCES[kernel].removeprefix("probe-").removesuffix(".json")
+    if not _PROBED:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            _PROBED.update(probe.probe_environment("cpu", Path(scratch)))
+    return {**_PROBED, "image": image}
+
+
 class FakeKaggle:
     """Kaggle as the workflow sees it, recording every call. A kernel version is queued, then
     running, then complete (or `error` when its kernel is in fail_kernels); an upload is
     'pending' for one check, then ready. Each push remembers which dataset versions were ready
-    then: what Kaggle would mount, to check nothing runs against stale inputs."""
+    then: what Kaggle would mount, to check nothing runs against stale inputs.
+
+    Kaggle's limits, off by default: `gpu_cap` refuses a GPU push while that many GPU sessions
+    run (`other_gpu_sessions` of them started by hand, ending after `other_gpu_until` s);
+    `forbid_unready` answers 403 for a dataset still processing (the adapter turns a 403 from
+    dataset_version into None, as for a missing one) and `status_403` 403s kernel status checks;
+    `dataset_outages` 503s dataset status checks; `mount_race` fails the first version of those
+    kernels as input_path does when a dataset is not mounted yet; `out_of_time` {kernel: folds}
+    makes a first image session end with those folds left by its time budget. `gpu_seconds` is
+    the GPU session time Kaggle would charge (push to end)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -67,6 +100,24 @@ class FakeKaggle:
         self.never_finish: set[str] = set()
         self.status_outages = 0
         self.now, self.sleeps = 0.0, []
+        self.gpu_cap: int | None = None
+        self.other_gpu_sessions, self.other_gpu_until = 0, 0.0
+        self.forbid_unready = False
+        self.status_403 = 0
+        self.dataset_outages = 0
+        self.mount_race: set[str] = set()
+        self.mount_race_version = 1
+        self.processing_checks: dict[str, int] = {}
+        self.gpu_started: dict[tuple[str, int], float] = {}
+        self.gpu_seconds = 0.0
+        self.most_gpu_sessions = 0
+        self.refusals = 0
+        self.submissions: list[dict] = []
+        self.out_of_time: dict[str, list[int]] = {}
+        self.smoke: dict | None = None  # the GPU probe's smoke-gpu.json, when set
+        self.pushed_meta: dict[tuple[str, int], dict] = {}
+        self.fail_scoring = False
+        self.probes = {kernel: probe_result(kernel) for kernel in kr.PROBE_KERNELS}
 
     # the clock the runner polls with
     def sleep(self, seconds: float) -> None:
@@ -81,9 +132,18 @@ class FakeKaggle:
             raise http_error(503)
 
     # the KaggleClient protocol
+    def gpu_sessions(self) -> int:
+        others = self.other_gpu_sessions if self.now < self.other_gpu_until else 0
+        return len(self.gpu_started) + others
+
     def push_kernel(self, folder: Path) -> int:
         meta = json.loads((folder / kb.KERNEL_METADATA).read_text())
         ref = meta["id"]
+        capped = self.gpu_cap is not None and self.gpu_sessions() >= self.gpu_cap
+        if meta["enable_gpu"] and capped:
+            self.refusals += 1
+            self.calls.append(("refused", folder.name, self.kernels.get(ref, 0) + 1))
+            raise kl.SessionCapReached("Maximum number of concurrent GPU sessions reached")
         self.kernels[ref] = self.kernels.get(ref, 0) + 1
         self.kernel_of[ref] = folder.name
         sources = {}
@@ -93,6 +153,10 @@ class FakeKaggle:
             if data is not None and not data["ready"]:
                 sources[source] = f"v{data['version']} still processing"
         self.mounted[(ref, self.kernels[ref])] = sources
+        self.pushed_meta[(ref, self.kernels[ref])] = {**meta, "folder": str(folder)}
+        if meta["enable_gpu"]:
+            self.gpu_started[(ref, self.kernels[ref])] = self.now
+            self.most_gpu_sessions = max(self.most_gpu_sessions, self.gpu_sessions())
         self.calls.append(("push", folder.name, self.kernels[ref]))
         return self.kernels[ref]
 
@@ -100,6 +164,9 @@ class FakeKaggle:
         if self.status_outages:
             self.status_outages -= 1
             raise http_error(503)
+        if self.status_403:
+            self.status_403 -= 1
+            raise http_error(403)
         self.checks[(ref, version)] += 1
         kernel = self.kernel_of[ref]
         self.calls.append(("status", kernel, version))
@@ -108,18 +175,34 @@ class FakeKaggle:
         seen = self.checks[(ref, version)]
         if seen < 3:
             return ("queued", "running")[seen - 1], ""
-        if kernel in self.fail_kernels:
-            return "error", "Notebook failed: see log"
-        return "complete", ""
+        status, message = "complete", ""
+        if kernel in self.fail_kernels or (
+            kernel in self.mount_race and version == self.mount_race_version
+        ):
+            status, message = "error", "Notebook failed: see log"
+        if (ref, version) in self.gpu_started:
+            self.gpu_seconds += self.now - self.gpu_started.pop((ref, version))
+        return status, message
 
     def kernel_output(self, ref: str, version: int, path: Path) -> list[str]:
         kernel = self.kernel_of[ref]
         self.calls.append(("output", kernel, version))
         written = []
-        for name in KERNEL_FILES[kernel]:
+        names = KERNEL_FILES[kernel]
+        if kernel in self.out_of_time and version == 1:  # the time budget left folds
+            names = [n for n in names if not n.endswith("oof.csv")]
+            model = names[0].split("/")[0]
+            progress = {"finished": [0], "remaining": self.out_of_time[kernel], "over_budget": []}
+            (path / model).mkdir(parents=True, exist_ok=True)
+            (path / model / "progress.json").write_text(json.dumps(progress))
+        for name in names:
             target = path / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(f"{ref} v{version} {name}")
+            if kernel in self.probes:  # what the probe found in that image
+                target.write_text(json.dumps(self.probes[kernel]))
+            if kernel == "00_probe_gpu" and self.smoke is not None:
+                (path / "smoke-gpu.json").write_text(json.dumps(self.smoke))
             written.append(str(target))
         log = path / f"{ref.split('/')[1]}.log"
         log.write_text(json.dumps(KAGGLE_LOG))
@@ -127,18 +210,32 @@ class FakeKaggle:
 
     def kernel_log(self, ref: str, version: int) -> str:
         self.calls.append(("log", self.kernel_of[ref], version))
+        if self.kernel_of[ref] in self.mount_race and version == self.mount_race_version:
+            return json.dumps([{"stream_name": "stderr", "time": 1.0, "data": MOUNT_RACE_LOG}])
         return json.dumps(KAGGLE_LOG)
 
     def dataset_version(self, ref: str) -> int | None:
         data = self.datasets.get(ref)
+        if data is not None and self.forbid_unready and not data["ready"]:
+            return None  # Kaggle's 403, as the adapter reports it
         return None if data is None else data["version"]
 
     def dataset_status(self, ref: str) -> str:
-        data = self.datasets[ref]
+        if self.dataset_outages:
+            self.dataset_outages -= 1
+            raise http_error(503)
+        data = self.datasets.get(ref)
+        if data is None:
+            raise http_error(403 if self.forbid_unready else 404)
         if ref.split("/")[1] in self.fail_datasets:
             return "failed"
         if not data["ready"]:
-            data["ready"] = True
+            left = self.processing_checks.get(ref.split("/")[1], 1)
+            self.processing_checks[ref.split("/")[1]] = left - 1
+            if left <= 1:
+                data["ready"] = True
+            if self.forbid_unready:
+                raise http_error(403)
             return "pending"
         return "ready"
 
@@ -164,7 +261,21 @@ class FakeKaggle:
     def submit(self, competition: str, kernel: str, version: int, file_name: str, message: str):
         self._maybe_fail("submit")
         self.calls.append(("submit", kernel, version))
+        self.submissions.append({"ref": 900 + len(self.submissions), "description": message})
         return "Successfully submitted"
+
+    def latest_submission(self, competition: str) -> dict | None:
+        """The newest submission: pending for two polls, then scored (or failed: fail_scoring)."""
+        if not self.submissions:
+            return None
+        newest = self.submissions[-1]
+        newest["polls"] = newest.get("polls", 0) + 1
+        status, score, error = "pending", "", ""
+        if newest["polls"] > 2:
+            status, score = "complete", "0.1702"
+            if self.fail_scoring:
+                status, score, error = "error", "", "Submission Scoring Error: see the kernel log"
+        return {**newest, "status": status, "public_score": score, "error": error}
 
     # what the tests read back
     def actions(self, kinds=("push", "create", "version", "submit")) -> list[tuple]:
@@ -244,6 +355,7 @@ def assert_no_stale_push(fake: FakeKaggle) -> None:
 
 
 FULL_RUN = [
+    *[("push", kernel, 1) for kernel in kr.PROBE_KERNELS],
     ("create", kb.WEIGHTS_DATASET, 1),
     *[("push", kernel, 1) for kernel in kr.IMAGE_KERNELS],
     ("create", kb.IMAGE_DATASET, 1),
@@ -262,11 +374,14 @@ def test_full_run_makes_every_call_in_order_and_records_it(tmp_path, weights_dir
     assert stopped is None, stopped
     assert fake.actions() == FULL_RUN
     assert_no_stale_push(fake)
-    # the four image kernels run at the same time: all pushed before the first status check
-    first_status = next(i for i, c in enumerate(fake.calls) if c[0] == "status")
-    assert [c[0] for c in fake.calls[:first_status]] == ["create"] + ["push"] * 4
-    # back-off: 30 s for the weights upload, then 30 s doubling while the kernels are queued
-    assert fake.sleeps[:3] == [30.0, 30.0, 60.0]
+    # two image kernels run at once (Kaggle's GPU session cap), the other two when those end
+    image_calls = [c for c in fake.calls if c[1] in kr.IMAGE_KERNELS]
+    first_status = next(i for i, c in enumerate(image_calls) if c[0] == "status")
+    assert [c[0] for c in image_calls[:first_status]] == ["push"] * 2
+    pushes = [i for i, c in enumerate(fake.calls) if c[:2] == ("push", kr.IMAGE_KERNELS[2])]
+    assert fake.calls[pushes[0] - 1][0] == "output"  # after a running one was collected
+    # back-off: 30 s doubling while the probes are queued, then 30 s for the weights upload
+    assert fake.sleeps[:3] == [30.0, 60.0, 30.0]
     assert max(fake.sleeps) <= kr.POLL_MAX_S
     state = state_of(tmp_path)
     assert list(state["steps"]) == list(kr.STEP_NAMES)
@@ -357,19 +472,19 @@ def test_a_failure_stops_the_run_and_a_rerun_resumes_it(tmp_path, weights_dir, s
 
 def test_kernels_still_running_at_a_failure_are_awaited_not_pushed_again(tmp_path, weights_dir):
     fake = FakeKaggle()
-    fake.fail_kernels.add("01_image_vit_tiny")
-    stopped, _ = run(tmp_path, fake, weights_dir)
-    assert "01_image_vit_tiny" in stopped
+    fake.fail_kernels.add("01_image_vit_tiny_suspicious")
+    stopped, _ = run(tmp_path, fake, weights_dir, gpu_sessions=4)
+    assert "01_image_vit_tiny_suspicious" in stopped
     statuses = state_of(tmp_path)["kernels"]
     assert statuses["01_image_convnextv2_nano"]["status"] == "complete"
-    assert statuses["01_image_vit_tiny_suspicious"]["status"] == "running"
+    assert statuses["01_image_vit_small_suspicious"]["status"] == "running"
     fake.fail_kernels.clear()
     calls_before = len(fake.calls)
     run(tmp_path, fake, weights_dir)
     pushed = [
         c[1] for c in fake.calls[calls_before:] if c[0] == "push" and c[1] in kr.IMAGE_KERNELS
     ]
-    assert pushed == ["01_image_vit_tiny"]
+    assert pushed == ["01_image_vit_tiny_suspicious"]
     downloads = [c for c in fake.calls if c[0] == "output" and c[1] in kr.IMAGE_KERNELS]
     assert sorted(c[1] for c in downloads) == sorted(kr.IMAGE_KERNELS)  # each once
 
@@ -463,8 +578,8 @@ def test_an_existing_weights_dataset_is_used_and_a_missing_folder_is_explained(t
     fake.datasets[f"{OWNER}/{kb.WEIGHTS_DATASET}"] = {"version": 4, "ready": True}
     stopped, lines = run(tmp_path, fake, tmp_path / "no-weights")
     assert stopped is None
-    assert f"{OWNER}/{kb.WEIGHTS_DATASET} exists on Kaggle (v4): using it" in lines[1]
-    assert fake.actions()[0] == ("push", kr.IMAGE_KERNELS[0], 1)
+    assert f"{OWNER}/{kb.WEIGHTS_DATASET} exists on Kaggle (v4): using it" in "".join(lines)
+    assert fake.actions()[len(kr.PROBE_KERNELS)] == ("push", kr.IMAGE_KERNELS[0], 1)
     assert state_of(tmp_path)["kernels"][kr.IMAGE_KERNELS[0]]["against"] == {kb.WEIGHTS_DATASET: 4}
 
 
@@ -486,8 +601,8 @@ def test_a_state_file_of_another_owner_is_refused(tmp_path, weights_dir):
 
 def test_the_state_file_is_replaced_atomically(tmp_path):
     path = tmp_path / "state.json"
-    kr.save_state(path, kr.empty_state(OWNER))
-    kr.save_state(path, {**kr.empty_state(OWNER), "submitted": {"version": 3}})
+    kr.save_state(path, ks.empty_state(OWNER))
+    kr.save_state(path, {**ks.empty_state(OWNER), "submitted": {"version": 3}})
     assert kr.load_state(path, OWNER)["submitted"] == {"version": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
@@ -542,6 +657,8 @@ def test_dry_run_prints_the_complete_ordered_plan_offline(offline, tmp_path, wei
     assert code == 0
     actions = [line.split()[1:3] for line in lines if line.split()[1] in ("create", "push")]
     assert actions == [
+        ["push", "bob/fusionnetx-isic2024-probe-cpu"],
+        ["push", "bob/fusionnetx-isic2024-probe-gpu"],
         ["create", f"bob/{kb.WEIGHTS_DATASET}"],
         ["push", "bob/fusionnetx-isic2024-convnextv2-nano"],
         ["push", "bob/fusionnetx-isic2024-vit-tiny"],
@@ -651,6 +768,15 @@ class RecordingApi:
 
     answer_dataset_create_version = answer_dataset_create_new
 
+    def answer_competition_submissions(self, competition, **kwargs):
+        from kagglesdk.competitions.types.competition_api_service import ApiSubmission
+        from kagglesdk.competitions.types.submission_status import SubmissionStatus
+
+        newest = ApiSubmission()
+        newest.ref, newest.status, newest.public_score = 41, SubmissionStatus.COMPLETE, "0.17"
+        newest.description = "FusionNetX v7"
+        return [newest]
+
     def answer_competition_submit_code(self, **kwargs):
         from kagglesdk.competitions.types.competition_api_service import (
             ApiCreateCodeSubmissionResponse,
@@ -688,13 +814,17 @@ def test_every_call_exists_with_that_signature_on_the_installed_kaggle_package(t
     assert client.submit(kb.COMPETITION, "alice/k", 7, "submission.csv", "m") == (
         "Successfully submitted"
     )
+    assert client.latest_submission(kb.COMPETITION) == {
+        "ref": 41, "status": "complete", "public_score": "0.17", "error": "",
+        "description": "FusionNetX v7",
+    }  # fmt: skip
     assert set(api.bound) == api_calls_in(kr.KaggleApiClient)
     assert "cancel_acknowledged" in kr.FAILED
 
 
 def test_the_fake_and_the_plan_client_speak_the_real_clients_protocol():
     protocol = [n for n in vars(kr.KaggleClient) if not n.startswith("_")]
-    assert len(protocol) == 9
+    assert len(protocol) == 10
     for name in protocol:
         real = inspect.signature(getattr(kr.KaggleApiClient, name)).parameters
         for other in (FakeKaggle, kr.PlanClient):
@@ -715,7 +845,8 @@ def test_every_kernel_folder_belongs_to_exactly_one_step():
     assert sorted(kernels) == sorted(p.name for p in kb.kernel_folders())
     assert set(kr.PRODUCES) == set(kernels)
     published = {name for slug in kr.DATASET_STEP for name in kb.DATASET_CONTENTS[slug]}
-    assert published - set(kb.WEIGHT_FILES) == set(kr.PRODUCER) - {kr.SUBMISSION_FILE}
+    probes = {kr.PRODUCES[kernel] for kernel in kr.PROBE_KERNELS}
+    assert published - set(kb.WEIGHT_FILES) == set(kr.PRODUCER) - {kr.SUBMISSION_FILE} - probes
 
 
 def test_the_command_line_stops_with_exit_1_and_the_resume_command(tmp_path, capsys):
@@ -857,7 +988,7 @@ def test_a_dropped_status_check_is_retried_until_it_keeps_failing(tmp_path, weig
     fake = FakeKaggle()
     fake.status_outages = kr.MAX_FAILED_CHECKS
     stopped, lines = run(tmp_path / "b", fake, weights_dir)
-    assert "STOPPED at step 'images': HTTPError: 503 Server Error" in stopped
+    assert "STOPPED at step 'probe': HTTPError: 503 Server Error" in stopped
     assert sum("status check failed" in line for line in lines) == kr.MAX_FAILED_CHECKS - 1
     assert "resume with:\n  python -m utils.kaggle.run" in stopped
 
@@ -874,5 +1005,5 @@ def test_ctrl_c_keeps_the_state_and_prints_the_resume_command(tmp_path, capsys):
     assert code == 130
     assert "resume with:\n  python -m utils.kaggle.run --owner alice" in capsys.readouterr().err
     pushed = state_of(tmp_path)["kernels"]
-    assert sorted(pushed) == sorted(kr.IMAGE_KERNELS)
+    assert sorted(pushed) == sorted(kr.PROBE_KERNELS)  # the first step's pushes
     assert {r["status"] for r in pushed.values()} == {"pushed"}

@@ -1,7 +1,8 @@
 """Every file and folder name of the artifacts, in one place: the stages write them, the pipeline,
 the Kaggle build and the submission kernel find them by these names.
 
-    <artifacts>/<image model>/   oof.csv, history.csv, config.json, fold{k}.pt, manifest.json
+    <artifacts>/<image model>/   oof.csv, history.csv, config.json, fold{k}.pt, manifest.json,
+                                 progress.json (a run stopped by its time budget)
     <artifacts>/tuning/          optuna.sqlite3, setup.json, best_params.json, manifest.json
     <artifacts>/gbdt/            ensemble.json, features.json, cv_report.json, oof.csv, ...
     <output>/                    submission.csv, submission_report.json
@@ -17,6 +18,7 @@ PREVIOUS_DIR = ".previous"  # where an earlier run's folder is set aside
 OOF_FILE = "oof.csv"
 HISTORY_FILE = "history.csv"
 CONFIG_FILE = "config.json"
+PROGRESS_FILE = "progress.json"  # only while folds remain: finished, remaining, over budget
 
 # stage 2
 TUNING_DIR = "tuning"

@@ -31,6 +31,9 @@ Each epoch is seeded from (seed, fold, epoch), so a resumed run draws the same s
 uninterrupted one. `folds=[...]` trains only those folds (one model's folds split over several
 Kaggle sessions) and `resume_from=` copies the folds of an earlier output of the same run
 first; oof.csv and the manifest wait until every fold is finished.
+Time budget (run_image_stage's `time_budget_h`, default 11 h: Kaggle's 12-hour session less an
+hour): no fold starts that cannot finish by the folds timed so far in this session; the run then
+ends cleanly and `progress.json` names the finished and the remaining folds for the next one.
 Rerun: other settings or data (another `config_hash`), or `force`, move the old run dir aside
 (`<output_dir>/.previous/<model_name>`) and train from scratch.
 
@@ -57,6 +60,7 @@ import json
 import math
 import random
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,6 +74,7 @@ from tqdm import tqdm
 
 from utils.folds import assign_folds
 from utils.image import distributed
+from utils.image.budget import DEFAULT_TIME_BUDGET_H, Budget
 from utils.image.data import (
     ImageDataset,
     NegativeResampler,
@@ -89,7 +94,14 @@ from utils.image.predict import (
 )
 from utils.io import DataDir, HDF5Images
 from utils.labels import suspicious_label
-from utils.layout import CONFIG_FILE, HISTORY_FILE, MANIFEST_FILE, OOF_FILE, fold_file
+from utils.layout import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    MANIFEST_FILE,
+    OOF_FILE,
+    PROGRESS_FILE,
+    fold_file,
+)
 from utils.manifest import (
     atomic_output,
     config_hash,
@@ -337,31 +349,48 @@ def read_state(path: Path, group: Group) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def train_fold(
+@dataclasses.dataclass
+class FoldRun:
+    """What one fold's steps share: the model (and its DDP wrapper), the training loader and
+    its sampler, the optimiser, scheduler and scaler, the validation rows and the resumable
+    state (last epoch, best epoch and score, history)."""
+
+    cfg: TrainConfig
+    local: TrainConfig  # cfg with this rank's share of the loader workers
+    fold: int
+    run_dir: Path
+    net: nn.Module
+    dataset: ImageDataset
+    batches: RankBatches
+    generator: torch.Generator
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    subset_ids: list[str]
+    subset_target: np.ndarray
+    state: dict = dataclasses.field(
+        default_factory=lambda: {"epoch": -1, "best": None, "history": []}
+    )
+    model: nn.Module | None = None  # net, wrapped in DDP on several ranks
+    best_state: dict | None = None  # the best epoch's weights once this session beats the best
+
+    def path(self, kind: str = "") -> Path:
+        """This fold's checkpoint: final (""), "last" (resume) or "best" (best epoch)."""
+        return self.run_dir / fold_file(self.fold, kind)
+
+
+def fold_setup(
     cfg: TrainConfig,
-    frame: pl.DataFrame,
+    train_rows: pl.DataFrame,
+    valid_rows: pl.DataFrame,
     images: HDF5Images,
     fold: int,
     run_dir: Path,
     group: Group,
-) -> dict:
-    """Train fold `fold` (resuming from fold{k}.last.pt) and write fold{k}.pt; returns it.
-
-    Each epoch validates on `validation_rows` (pAUC on its validation label picks the checkpoint, or
-    the last epoch with cfg.oof_epoch "last");
-    the chosen checkpoint, in the fp16 weights fold{k}.pt keeps, then predicts the whole
-    held-out fold once: those are the fold's OOF predictions. On several ranks (`group`) each
-    trains on its piece of every batch (RankBatches) under DDP and predicts its share of the
-    validation and held-out ids (gather_predictions); every rank reads the resume files,
-    rank 0 alone writes.
-    """
+) -> FoldRun:
+    """A fold's model (seeded init), training loader, optimiser and validation rows."""
     device = group.device
-    final, last = run_dir / fold_file(fold), run_dir / fold_file(fold, "last")
-    best_path = run_dir / fold_file(fold, "best")
-    train_rows, valid_rows = (
-        frame.filter(pl.col("fold") != fold),
-        frame.filter(pl.col("fold") == fold),
-    )
     # loaders of this rank: the machine's workers shared by its ranks (no effect on results)
     local = dataclasses.replace(cfg, num_workers=group.loader_workers(cfg.num_workers))
     seed_everything(epoch_seed(cfg, fold, -1))
@@ -381,110 +410,129 @@ def train_fold(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    state = {"epoch": -1, "best": None, "history": []}
-    if group.broadcast(last.is_file()):
-        saved = read_state(last, group)
-        net.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = saved["state"]
-        if group.is_main:
-            print(f"{cfg.model_name} fold {fold}: resuming after epoch {state['epoch']}")
-    model = with_ddp(net, group)
     subset = validation_rows(cfg, valid_rows, fold)
-    subset_ids = subset["isic_id"].to_list()
-    subset_target = subset["target"].to_numpy().astype(np.float64)
     if group.is_main:
         print(
             f"{cfg.model_name} fold {fold}: {len(sampler):,} training images per epoch, "
             f"validation on {len(subset):,} of {len(valid_rows):,} held-out rows"
         )
-    best_state = None  # the best epoch's weights, once an epoch of this session beats the best
-    for epoch in range(state["epoch"] + 1, cfg.epochs):
-        seed = epoch_seed(cfg, fold, epoch)
-        seed_everything(seed + group.rank)  # rank 0 as one process; a dropout stream per rank
-        generator.manual_seed(seed)
-        dataset.seed = seed
-        batches.set_epoch(epoch)
-        desc = f"{cfg.model_name} fold {fold} epoch {epoch}"
-        train_loss = train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            scheduler,
-            scaler,
-            cfg,
-            device,
-            desc,
-            loss_weights=batches.loss_weights(),
-            group=group,
-        )
-        pred = gather_predictions(
-            group,
-            subset_ids,
-            lambda ids, desc=desc: predict_ids(net, images, ids, local, device, f"{desc} valid"),
-        )
-        val_loss = bce(subset_target, pred)
-        score = safe_score(subset_target, pred, val_loss)
-        row = {
-            "fold": fold,
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_pauc": score if np.unique(subset_target).size == 2 else float("nan"),
-            "lr": scheduler.get_last_lr()[0],
-        }
-        state["history"].append(row)
-        shown = ("train_loss", "val_loss", "val_pauc")
+    return FoldRun(
+        cfg, local, fold, run_dir, net, dataset, batches, generator, loader, optimizer,
+        scheduler, scaler, subset["isic_id"].to_list(),
+        subset["target"].to_numpy().astype(np.float64),
+    )  # fmt: skip
+
+
+def restore_or_init(run: FoldRun, group: Group) -> None:
+    """Continue from fold{k}.last.pt when rank 0 sees one (else the fresh init stays); then
+    wrap the model for DDP."""
+    last = run.path("last")
+    if group.broadcast(last.is_file()):
+        saved = read_state(last, group)
+        run.net.load_state_dict(saved["model"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.scheduler.load_state_dict(saved["scheduler"])
+        run.scaler.load_state_dict(saved["scaler"])
+        run.state = saved["state"]
         if group.is_main:
-            print(f"{desc}: " + ", ".join(f"{k} {row[k]:.4f}" for k in shown))
-        if state["best"] is None or score > state["best"]["score"]:
-            state["best"] = {"score": score, "epoch": epoch}
-            best_state = cpu_state(net)
-            if group.is_main:
-                save_atomic({"state_dict": best_state}, best_path)
-        state["epoch"] = epoch
-        if group.is_main:
-            save_atomic(
-                {
-                    "model": cpu_state(net),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "state": state,
-                },
-                last,
+            print(
+                f"{run.cfg.model_name} fold {run.fold}: resuming after epoch {run.state['epoch']}"
             )
-        group.barrier()  # the epoch's files are complete before any rank goes on
+    run.model = with_ddp(run.net, group)
+
+
+def one_epoch(run: FoldRun, images: HDF5Images, epoch: int, group: Group) -> bool:
+    """Train epoch `epoch` (seeded from (seed, fold, epoch)), validate it and add its history
+    row; True when it is the best epoch so far."""
+    cfg, device = run.cfg, group.device
+    seed = epoch_seed(cfg, run.fold, epoch)
+    seed_everything(seed + group.rank)  # rank 0 as one process; a dropout stream per rank
+    run.generator.manual_seed(seed)
+    run.dataset.seed = seed
+    run.batches.set_epoch(epoch)
+    desc = f"{cfg.model_name} fold {run.fold} epoch {epoch}"
+    train_loss = train_one_epoch(
+        run.model, run.loader, run.optimizer, run.scheduler, run.scaler, cfg, device, desc,
+        loss_weights=run.batches.loss_weights(), group=group,
+    )  # fmt: skip
+    pred = gather_predictions(
+        group,
+        run.subset_ids,
+        lambda ids: predict_ids(run.net, images, ids, run.local, device, f"{desc} valid"),
+    )
+    val_loss = bce(run.subset_target, pred)
+    score = safe_score(run.subset_target, pred, val_loss)
+    row = {
+        "fold": run.fold,
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_pauc": score if np.unique(run.subset_target).size == 2 else float("nan"),
+        "lr": run.scheduler.get_last_lr()[0],
+    }
+    run.state["history"].append(row)
+    if group.is_main:
+        shown = ("train_loss", "val_loss", "val_pauc")
+        print(f"{desc}: " + ", ".join(f"{k} {row[k]:.4f}" for k in shown))
+    improved = run.state["best"] is None or score > run.state["best"]["score"]
+    if improved:
+        run.state["best"] = {"score": score, "epoch": epoch}
+    run.state["epoch"] = epoch
+    return improved
+
+
+def keep_checkpoint(run: FoldRun, improved: bool, group: Group) -> None:
+    """Rank 0 saves the best epoch's weights (when this one is) and everything a resume needs
+    (fold{k}.last.pt); every rank waits until both files are complete."""
+    if improved:
+        run.best_state = cpu_state(run.net)
+        if group.is_main:
+            save_atomic({"state_dict": run.best_state}, run.path("best"))
+    if group.is_main:
+        resume = {
+            "model": cpu_state(run.net),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "state": run.state,
+        }
+        save_atomic(resume, run.path("last"))
+    group.barrier()  # the epoch's files are complete before any rank goes on
+
+
+def predict_held_out(
+    run: FoldRun, images: HDF5Images, valid_rows: pl.DataFrame, group: Group
+) -> dict:
+    """The kept epoch (best or last, cfg.oof_epoch) in fp16 predicts the whole held-out fold:
+    the fold's OOF; rank 0 writes fold{k}.pt and drops the resume files. The checkpoint."""
+    cfg, state = run.cfg, run.state
     if cfg.oof_epoch == "last":  # net holds the last epoch (trained now or resumed from last.pt)
-        kept, chosen = cpu_state(net), state["history"][-1]
+        kept, chosen = cpu_state(run.net), state["history"][-1]
     else:
-        if best_state is None:  # the best epoch ran in an earlier session
-            best_state = read_state(best_path, group)["state_dict"]
-        kept = best_state
+        if run.best_state is None:  # the best epoch ran in an earlier session
+            run.best_state = read_state(run.path("best"), group)["state_dict"]
+        kept = run.best_state
         chosen = next(r for r in state["history"] if r["epoch"] == state["best"]["epoch"])
     if group.is_main:
         last_row = state["history"][-1]
         print(
-            f"{cfg.model_name} fold {fold}: keeps epoch {chosen['epoch']} ({cfg.oof_epoch}); "
+            f"{cfg.model_name} fold {run.fold}: keeps epoch {chosen['epoch']} ({cfg.oof_epoch}); "
             f"val_pauc best epoch {state['best']['epoch']} {state['best']['score']:.4f}, "
             f"last epoch {last_row['epoch']} {last_row['val_pauc']:.4f}"
         )
     weights = half_state(kept)
-    net.load_state_dict(weights)  # the OOF comes from the weights the checkpoint keeps
+    run.net.load_state_dict(weights)  # the OOF comes from the weights the checkpoint keeps
     valid_ids = valid_rows["isic_id"].to_list()
+    desc = f"{cfg.model_name} fold {run.fold} oof"
     pred = gather_predictions(
         group,
         valid_ids,
-        lambda ids: predict_ids(
-            net, images, ids, local, device, f"{cfg.model_name} fold {fold} oof"
-        ),
+        lambda ids: predict_ids(run.net, images, ids, run.local, group.device, desc),
     )
     checkpoint = {
         "state_dict": weights,
         "config": dataclasses.asdict(cfg),
-        "fold": fold,
+        "fold": run.fold,
         "best_epoch": state["best"]["epoch"],
         "score": state["best"]["score"],
         "oof_epoch": cfg.oof_epoch,
@@ -494,11 +542,39 @@ def train_fold(
         "history": state["history"],
     }
     if group.is_main:
-        save_atomic(checkpoint, final)
-        best_path.unlink()
-        last.unlink()
+        save_atomic(checkpoint, run.path())
+        run.path("best").unlink()
+        run.path("last").unlink()
     group.barrier()
     return checkpoint
+
+
+def train_fold(
+    cfg: TrainConfig,
+    frame: pl.DataFrame,
+    images: HDF5Images,
+    fold: int,
+    run_dir: Path,
+    group: Group,
+) -> dict:
+    """Train fold `fold` (resuming from fold{k}.last.pt) and write fold{k}.pt; returns it.
+
+    Each epoch validates on `validation_rows` (pAUC on cfg.validate_on's label picks the
+    checkpoint, or the last epoch with cfg.oof_epoch "last");
+    the chosen checkpoint, in the fp16 weights fold{k}.pt keeps, then predicts the whole
+    held-out fold once: those are the fold's OOF predictions. On several ranks (`group`) each
+    trains on its piece of every batch (RankBatches) under DDP and predicts its share of the
+    validation and held-out ids (gather_predictions); every rank reads the resume files,
+    rank 0 alone writes.
+    """
+    train_rows = frame.filter(pl.col("fold") != fold)
+    valid_rows = frame.filter(pl.col("fold") == fold)
+    run = fold_setup(cfg, train_rows, valid_rows, images, fold, run_dir, group)
+    restore_or_init(run, group)
+    for epoch in range(run.state["epoch"] + 1, cfg.epochs):
+        improved = one_epoch(run, images, epoch, group)
+        keep_checkpoint(run, improved, group)
+    return predict_held_out(run, images, valid_rows, group)
 
 
 def chosen_folds(folds: Sequence[int] | int | str | None, n_folds: int) -> list[int]:
@@ -558,17 +634,19 @@ def train_folds(
     run_dir: Path,
     chosen: list[int],
     record: dict,
+    deadline: float | None = None,
 ) -> pl.DataFrame | None:
     """Every rank's part of train_image_model once the run dir is set up: train the chosen
-    unfinished folds; rank 0 writes history.csv, oof.csv and the manifest (the others wait at a
-    barrier) and returns the OOF rows, the other ranks None."""
+    unfinished folds, starting none that cannot finish before `deadline` (time.time(); by the
+    folds trained so far, rank 0's measure); rank 0 writes history.csv, oof.csv and the manifest
+    (the others wait at a barrier) and returns the OOF rows, the other ranks None."""
     hashes = group.all_gather(record["config_hash"])
     if len(set(hashes)) > 1:
         raise ValueError(
             f"{cfg.model_name}: the ranks see other settings or data (config_hash per rank "
             f"{hashes}); every machine needs the same data dir and arguments"
         )
-    parts, history = [], []
+    parts, history, budget, over = [], [], Budget(deadline), []
     for fold in range(cfg.n_folds):
         path = run_dir / fold_file(fold)
         if group.broadcast(path.is_file()):  # rank 0's view decides
@@ -576,8 +654,20 @@ def train_folds(
                 continue
             print(f"{cfg.model_name} fold {fold}: finished earlier, skipped ({path})")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        elif fold in chosen and not group.broadcast(budget.allows()):
+            over.append(fold)
+            if group.is_main:
+                print(
+                    f"{cfg.model_name} fold {fold}: not started, about "
+                    f"{budget.fold_estimate() / 3600:.2f} h by the folds so far and "
+                    f"{budget.left() / 3600:.2f} h left of the time budget"
+                )
+            continue
         elif fold in chosen:
+            fresh, started = not (run_dir / fold_file(fold, "last")).is_file(), time.time()
             checkpoint = train_fold(cfg, frame, images, fold, run_dir, group)
+            if fresh:  # a resumed fold's time says little about a whole one
+                budget.record(time.time() - started)
         else:
             continue
         parts.append(
@@ -589,7 +679,7 @@ def train_folds(
             )
         )
         history.extend(checkpoint["history"])
-    oof = finish_run(cfg, frame, run_dir, record, parts, history) if group.is_main else None
+    oof = finish_run(cfg, frame, run_dir, record, parts, history, over) if group.is_main else None
     group.barrier()
     return oof
 
@@ -601,11 +691,15 @@ def finish_run(
     record: dict,
     parts: list[pl.DataFrame],
     history: list[dict],
+    over_budget: Sequence[int] = (),
 ) -> pl.DataFrame:
-    """history.csv, and once every fold is finished oof.csv and the manifest; the OOF rows."""
+    """history.csv, and once every fold is finished oof.csv and the manifest; the OOF rows.
+    While folds remain, progress.json names the finished and the remaining ones (and those the
+    time budget left out) for the session that continues the run."""
     with atomic_output(run_dir / HISTORY_FILE) as tmp:
         pl.DataFrame(history).write_csv(tmp)
-    preds = pl.concat(parts)
+    empty = pl.DataFrame(schema={"isic_id": pl.String, "pred": pl.Float64})
+    preds = pl.concat(parts) if parts else empty  # the time budget may leave no fold done
     oof = (
         frame.filter(pl.col("isic_id").is_in(preds["isic_id"].implode()))
         .select("isic_id", "patient_id", "fold", "target")
@@ -613,12 +707,17 @@ def finish_run(
     )
     remaining = [k for k in range(cfg.n_folds) if not (run_dir / fold_file(k)).is_file()]
     if remaining:
+        why = f" ({list(over_budget)} left out by the time budget)" if over_budget else ""
         print(
-            f"{cfg.model_name}: fold(s) {remaining} of {cfg.n_folds} remain; oof.csv and the "
-            f"manifest are written once every fold is finished (next: folds={remaining} with "
-            f"resume_from this output)"
+            f"{cfg.model_name}: fold(s) {remaining} of {cfg.n_folds} remain{why}; oof.csv and "
+            f"the manifest are written once every fold is finished (next: folds={remaining} "
+            f"with resume_from this output)"
         )
+        finished = sorted(set(range(cfg.n_folds)) - set(remaining))
+        progress = {"finished": finished, "remaining": remaining, "over_budget": list(over_budget)}
+        write_json(run_dir / PROGRESS_FILE, progress)
         return oof.sort("isic_id")
+    (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
     write_oof(oof, run_dir / OOF_FILE)
     write_manifest(run_dir, record, {"stage": "image", "model": cfg.model_name})
     return oof.sort("isic_id")
@@ -631,12 +730,14 @@ def train_rank(
     run_dir: Path,
     chosen: list[int],
     record: dict,
+    deadline: float | None = None,
 ) -> pl.DataFrame | None:
     """A launched rank's train_folds (distributed.launch initialised its group; the parent set
     up the run dir)."""
     images = HDF5Images(images_path)
     check_images(frame, images)  # caches the extents in this process
-    return train_folds(distributed.current(), cfg, frame, images, run_dir, chosen, record)
+    group = distributed.current()
+    return train_folds(group, cfg, frame, images, run_dir, chosen, record, deadline)
 
 
 def train_image_model(
@@ -649,6 +750,7 @@ def train_image_model(
     folds: Sequence[int] | None = None,
     resume_from: str | Path | None = None,
     world_size: int | None = None,
+    time_budget_h: float | None = None,
 ) -> pl.DataFrame:
     """Train (or resume) the folds of `cfg.model_name`; write and return the OOF table.
 
@@ -665,7 +767,11 @@ def train_image_model(
     DDP process per GPU is spawned (distributed.launch); `world_size` sets the count (gloo
     processes on a CPU `device`). Inside an initialised group (torchrun) this process is one
     rank of it and returns None unless it is rank 0.
+
+    `time_budget_h`: no fold starts that cannot finish within that many hours from now by the
+    folds trained so far; those left out are named in progress.json (None: no limit).
     """
+    deadline = None if time_budget_h is None else time.time() + time_budget_h * 3600
     images = resolve_images(images)
     run_dir = Path(output_dir) / cfg.model_name
     frame = prepare_frame(cfg, metadata)
@@ -679,13 +785,13 @@ def train_image_model(
         if processes > 1:
             start_run(run_dir, record, force, resume_from)
             print(f"{cfg.model_name}: DDP on {processes} {device_type} processes (spawned)")
-            args = (cfg, frame, images.path, run_dir, chosen, record)
+            args = (cfg, frame, images.path, run_dir, chosen, record, deadline)
             return distributed.launch(train_rank, args, processes, device_type)
         group = Group(device=device or default_device())
     if group.is_main:
         start_run(run_dir, record, force, resume_from)
     group.barrier()
-    return train_folds(group, cfg, frame, images, run_dir, chosen, record)
+    return train_folds(group, cfg, frame, images, run_dir, chosen, record, deadline)
 
 
 def check_weights(cfg: TrainConfig, allow_random_init: bool = False) -> None:
@@ -711,13 +817,15 @@ def run_image_stage(
     resume_from: str | Path | None = None,
     allow_random_init: bool = False,
     world_size: int | None = None,
+    time_budget_h: float | None = DEFAULT_TIME_BUDGET_H,
     **overrides,
 ) -> tuple[TrainConfig, pl.DataFrame | None]:
     """Stage 1 entry: the model's config (utils.settings), trained on a Kaggle-layout data dir
     (train-metadata.csv + train-image.hdf5) into `<output_dir>/<model_name>/`; config and OOF
     (of the finished folds while some remain; None on a torchrun rank other than 0). `folds` /
     `resume_from` / `world_size`: see train_image_model (by default every visible GPU); the
-    full preset without `weights_path` stops unless `allow_random_init`."""
+    full preset without `weights_path` stops unless `allow_random_init`. `time_budget_h`
+    (default: an hour under Kaggle's 12-hour session) starts no fold that cannot finish in time."""
     cfg = image_config(model_name, preset, recipe, **overrides)
     check_weights(cfg, allow_random_init)
     data = DataDir(data_dir)
@@ -731,6 +839,7 @@ def run_image_stage(
         folds=folds,
         resume_from=resume_from,
         world_size=world_size,
+        time_budget_h=time_budget_h,
     )
     return cfg, oof
 

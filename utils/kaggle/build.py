@@ -32,6 +32,7 @@ from typing import Any
 import nbformat
 
 from utils.cli import DefaultsHelpFormatter, RawDefaultsHelpFormatter
+from utils.kaggle.input import IMPORT_NAMES, MIN_VERSIONS
 from utils.layout import BEST_PARAMS_FILE
 from utils.settings import IMAGE_MODELS as IMAGE_MODEL_REGISTRY
 from utils.settings import RECIPES
@@ -173,7 +174,14 @@ def _image_parameters(model: str) -> dict[str, Any]:
     }
 
 
+# The probe kernels: what Kaggle's CPU and GPU images offer (utils.kaggle.probe).
+PROBE_KERNELS = ("00_probe_cpu", "00_probe_gpu")
+
 KAGGLE_PARAMETERS: dict[str, dict[str, Any]] = {
+    **{
+        kernel: {"output_dir": KAGGLE_WORKING, "image": kernel.rsplit("_", 1)[1]}
+        for kernel in PROBE_KERNELS
+    },
     **{f"01_image_{model}": _image_parameters(model) for model in IMAGE_MODELS},
     "02_tune_gbdt": {
         "data_dir": COMPETITION_DATA,
@@ -448,14 +456,35 @@ def validate(
 
 
 def _top_level_problems(top_level: Path, submission_dir: Path) -> list[str]:
-    """The top-level kernel-metadata.json is the submission kernel's, pointing at its build."""
+    """The top-level kernel-metadata.json is the submission kernel's (for the owner its id
+    names, as `build --owner` writes it), pointing at its build."""
     top = read_json(top_level)
-    ref = read_json(submission_dir / KERNEL_METADATA)
-    expected = {**ref, "code_file": top_level_code_file()}
+    expected = top_level_metadata(submission_dir, split_ref(top.get("id", "x/x"))[0])
     if top != expected:
         diff = sorted(k for k in set(top) | set(expected) if top.get(k) != expected.get(k))
         return [f"{top_level}: differs from {submission_dir / KERNEL_METADATA} in {diff}"]
     return []
+
+
+def top_level_metadata(submission_dir: Path, owner: str) -> dict[str, Any]:
+    """The submission kernel's metadata for `owner`, its code_file the built notebook."""
+    ref = read_json(submission_dir / KERNEL_METADATA)
+    repo_ids = set(defined_datasets(submission_dir.parent / "datasets").values())
+    owned = with_owner(ref, owner, repo_ids) if OWNER_RE.match(owner) else ref
+    return {**owned, "code_file": top_level_code_file()}
+
+
+def write_top_level(
+    out_dir: Path, owner: str, top_level: Path = TOP_LEVEL_METADATA, kernels_dir: Path = KERNELS_DIR
+) -> bool:
+    """Point the top-level kernel-metadata.json (`kaggle kernels push` at the repository root)
+    at `owner`'s submission kernel; only for a build into the default folder, which its
+    code_file names. True when written."""
+    if out_dir.resolve() != DEFAULT_BUILD_DIR.resolve():
+        return False
+    meta = top_level_metadata(kernels_dir / SUBMISSION_KERNEL, owner)
+    top_level.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return True
 
 
 def top_level_code_file() -> str:
@@ -533,10 +562,47 @@ def utils_archive(files: list[Path] | None = None, root: Path = REPO_ROOT) -> by
     return buf.getvalue()
 
 
-def bootstrap_source(archive: bytes) -> str:
-    """First cell of a built kernel: unpack the embedded utils/ and import it from there."""
+def third_party_imports(source: str) -> set[str]:
+    """Top-level names of every module a piece of source imports (in functions too)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def kernel_libraries(archive: bytes, code: list[str]) -> list[str]:
+    """The checked libraries (input.MIN_VERSIONS) that a kernel's embedded modules or its own
+    cells import: the only ones its version check looks at."""
+    sources = list(code)
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        sources += [zf.read(name).decode("utf-8") for name in zf.namelist()]
+    imported = set().union(*(third_party_imports(s) for s in sources if s.strip()))
+    found = {IMPORT_NAMES[name] for name in imported if name in IMPORT_NAMES}
+    return [lib for lib in MIN_VERSIONS if lib in found]
+
+
+def bootstrap_source(
+    archive: bytes, libraries: list[str] | None = None, skip_version_check: bool = False
+) -> str:
+    """First cell of a built kernel: unpack the embedded utils/ and import it from there, then
+    check the versions of `libraries` (all checked ones when None)."""
     digest = hashlib.sha256(archive).hexdigest()[:12]
     payload = base64.b64encode(archive).decode("ascii")
+    checked = "" if libraries is None else repr(tuple(libraries))
+    if skip_version_check:
+        gate = (
+            "# Built with --skip-version-check: every difference is printed, nothing stops.\n"
+            f"check_versions({checked or 'None'}, stop=False)\n"
+        )
+    else:
+        gate = (
+            "# Stops here, in one line, only on a version known not to work with the code this\n"
+            "# kernel embeds; any other difference from the tested pins is a WARNING line.\n"
+            f"check_versions({checked})\n"
+        )
     return (
         "# FusionNetX bootstrap, written by `python -m utils.kaggle.build build`: the utils/\n"
         "# package travels inside this notebook, so the kernel needs no repository checkout,\n"
@@ -551,9 +617,7 @@ def bootstrap_source(archive: bytes) -> str:
         "if not Path(utils.__file__).resolve().is_relative_to(FUSIONNETX_SRC.resolve()):\n"
         '    raise ImportError(f"utils imported from {utils.__file__}, not the embedded copy")\n'
         f'print("FusionNetX utils {digest} unpacked to", FUSIONNETX_SRC)\n'
-        "# Fails here, in one line, when a library is older than any the suite is tested with.\n"
-        "from utils.kaggle.input import check_versions\n"
-        "check_versions()\n"
+        "from utils.kaggle.input import check_versions\n" + gate
     )
 
 
@@ -562,6 +626,7 @@ def build_notebook(
     parameters: dict[str, Any],
     archive: bytes | None = None,
     owner: str | None = None,
+    skip_version_check: bool = False,
 ) -> nbformat.NotebookNode:
     """The notebook with the bootstrap cell first and Kaggle parameters after `parameters`."""
     if not notebook.is_file():
@@ -572,11 +637,12 @@ def build_notebook(
     if index < 0:
         raise KaggleBuildError(f"{notebook}: no cell tagged 'parameters'")
     injected = nbformat.v4.new_code_cell(injected_source(parameters, owner))
+    code = [c.source for c in cells if c.cell_type == "code"] + [injected.source]
     if archive is None:
-        code = [c.source for c in cells if c.cell_type == "code"]
-        archive = utils_archive(kernel_modules([*code, injected.source]))
+        archive = utils_archive(kernel_modules(code))
     injected.metadata["tags"] = [INJECTED_TAG]
-    bootstrap = nbformat.v4.new_code_cell(bootstrap_source(archive))
+    libraries = kernel_libraries(archive, code)
+    bootstrap = nbformat.v4.new_code_cell(bootstrap_source(archive, libraries, skip_version_check))
     bootstrap.metadata["tags"] = [BOOTSTRAP_TAG]
     nb.cells = [bootstrap, *cells[: index + 1], injected, *cells[index + 1 :]]
     for cell in nb.cells:
@@ -627,6 +693,7 @@ def build_kernel(
     archive: bytes | None = None,
     extra_sources: tuple[str, ...] = (),
     kernel_sources: tuple[str, ...] = (),
+    skip_version_check: bool = False,
 ) -> Path:
     """Write out_dir/<folder.name>/ with owner-filled metadata and the self-contained notebook.
 
@@ -637,7 +704,9 @@ def build_kernel(
     meta = with_owner(meta, owner, set(repo_ids))
     if kernel_sources:
         meta["kernel_sources"] = [f"{owner}/{slug}" for slug in kernel_sources]
-    nb = build_notebook(notebooks_dir / meta["code_file"], parameters, archive, owner)
+    nb = build_notebook(
+        notebooks_dir / meta["code_file"], parameters, archive, owner, skip_version_check
+    )
     target = out_dir / folder.name
     if target.exists():
         shutil.rmtree(target)
@@ -680,11 +749,13 @@ def build_all(
     train_folds: list[int] | None = None,
     continue_run: bool = False,
     recipe: str = "paper",
+    skip_version_check: bool = False,
 ) -> list[Path]:
     """Build every kernel folder; --tuned feeds the tuning dataset to the GBDT kernel; image
     kernels get a fold selection and/or continue from their own last output (see
     image_kernel_parameters). `recipe` goes to the kernels that take one (tuning and GBDT: no
-    recipe changes an image model, and the submission kernel reads it from the GBDT dataset)."""
+    recipe changes an image model, and the submission kernel reads it from the GBDT dataset);
+    --skip-version-check makes every version difference a warning."""
     if recipe not in RECIPES:
         raise KaggleBuildError(f"unknown recipe {recipe!r}; choose from {list(RECIPES)}")
     owner = resolve_owner(owner)
@@ -709,6 +780,8 @@ def build_all(
                 frozenset(datasets.values()),
                 extra_sources=extra,
                 kernel_sources=kernels,
+                # a probe reports every version, it never stops on one
+                skip_version_check=skip_version_check or folder.name in PROBE_KERNELS,
             )
         )
     return built
@@ -895,6 +968,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="image kernels mount their own last output and resume from it",
     )
+    p_build.add_argument(
+        "--skip-version-check",
+        action="store_true",
+        help="kernels print library differences, even known-bad ones, and never stop on them",
+    )
     p_dry = command("dry-run")
     p_dry.add_argument("--out", type=Path, default=DEFAULT_BUILD_DIR, help="build folder")
     p_ds = command("dataset")
@@ -928,9 +1006,13 @@ def _run(args: argparse.Namespace) -> int:
             train_folds=args.folds,
             continue_run=args.continue_run,
             recipe=args.recipe,
+            skip_version_check=args.skip_version_check,
         )
         for folder in built:
             print(f"built {folder}")
+        owner = split_ref(read_json(built[0] / KERNEL_METADATA)["id"])[0]
+        if write_top_level(args.out, owner):
+            print(f"{TOP_LEVEL_METADATA.name} at the repository root now pushes as {owner}")
         return _report(validate(built_dir=args.out), f"ok: kernels built in {args.out}")
     if args.command == "dry-run":
         for folder in sorted(p.parent for p in args.out.glob(f"*/{KERNEL_METADATA}")):

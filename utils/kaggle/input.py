@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
@@ -17,10 +18,11 @@ KAGGLE_INPUT_ENV = "FUSIONNETX_KAGGLE_INPUT"
 KAGGLE_INPUT_ROOT = "/kaggle/input"
 SKIP_VERSION_CHECK_ENV = "FUSIONNETX_SKIP_VERSION_CHECK"
 
-# The oldest version of each library the suite is tested with: CI runs every test under
+# The version of each library the suite is tested with on Kaggle's side: CI runs every test under
 # requirements-kaggle.txt (Kaggle's GPU image) as well as requirements.txt, and
-# tests/test_kaggle.py holds these equal to that file's pins. Several distributions provide one
-# import (Kaggle's opencv-python and xgboost; the headless / CPU builds off Kaggle).
+# tests/test_kaggle.py holds these equal to that file's pins. A difference only warns. Several
+# distributions provide one import (Kaggle's opencv-python and xgboost; the headless / CPU builds
+# off Kaggle).
 MIN_VERSIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "torch": (("torch",), "2.10.0"),
     "torchvision": (("torchvision",), "0.25.0"),
@@ -44,8 +46,52 @@ MIN_VERSIONS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+# The import name of each library, to tell from a module's source which libraries it needs.
+IMPORT_NAMES: dict[str, str] = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "timm": "timm",
+    "albumentations": "albumentations",
+    "cv2": "opencv",
+    "numpy": "numpy",
+    "polars": "polars",
+    "pandas": "pandas",
+    "h5py": "h5py",
+    "PIL": "pillow",
+    "scipy": "scipy",
+    "sklearn": "scikit-learn",
+    "imblearn": "imbalanced-learn",
+    "lightgbm": "lightgbm",
+    "catboost": "catboost",
+    "xgboost": "xgboost",
+    "optuna": "optuna",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+}
+
+# Versions known not to work with the suite: library -> (first version that works, why). Only
+# these stop a kernel; any other difference from the tested pins is a warning, because a pin
+# nobody has seen on Kaggle must not strand a submission kernel in its first cell.
+KNOWN_INCOMPATIBLE: dict[str, tuple[str, str]] = {
+    "timm": (
+        "0.9.0",
+        "create_model has no pretrained_cfg_overlay, through which utils.image.models loads the "
+        "weights dataset's .pth (with custom_load=False)",
+    ),
+    "torch": (
+        "2.3.0",
+        "torch.amp.GradScaler(device) used by utils.image.train does not exist "
+        "(only torch.cuda.amp.GradScaler)",
+    ),
+    "polars": (
+        "0.19.0",
+        "DataFrame.group_by, used throughout, was still called groupby",
+    ),
+}
+
+
 class LibraryVersionError(RuntimeError):
-    """An installed library is older than any the suite is tested with, or missing."""
+    """An installed library has a version known not to work with the suite."""
 
 
 def release(version: str) -> tuple[int, ...]:
@@ -71,39 +117,53 @@ def installed_version(distributions: tuple[str, ...]) -> str | None:
     return None
 
 
-def installed_versions() -> dict[str, str | None]:
-    """Every library of MIN_VERSIONS with its installed version (None when absent)."""
-    return {lib: installed_version(dists) for lib, (dists, _) in MIN_VERSIONS.items()}
+def installed_versions(libraries: Iterable[str] | None = None) -> dict[str, str | None]:
+    """Installed version of each library (every one of MIN_VERSIONS by default; None: absent)."""
+    names = MIN_VERSIONS if libraries is None else libraries
+    return {lib: installed_version(MIN_VERSIONS[lib][0]) for lib in names}
 
 
-def version_problems(versions: dict[str, str | None]) -> list[str]:
-    """One line per library that is missing or older than its tested minimum."""
-    problems = []
+def version_problems(versions: dict[str, str | None]) -> tuple[list[str], list[str]]:
+    """(blocking, warnings): a known incompatibility blocks; a missing library or another
+    version than the tested pin only warns (the kernel may never call the code needing it)."""
+    blocking, warnings = [], []
     for lib, found in versions.items():
-        oldest = MIN_VERSIONS[lib][1]
+        pinned = MIN_VERSIONS[lib][1]
         if found is None:
-            problems.append(f"{lib} is not installed (tested from {oldest})")
-        elif release(found) < release(oldest):
-            problems.append(f"{lib} {found} is older than {oldest}, the oldest version tested")
-    return problems
+            warnings.append(f"{lib} is not installed (tested with {pinned})")
+            continue
+        works_from, why = KNOWN_INCOMPATIBLE.get(lib, ("0", ""))
+        if release(found) < release(works_from):
+            blocking.append(f"{lib} {found} is known not to work (needs >= {works_from}): {why}")
+        elif release(found) != release(pinned):
+            warnings.append(f"{lib} {found} differs from the tested {pinned}")
+    return blocking, warnings
 
 
-def check_versions(versions: dict[str, str | None] | None = None) -> dict[str, str | None]:
-    """Print the library versions; raise LibraryVersionError (one line) when one is too old.
+def check_versions(
+    libraries: Iterable[str] | None = None,
+    versions: dict[str, str | None] | None = None,
+    stop: bool = True,
+) -> dict[str, str | None]:
+    """Print the versions of `libraries` (those a kernel imports; all by default) and a WARNING
+    for each difference from the tested pins; raise LibraryVersionError (one line) only for a
+    version with a known incompatibility.
 
-    Set FUSIONNETX_SKIP_VERSION_CHECK=1 to run anyway (the problems are then printed as a
-    WARNING line): for a Kaggle image newer than this check knows, or a deliberate experiment.
+    stop=False (a kernel built with --skip-version-check) or FUSIONNETX_SKIP_VERSION_CHECK=1
+    prints even those as a warning and runs anyway.
     """
-    versions = installed_versions() if versions is None else versions
+    versions = installed_versions(libraries) if versions is None else versions
     print("libraries: " + ", ".join(f"{lib} {v or '-'}" for lib, v in versions.items()))
-    problems = version_problems(versions)
-    if problems:
-        line = "; ".join(problems)
-        if os.environ.get(SKIP_VERSION_CHECK_ENV) == "1":
-            print(f"WARNING: {line} ({SKIP_VERSION_CHECK_ENV}=1: running anyway)", file=sys.stderr)
+    blocking, warnings = version_problems(versions)
+    for line in warnings:
+        print(f"WARNING: {line}", file=sys.stderr)
+    if blocking:
+        line = "; ".join(blocking)
+        if not stop or os.environ.get(SKIP_VERSION_CHECK_ENV) == "1":
+            print(f"WARNING: {line} (version check skipped: running anyway)", file=sys.stderr)
         else:
             raise LibraryVersionError(
-                f"{line}. FusionNetX is tested with requirements-kaggle.txt and newer; set "
+                f"{line}. Rebuild with `build --skip-version-check` or set "
                 f"{SKIP_VERSION_CHECK_ENV}=1 to run anyway."
             )
     return versions

@@ -3,16 +3,19 @@
     python -m utils.kaggle.run [--owner NAME] [--work-dir work/kaggle] [--weights weights/]
                                [--tune] [--submit] [--from STEP | --only STEP] [--dry-run]
 
-Steps, in order (see docs/kaggle_run.md):
+Steps, in order (see docs/kaggle_run.md, which also lists each Kaggle limit and its handling):
+    probe          push the CPU and GPU probe kernels (and the GPU smoke), compare with the pins
     weights        create the weights dataset if it is missing (upload --weights)
-    images         push the four image kernels, wait for them, download their outputs
+    images         check the projected GPU-hours, push the four image kernels (at most
+                   --gpu-sessions at once), wait, download, continue those out of time
     image-dataset  create or version the image-model dataset from those outputs
     tune           (--tune) push 02_tune_gbdt, wait, download
     tune-dataset   (--tune) create or version the tuning dataset
     gbdt           push 03_gbdt, wait, download
     gbdt-dataset   create or version the GBDT model dataset
     submission     push the submission kernel, wait for its run on the public test
-    submit         print the submit command (with --submit: submit that kernel version)
+    submit         print the submit command (with --submit: submit that kernel version and
+                   follow it until Kaggle has scored it)
 
 A JSON state file in the work dir records every pushed kernel version, the dataset versions it
 was pushed against, its output checksums and every dataset version, so a rerun skips what is
@@ -23,12 +26,8 @@ input datasets have a newer version than the one they ran against.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import hashlib
-import io
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -36,14 +35,26 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from utils.cli import format_duration
 from utils.kaggle import build as kb
-from utils.layout import SUBMISSION_FILE
-from utils.manifest import file_sha256
+from utils.kaggle import limits as kl
+from utils.kaggle import probe, quota, smoke
+from utils.kaggle import submission as sub
+from utils.kaggle.client import COMPLETE, KaggleApiClient, KaggleClient, PlanClient, RunStopped
+from utils.kaggle.state import (
+    LOG_TAIL_LINES,
+    checksums,
+    code_digest,
+    digest_of,
+    load_state,
+    log_tail,
+    save_state,
+    utc_now,
+)
+from utils.layout import PROGRESS_FILE, SUBMISSION_FILE
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
 DEFAULT_WEIGHTS_DIR = Path("weights")
@@ -54,18 +65,20 @@ DEFAULT_TIMEOUT_H = 14.0
 # keeps one run under ~100 status calls per kernel while noticing a quick failure at once.
 POLL_FIRST_S = 30.0
 POLL_MAX_S = 600.0
-LOG_TAIL_LINES = 25
 # A dropped connection during an hours-long wait is no reason to stop: retry, unless it repeats
 # this many times in a row (over half an hour at the back-off cap).
 MAX_FAILED_CHECKS = 5
-COMPLETE = "complete"
+# An image kernel that completed with folds left by its time budget (utils.image.train).
+PARTIAL = "partial"
 FAILED = frozenset({"error", "cancel_requested", "cancel_acknowledged"})
 
 IMAGE_KERNELS = tuple(f"01_image_{model}" for model in kb.DATASET_CONTENTS[kb.IMAGE_DATASET])
 TUNE_KERNEL = "02_tune_gbdt"
 GBDT_KERNEL = kb.TUNED_GBDT[0]
 # What each kernel writes under /kaggle/working that the next step needs.
+PROBE_KERNELS = kb.PROBE_KERNELS
 PRODUCES: dict[str, str] = {
+    **{kernel: f"probe-{kernel.rsplit('_', 1)[1]}.json" for kernel in PROBE_KERNELS},
     **{f"01_image_{model}": model for model in kb.DATASET_CONTENTS[kb.IMAGE_DATASET]},
     TUNE_KERNEL: "tuning",
     GBDT_KERNEL: "gbdt",
@@ -85,6 +98,7 @@ class Step:
 
 
 STEPS = (
+    Step("probe", kernels=PROBE_KERNELS),
     Step("weights", dataset=kb.WEIGHTS_DATASET),
     Step("images", kernels=IMAGE_KERNELS),
     Step("image-dataset", dataset=kb.IMAGE_DATASET),
@@ -100,221 +114,17 @@ DATASET_STEP = {step.dataset: step.name for step in STEPS if step.dataset}
 KERNEL_STEP = {kernel: step.name for step in STEPS for kernel in step.kernels}
 
 
-class RunStopped(Exception):
-    """The run cannot go on; the message says why and how to resume."""
+@dataclass(frozen=True)
+class Queued:
+    """A kernel to push once a GPU session is free."""
 
-
-class KaggleClient(Protocol):
-    """The few calls the workflow makes (KaggleApiClient is the real one)."""
-
-    def push_kernel(self, folder: Path) -> int: ...
-    def kernel_status(self, ref: str, version: int) -> tuple[str, str]: ...
-    def kernel_output(self, ref: str, version: int, path: Path) -> list[str]: ...
-    def kernel_log(self, ref: str, version: int) -> str: ...
-    def dataset_version(self, ref: str) -> int | None: ...
-    def dataset_status(self, ref: str) -> str: ...
-    def create_dataset(self, folder: Path) -> None: ...
-    def version_dataset(self, folder: Path, notes: str) -> None: ...
-    def submit(
-        self, competition: str, kernel: str, version: int, file_name: str, message: str
-    ) -> str: ...
-
-
-# ---------------------------------------------------------------- the real client
-
-
-def kaggle_api() -> Any:
-    """An authenticated KaggleApi (its import-time chatter silenced; `import kaggle` would
-    authenticate at import and exit without credentials)."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        from kaggle.api.kaggle_api_extended import KaggleApi
-    api = KaggleApi()
-    api.authenticate()
-    return api
-
-
-class KaggleApiClient:
-    """KaggleClient over the installed kaggle package's KaggleApi (the CLI's own calls)."""
-
-    def __init__(self, api: Any | None = None) -> None:
-        self.api = api if api is not None else kaggle_api()
-
-    def push_kernel(self, folder: Path) -> int:
-        """`kaggle kernels push -p folder`: the new version number."""
-        response = self.api.kernels_push(str(folder))
-        if response is None or response.error:
-            raise RunStopped(f"push {folder}: {getattr(response, 'error', 'no response')}")
-        invalid = [*response.invalid_dataset_sources, *response.invalid_competition_sources]
-        if invalid:
-            raise RunStopped(f"push {folder}: Kaggle rejected sources {invalid}")
-        return int(response.version_number)
-
-    def kernel_status(self, ref: str, version: int) -> tuple[str, str]:
-        """(status, failure message) of one kernel version, e.g. ('running', '')."""
-        response = self.api.kernels_status(f"{ref}/{version}")
-        return response.status.name.lower(), response.failure_message
-
-    def kernel_output(self, ref: str, version: int, path: Path) -> list[str]:
-        """Download one kernel version's output files (and its log) into path."""
-        files, _ = self.api.kernels_output(f"{ref}/{version}", str(path), force=True, quiet=True)
-        return files
-
-    def kernel_log(self, ref: str, version: int) -> str:
-        """The session log of one kernel version."""
-        return self.api.kernels_logs(f"{ref}/{version}")
-
-    def dataset_version(self, ref: str) -> int | None:
-        """Current version number of a dataset, None when it does not exist."""
-        from requests import HTTPError
-
-        try:
-            payload = self.api.dataset_status(ref, format="json(current_version_number)")
-        except HTTPError as err:
-            if err.response is not None and err.response.status_code == 404:
-                return None
-            raise
-        return int(json.loads(payload)["current_version_number"])
-
-    def dataset_status(self, ref: str) -> str:
-        """Processing status of a dataset's latest version ('ready' once kernels can mount it)."""
-        return self.api.dataset_status(ref)
-
-    def create_dataset(self, folder: Path) -> None:
-        """`kaggle datasets create -p folder --dir-mode zip` (private)."""
-        response = self.api.dataset_create_new(
-            str(folder), public=False, quiet=True, dir_mode="zip"
-        )
-        if response.error:
-            raise RunStopped(f"create dataset from {folder}: {response.error}")
-
-    def version_dataset(self, folder: Path, notes: str) -> None:
-        """`kaggle datasets version -p folder -m notes --dir-mode zip`."""
-        response = self.api.dataset_create_version(
-            str(folder), version_notes=notes, quiet=True, dir_mode="zip"
-        )
-        if response.error:
-            raise RunStopped(f"version dataset from {folder}: {response.error}")
-
-    def submit(
-        self, competition: str, kernel: str, version: int, file_name: str, message: str
-    ) -> str:
-        """Submit a kernel version to a code competition; Kaggle's reply."""
-        response = self.api.competition_submit_code(
-            file_name=file_name,
-            message=message,
-            competition=competition,
-            kernel=kernel,
-            kernel_version=version,
-            quiet=True,
-        )
-        return response.message
-
-
-# ---------------------------------------------------------------- offline plan client
-
-
-class PlanClient:
-    """Answers like a Kaggle where every kernel completes and every upload is ready at once;
-    versions are predicted from the state file (Kaggle assigns the real ones)."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.owner = state["owner"]
-        self.kernels = {k["ref"]: k["version"] for k in state["kernels"].values()}
-        self.datasets = {d["ref"]: d["version"] for d in state["datasets"].values()}
-
-    def push_kernel(self, folder: Path) -> int:
-        ref = kb.read_json(folder / kb.KERNEL_METADATA)["id"]
-        self.kernels[ref] = self.kernels.get(ref, 0) + 1
-        return self.kernels[ref]
-
-    def kernel_status(self, ref: str, version: int) -> tuple[str, str]:
-        return COMPLETE, ""
-
-    def kernel_output(self, ref: str, version: int, path: Path) -> list[str]:
-        return []
-
-    def kernel_log(self, ref: str, version: int) -> str:
-        return ""
-
-    def dataset_version(self, ref: str) -> int | None:
-        return self.datasets.get(ref)
-
-    def dataset_status(self, ref: str) -> str:
-        return "ready"
-
-    def create_dataset(self, folder: Path) -> None:
-        self.datasets[f"{self.owner}/{folder.name}"] = 1
-
-    def version_dataset(self, folder: Path, notes: str) -> None:
-        self.datasets[f"{self.owner}/{folder.name}"] += 1
-
-    def submit(
-        self, competition: str, kernel: str, version: int, file_name: str, message: str
-    ) -> str:
-        return "planned"
-
-
-# ---------------------------------------------------------------- state
-
-
-def empty_state(owner: str) -> dict[str, Any]:
-    """State of a run that has done nothing yet."""
-    return {"owner": owner, "kernels": {}, "datasets": {}, "steps": {}, "submitted": None}
-
-
-def load_state(path: Path, owner: str) -> dict[str, Any]:
-    """The state file, or an empty state; RunStopped when it belongs to another owner."""
-    if not path.is_file():
-        return empty_state(owner)
-    state = json.loads(path.read_text(encoding="utf-8"))
-    if state.get("owner") != owner:
-        raise RunStopped(
-            f"{path} records a run for owner {state.get('owner')!r}, not {owner!r}: "
-            "use another --work-dir for another account"
-        )
-    return state
-
-
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write the state atomically (a crash leaves the old file or the new, never half)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        json.dump(state, out, indent=2)
-        out.write("\n")
-    os.replace(tmp, path)
-
-
-def checksums(root: Path, name: str) -> dict[str, str]:
-    """sha256 of `name` under root (a file, or every file of a folder), by relative path."""
-    target = root / name
-    files = [target] if target.is_file() else sorted(p for p in target.rglob("*") if p.is_file())
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
-
-
-def code_digest(notebook: Path) -> str:
-    """sha256 of a built notebook's cell sources (cell ids are random per build, so not bytes)."""
-    import nbformat
-
-    cells = nbformat.read(notebook, as_version=4).cells
-    return digest_of({"cells": [[cell.cell_type, cell.source] for cell in cells]})
-
-
-def digest_of(items: dict[str, Any]) -> str:
-    """One sha256 for a JSON-able mapping (the content of a dataset to publish)."""
-    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
-
-
-def log_tail(log: str, lines: int = LOG_TAIL_LINES) -> str:
-    """Last lines of a kernel log; Kaggle's log is a JSON list of {stream_name, time, data}."""
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        log = "".join(entry.get("data", "") for entry in json.loads(log))
-    return "\n".join(log.rstrip().splitlines()[-lines:])
-
-
-def _now() -> str:
-    """UTC time stamp for the state file."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    kernel: str
+    folder: Path
+    ref: str
+    against: dict[str, int]
+    why: str
+    notebook: str
+    mount_retry: bool = False
 
 
 # ---------------------------------------------------------------- the run
@@ -335,6 +145,8 @@ class Options:
     only: str | None = None
     timeout_h: float = DEFAULT_TIMEOUT_H
     message: str = "FusionNetX"
+    gpu_sessions: int = kl.DEFAULT_GPU_SESSIONS
+    gpu_hours: float = kl.DEFAULT_GPU_HOURS
     resume_args: list[str] = field(default_factory=list)
 
     def resume_command(self) -> str:
@@ -356,6 +168,8 @@ class Runner:
     ) -> None:
         self.opts, self.plan, self.sleep, self.clock, self.out = opts, plan, sleep, clock, say
         self.failed_checks = 0
+        self.gpu: dict[str, bool] = {}  # kernel -> runs on the GPU image
+        self.pushed_at: dict[str, float] = {}  # kernel -> clock() at its push in this run
         self.state_path = opts.work_dir / STATE_FILE
         state = load_state(self.state_path, opts.owner)
         self.state = copy.deepcopy(state) if plan else state
@@ -402,13 +216,17 @@ class Runner:
 
     def run_step(self, step: Step, forced: bool) -> None:
         """One step; marks it finished in the state."""
+        if step.name == "images":
+            self.check_quota(forced)
         if step.kernels:
             self.kernel_step(step, forced)
+            if step.name == "probe":
+                self.report_probes()
         elif step.dataset:
             self.dataset_step(step, forced)
         elif not self.submit_step(forced):
             return
-        self.state["steps"][step.name] = {"finished": _now()}
+        self.state["steps"][step.name] = {"finished": utc_now()}
         self.save()
 
     def build(self) -> None:
@@ -438,8 +256,10 @@ class Runner:
     # ------------------------------------------------------------ kernels
 
     def kernel_step(self, step: Step, forced: bool) -> None:
-        """Push what is stale, wait for what is running, collect what completed."""
+        """Push what is stale (GPU kernels at most --gpu-sessions at once, the rest queued),
+        wait for what is running, collect what completed."""
         pending: dict[str, dict[str, Any]] = {}
+        queued: list[Queued] = []
         for kernel in step.kernels:
             folder = self.build_dir / kernel
             meta = kb.read_json(folder / kb.KERNEL_METADATA)
@@ -449,22 +269,21 @@ class Runner:
                 kernel, record
             )
             notebook = code_digest(folder / meta["code_file"])
+            self.gpu[kernel] = bool(meta.get("enable_gpu"))
             if reason is None and record["status"] == COMPLETE and "outputs" in record:
                 self.say(step.name, f"{kernel}: v{record['version']} complete, inputs unchanged")
                 if record.get("code_sha256") != notebook:
                     self.say(step.name, f"  note: its code changed; --from {step.name} re-pushes")
                 continue
-            if reason is None:
+            if reason is None and record["status"] == PARTIAL:
+                queued.append(self.continuation(step, kernel, record))
+            elif reason is None:
                 self.say(step.name, f"{kernel}: v{record['version']} {record['status']}, waiting")
+                pending[kernel] = record
             else:
-                record = self.push(step, kernel, folder, meta["id"], against, reason)
-                record["code_sha256"] = notebook
-                if "recipe" in kb.KAGGLE_PARAMETERS.get(kernel, {}):
-                    record["recipe"] = self.opts.recipe
-                self.save()
-            pending[kernel] = record
-        if pending:
-            self.wait_kernels(step, pending)
+                queued.append(Queued(kernel, folder, meta["id"], against, reason, notebook))
+        if pending or queued:
+            self.wait_kernels(step, pending, queued)
 
     def recipe_change(self, kernel: str, record: dict[str, Any] | None) -> str | None:
         """Why a kernel that takes the recipe must run again under this run's recipe (a state
@@ -495,19 +314,105 @@ class Runner:
         version = self.client.push_kernel(folder)
         inputs = ", ".join(f"{slug} v{v}" for slug, v in against.items()) or "no datasets"
         self.say(step.name, f"push {ref} -> v{version} ({why}; against {inputs})")
-        record = {"ref": ref, "version": version, "against": against, "status": "pushed"}
+        record = {
+            "ref": ref,
+            "version": version,
+            "against": against,
+            "status": "pushed",
+            "folder": str(folder),
+        }
         self.state["kernels"][kernel] = record
         return record
 
-    def wait_kernels(self, step: Step, pending: dict[str, dict[str, Any]]) -> None:
+    def check_quota(self, forced: bool) -> None:
+        """Print the projected GPU-hours of the image kernels still to run and the submission;
+        stop before pushing any when they may exceed what --gpu-hours leaves."""
+        todo = [
+            kernel
+            for kernel in IMAGE_KERNELS
+            if forced or self.state["kernels"].get(kernel, {}).get("status") != COMPLETE
+        ]
+        lines, refusal = quota.quota_lines(
+            [*todo, kb.SUBMISSION_KERNEL], self.state, self.opts.gpu_hours
+        )
+        for line in lines:
+            self.say("images", line)
+        if refusal:
+            raise RunStopped(refusal)
+        failed = smoke.smoke_failures(self.state.get("smoke"))
+        if failed and todo:
+            raise RunStopped(
+                "the GPU smoke test in 00_probe_gpu failed, so the image kernels would too: "
+                + "; ".join(failed)
+                + f" (tracebacks in {self.opts.work_dir / 'outputs' / '00_probe_gpu'}); once "
+                "fixed, rerun the probes with --only probe"
+            )
+
+    def report_probes(self) -> None:
+        """Keep the probes' findings in the state and print each difference from
+        requirements-kaggle.txt; stop on a library the kernels would stop on anyway."""
+        if self.plan:
+            self.say("probe", "  compare both images with requirements-kaggle.txt (printed here)")
+            return
+        pins = probe.requirement_pins((kb.REPO_ROOT / "requirements-kaggle.txt").read_text())
+        blocking_all = []
+        for kernel in PROBE_KERNELS:
+            path = self.opts.work_dir / "outputs" / kernel / PRODUCES[kernel]
+            found = json.loads(path.read_text(encoding="utf-8"))
+            self.state.setdefault("probes", {})[found.get("image", kernel)] = found
+            measured = path.parent / smoke.SMOKE_FILE
+            if measured.is_file():
+                self.state["smoke"] = json.loads(measured.read_text(encoding="utf-8"))
+                self.say("probe", f"  GPU smoke: {smoke.smoke_summary(self.state['smoke'])}")
+            blocking, notes = probe.differences(found, pins)
+            blocking_all += blocking
+            for line in notes:
+                self.say("probe", f"  differs: {line}")
+            if not notes and not blocking:
+                self.say("probe", f"  {kernel}: as requirements-kaggle.txt pins")
+        self.save()
+        if blocking_all:
+            raise RunStopped(
+                "the kernels would stop in their first cell: " + "; ".join(blocking_all)
+            )
+
+    def gpu_busy(self, pending: dict[str, dict[str, Any]]) -> int:
+        """GPU sessions this run holds: its GPU kernels pushed and not ended."""
+        return sum(self.gpu.get(kernel, False) for kernel in pending)
+
+    def push_queued(
+        self, step: Step, pending: dict[str, dict[str, Any]], queued: list[Queued]
+    ) -> None:
+        """Push queued kernels in order while a GPU session is free; a cap refusal is a wait."""
+        while queued:
+            item = queued[0]
+            if self.gpu[item.kernel] and self.gpu_busy(pending) >= self.opts.gpu_sessions:
+                return
+            try:
+                record = self.push(step, item.kernel, item.folder, item.ref, item.against, item.why)
+            except kl.SessionCapReached as err:
+                self.say(step.name, f"  {item.kernel}: Kaggle's GPU session cap ({err}); waiting")
+                return
+            record["code_sha256"] = item.notebook
+            if "recipe" in kb.KAGGLE_PARAMETERS.get(item.kernel, {}):
+                record["recipe"] = self.opts.recipe
+            if item.mount_retry:
+                record["mount_retry"] = True
+            self.save()
+            self.pushed_at[item.kernel] = self.clock()
+            pending[item.kernel] = record
+            queued.pop(0)
+
+    def wait_kernels(
+        self, step: Step, pending: dict[str, dict[str, Any]], queued: list[Queued]
+    ) -> None:
         """Poll with back-off until each completes (collect it) or one fails or times out."""
         if self.plan:
-            for kernel, record in pending.items():
-                self.say(step.name, f"  wait for {kernel} v{record['version']}, then download")
-                record.update(status=COMPLETE, outputs={"planned": record["version"]})
+            self.plan_kernels(step, pending, queued)
             return
         start, delay = self.clock(), POLL_FIRST_S
         while True:
+            self.push_queued(step, pending, queued)
             elapsed = format_duration(self.clock() - start)
             for kernel, record in list(pending.items()):
                 answer = self.check(step, kernel, record)
@@ -516,31 +421,94 @@ class Runner:
                 status, message = answer
                 self.say(step.name, f"  {kernel} v{record['version']}: {status} after {elapsed}")
                 record["status"] = status
+                if status == COMPLETE or status in FAILED:
+                    self.account_gpu(kernel)
                 self.save()
                 if status == COMPLETE:
                     self.collect(step, kernel, record)
                     del pending[kernel]
+                    if record["status"] == PARTIAL:
+                        queued.insert(0, self.continuation(step, kernel, record))
                 elif status in FAILED:
-                    raise RunStopped(self.failure_text(kernel, record, message))
-            if not pending:
+                    del pending[kernel]
+                    self.after_failure(step, kernel, record, message, queued)
+            if not pending and not queued:
                 return
             if self.clock() - start >= self.opts.timeout_h * 3600:
-                names = ", ".join(
-                    f"{k} v{r['version']} ({r['status']})" for k, r in pending.items()
+                self.timed_out(pending, queued)
+            if pending:
+                self.sleep(delay)
+                delay = min(2 * delay, POLL_MAX_S)
+
+    def plan_kernels(
+        self, step: Step, pending: dict[str, dict[str, Any]], queued: list[Queued]
+    ) -> None:
+        """The plan: what is pushed at once, what waits for a GPU session, then the download."""
+        for kernel, record in pending.items():
+            self.say(step.name, f"  wait for {kernel} v{record['version']}, then download")
+            record.update(status=COMPLETE, outputs={"planned": record["version"]})
+        running: list[str] = []
+        for item in queued:
+            if self.gpu[item.kernel] and len(running) >= self.opts.gpu_sessions:
+                ends = running.pop(0)
+                self.say(
+                    step.name,
+                    f"queue {item.kernel}: {self.opts.gpu_sessions} GPU sessions busy "
+                    f"(--gpu-sessions), pushed when {ends} ends",
                 )
-                raise RunStopped(
-                    f"timed out after {self.opts.timeout_h:g} h waiting for {names}; "
-                    "they may still be running on Kaggle: resuming waits for them again"
-                    + "".join(f"\n{self.tail_text(r)}" for r in pending.values())
-                )
-            self.sleep(delay)
-            delay = min(2 * delay, POLL_MAX_S)
+            record = self.push(step, item.kernel, item.folder, item.ref, item.against, item.why)
+            running += [item.kernel] if self.gpu[item.kernel] else []
+            record.update(status=COMPLETE, outputs={"planned": record["version"]})
+        if queued:
+            names = ", ".join(item.kernel for item in queued)
+            self.say(step.name, f"  wait for {names}; download each as it completes")
+
+    def timed_out(self, pending: dict[str, dict[str, Any]], queued: list[Queued]) -> None:
+        """Stop after --timeout-h: name what is still running and what never got a session."""
+        names = ", ".join(f"{k} v{r['version']} ({r['status']})" for k, r in pending.items())
+        names += "".join(f", {q.kernel} (queued, not pushed)" for q in queued)
+        raise RunStopped(
+            f"timed out after {self.opts.timeout_h:g} h waiting for {names.lstrip(', ')}; "
+            "they may still be running on Kaggle: resuming waits for them again"
+            + "".join(f"\n{self.tail_text(r)}" for r in pending.values())
+        )
+
+    def after_failure(
+        self,
+        step: Step,
+        kernel: str,
+        record: dict[str, Any],
+        message: str,
+        queued: list[Queued],
+    ) -> None:
+        """A failed kernel: pushed again once when an input was not mounted yet, else stop."""
+        log = self.client.kernel_log(record["ref"], record["version"])
+        if kl.is_mount_race(f"{message}\n{log_tail(log)}") and not record.get("mount_retry"):
+            self.say(step.name, f"  {kernel}: an input was not mounted yet; pushing it once more")
+            folder = Path(record.get("folder", self.build_dir / kernel))  # a continuation's own
+            notebook = record.get("code_sha256", "")
+            why = f"an input was not mounted in v{record['version']}"
+            retry = Queued(kernel, folder, record["ref"], record["against"], why, notebook, True)
+            queued.insert(0, retry)
+            return
+        raise RunStopped(self.failure_text(kernel, record, message))
+
+    def account_gpu(self, kernel: str) -> None:
+        """Add a GPU kernel's session time (push to end, as seen from here) to the state."""
+        if not self.gpu.get(kernel) or kernel not in self.pushed_at:
+            return
+        spent = self.state.setdefault("gpu_seconds", {})
+        spent[kernel] = spent.get(kernel, 0.0) + self.clock() - self.pushed_at.pop(kernel)
 
     def check(self, step: Step, kernel: str, record: dict[str, Any]) -> tuple[str, str] | None:
-        """kernel_status, or None after a network error (raised once it keeps happening)."""
+        """kernel_status, or None after a network error (raised once it keeps happening) or a
+        403 (a version Kaggle does not show yet: pending)."""
         try:
             answer = self.client.kernel_status(record["ref"], record["version"])
         except OSError as err:
+            if kl.http_status(err) == 403:
+                self.say(step.name, f"  {kernel} v{record['version']}: not visible yet (403)")
+                return None
             self.failed_checks += 1
             if self.failed_checks >= MAX_FAILED_CHECKS:
                 raise
@@ -576,34 +544,80 @@ class Runner:
             found = sorted(p.name for p in dest.iterdir())
             raise RunStopped(f"{kernel} completed but its output has no {name!r} (got {found})")
         record["outputs"] = checksums(dest, name)
+        progress = dest / name / PROGRESS_FILE
+        if progress.is_file():  # the session's time budget left folds for the next one
+            record.update(status=PARTIAL, progress=json.loads(progress.read_text()))
         self.save()
         count = len(record["outputs"])
         self.say(step.name, f"  downloaded {name} ({count} file{'s' * (count != 1)}) to {dest}")
 
+    def continuation(self, step: Step, kernel: str, record: dict[str, Any]) -> Queued:
+        """The next session of an image kernel whose time budget left folds: built to train
+        only those, resuming from its own last output (a kernel source), never the same code."""
+        remaining = record["progress"]["remaining"]
+        params, own = kb.image_kernel_parameters(
+            kb.KERNELS_DIR / kernel, kb.KAGGLE_PARAMETERS[kernel], remaining, continue_run=True
+        )
+        repo_ids = frozenset(kb.defined_datasets().values())
+        folder = kb.build_kernel(
+            kb.KERNELS_DIR / kernel, self.build_dir / "continue", self.opts.owner, params,
+            repo_ids=repo_ids, kernel_sources=own,
+        )  # fmt: skip
+        notebook = code_digest(folder / f"{kernel}.ipynb")
+        done = record["progress"]["finished"]
+        why = f"continue folds {remaining} of v{record['version']} (folds {done} finished)"
+        self.say(step.name, f"  {kernel}: v{record['version']} ran out of its time budget; {why}")
+        return Queued(kernel, folder, record["ref"], record["against"], why, notebook)
+
     # ------------------------------------------------------------ datasets
 
     def dataset_step(self, step: Step, forced: bool) -> None:
-        """Create the dataset, or version it when its content changed; wait until it is ready."""
+        """Create the dataset, or version it when its content changed; wait until it is ready.
+        An upload this run made and never saw ready (Kaggle answers 403 while it processes) is
+        waited for, not uploaded again."""
         slug = step.dataset
         ref = f"{self.opts.owner}/{slug}"
         record = self.state["datasets"].get(slug)
         content = self.dataset_content(slug)
+        uploads = self.state.setdefault("uploads", {})
+        upload = uploads.get(slug)
         current = self.client.dataset_version(ref)
-        if slug == kb.WEIGHTS_DATASET and current is not None and not forced:
+        if upload and upload["digest"] == digest_of(content) and not forced:
+            self.say(step.name, f"{ref}: the upload of {upload['at']} is still processing")
+        elif slug == kb.WEIGHTS_DATASET and current is not None and not forced:
             if record is None or record["version"] != current:
                 self.say(step.name, f"{ref} exists on Kaggle (v{current}): using it")
             else:
                 self.say(step.name, f"{ref} v{current} is up to date")
-            self.state["datasets"][slug] = {"ref": ref, "version": current, "digest": None}
+            version = self.wait_dataset(step, ref)
+            self.state["datasets"][slug] = {"ref": ref, "version": version, "digest": None}
             return
-        if record and current is not None and record["digest"] == digest_of(content) and not forced:
-            if current != record["version"]:
-                self.say(
-                    step.name, f"{ref}: v{record['version']} -> v{current} (changed on Kaggle)"
-                )
-                record["version"] = current
-            self.say(step.name, f"{ref} v{current} is up to date")
-            return
+        elif record and current is not None and record["digest"] == digest_of(content):
+            if not forced:
+                if current != record["version"]:
+                    self.say(
+                        step.name, f"{ref}: v{record['version']} -> v{current} (changed on Kaggle)"
+                    )
+                    record["version"] = current
+                self.say(step.name, f"{ref} v{current} is up to date")
+                return
+            self.upload(step, ref, slug, current, content)
+        else:
+            self.upload(step, ref, slug, current, content)
+        version = self.wait_dataset(step, ref)
+        self.state["datasets"][slug] = {
+            "ref": ref,
+            "version": version,
+            "digest": digest_of(content),
+        }
+        uploads.pop(slug, None)
+        self.save()
+        self.say(step.name, f"{ref} v{version} ready")
+
+    def upload(
+        self, step: Step, ref: str, slug: str, current: int | None, content: dict[str, Any]
+    ) -> None:
+        """Create (no version yet) or version the dataset; record the upload before waiting."""
         folder = self.dataset_folder(slug)
         if current is None:
             self.client.create_dataset(folder)
@@ -611,14 +625,8 @@ class Runner:
         else:
             self.client.version_dataset(folder, f"{self.opts.message}: new {slug} outputs")
             self.say(step.name, f"version {ref} (was v{current}) from {folder}")
-        version = self.wait_dataset(step, ref)
-        self.state["datasets"][slug] = {
-            "ref": ref,
-            "version": version,
-            "digest": digest_of(content),
-        }
+        self.state.setdefault("uploads", {})[slug] = {"digest": digest_of(content), "at": utc_now()}
         self.save()
-        self.say(step.name, f"{ref} v{version} ready")
 
     def dataset_content(self, slug: str) -> dict[str, Any]:
         """What a dataset would hold: the output checksums of the kernels that produce it."""
@@ -658,19 +666,42 @@ class Runner:
         return kb.build_dataset(slug, source, out, self.opts.owner)
 
     def wait_dataset(self, step: Step, ref: str) -> int:
-        """Poll until Kaggle has processed the upload; its version number."""
+        """Poll until Kaggle has processed the upload; its version number. A 403 means still
+        processing; a dropped connection or a 5xx is asked again with back-off."""
         start, delay = self.clock(), POLL_FIRST_S
         while True:
-            status = self.client.dataset_status(ref)
-            if status == "ready":
-                return int(self.client.dataset_version(ref))
+            status = self.dataset_state(step, ref)
+            version = self.dataset_version_now(step, ref) if status == "ready" else None
+            if version is not None:
+                return version
             self.say(step.name, f"  {ref}: {status} after {format_duration(self.clock() - start)}")
             if status in ("failed", "deleted"):
+                self.state.get("uploads", {}).pop(kb.split_ref(ref)[1], None)
+                self.save()  # the resume uploads it again
                 raise RunStopped(f"Kaggle could not process {ref}: status {status}")
             if self.clock() - start >= self.opts.timeout_h * 3600:
                 raise RunStopped(f"timed out waiting for {ref} to become ready ({status})")
             self.sleep(delay)
             delay = min(2 * delay, POLL_MAX_S)
+
+    def dataset_state(self, step: Step, ref: str) -> str:
+        """dataset_status, 'pending (403)' while Kaggle does not show it yet."""
+        say = lambda text: self.say(step.name, text)  # noqa: E731
+        try:
+            return kl.retry_transient(
+                lambda: self.client.dataset_status(ref), f"{ref} status", self.sleep, say
+            )
+        except OSError as err:
+            if kl.http_status(err) == 403:
+                return "pending (403)"
+            raise
+
+    def dataset_version_now(self, step: Step, ref: str) -> int | None:
+        """The ready dataset's version (None while it still answers 403)."""
+        say = lambda text: self.say(step.name, text)  # noqa: E731
+        return kl.retry_transient(
+            lambda: self.client.dataset_version(ref), f"{ref} version", self.sleep, say
+        )
 
     # ------------------------------------------------------------ submit
 
@@ -690,17 +721,53 @@ class Runner:
         done = self.state.get("submitted")
         if done and done["ref"] == ref and done["version"] == version and not forced:
             self.say("submit", f"{ref} v{version} was already submitted ({done['reply']})")
+            if done.get("status", sub.PENDING) == sub.PENDING:
+                self.follow(done)
+            else:
+                self.say("submit", f"  {sub.outcome(done)}")
             return True
         if not self.opts.submit:
             self.say("submit", f"to submit, run: {self.submit_command(ref, version)}")
-            self.say("submit", "(or rerun with --submit)")
+            self.say(
+                "submit",
+                "(or rerun with --submit: it then polls the submission until Kaggle scores it "
+                "and prints the public score or the error)",
+            )
             return False
         message = f"{self.opts.message} v{version}"
         reply = self.client.submit(kb.COMPETITION, ref, version, SUBMISSION_FILE, message)
-        self.state["submitted"] = {"ref": ref, "version": version, "reply": reply, "at": _now()}
+        done = {"ref": ref, "version": version, "reply": reply, "at": utc_now(), "message": message}
+        self.state["submitted"] = done
+        self.save()
         verb = "would submit" if self.plan else "submitted"
         self.say("submit", f"{verb} {ref} v{version} to {kb.COMPETITION}: {reply}")
+        self.follow(done)
         return True
+
+    def follow(self, done: dict[str, Any]) -> None:
+        """Poll the submission until it is scored or failed; record and print the outcome."""
+        if self.plan:
+            self.say("submit", "  then poll it until scored; print the public score or the error")
+            return
+        description = done.get("message", f"{self.opts.message} v{done['version']}")
+        try:
+            found = sub.follow_submission(
+                lambda: self.client.latest_submission(kb.COMPETITION),
+                description,
+                self.sleep,
+                self.clock,
+                lambda text: self.say("submit", text),
+                self.opts.timeout_h * 3600,
+            )
+        except sub.SubmissionNotFound as err:
+            self.say("submit", f"  cannot follow the submission: {err}")
+            return
+        done.update({k: found.get(k) for k in ("status", "public_score", "error")})
+        done["submission_ref"] = found.get("ref")
+        self.save()
+        self.say("submit", f"  {sub.outcome(found)}")
+        if found["status"] == sub.FAILED:
+            raise RunStopped(f"Kaggle could not score the submission: {found.get('error')}")
 
 
 def push_reason(
@@ -754,6 +821,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the plan; no network")
     parser.add_argument("--timeout-h", type=float, default=DEFAULT_TIMEOUT_H, help="per kernel")
     parser.add_argument("--message", default="FusionNetX", help="submission / version note")
+    parser.add_argument(
+        "--gpu-sessions",
+        type=int,
+        default=kl.DEFAULT_GPU_SESSIONS,
+        help="GPU kernels running at once (Kaggle's per-account cap); the rest are queued",
+    )
+    parser.add_argument(
+        "--gpu-hours",
+        type=float,
+        default=kl.DEFAULT_GPU_HOURS,
+        help="refuse the image step when its projected GPU-hours exceed this (weekly quota)",
+    )
     return parser.parse_args(argv)
 
 
@@ -771,6 +850,10 @@ def options_from(args: argparse.Namespace) -> Options:
         resume += ["--message", args.message]
     if args.recipe != "paper":
         resume += ["--recipe", args.recipe]
+    if args.gpu_sessions != kl.DEFAULT_GPU_SESSIONS:
+        resume += ["--gpu-sessions", str(args.gpu_sessions)]
+    if args.gpu_hours != kl.DEFAULT_GPU_HOURS:
+        resume += ["--gpu-hours", f"{args.gpu_hours:g}"]
     resume += [flag for flag, on in (("--tune", args.tune), ("--submit", args.submit)) if on]
     return Options(
         owner=owner,
@@ -783,6 +866,8 @@ def options_from(args: argparse.Namespace) -> Options:
         only=args.only,
         timeout_h=args.timeout_h,
         message=args.message,
+        gpu_sessions=args.gpu_sessions,
+        gpu_hours=args.gpu_hours,
         resume_args=resume,
     )
 
@@ -794,9 +879,10 @@ def main(argv: list[str] | None = None, client: KaggleClient | None = None) -> i
     try:
         opts = options_from(args)
         if not args.dry_run and client is None:
+            kl.check_client_version()
             client = KaggleApiClient()
         Runner(client, opts, plan=args.dry_run).run()
-    except (RunStopped, kb.KaggleBuildError) as err:
+    except (RunStopped, kb.KaggleBuildError, kl.ClientVersionError) as err:
         print(err, file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -32,7 +32,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +429,19 @@ def prepare_tuning_dir(out: Path, setup: Mapping[str, Any], force: bool) -> None
     write_json(path, {"setup": setup, "setup_hash": key})
 
 
+# The full preset's default `timeout` per kind's study: three kinds take at most 9 h of trials,
+# leaving 3 h of a 12-hour Kaggle session for loading, features and the best-parameter tables.
+# A session Kaggle stops at 12 h loses its whole output, the finished trials included.
+FULL_TIMEOUT_S = 3 * 3600.0
+
+
+def with_time_budget(config: TuneConfig) -> TuneConfig:
+    """The config with FULL_TIMEOUT_S per study in the full preset when no timeout is given."""
+    if config.preset == "full" and config.timeout is None:
+        return replace(config, timeout=FULL_TIMEOUT_S)
+    return config
+
+
 def run_tuning(
     data_dir: str | Path,
     output_dir: str | Path,
@@ -440,7 +453,7 @@ def run_tuning(
 ) -> TuningRun:
     """Stage 2 entry: stage 3's training frame, the studies, best_params.json, tables, plots and
     the manifest in `<output_dir>/tuning/`. `overrides` are TuneConfig fields (None: preset's)."""
-    config = resolve(preset, recipe, tuning=overrides).tuning
+    config = with_time_budget(resolve(preset, recipe, tuning=overrides).tuning)
     gbdt = gbdt_config(config)  # the recipe's feature groups: trials see stage 3's columns
     data = load_training_frame(
         data_dir,

@@ -211,7 +211,7 @@ def analytic(args: argparse.Namespace, decode: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--train-batch", type=int, default=32, help="TrainConfig.batch_size")
+    parser.add_argument("--train-batch", type=int, default=32, help="ImageConfig.batch_size")
     parser.add_argument("--infer-batch", type=int, default=128, help="eval_batch_size")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--test-images", type=int, default=500_000)

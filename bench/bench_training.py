@@ -11,7 +11,7 @@ the CPU side is the augmentation and decode rates measured here per core (bench_
 128 px JPEG) times the DataLoader workers. A phase costs the larger of the two (the loader
 overlaps them). Images per fold, with k folds, N rows, P positives of the training label and
 P_t of the real target (validation and OOF always use the real target):
-- after (the recipe, utils.settings.TrainConfig): training pos_repeat x P (k-1)/k positives plus
+- after (the recipe, utils.settings.ImageConfig): training pos_repeat x P (k-1)/k positives plus
   neg_ratio as many negatives per epoch; validation every P_t/k held-out positive plus
   val_neg_per_pos negatives per positive per epoch; one OOF pass over the N/k held-out rows.
 - before (the sampler the reference recipe replaced): training P (k-1)/k positives plus 20
@@ -57,7 +57,7 @@ from utils.image.data import train_transforms  # noqa: E402
 from utils.image.models import ImageModel  # noqa: E402
 from utils.image.predict import to_device  # noqa: E402
 from utils.io import decode_jpeg  # noqa: E402
-from utils.settings import IMAGE_MODELS, TrainConfig, image_config  # noqa: E402
+from utils.settings import IMAGE_MODELS, ImageConfig, image_config  # noqa: E402
 
 ROWS, MALIGNANT = 401_059, 393  # ISIC 2024 train-metadata.csv
 GOAL_HOURS = 4.0  # a training kernel: one image model, all folds, one T4
@@ -78,7 +78,7 @@ class Images:
 
 
 def fold_images(
-    cfg: TrainConfig, rows: int, positives: int, malignant: int, recipe: bool
+    cfg: ImageConfig, rows: int, positives: int, malignant: int, recipe: bool
 ) -> Images:
     """Images per fold of a run of `cfg`: the reference recipe (`recipe`) or the earlier sampler."""
     share = (cfg.n_folds - 1) / cfg.n_folds

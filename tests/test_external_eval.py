@@ -46,7 +46,7 @@ PARAMETERS = {
     "preset",
     "recipe",
     "image_models",
-    "folds",
+    "n_folds",
     "epochs",
     "image_size",
     "batch_size",

@@ -554,7 +554,7 @@ def test_built_vit_kernel_trains_from_the_weights_dataset_off_repo(tmp_path, syn
     weights.parent.mkdir(parents=True)
     torch.save(timm.create_model(BACKBONES["vit_tiny"].timm_name).state_dict(), weights)
     kernel, folder = "01_image_vit_tiny", kb.KERNELS_DIR / "01_image_vit_tiny"
-    demo = {"output_dir": ".", "preset": "demo", "folds": 2, "epochs": 1, "image_size": 32}
+    demo = {"output_dir": ".", "preset": "demo", "n_folds": 2, "epochs": 1, "image_size": 32}
     params = {**kb.KAGGLE_PARAMETERS[kernel], **demo, "num_workers": 0}
 
     first, _ = kb.image_kernel_parameters(folder, params, [0], continue_run=False)
@@ -583,7 +583,7 @@ def test_built_vit_kernel_trains_from_the_weights_dataset_off_repo(tmp_path, syn
 
 
 def test_continue_build_renders_the_kernels_own_output_and_folds(tmp_path):
-    out = kb.build_all(tmp_path / "b", "alice", train_folds=[2, 3], continue_run=True)
+    out = kb.build_all(tmp_path / "b", "alice", folds=[2, 3], continue_run=True)
     image = next(p for p in out if p.name == "01_image_vit_small_suspicious")
     meta = kb.read_json(image / kb.KERNEL_METADATA)
     assert meta["kernel_sources"] == ["alice/fusionnetx-isic2024-vit-small-suspicious"]
@@ -591,7 +591,7 @@ def test_continue_build_renders_the_kernels_own_output_and_folds(tmp_path):
     injected = next(
         "".join(c["source"]) for c in cells if kb.INJECTED_TAG in c["metadata"].get("tags", [])
     )
-    assert "train_folds = [2, 3]" in injected
+    assert "folds = [2, 3]" in injected
     assert (
         "resume_from = str(input_path('fusionnetx-isic2024-vit-small-suspicious', "
         "'vit_small_suspicious', owner='alice').parent)"

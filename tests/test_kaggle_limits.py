@@ -264,7 +264,7 @@ def test_an_image_session_out_of_time_is_continued_not_pushed_again(tmp_path, we
         for c in notebook["cells"]
         if kb.INJECTED_TAG in c["metadata"].get("tags", [])
     )
-    assert "train_folds = [2, 3, 4]" in injected and "resume_from = str(input_path(" in injected
+    assert "folds = [2, 3, 4]" in injected and "resume_from = str(input_path(" in injected
     assert any("ran out of its time budget; continue folds [2, 3, 4] of v1" in x for x in lines)
     record = state_of(tmp_path)["kernels"][kernel]
     assert record["version"] == 2 and record["status"] == "complete"

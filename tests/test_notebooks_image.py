@@ -14,11 +14,11 @@ from utils.settings import IMAGE_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {name: REPO / "notebooks" / f"01_image_{name}.ipynb" for name in IMAGE_MODELS}
-PARAMETERS = {"data_dir", "output_dir", "preset", "recipe", "folds", "epochs", "image_size"}
+PARAMETERS = {"data_dir", "output_dir", "preset", "recipe", "n_folds", "epochs", "image_size"}
 PARAMETERS |= {"batch_size", "weights_path", "num_workers"}
 # a fold selection and an earlier output to continue (one model over several Kaggle
 # sessions), and the explicit switch that lets `full` train without pretrained weights
-PARAMETERS |= {"train_folds", "resume_from", "allow_random_init"}
+PARAMETERS |= {"folds", "resume_from", "allow_random_init"}
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))

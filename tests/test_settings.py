@@ -17,7 +17,7 @@ from utils.settings import (
     PAPER_GBDT_PARAMS,
     RECIPES,
     GBDTConfig,
-    TrainConfig,
+    ImageConfig,
     image_config,
     resolve,
 )
@@ -134,7 +134,7 @@ def test_image_config_full_is_the_papers_table_1():
     with pytest.raises(ValueError, match="label"):
         dataclasses.replace(cfg, label="iddx")
     with pytest.raises(ValueError, match="backbone"):
-        TrainConfig(backbone="resnet50")
+        ImageConfig(backbone="resnet50")
 
 
 def test_pipeline_passes_names_and_paths_only(tmp_path):
@@ -168,11 +168,11 @@ def test_paper_recipe_is_the_reference_training_recipe(preset):
 
 
 def test_train_config_rejects_unknown_pool_and_bad_repeat():
-    assert TrainConfig(pool="avg").pool == "avg"
+    assert ImageConfig(pool="avg").pool == "avg"
     with pytest.raises(ValueError, match="pool"):
-        TrainConfig(pool="max")
+        ImageConfig(pool="max")
     with pytest.raises(ValueError, match="pos_repeat"):
-        TrainConfig(pos_repeat=0)
+        ImageConfig(pos_repeat=0)
 
 
 @pytest.mark.parametrize(

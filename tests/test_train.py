@@ -24,12 +24,12 @@ from utils.io import DataDir, HDF5Images
 from utils.labels import suspicious_label
 from utils.manifest import verify_manifest
 from utils.oof import read_oof
-from utils.settings import TrainConfig, image_config
+from utils.settings import ImageConfig, image_config
 
 SIZE = 32
 
 
-def tiny_config(**overrides) -> TrainConfig:
+def tiny_config(**overrides) -> ImageConfig:
     base = image_config(
         "vit_tiny", "demo", n_folds=2, epochs=2, image_size=SIZE, batch_size=16, num_workers=0
     )

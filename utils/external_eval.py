@@ -48,7 +48,7 @@ from utils.image.train import train_image_model
 from utils.layout import METRICS_FILE, PREDICTIONS_FILE
 from utils.manifest import set_aside, write_json, write_manifest
 from utils.metric import pauc
-from utils.settings import ExternalEvalConfig, TrainConfig, image_config, resolve
+from utils.settings import ExternalEvalConfig, ImageConfig, image_config, resolve
 from utils.tabular.cv import CVResult, cross_validate
 from utils.tabular.features import join_image_oofs, one_hot_names
 from utils.tabular.gbdt import apply_blend, feature_groups
@@ -259,7 +259,7 @@ def fusion_variants(
     }
 
 
-def external_image_config(model: str, cfg: ExternalEvalConfig) -> TrainConfig:
+def external_image_config(model: str, cfg: ExternalEvalConfig) -> ImageConfig:
     """Stage 1 config of `model` for this evaluation (same folds and seed)."""
     return image_config(
         model,

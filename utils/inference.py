@@ -72,7 +72,7 @@ from utils.layout import (
     SUBMISSION_FILE,
 )
 from utils.manifest import atomic_output, write_json
-from utils.settings import InferenceConfig, TrainConfig, resolve
+from utils.settings import ImageConfig, InferenceConfig, resolve
 from utils.submission_checks import (  # noqa: F401 - check_image_model, ...: the kernel's API
     ImagePlan,
     ModelCheck,
@@ -189,7 +189,7 @@ def measure_images_per_s(
     return 2 * n / max(t_long, 1e-9)
 
 
-def forward_gflops(model_cfg: TrainConfig) -> float:
+def forward_gflops(model_cfg: ImageConfig) -> float:
     """Forward GFLOPs of one image through the architecture `model_cfg` trains (2 per
     multiply-add; matmuls and convolutions), counted by torch's FlopCounterMode on the meta
     device: shapes only, no weights initialised or read (well under a second per model)."""

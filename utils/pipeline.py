@@ -172,7 +172,7 @@ def _weights_path(run: Run, model: str) -> str | None:
 
 def _image_stage(model: str) -> Stage:
     """Stage 1 for one image model: no recipe among its parameters, since no recipe changes
-    stage 1 (TrainConfig's identity leaves it out too), so switching it reuses every image run."""
+    stage 1 (ImageConfig's identity leaves it out too), so switching it reuses every image run."""
     return Stage(
         name=f"image_{model}",
         notebook=f"01_image_{model}.ipynb",

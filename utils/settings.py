@@ -27,8 +27,8 @@ from utils.notebook_params import list_parameter, mapping_parameter
 RECIPES = ("paper", "plus")
 BLENDS = ("equal", "nested")  # GBDTConfig.blend: soft vote, or weights fitted on the OOF
 LABELS = ("target", "suspicious")
-OOF_EPOCHS = ("best", "last")  # TrainConfig.oof_epoch
-VALIDATE_ON = ("label", "target")  # TrainConfig.validate_on
+OOF_EPOCHS = ("best", "last")  # ImageConfig.oof_epoch
+VALIDATE_ON = ("label", "target")  # ImageConfig.validate_on
 POOLINGS = ("multiscale_gem", "token")
 
 # The one fold assignment (utils.folds): StratifiedGroupKFold by patient, this many splits, seed.
@@ -44,7 +44,7 @@ class ImageModelSpec:
     """One image model of the method: backbone (image.models.BACKBONES), label, pooling head."""
 
     backbone: str
-    label: str  # training label (and, with TrainConfig.validate_on "label", the validation's)
+    label: str  # training label (and, with ImageConfig.validate_on "label", the validation's)
     pooling: str  # must be the head utils.image.models gives this backbone (a test checks it)
 
     def __post_init__(self):
@@ -77,7 +77,7 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class ImageConfig:
     """Everything that fixes one image-model run (stage 1); saved in its config.json."""
 
     model_name: str = "convnextv2_nano"
@@ -136,26 +136,26 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.backbone not in BACKBONE_NAMES:
-            raise ValueError(f"TrainConfig: unknown backbone {self.backbone!r}")
+            raise ValueError(f"ImageConfig: unknown backbone {self.backbone!r}")
         if self.label not in LABELS:
-            raise ValueError(f"TrainConfig: label must be one of {LABELS}, got {self.label!r}")
+            raise ValueError(f"ImageConfig: label must be one of {LABELS}, got {self.label!r}")
         if self.n_folds < 2:
-            raise ValueError(f"TrainConfig: n_folds must be >= 2, got {self.n_folds}")
+            raise ValueError(f"ImageConfig: n_folds must be >= 2, got {self.n_folds}")
         if self.pool not in (None, *POOLINGS, "avg"):
-            raise ValueError(f"TrainConfig: unknown pool {self.pool!r}")
+            raise ValueError(f"ImageConfig: unknown pool {self.pool!r}")
         if self.pos_repeat < 1:
-            raise ValueError(f"TrainConfig: pos_repeat must be >= 1, got {self.pos_repeat}")
+            raise ValueError(f"ImageConfig: pos_repeat must be >= 1, got {self.pos_repeat}")
         if self.validate_on not in VALIDATE_ON:
             raise ValueError(
-                f"TrainConfig: validate_on must be one of {VALIDATE_ON}, got {self.validate_on!r}"
+                f"ImageConfig: validate_on must be one of {VALIDATE_ON}, got {self.validate_on!r}"
             )
         if self.oof_epoch not in OOF_EPOCHS:
             raise ValueError(
-                f"TrainConfig: oof_epoch must be one of {OOF_EPOCHS}, got {self.oof_epoch!r}"
+                f"ImageConfig: oof_epoch must be one of {OOF_EPOCHS}, got {self.oof_epoch!r}"
             )
 
 
-# TrainConfig fields that never change stage 1's output, so they stay out of a run's identity
+# ImageConfig fields that never change stage 1's output, so they stay out of a run's identity
 # (utils.image.train.run_record's config_hash, which decides reuse and resume): `recipe` names
 # stage 3's choices (switching it never retrains an image model), `preset` names a size table
 # whose stage 1 values are the other fields themselves, and the loader settings change speed only.
@@ -287,7 +287,7 @@ class Settings:
     preset: str
     recipe: str
     data: SyntheticConfig
-    image: TrainConfig  # template; `image_config` fills in the model
+    image: ImageConfig  # template; `image_config` fills in the model
     tuning: TuneConfig
     gbdt: GBDTConfig
     inference: InferenceConfig
@@ -376,7 +376,7 @@ def _full(recipe: str) -> Settings:
         data=SyntheticConfig(
             rows=20_000, patients=None, positive_rate=0.01, test_rows=None, image_size=128
         ),
-        image=TrainConfig(preset="full", recipe=recipe),
+        image=ImageConfig(preset="full", recipe=recipe),
         tuning=TuneConfig(preset="full", recipe=recipe),
         gbdt=GBDTConfig(preset="full", recipe=recipe, **(PLUS_GBDT if recipe == "plus" else {})),
         inference=InferenceConfig(preset="full", recipe=recipe),
@@ -514,7 +514,7 @@ def resolve(
 
 def image_config(
     model_name: str, preset: str = "demo", recipe: str = "paper", **overrides: Any
-) -> TrainConfig:
+) -> ImageConfig:
     """The stage 1 config of one registered image model (overrides that are None keep)."""
     if model_name not in IMAGE_MODELS:
         raise KeyError(f"unknown image model {model_name!r}; known: {sorted(IMAGE_MODELS)}")

@@ -46,7 +46,7 @@ from utils.image.models import ImageModel
 from utils.io import HDF5Images
 from utils.layout import CONFIG_FILE, fold_file
 from utils.manifest import verified_json
-from utils.settings import TrainConfig
+from utils.settings import ImageConfig
 
 
 class CheckpointError(ValueError):
@@ -105,7 +105,7 @@ def batch_images(batch: dict, device: torch.device) -> torch.Tensor:
     return x.contiguous()
 
 
-def build_model(cfg: TrainConfig, weights_path: str | None = None) -> ImageModel:
+def build_model(cfg: ImageConfig, weights_path: str | None = None) -> ImageModel:
     """The architecture `cfg` trains (head pooling and norm included), so inference rebuilds it;
     a fold checkpoint's fp16 weights load into it as float32 (load_state_dict casts)."""
     return ImageModel(
@@ -208,11 +208,11 @@ def predict_on_devices(
     return np.concatenate([p for p, _ in parts]), np.concatenate([ok for _, ok in parts])
 
 
-def load_config(model_dir: str | Path) -> TrainConfig:
-    """The TrainConfig saved in `model_dir`/config.json; when that file differs from the folder's
+def load_config(model_dir: str | Path) -> ImageConfig:
+    """The ImageConfig saved in `model_dir`/config.json; when that file differs from the folder's
     manifest, the one the manifest records (utils.manifest.verified_json: a damaged file is
     never used)."""
-    return TrainConfig(**verified_json(model_dir, CONFIG_FILE)["config"])
+    return ImageConfig(**verified_json(model_dir, CONFIG_FILE)["config"])
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -248,7 +248,7 @@ def load_fold_models(
     model_dir: str | Path,
     device: torch.device | None = None,
     folds: Sequence[int] | None = None,
-) -> tuple[TrainConfig, list[ImageModel]]:
+) -> tuple[ImageConfig, list[ImageModel]]:
     """Config and the fold{k}.pt models of a run dir (every fold, or `folds`), on `device`, in
     eval mode; CheckpointError naming the file for one that cannot be loaded."""
     device = device or default_device()

@@ -9,7 +9,7 @@ checkpoint of fold k: fp16 weights, config, best epoch and score, held-out ids a
 history), `history.csv`, `oof.csv` (every training row exactly once, utils.oof format) and,
 last, `manifest.json` (utils.manifest).
 
-Recipe (utils.settings.TrainConfig, the reference's): each epoch trains on every positive twice
+Recipe (utils.settings.ImageConfig, the reference's): each epoch trains on every positive twice
 plus as many fresh negatives (utils.image.data.NegativeResampler) with AdamW on the backbone's
 parameter groups (utils.image.models.param_groups), no gradient clipping, and validates on a fixed
 subsample of the held-out fold (every positive plus 10 eligible negatives per positive, drawn
@@ -113,7 +113,7 @@ from utils.manifest import (
 from utils.metric import pauc
 from utils.notebook_params import list_parameter
 from utils.oof import write_oof
-from utils.settings import TRAIN_IDENTITY_FREE, TrainConfig, image_config
+from utils.settings import TRAIN_IDENTITY_FREE, ImageConfig, image_config
 
 CONFIDENCE = "tbp_lv_dnn_lesion_confidence"  # the reference's validation-negative filter
 # Settings that may change between a run and its resume or reuse (they do not change the result).
@@ -127,7 +127,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(cfg: TrainConfig, fold: int, epoch: int) -> int:
+def epoch_seed(cfg: ImageConfig, fold: int, epoch: int) -> int:
     """One seed per (run seed, fold, epoch), so resumed epochs repeat exactly; epoch -1 = init."""
     return int(np.random.SeedSequence([cfg.seed, fold, epoch + 1]).generate_state(1)[0])
 
@@ -143,7 +143,7 @@ def lr_factor(step: int, total: int, warmup_steps: int, lr: float, min_lr: float
 # ---------------------------------------------------------------------------------- data
 
 
-def prepare_frame(cfg: TrainConfig, metadata: pl.DataFrame) -> pl.DataFrame:
+def prepare_frame(cfg: ImageConfig, metadata: pl.DataFrame) -> pl.DataFrame:
     """isic_id, patient_id, target, label, fold for training; folds from assign_folds if absent.
 
     `metadata` needs isic_id, patient_id, target; for label "suspicious" either a `suspicious`
@@ -190,7 +190,7 @@ def check_images(frame: pl.DataFrame, images: HDF5Images) -> None:
         )
 
 
-def run_record(cfg: TrainConfig, frame: pl.DataFrame, folds_source: str) -> dict:
+def run_record(cfg: ImageConfig, frame: pl.DataFrame, folds_source: str) -> dict:
     """What config.json and the manifest record: config, folds, data fingerprint and the hash
     of all three without the RESUME_FREE settings (the run's identity, which stage 3 records):
     only what changes stage 1's output, so another recipe or preset name reuses the run."""
@@ -239,7 +239,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
-    cfg: TrainConfig,
+    cfg: ImageConfig,
     device: torch.device,
     desc: str,
     loss_weights: Sequence[float] | None = None,
@@ -295,7 +295,7 @@ def half_state(state: dict) -> dict:
     return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def validation_rows(cfg: TrainConfig, held_out: pl.DataFrame, fold: int) -> pl.DataFrame:
+def validation_rows(cfg: ImageConfig, held_out: pl.DataFrame, fold: int) -> pl.DataFrame:
     """The held-out rows that validate every epoch: every positive plus cfg.val_neg_per_pos
     eligible negatives per positive, drawn once per (seed, fold). Their `target` is what the
     validation scores and picks the checkpoint on: the training label with cfg.validate_on
@@ -313,7 +313,7 @@ def predict_ids(
     model: nn.Module,
     images: HDF5Images,
     isic_ids: list[str],
-    cfg: TrainConfig,
+    cfg: ImageConfig,
     device: torch.device,
     desc: str,
 ) -> np.ndarray:
@@ -355,8 +355,8 @@ class FoldRun:
     its sampler, the optimiser, scheduler and scaler, the validation rows and the resumable
     state (last epoch, best epoch and score, history)."""
 
-    cfg: TrainConfig
-    local: TrainConfig  # cfg with this rank's share of the loader workers
+    cfg: ImageConfig
+    local: ImageConfig  # cfg with this rank's share of the loader workers
     fold: int
     run_dir: Path
     net: nn.Module
@@ -381,7 +381,7 @@ class FoldRun:
 
 
 def fold_setup(
-    cfg: TrainConfig,
+    cfg: ImageConfig,
     train_rows: pl.DataFrame,
     valid_rows: pl.DataFrame,
     images: HDF5Images,
@@ -550,7 +550,7 @@ def predict_held_out(
 
 
 def train_fold(
-    cfg: TrainConfig,
+    cfg: ImageConfig,
     frame: pl.DataFrame,
     images: HDF5Images,
     fold: int,
@@ -579,7 +579,7 @@ def train_fold(
 
 def chosen_folds(folds: Sequence[int] | int | str | None, n_folds: int) -> list[int]:
     """The folds a run trains: every fold, or `folds` (checked: in range, none twice). One
-    number, or a JSON list as `papermill -p train_folds "[0, 1]"` delivers it, also works."""
+    number, or a JSON list as `papermill -p folds "[0, 1]"` delivers it, also works."""
     if folds is None:
         return list(range(n_folds))
     items = [folds] if isinstance(folds, int) else list_parameter(folds, "folds")
@@ -628,7 +628,7 @@ def start_run(run_dir: Path, record: dict, force: bool, resume_from: str | Path 
 
 def train_folds(
     group: Group,
-    cfg: TrainConfig,
+    cfg: ImageConfig,
     frame: pl.DataFrame,
     images: HDF5Images,
     run_dir: Path,
@@ -685,7 +685,7 @@ def train_folds(
 
 
 def finish_run(
-    cfg: TrainConfig,
+    cfg: ImageConfig,
     frame: pl.DataFrame,
     run_dir: Path,
     record: dict,
@@ -724,7 +724,7 @@ def finish_run(
 
 
 def train_rank(
-    cfg: TrainConfig,
+    cfg: ImageConfig,
     frame: pl.DataFrame,
     images_path: Path,
     run_dir: Path,
@@ -741,7 +741,7 @@ def train_rank(
 
 
 def train_image_model(
-    cfg: TrainConfig,
+    cfg: ImageConfig,
     metadata: pl.DataFrame,
     images: HDF5Images | str | Path,
     output_dir: str | Path,
@@ -794,7 +794,7 @@ def train_image_model(
     return train_folds(group, cfg, frame, images, run_dir, chosen, record, deadline)
 
 
-def check_weights(cfg: TrainConfig, allow_random_init: bool = False) -> None:
+def check_weights(cfg: ImageConfig, allow_random_init: bool = False) -> None:
     """Raise unless the `full` preset has pretrained weights (or random init is asked for)."""
     if cfg.preset != "full" or cfg.weights_path or allow_random_init:
         return
@@ -819,7 +819,7 @@ def run_image_stage(
     world_size: int | None = None,
     time_budget_h: float | None = DEFAULT_TIME_BUDGET_H,
     **overrides,
-) -> tuple[TrainConfig, pl.DataFrame | None]:
+) -> tuple[ImageConfig, pl.DataFrame | None]:
     """Stage 1 entry: the model's config (utils.settings), trained on a Kaggle-layout data dir
     (train-metadata.csv + train-image.hdf5) into `<output_dir>/<model_name>/`; config and OOF
     (of the finished folds while some remain; None on a torchrun rank other than 0). `folds` /
@@ -846,7 +846,7 @@ def run_image_stage(
 
 def epoch_choice(history: pl.DataFrame) -> pl.DataFrame:
     """Per fold, from history.csv: the validation pAUC of the best epoch and of the last epoch
-    (the two choices of TrainConfig.oof_epoch), on the fold's validation subsample. The best
+    (the two choices of ImageConfig.oof_epoch), on the fold's validation subsample. The best
     epoch's figure is optimistic: the same labels chose it."""
     rows = []
     for fold in sorted(history["fold"].unique()):

@@ -25,17 +25,17 @@ import torch.distributed as dist
 
 from utils.cli import RawDefaultsHelpFormatter
 from utils.image.distributed import DEFAULT_TIMEOUT_S, init_from_env
-from utils.settings import IMAGE_MODELS, PRESETS, RECIPES, TrainConfig
+from utils.settings import IMAGE_MODELS, PRESETS, RECIPES, ImageConfig
 
 # fixed by the model's registry entry, not by --set
 FIXED_FIELDS = ("model_name", "backbone", "label")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'KEY=VALUE' -> (KEY, VALUE) for a TrainConfig field; VALUE read as JSON (2, 0.5, null,
+    """'KEY=VALUE' -> (KEY, VALUE) for a ImageConfig field; VALUE read as JSON (2, 0.5, null,
     true) or else kept as a string (a path)."""
     key, sep, raw = text.partition("=")
-    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in FIXED_FIELDS]
+    fields = [f.name for f in dataclasses.fields(ImageConfig) if f.name not in FIXED_FIELDS]
     if not sep or key not in fields:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY one of {fields}")
     try:
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="TrainConfig overrides, e.g. epochs=10 weights_path=/w/vit_tiny.pth",
+        help="ImageConfig overrides, e.g. epochs=10 weights_path=/w/vit_tiny.pth",
     )
     parser.add_argument(
         "--backend", choices=("nccl", "gloo"), help="default: nccl with GPUs, else gloo"

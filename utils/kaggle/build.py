@@ -720,7 +720,7 @@ IMAGE_KERNEL_PREFIX = "01_image_"
 
 
 def image_kernel_parameters(
-    folder: Path, params: dict[str, Any], train_folds: list[int] | None, continue_run: bool
+    folder: Path, params: dict[str, Any], folds: list[int] | None, continue_run: bool
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """An image kernel's parameters for a fold selection and for continuing its own last output.
 
@@ -729,8 +729,8 @@ def image_kernel_parameters(
     that the earlier run has the same config hash). Returns (parameters, kernel source slugs).
     """
     params = dict(params)
-    if train_folds is not None:
-        params["train_folds"] = list(train_folds)
+    if folds is not None:
+        params["folds"] = list(folds)
     if not continue_run:
         return params, ()
     model = folder.name.removeprefix(IMAGE_KERNEL_PREFIX)
@@ -746,7 +746,7 @@ def build_all(
     tuned: bool = False,
     kernels_dir: Path = KERNELS_DIR,
     notebooks_dir: Path = NOTEBOOKS_DIR,
-    train_folds: list[int] | None = None,
+    folds: list[int] | None = None,
     continue_run: bool = False,
     recipe: str = "paper",
     skip_version_check: bool = False,
@@ -769,7 +769,7 @@ def build_all(
             params.update(TUNED_GBDT[2])
             extra = (datasets[TUNED_GBDT[1]],)
         if folder.name.startswith(IMAGE_KERNEL_PREFIX):
-            params, kernels = image_kernel_parameters(folder, params, train_folds, continue_run)
+            params, kernels = image_kernel_parameters(folder, params, folds, continue_run)
         built.append(
             build_kernel(
                 folder,
@@ -1003,7 +1003,7 @@ def _run(args: argparse.Namespace) -> int:
             args.out,
             args.owner,
             args.tuned,
-            train_folds=args.folds,
+            folds=args.folds,
             continue_run=args.continue_run,
             recipe=args.recipe,
             skip_version_check=args.skip_version_check,

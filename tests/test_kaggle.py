@@ -16,8 +16,7 @@ import nbformat
 import pytest
 from notebook_checks import write_standin_notebook
 
-from utils.kaggle import build as kb
-from utils.kaggle import input as ki
+from utils.kaggle import build as kb, input as ki
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "probe_kernel"

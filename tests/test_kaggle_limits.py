@@ -20,9 +20,7 @@ from test_kaggle_run import (
     state_of,
 )
 
-from utils.kaggle import build as kb
-from utils.kaggle import limits as kl
-from utils.kaggle import run as kr
+from utils.kaggle import build as kb, limits as kl, run as kr
 
 # the fixtures of test_kaggle_run: the kernels built once, local weights, no network
 build_once, weights_dir, offline = base.build_once, base.weights_dir, base.offline

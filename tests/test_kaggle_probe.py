@@ -14,10 +14,7 @@ import pytest
 import test_kaggle_run as base
 from test_kaggle_run import FakeKaggle, run, state_of
 
-from utils.kaggle import build as kb
-from utils.kaggle import input as ki
-from utils.kaggle import probe
-from utils.kaggle import run as kr
+from utils.kaggle import build as kb, input as ki, probe, run as kr
 
 REPO = Path(__file__).resolve().parents[1]
 PINS = probe.requirement_pins((REPO / "requirements-kaggle.txt").read_text())

@@ -15,8 +15,7 @@ import polars as pl
 import pytest
 
 from utils.inference import validate_submission
-from utils.kaggle import build as kb
-from utils.kaggle import input as ki
+from utils.kaggle import build as kb, input as ki
 from utils.settings import DEMO_FOLDS, resolve
 
 RECIPE_KERNELS = ("02_tune_gbdt", "03_gbdt")

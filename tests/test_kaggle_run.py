@@ -19,11 +19,7 @@ from pathlib import Path
 import pytest
 from requests import HTTPError
 
-from utils.kaggle import build as kb
-from utils.kaggle import limits as kl
-from utils.kaggle import probe
-from utils.kaggle import run as kr
-from utils.kaggle import state as ks
+from utils.kaggle import build as kb, limits as kl, probe, run as kr, state as ks
 from utils.manifest import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-from utils.kaggle import build as kb
-from utils.kaggle import limits as kl
+from utils.kaggle import build as kb, limits as kl
 
 COMPLETE = "complete"
 

@@ -39,10 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import format_duration
-from utils.kaggle import build as kb
-from utils.kaggle import limits as kl
-from utils.kaggle import probe, quota, smoke
-from utils.kaggle import submission as sub
+from utils.kaggle import build as kb, limits as kl, probe, quota, smoke, submission as sub
 from utils.kaggle.client import COMPLETE, KaggleApiClient, KaggleClient, PlanClient, RunStopped
 from utils.kaggle.state import (
     LOG_TAIL_LINES,

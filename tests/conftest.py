@@ -87,9 +87,10 @@ def external_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------------ the inner loop: -m "not slow"
 
 # A test that runs a notebook, the pipeline, a built kernel or any other child process (directly,
-# through a helper of its own module, or through a fixture) is `slow`: `pytest -m "not slow"` is
-# the few-minute inner loop, and CI runs everything. Marking by this rule rather than by hand
-# keeps a new notebook test out of the inner loop without anyone remembering to mark it.
+# through a helper under tests/, or through a fixture) is `slow`: `pytest -m "not slow"` is the
+# inner loop, and CI runs everything. Marking by this rule keeps a new notebook test out of the
+# inner loop without anyone remembering to mark it; the few tests that train models for minutes
+# in-process are marked by hand.
 PROCESS_CALLS = ("run_notebook(", "execute_notebook(", "subprocess.run(", "subprocess.Popen(")
 
 
@@ -107,9 +108,15 @@ def _runs_a_process(fn, seen: set) -> bool:
     module = inspect.getmodule(fn)
     called = (getattr(module, name, None) for name in set(re.findall(r"\b(\w+)\(", source)))
     return any(
-        inspect.isfunction(obj) and obj.__module__ == module.__name__ and _runs_a_process(obj, seen)
+        inspect.isfunction(obj) and _is_test_code(obj) and _runs_a_process(obj, seen)
         for obj in called
     )
+
+
+def _is_test_code(fn) -> bool:
+    """A function defined under tests/ (a test module's helper, or one another test imports)."""
+    path = inspect.getsourcefile(fn)
+    return path is not None and Path(path).resolve().is_relative_to(REPO / "tests")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

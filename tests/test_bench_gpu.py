@@ -44,6 +44,7 @@ def test_flops_only_runs_without_a_gpu(capsys):
     assert "analytic projection on one T4 at 50%" in out and "image models total" in out
 
 
+@pytest.mark.slow  # trains models for minutes on 2 cores: CI, not the inner loop
 def test_mode_measurements_run_the_gpu_code_path_on_cpu(capsys):
     # the same train/inference steps, autocast and GradScaler calls as on CUDA, tiny and on CPU
     args = argparse.Namespace(size=32, train_batch=2, infer_batch=2, steps=1, budget_s=60.0)

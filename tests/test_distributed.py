@@ -262,6 +262,7 @@ def assert_same_run(run_dir, reference_dir):
     np.testing.assert_allclose(history["val_loss"], expected["val_loss"], rtol=1e-3)
 
 
+@pytest.mark.slow  # trains models for minutes on 2 cores: CI, not the inner loop
 def test_two_spawned_gloo_processes_train_a_fold_like_one(one_process, small_data, tmp_path):
     """train_image_model with world_size=2 spawns 2 gloo ranks; they train fold 0 from scratch
     (fold 1 comes from the reference run) and rank 0 writes the same run as one process."""

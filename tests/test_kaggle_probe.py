@@ -196,6 +196,7 @@ def test_the_run_prints_the_smoke_rates(tmp_path, weights_dir):
     )
 
 
+@pytest.mark.slow  # trains models for minutes on 2 cores: CI, not the inner loop
 def test_the_smoke_dry_path_runs_on_a_cpu_and_records_a_failure(tmp_path, monkeypatch):
     from utils.kaggle import smoke
 

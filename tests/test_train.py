@@ -105,6 +105,7 @@ def counting(monkeypatch, fail_at: int | None = None) -> list:
     return calls
 
 
+@pytest.mark.slow  # trains models for minutes on 2 cores: CI, not the inner loop
 def test_train_resume_oof_and_predict(small_set, tmp_path, monkeypatch):
     meta, images = small_set
     cfg = tiny_config(label="suspicious")
@@ -180,6 +181,7 @@ def predict_one_fold(run_dir, fold, images, ids) -> float:
     return float(probs[0, 0])
 
 
+@pytest.mark.slow  # trains models for minutes on 2 cores: CI, not the inner loop
 def test_fold_k_never_trains_on_fold_k_and_its_oof_is_model_k(small_set, tmp_path, monkeypatch):
     """Leakage: the rows a fold model trains on are exactly the rows outside its fold; alignment:
     a fold-k row's OOF is fold model k's prediction for that row, not another model's."""
@@ -211,6 +213,7 @@ def test_fold_k_never_trains_on_fold_k_and_its_oof_is_model_k(small_set, tmp_pat
             assert abs(own - other) > 1e-6  # the check can tell the two models apart
 
 
+@pytest.mark.slow  # trains models for minutes on 2 cores: CI, not the inner loop
 def test_oof_epoch_last_keeps_the_last_epoch_and_reports_both(small_set, tmp_path, monkeypatch):
     """oof_epoch (a plus candidate): "best" keeps the epoch of the best validation score,
     "last" the final epoch, from the same training; history.csv reports both choices."""

@@ -35,10 +35,16 @@ from bench.common import Steps, print_end, print_machine, usable_cores  # noqa: 
 from utils.metric import pauc  # noqa: E402
 from utils.settings import RECIPES, resolve  # noqa: E402
 from utils.synthetic import REAL_ROWS, generate  # noqa: E402
-from utils.tabular.blend import nested_blend  # noqa: E402
+from utils.tabular.blend import member_floors, nested_blend  # noqa: E402
 from utils.tabular.cv import iter_cv  # noqa: E402
 from utils.tabular.gbdt import feature_groups, load_training_frame  # noqa: E402
-from utils.tabular.libraries import GBDT_MODELS, load_params, make_members, resolve_params  # noqa: E402
+from utils.tabular.libraries import (  # noqa: E402
+    GBDT_MODELS,
+    META_MEMBER,
+    load_params,
+    make_members,
+    resolve_params,
+)
 from utils.tabular.plus_features import patient_image_feature_names, patient_image_features  # noqa: E402
 
 
@@ -136,17 +142,27 @@ def main(argv: list[str] | None = None) -> None:
     run_folds = min(args.max_folds or n_folds, n_folds)
     oof: dict[str, np.ndarray] = {}
     cv_wall = cv_cpu = 0.0
+    seeds = cfg.seeds  # seed bagging (`plus`): each seed its own resample, OOF averaged
     for name, member in members.items():
-        pred = np.full(y.size, np.nan)
-        label = f"CV {name} ({run_folds} of {n_folds} folds)"
+        total_pred, count = np.zeros(y.size), np.zeros(y.size)
+        label = f"CV {name} ({run_folds} of {n_folds} folds x {len(seeds)} seed(s))"
         with steps(label):
             results = iter_cv(
-                frame, y, folds, {name: member}, threads=threads, bin_once=not args.per_fold_bins
+                frame,
+                y,
+                folds,
+                {name: member},
+                seeds,
+                cfg.sampling,
+                threads=threads,
+                bin_once=not args.per_fold_bins,
             )
             scores = []
-            for fr in itertools.islice(results, run_folds):
-                pred[fr.valid_rows] = fr.pred
+            for fr in itertools.islice(results, run_folds * len(seeds)):
+                total_pred[fr.valid_rows] += fr.pred
+                count[fr.valid_rows] += 1
                 scores.append(fr.score)
+        pred = np.where(count > 0, total_pred / np.maximum(count, 1), np.nan)
         wall, cpu, _ = steps.results[label]
         scale = n_folds / run_folds
         cv_wall, cv_cpu = cv_wall + wall * scale, cv_cpu + cpu * scale
@@ -160,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ensemble OOF pAUC {pauc(y, np.mean(list(oof.values()), axis=0)):.4f}")
         if cfg.blend == "nested":
             with steps("nested blend of the members' OOF"):
-                blended = nested_blend(np.column_stack(list(oof.values())), y, folds)
+                floors = member_floors(list(oof), META_MEMBER, cfg.blend_floor)
+                blended = nested_blend(np.column_stack(list(oof.values())), y, folds, floors=floors)
             print(f"nested-blend OOF pAUC {blended.pauc:.4f}, weights {blended.weights.round(2)}")
     total = time.perf_counter() - start
     features = sum(v[0] for k, v in steps.results.items() if not k.startswith(("CV", "gen")))

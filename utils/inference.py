@@ -76,7 +76,7 @@ from utils.settings import InferenceConfig, TrainConfig, resolve
 from utils.tabular.ensemble import GBDTEnsemble
 from utils.tabular.features import IMAGE_PREFIX, build_features
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER
-from utils.tabular.plus_features import add_optional_features
+from utils.tabular.plus_features import OPTIONAL_GROUPS, add_optional_features
 
 GBDT_DIR = "gbdt"
 SUBMISSION_FILE = "submission.csv"
@@ -676,7 +676,7 @@ def predict_submission(
             frame = frame.with_columns(pl.lit(None, dtype=pl.Float32).alias(column))
     # the optional groups stage 3 recorded in features.json (the `plus` recipe), by the same code:
     # ugly-duckling features of the test metadata, patient-relative fold-mean test scores
-    groups = {g: ensemble.feature_groups.get(g, False) for g in ("ugly_duckling", "patient_image")}
+    groups = {g: ensemble.feature_groups.get(g, False) for g in OPTIONAL_GROUPS}
     if any(groups.values()):
         start = time.perf_counter()
         frame, _, _ = add_optional_features(

@@ -170,10 +170,21 @@ class GBDTConfig:
     # "equal": the reference's soft vote; "nested": weights fitted on the members' OOF
     # (tabular.blend.nested_blend; the reported CV scores each fold with weights fitted without it).
     blend: str = "equal"
+    # the per-patient LOF alone (utils.tabular.plus_features.patient_lof_features), every member,
+    patient_lof: bool = False
+    # every numeric feature normalised within patient x location / simple location / site, and
+    # |z| within patient x location, within-patient percentiles and outlier counts
+    # (utils.tabular.location_features), every member,
+    location_norm: bool = False
+    location_outliers: bool = False
+    # least weight a fitted blend leaves `lgb_meta` (the member every image fallback keeps)
+    blend_floor: float = 0.0
 
     def __post_init__(self):
         if self.blend not in BLENDS:
             raise ValueError(f"GBDTConfig: blend must be one of {BLENDS}, got {self.blend!r}")
+        if not 0.0 <= self.blend_floor < 1.0:
+            raise ValueError(f"GBDTConfig: blend_floor must be in [0, 1), got {self.blend_floor!r}")
 
 
 @dataclass(frozen=True)

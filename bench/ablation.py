@@ -7,7 +7,9 @@ ensemble for `paper`, `paper` + each candidate alone and all candidates together
         [--preset full]
         [--threads N] [--members lgb_meta lgb cat xgb]
 
-Data: a synthetic data dir and its truth file (`<data dir>-truth.csv`, utils.synthetic). The
+Data: a synthetic data dir and its truth file (`<data dir>-truth.csv`, utils.synthetic), or
+any data dir (the competition's) with `--image-oof-dirs` (real stage 1 runs, their folds kept
+for every seed; a seed then varies the GBDT seeds and resamples only). Synthetic: the
 image models trained here cannot learn the images, so the image columns are STAND-IN OOFs, one
 per registered image model (utils.settings.IMAGE_MODELS): sigmoid(logit(true prob) + noise),
 noise sd `STANDIN_NOISE[model]`, drawn anew per seed; each column's pAUC alone is printed. Data
@@ -217,13 +219,22 @@ class Inputs:
     meta: list[str]  # the paper's metadata features
     groups: dict[str, list[str]]  # metadata features each feature candidate adds
     seconds: dict[str, float]  # what each feature candidate's features cost to build
+    images: list[str]  # image columns: real OOFs (in `frame`) or the stand-ins' names
+    folds: np.ndarray | None  # the real image OOFs' folds (fixed); None: drawn per seed
 
 
-def load_inputs(data_dir: Path, candidates: Sequence[str], threads: int | None) -> Inputs:
+def load_inputs(
+    data_dir: Path,
+    candidates: Sequence[str],
+    threads: int | None,
+    image_oof_dirs: Sequence[Path] = (),
+) -> Inputs:
     """The training frame built once with the optional feature groups the candidates need; each
-    registry group is built on its own (its own names, shared ones included) and joined."""
+    registry group is built on its own (its own names, shared ones included) and joined. With
+    `image_oof_dirs` (real image runs) their OOF columns are joined and their folds kept."""
     start = time.perf_counter()
-    data = load_training_frame(data_dir, site_features="site_features" in candidates)
+    site = "site_features" in candidates
+    data = load_training_frame(data_dir, image_oof_dirs, site_features=site)
     base_s = time.perf_counter() - start
     meta = list(data.meta_features)
     groups: dict[str, list[str]] = {}
@@ -247,7 +258,43 @@ def load_inputs(data_dir: Path, candidates: Sequence[str], threads: int | None) 
         frame = frame.join(
             built.select("isic_id", *new), on="isic_id", how="left", maintain_order="left"
         )
-    return Inputs(frame, data.y, meta, groups, seconds)
+    if image_oof_dirs:
+        return Inputs(frame, data.y, meta, groups, seconds, list(data.image_columns), data.folds)
+    images = [f"{IMAGE_PREFIX}{m}" for m in IMAGE_MODELS]
+    return Inputs(frame, data.y, meta, groups, seconds, images, None)
+
+
+def seed_frames(
+    inputs: Inputs, data_dir: Path, seeds: Sequence[int], candidates: Sequence[str], verbose: bool
+) -> dict[int, tuple[pl.DataFrame, float]]:
+    """Per seed: the frame with its image columns (fresh stand-ins, or the real OOFs) and the
+    patient-relative image features when asked, and those seconds."""
+    truth = None
+    if inputs.folds is None:
+        truth_path = default_truth_path(data_dir)
+        planted = data_structures(pl.read_csv(truth_path, n_rows=1).columns)
+        if verbose:
+            print(f"structures planted in {data_dir.name}: {planted or 'none (default data)'}")
+        wanted = ["isic_id", "prob"] + ([PATIENT_PART] if "image_patient" in planted else [])
+        truth = pl.read_csv(truth_path, columns=wanted)
+    per_seed = {}
+    for seed in seeds:
+        start = time.perf_counter()
+        seeded = inputs.frame
+        if truth is not None:
+            standins = standin_image_oofs(truth, inputs.frame["isic_id"], seed)
+            seeded = seeded.join(standins, on="isic_id", how="left", maintain_order="left")
+        if "patient_image" in candidates:
+            seeded = patient_image_features(seeded, inputs.images)
+        per_seed[seed] = (seeded, time.perf_counter() - start)
+        if verbose:
+            kind = "stand-in" if truth is not None else "real"
+            strength = ", ".join(
+                f"{c} {pauc(inputs.y, seeded[c].fill_null(0.0).to_numpy()):.4f}"
+                for c in inputs.images
+            )
+            print(f"seed {seed}: {kind} image OOF pAUC alone: {strength}", flush=True)
+    return per_seed
 
 
 def data_structures(truth_columns: Sequence[str]) -> list[str]:
@@ -267,7 +314,7 @@ def run_row(
     threads: int | None,
 ) -> tuple[CVResult, float]:
     """The CV of one set of (non-blend) candidates and its wall seconds."""
-    images = [f"{IMAGE_PREFIX}{m}" for m in IMAGE_MODELS]
+    images = inputs.images
     row_meta = list(inputs.meta)
     for group, names in inputs.groups.items():
         if group in on:
@@ -288,44 +335,31 @@ def ablation(
     member_names: Sequence[str] = tuple(GBDT_MODELS),
     verbose: bool = True,
     gbdt_overrides: Mapping[str, Any] | None = None,
+    image_oof_dirs: Sequence[str | Path] = (),
 ) -> tuple[pl.DataFrame, list[str]]:
     """One row per (table row, seed): pAUC of the ensemble's OOF and wall seconds; and the
     candidates kept by the rule (phase 1), whose `plus` row phase 2 adds.
 
     `gbdt_overrides`: GBDTConfig fields over the preset's (e.g. fewer `rounds` for a quick test).
+    `image_oof_dirs`: real image runs (stage 1 output dirs) instead of stand-ins, e.g. on the
+    competition data: their folds are kept for every seed (another split would leak their OOF).
     """
     data_dir = Path(data_dir)
     unknown = sorted(set(candidates) - set(CANDIDATES))
     if unknown:
         raise ValueError(f"unknown candidate(s) {unknown}; known: {list(CANDIDATES)}")
-    truth_path = default_truth_path(data_dir)
-    planted = data_structures(pl.read_csv(truth_path, n_rows=1).columns)
-    if verbose:
-        print(f"structures planted in {data_dir.name}: {planted or 'none (default data)'}")
-    wanted = ["isic_id", "prob"] + ([PATIENT_PART] if "image_patient" in planted else [])
-    truth = pl.read_csv(truth_path, columns=wanted)
-    inputs = load_inputs(data_dir, candidates, threads)
-    y = inputs.y
+    inputs = load_inputs(data_dir, candidates, threads, [Path(d) for d in image_oof_dirs])
     params = resolve_params(resolve(preset, gbdt=gbdt_overrides).gbdt)
-    images = [f"{IMAGE_PREFIX}{m}" for m in IMAGE_MODELS]
-    per_seed = {}
-    for seed in seeds:
-        start = time.perf_counter()
-        standins = standin_image_oofs(truth, inputs.frame["isic_id"], seed)
-        seeded = inputs.frame.join(standins, on="isic_id", how="left", maintain_order="left")
-        if "patient_image" in candidates:
-            seeded = patient_image_features(seeded, images)
-        per_seed[seed] = (seeded, time.perf_counter() - start)
-        if verbose:
-            strength = ", ".join(f"{c} {pauc(y, seeded[c].to_numpy()):.4f}" for c in images)
-            print(f"seed {seed}: stand-in image OOF pAUC alone: {strength}", flush=True)
+    per_seed = seed_frames(inputs, data_dir, seeds, candidates, verbose)
 
     records = []
     cvs: dict[tuple[int, frozenset[str]], tuple[CVResult, float]] = {}  # blends reuse a CV
 
     def measure(name: str, on: set[str], seed: int) -> None:
         seeded, patient_s = per_seed[seed]
-        folds = assign_folds(seeded, N_FOLDS, FOLD_SEED + seed)
+        folds = inputs.folds
+        if folds is None:
+            folds = assign_folds(seeded, N_FOLDS, FOLD_SEED + seed)
         key = (seed, frozenset(on - set(BLENDS)))
         if key not in cvs:
             cvs[key] = run_row(
@@ -366,6 +400,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", default="full", choices=("demo", "full"))
     parser.add_argument("--threads", type=int, default=None, help="default: every usable core")
     parser.add_argument("--members", nargs="+", default=list(GBDT_MODELS), choices=GBDT_MODELS)
+    parser.add_argument(
+        "--image-oof-dirs",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="real image runs (stage 1 dirs) instead of stand-ins (no truth file needed)",
+    )
     return parser.parse_args(argv)
 
 
@@ -381,6 +422,7 @@ def main(argv: list[str] | None = None) -> pl.DataFrame:
         args.preset,
         args.threads,
         args.members,
+        image_oof_dirs=args.image_oof_dirs,
     )
     table = summarise(results)
     print(f"kept in plus: {kept or 'none'}")

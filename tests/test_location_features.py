@@ -184,3 +184,30 @@ def test_standins_carry_the_patient_part_and_the_ablation_sees_the_structures():
     np.testing.assert_allclose(out["img_m"].to_numpy(), 1 / (1 + np.exp([-1.0, 1.0])), rtol=1e-5)
     assert ablation.data_structures(["isic_id", "prob", "site_score"]) == ["site_outlier"]
     assert ablation.data_structures(["isic_id", "prob"]) == []
+
+
+def test_ablation_on_real_image_oofs_keeps_their_folds(synthetic_dir, image_oof_dir, tmp_path):
+    """No truth file needed: the real image columns are used and their folds kept every seed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train-metadata.csv", "train-image.hdf5"):
+        (data / name).symlink_to(synthetic_dir / name)
+    results, _ = ablation.ablation(
+        data,
+        seeds=(0, 1),
+        candidates=("location_outliers", "blend_floor"),
+        preset="demo",
+        threads=1,
+        member_names=("lgb_meta", "lgb"),
+        gbdt_overrides={"rounds": {"lgb": {"n_estimators": 8}}},
+        image_oof_dirs=[image_oof_dir],
+        verbose=False,
+    )
+    rows = ["paper", "paper + location_outliers", "paper + blend_floor"]
+    assert results["row"].unique(maintain_order=True).to_list()[:3] == rows
+    assert results["pauc"].is_between(0.0, 0.2).all()
+    inputs = ablation.load_inputs(data, ("location_outliers",), 1, [image_oof_dir])
+    assert inputs.images == ["img_vit_tiny"] and inputs.folds is not None
+    oof = pl.read_csv(image_oof_dir / "oof.csv").select("isic_id", "fold")
+    joined = inputs.frame.select("isic_id").join(oof, on="isic_id", maintain_order="left")
+    np.testing.assert_array_equal(inputs.folds, joined["fold"].to_numpy())

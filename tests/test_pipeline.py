@@ -37,6 +37,7 @@ from utils.pipeline import (
     why_incomplete,
 )
 from utils.settings import DEMO_FOLDS, resolve
+from utils.tabular.gbdt import FEATURE_GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_STAGES = [s for s in STAGES if s.notebook]
@@ -466,9 +467,7 @@ def test_real_notebooks_plus_recipe_end_to_end(tmp_path: Path):
     plus = resolve("demo", "plus").gbdt
     assert manifests["gbdt"]["config"]["gbdt"]["recipe"] == "plus"
     groups = json.loads((gbdt / "features.json").read_text())["feature_groups"]
-    assert groups == {g: getattr(plus, g) for g in ("site_features", "ugly_duckling")} | {
-        "patient_image": plus.patient_image
-    }
+    assert groups == {g: getattr(plus, g) for g in FEATURE_GROUPS}
     report = json.loads((gbdt / "cv_report.json").read_text())
     assert report["blend"]["kind"] == plus.blend
     for model in IMAGE_MODELS:

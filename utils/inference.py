@@ -668,8 +668,10 @@ def predict_submission(
         image_frame, rates = image_features(
             artifacts_dir, plan.run, images, ids, cfg, device, log, plan.folds
         )
-    # every optional feature group is built: the members read the columns they were trained on
-    frame, _ = build_features(metadata, source=data.path(TEST_METADATA), site_features=True)
+    # site features as stage 3 built them (a column another group shares is then computed by the
+    # same group on both sides); artifacts that record no groups get them all
+    site = ensemble.feature_groups.get("site_features", True)
+    frame, _ = build_features(metadata, source=data.path(TEST_METADATA), site_features=site)
     frame = frame.join(image_frame, on="isic_id", how="left", maintain_order="left")
     for column in ensemble.image_columns:
         if column not in frame.columns:

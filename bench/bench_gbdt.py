@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     cv_wall = cv_cpu = 0.0
     seeds = cfg.seeds  # seed bagging (`plus`): each seed its own resample, OOF averaged
     for name, member in members.items():
-        label = f"CV {name} ({run_folds} of {n_folds} folds x {len(seeds)} seed(s))"
+        ran = len(seeds) if run_folds == n_folds else 1  # member_oof: a partial run, one seed
+        label = f"CV {name} ({run_folds} of {n_folds} folds x {ran} of {len(seeds)} seed(s))"
         with steps(label):
             pred, scores = member_oof(
                 frame, y, folds, member, cfg, threads, not args.per_fold_bins, run_folds

@@ -13,7 +13,8 @@ only N folds per member and extrapolates to all folds (said so in the output). `
 a params JSON (file or inline) as utils.tabular.libraries.load_params reads, to compare settings;
 `--per-fold-bins` bins each fold's training rows anew (the behaviour before shared binning).
 `--recipe plus` builds what that recipe's GBDTConfig turns on (utils.settings.PLUS_GBDT: feature
-groups, patient-relative features of the fake image columns, the nested blend) and times it.
+groups, patient-relative features of the fake image columns, every model seed - each with its own
+resample, OOF averaged - and a fitted blend when set) and times it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -35,10 +37,16 @@ from bench.common import Steps, print_end, print_machine, usable_cores  # noqa: 
 from utils.metric import pauc  # noqa: E402
 from utils.settings import RECIPES, resolve  # noqa: E402
 from utils.synthetic import REAL_ROWS, generate  # noqa: E402
-from utils.tabular.blend import nested_blend  # noqa: E402
+from utils.tabular.blend import member_floors, nested_blend  # noqa: E402
 from utils.tabular.cv import iter_cv  # noqa: E402
 from utils.tabular.gbdt import feature_groups, load_training_frame  # noqa: E402
-from utils.tabular.libraries import GBDT_MODELS, load_params, make_members, resolve_params  # noqa: E402
+from utils.tabular.libraries import (  # noqa: E402
+    GBDT_MODELS,
+    META_MEMBER,
+    load_params,
+    make_members,
+    resolve_params,
+)
 from utils.tabular.plus_features import patient_image_feature_names, patient_image_features  # noqa: E402
 
 
@@ -95,6 +103,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def member_oof(
+    frame: pl.DataFrame,
+    y: np.ndarray,
+    folds: np.ndarray,
+    member: Any,
+    cfg: Any,
+    threads: int | None,
+    bin_once: bool,
+    run_folds: int,
+) -> tuple[np.ndarray, list[float]]:
+    """One member's OOF (mean over cfg.seeds, each seed its own resample; NaN where no fold ran)
+    and its fold scores. Fewer folds than all (`run_folds`) run the first seed only."""
+    partial = run_folds < len(np.unique(folds))
+    seeds = cfg.seeds[:1] if partial else cfg.seeds
+    results = iter_cv(
+        frame, y, folds, {member.name: member}, seeds, cfg.sampling, threads, bin_once
+    )
+    total, count, scores = np.zeros(y.size), np.zeros(y.size), []
+    for fr in itertools.islice(results, run_folds * len(seeds)):
+        total[fr.valid_rows] += fr.pred
+        count[fr.valid_rows] += 1
+        scores.append(fr.score)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan), scores
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     threads = args.threads
@@ -136,19 +169,16 @@ def main(argv: list[str] | None = None) -> None:
     run_folds = min(args.max_folds or n_folds, n_folds)
     oof: dict[str, np.ndarray] = {}
     cv_wall = cv_cpu = 0.0
+    seeds = cfg.seeds  # seed bagging (`plus`): each seed its own resample, OOF averaged
     for name, member in members.items():
-        pred = np.full(y.size, np.nan)
-        label = f"CV {name} ({run_folds} of {n_folds} folds)"
+        ran = len(seeds) if run_folds == n_folds else 1  # member_oof: a partial run, one seed
+        label = f"CV {name} ({run_folds} of {n_folds} folds x {ran} of {len(seeds)} seed(s))"
         with steps(label):
-            results = iter_cv(
-                frame, y, folds, {name: member}, threads=threads, bin_once=not args.per_fold_bins
+            pred, scores = member_oof(
+                frame, y, folds, member, cfg, threads, not args.per_fold_bins, run_folds
             )
-            scores = []
-            for fr in itertools.islice(results, run_folds):
-                pred[fr.valid_rows] = fr.pred
-                scores.append(fr.score)
         wall, cpu, _ = steps.results[label]
-        scale = n_folds / run_folds
+        scale = n_folds * len(seeds) / len(scores)  # fits in all / fits run
         cv_wall, cv_cpu = cv_wall + wall * scale, cv_cpu + cpu * scale
         done = ~np.isnan(pred)
         print(
@@ -160,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ensemble OOF pAUC {pauc(y, np.mean(list(oof.values()), axis=0)):.4f}")
         if cfg.blend == "nested":
             with steps("nested blend of the members' OOF"):
-                blended = nested_blend(np.column_stack(list(oof.values())), y, folds)
+                floors = member_floors(list(oof), META_MEMBER, cfg.blend_floor)
+                blended = nested_blend(np.column_stack(list(oof.values())), y, folds, floors=floors)
             print(f"nested-blend OOF pAUC {blended.pauc:.4f}, weights {blended.weights.round(2)}")
     total = time.perf_counter() - start
     features = sum(v[0] for k, v in steps.results.items() if not k.startswith(("CV", "gen")))

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from utils.metric import pauc
+from utils.settings import GBDTConfig
 from utils.tabular.blend import (
     compare_blends,
     equal_weight_blend,
     fast_pauc,
     fit_blend_weights,
+    member_floors,
     nested_blend,
     rank_average_blend,
 )
@@ -95,3 +97,29 @@ def test_bad_input_is_named():
         nested_blend(np.ones((5, 2)), np.zeros(4), np.zeros(5))
     with pytest.raises(ValueError, match="names"):
         compare_blends(np.ones((5, 2)), np.array([0, 1, 0, 1, 0]), np.zeros(5), ["a"])
+
+
+def test_a_floor_keeps_a_member_the_fit_would_drop():
+    x, y, folds = members()
+    free = fit_blend_weights(x, y)
+    assert free[2] == 0.0  # pure noise: the free fit gives it nothing
+    floored = fit_blend_weights(x, y, floors=np.array([0.0, 0.0, 0.15]))
+    assert floored[2] == pytest.approx(0.15) and floored.sum() == pytest.approx(1.0)
+    assert (floored >= 0).all() and floored[0] > floored[1]
+    nested = nested_blend(x, y, folds, floors=member_floors(["a", "b", "m"], "m", 0.15))
+    assert all(w[2] >= 0.15 - 1e-12 for w in nested.fold_weights.values())
+    assert nested.weights[2] == pytest.approx(0.15)
+
+
+def test_floor_above_equal_weight_starts_at_the_floor_and_bad_floors_raise():
+    x, y, _ = members()
+    weights = fit_blend_weights(x, y, floors=np.array([0.0, 0.0, 0.6]))
+    assert weights[2] >= 0.6 - 1e-12 and weights.sum() == pytest.approx(1.0)
+    assert member_floors(["a", "b"], "m", 0.2) is None  # member absent: no floor
+    assert member_floors(["a", "m"], "m", 0.0) is None
+    with pytest.raises(ValueError, match="floors"):
+        fit_blend_weights(x, y, floors=np.array([0.6, 0.6, 0.0]))
+    with pytest.raises(ValueError, match="floors"):
+        fit_blend_weights(x, y, floors=np.array([0.1, 0.1]))
+    with pytest.raises(ValueError, match="blend_floor"):
+        GBDTConfig(blend_floor=1.0)

@@ -41,6 +41,7 @@ from utils.pipeline import (
 )
 from utils.run_guard import LOCK_FILE, WorkDirBusy, work_dir_lock
 from utils.settings import DEMO_FOLDS, resolve
+from utils.tabular.gbdt import FEATURE_GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_STAGES = [s for s in STAGES if s.notebook]
@@ -507,9 +508,7 @@ def test_real_notebooks_paper_then_plus_reuse_every_image_run(tmp_path: Path):
     features = json.loads((gbdt / "features.json").read_text())
     assert features["recipe"] == "plus"
     groups = features["feature_groups"]
-    assert groups == {g: getattr(plus, g) for g in ("site_features", "ugly_duckling")} | {
-        "patient_image": plus.patient_image
-    }
+    assert groups == {g: getattr(plus, g) for g in FEATURE_GROUPS}
     report = json.loads((gbdt / "cv_report.json").read_text())
     assert report["blend"]["kind"] == plus.blend and report["recipe"] == "plus"
     assert report["filtered"]["available"] and report["filtered"]["training"] == "on every row"

@@ -1,4 +1,4 @@
-"""The `plus` recipe (issue 16): its settings, every stage 3 switch from the training frame to the
+"""The `plus` recipe: its settings, every stage 3 switch from the training frame to the
 artifacts, and the submission kernel on `plus` artifacts (same code, same checks).
 
 The GBDT here is trained on the session's tiny vit_tiny run (tests/inference_artifacts.py) with
@@ -24,9 +24,10 @@ from utils.oof import read_oof
 from utils.settings import PLUS_GBDT, PRESETS, RECIPES, GBDTConfig, resolve
 from utils.tabular.ensemble import GBDTEnsemble
 from utils.tabular.features import build_features
-from utils.tabular.gbdt import load_training_frame, run_gbdt_stage
+from utils.tabular.gbdt import FEATURE_GROUPS, load_training_frame, run_gbdt_stage
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER
 from utils.tabular.plus_features import (
+    OPTIONAL_GROUPS,
     add_optional_features,
     patient_image_feature_names,
     ugly_duckling_feature_names,
@@ -37,7 +38,13 @@ EVERY_SWITCH = {
     "ugly_duckling": True,
     "patient_image": True,
     "blend": "nested",
+    "patient_lof": True,
+    "location_norm": True,
+    "location_outliers": True,
+    "blend_floor": 0.1,
+    "seeds": (0, 1),
 }
+GROUPS = {g: True for g in FEATURE_GROUPS}
 IMAGE_COLUMN = f"img_{IMAGE_MODEL}"
 FAST = resolve("demo", "plus", inference={"estimate_batches": 0, "threads": 1}).inference
 
@@ -49,6 +56,8 @@ def test_plus_is_paper_with_the_kept_switches_at_every_preset():
         paper, plus = resolve(preset, "paper"), resolve(preset, "plus")
         assert (paper.gbdt.site_features, paper.gbdt.ugly_duckling) == (False, False)
         assert (paper.gbdt.patient_image, paper.gbdt.blend) == (False, "equal")
+        assert not any(getattr(paper.gbdt, g) for g in FEATURE_GROUPS)
+        assert (paper.gbdt.blend_floor, paper.gbdt.seeds) == (0.0, (0,))
         assert {k: getattr(plus.gbdt, k) for k in PLUS_GBDT} == PLUS_GBDT
         back = {k: getattr(paper.gbdt, k) for k in PLUS_GBDT}
         assert dataclasses.replace(plus.gbdt, recipe="paper", **back) == paper.gbdt
@@ -74,7 +83,7 @@ def plus_artifacts(synthetic_dir, tmp_path_factory) -> Path:
 def test_every_switch_reaches_the_members_and_the_artifacts(plus_artifacts):
     gbdt = plus_artifacts / "gbdt"
     spec = json.loads((gbdt / "features.json").read_text())
-    groups = {"site_features": True, "ugly_duckling": True, "patient_image": True}
+    groups = GROUPS
     assert spec["feature_groups"] == groups
     derived = patient_image_feature_names([IMAGE_COLUMN])
     assert spec["image_columns"] == [IMAGE_COLUMN] and spec["image_derived"] == derived
@@ -83,12 +92,14 @@ def test_every_switch_reaches_the_members_and_the_artifacts(plus_artifacts):
         features = set(member["features"])
         assert set(ugly_duckling_feature_names()) <= features, name
         assert any(f.endswith("_site_norm") for f in features), name
+        assert {"loc_outlier_count", "tbp_lv_L_loc_norm"} <= features, name
         # the image-derived features go to the image members only, as the image columns do
         assert (set(derived) <= features) == (name != META_MEMBER), name
         assert (IMAGE_COLUMN in features) == (name != META_MEMBER), name
     weights = record["weights"]
     assert set(weights) == set(record["members"]) and min(weights.values()) >= 0
     assert sum(weights.values()) == pytest.approx(1.0)
+    assert weights[META_MEMBER] >= EVERY_SWITCH["blend_floor"] - 1e-9
     report = json.loads((gbdt / "cv_report.json").read_text())
     assert report["blend"]["kind"] == "nested" and report["blend"]["weights"] == weights
     oof = read_oof(gbdt / "oof.csv")
@@ -117,10 +128,11 @@ def test_submission_kernel_builds_the_recorded_groups_and_applies_the_weights(
         how="left",
         maintain_order="left",
     )
+    optional = {g: True for g in OPTIONAL_GROUPS}
     frame, meta_added, image_added = add_optional_features(
-        frame, metadata, [IMAGE_COLUMN], ugly_duckling=True, patient_image=True, threads=1
+        frame, metadata, [IMAGE_COLUMN], threads=1, **optional
     )
-    assert meta_added == ugly_duckling_feature_names()
+    assert set(ugly_duckling_feature_names()) <= set(meta_added)
     assert image_added == patient_image_feature_names([IMAGE_COLUMN])
     ensemble = GBDTEnsemble.load(plus_artifacts / "gbdt")
     preds = ensemble.predict(frame, threads=1)

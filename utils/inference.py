@@ -89,7 +89,7 @@ from utils.submission_report import SHOW_IDS, InferenceReport, _count_ids
 from utils.tabular.ensemble import ArtifactError, GBDTEnsemble, recorded_recipe
 from utils.tabular.features import IMAGE_PREFIX, build_features
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER
-from utils.tabular.plus_features import add_optional_features
+from utils.tabular.plus_features import OPTIONAL_GROUPS, add_optional_features
 
 SUBMISSION_COLUMNS = ("isic_id", "target")
 KAGGLE_LIMIT_S = 12 * 3600
@@ -397,17 +397,19 @@ def warn_plan(run: KernelRun, ensemble: GBDTEnsemble, plan: ImagePlan) -> None:
 def metadata_features(
     run: KernelRun, metadata: pl.DataFrame, ensemble: GBDTEnsemble
 ) -> pl.DataFrame:
-    """Step 3: the test features that need no image, by the training code: every optional
-    group is built (members read the columns they were trained on), and the ugly-duckling
-    features when stage 3 recorded them (features.json); then every GBDT member must find each
-    of its columns (ArtifactError naming ensemble.json otherwise)."""
-    frame, _ = build_features(metadata, source=run.data.path(TEST_METADATA), site_features=True)
-    if ensemble.feature_groups.get("ugly_duckling", False):
+    """Step 3: the test features that need no image, by the training code and as stage 3 built
+    them (features.json: the site features, and each metadata group of the optional-group
+    registry; artifacts that record no groups get the site features); then every GBDT member
+    must find each of its columns (ArtifactError naming ensemble.json otherwise)."""
+    site = ensemble.feature_groups.get("site_features", True)
+    source = run.data.path(TEST_METADATA)
+    frame, _ = build_features(metadata, source=source, site_features=site)
+    groups = _recorded_groups(ensemble, "meta")
+    if any(groups.values()):
         start = time.perf_counter()
-        frame, _, _ = add_optional_features(
-            frame, metadata, (), ugly_duckling=True, threads=run.cfg.threads
-        )
-        run.log(f"ugly-duckling features: {time.perf_counter() - start:.1f}s")
+        frame, _, _ = add_optional_features(frame, metadata, (), threads=run.cfg.threads, **groups)
+        built = [g for g, on in groups.items() if on]
+        run.log(f"optional feature groups {built}: {time.perf_counter() - start:.1f}s")
     head = with_images(frame.head(REHEARSAL_ROWS), frame.select("isic_id"), ensemble, 1)
     check_member_columns(ensemble, head, run.artifacts_dir / GBDT_DIR)
     return frame
@@ -421,11 +423,21 @@ def with_images(
     frame = features.join(image_frame, on="isic_id", how="left", maintain_order="left")
     absent = [c for c in ensemble.image_columns if c not in frame.columns]
     frame = frame.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in absent)
-    if ensemble.feature_groups.get("patient_image", False):
+    groups = _recorded_groups(ensemble, "image")
+    if any(groups.values()):
         frame, _, _ = add_optional_features(
-            frame, frame, ensemble.image_columns, patient_image=True, threads=threads
+            frame, frame, ensemble.image_columns, threads=threads, **groups
         )
     return frame
+
+
+def _recorded_groups(ensemble: GBDTEnsemble, kind: str) -> dict[str, bool]:
+    """The optional groups of `kind` ("meta" or "image") and whether stage 3 built each."""
+    return {
+        name: bool(ensemble.feature_groups.get(name, False))
+        for name, (group_kind, _) in OPTIONAL_GROUPS.items()
+        if group_kind == kind
+    }
 
 
 def _quiet(message: str) -> None:

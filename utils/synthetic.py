@@ -13,6 +13,10 @@ The malignancy logit has three standardised parts, so each kind of model can be 
 - `image_score`: border raggedness and colour variegation drawn into the JPEG crop; the
   metadata's norm_border / color_std columns only hint at them through heavy noise.
 The true probabilities go to a truth CSV outside the data dir (`<out>-truth.csv` by default).
+
+`--structure site_outlier site_rates image_patient` plants, in addition, the structures the top
+ISIC 2024 solutions exploit on the real data (utils.synthetic_structure, each with its source);
+without it the data are exactly as before.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from utils.io import (
 )
 from utils.schema import CATEGORIES, TEST_COLUMNS, TRAIN_COLUMNS
 from utils.settings import N_FOLDS
+from utils.synthetic_structure import STRUCTURE_STREAM, STRUCTURES, Structure, plant
 
 REAL_ROWS = 401_059
 REAL_PATIENTS = 1_042
@@ -565,6 +570,7 @@ def generate(
     truth_path: str | Path | None = None,
     workers: int | None = None,
     require_positive_patients: int | None = None,
+    structure: Structure | None = None,
 ) -> Summary:
     """Write a complete synthetic data dir in the Kaggle layout; see the module docstring.
 
@@ -610,6 +616,13 @@ def generate(
         for k in ("meta_score", "context_score", "image_score")
     }
     risk = SIGNAL_WEIGHT * (score["meta_score"] + score["context_score"] + score["image_score"])
+    structure = structure or Structure()
+    if structure.on:  # its own generator: the default draws above and below stay the same
+        structure_rng = np.random.default_rng([seed, STRUCTURE_STREAM])
+        planted = [plant(m, structure_rng, structure) for m in (train_meta, test_meta)]
+        extra = {k: np.concatenate([planted[0][k], planted[1][k]]) for k in planted[0]}
+        risk = risk + SIGNAL_WEIGHT * extra.get("site_score", 0.0) + extra.get("site_rate", 0.0)
+        score |= extra
     logit = _intercept(risk[:rows], positive_rate) + risk
     prob = 1 / (1 + np.exp(-logit))
     target = (rng.random(prob.size) < prob).astype(np.int8)
@@ -699,6 +712,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"write data with fewer positive patients than the {N_FOLDS} folds anyway",
     )
+    parser.add_argument(
+        "--structure",
+        nargs="*",
+        default=[],
+        choices=STRUCTURES,
+        help="optional structures to plant (utils.synthetic_structure); none: the default data",
+    )
     args = parser.parse_args(argv)
     try:
         summary = generate(
@@ -712,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             truth_path=args.truth,
             workers=args.workers,
             require_positive_patients=None if args.allow_few_positives else N_FOLDS,
+            structure=Structure.of(args.structure),
         )
     except ValueError as err:
         print(f"ERROR {err}", file=sys.stderr)

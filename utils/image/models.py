@@ -71,7 +71,7 @@ def create_backbone(
     if weights_path:
         if not Path(weights_path).is_file():
             raise FileNotFoundError(f"pretrained weights for {name} not found: {weights_path}")
-        # custom_load=False: the file is a torch state dict (kaggle_build.download_weights).
+        # custom_load=False: the file is a torch state dict (kaggle.build.download_weights).
         # timm <= 1.0.26 (Kaggle's image) keeps the AugReg ViT tags' custom_load=True when only
         # "file" is overlaid and then parses the .pth as a JAX .npz (KeyError 'embedding/kernel').
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights_path), "custom_load": False}

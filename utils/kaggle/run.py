@@ -639,7 +639,7 @@ class Runner:
         return content
 
     def dataset_folder(self, slug: str) -> Path:
-        """The upload folder (kaggle_build.build_dataset) from the collected outputs."""
+        """The upload folder (kaggle.build.build_dataset) from the collected outputs."""
         out = self.opts.work_dir / "datasets"
         if self.plan:
             if slug == kb.WEIGHTS_DATASET and not self.opts.weights_dir.is_dir():

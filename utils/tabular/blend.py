@@ -1,5 +1,11 @@
-"""Blending the GBDT members' predictions (issue 16, candidate 4): equal weights (the paper's soft
-vote), rank averaging, and non-negative weights summing to 1 that maximise pAUC.
+"""Blending the GBDT members' predictions: equal weights (the paper's soft vote), rank averaging,
+and non-negative weights summing to 1 that maximise pAUC (the 2nd place of ISIC 2024 fitted its
+ensemble weights: uchiyama33/isic-2024-2nd-place, configs/gbdt_params/*-tuning_weights.yaml,
+`tuning_ensemble_weights: true`).
+
+A floor keeps chosen members at least at a given weight (`floors`, GBDTConfig.blend_floor for
+`lgb_meta`): the metadata-only member is what the submission falls back to for a lesion without
+image scores, and a member fitted to weight 0 would leave that fallback untested by the blend.
 
 Optimised weights: greedy hill-climbing from equal weights, each move shifting `step` of weight
 from one member to another, taken only while it strictly raises pAUC (a step function of the
@@ -73,17 +79,29 @@ def fast_pauc(y: np.ndarray, score: np.ndarray, min_tpr: float = 0.80) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (t[1:] + t[:-1])) / 2)
 
 
-def _transfers(weights: np.ndarray, step: float) -> np.ndarray:
-    """Every weight vector reached by moving `step` (or all it has) from one member to another."""
+def _transfers(weights: np.ndarray, step: float, floors: np.ndarray) -> np.ndarray:
+    """Every weight vector reached by moving `step` (or all it has above its floor) from one
+    member to another."""
     moves = []
     for i, j in permutations(range(len(weights)), 2):
-        if weights[i] > 0:
+        spare = weights[i] - floors[i]
+        if spare > 1e-12:
             moved = weights.copy()
-            amount = min(step, weights[i])
+            amount = min(step, spare)
             moved[i] -= amount
             moved[j] += amount
             moves.append(moved)
-    return np.array(moves)
+    return np.array(moves).reshape(-1, len(weights))
+
+
+def _floors(floors: np.ndarray | None, members: int) -> np.ndarray:
+    """Per-member least weights (zeros when None); raises unless 0 <= floor and sum <= 1."""
+    if floors is None:
+        return np.zeros(members)
+    f = np.asarray(floors, dtype=np.float64)
+    if f.shape != (members,) or (f < 0).any() or f.sum() > 1 + 1e-12:
+        raise ValueError(f"blend floors must be {members} values >= 0 summing to <= 1, got {f}")
+    return f
 
 
 def fit_blend_weights(
@@ -92,17 +110,26 @@ def fit_blend_weights(
     step: float = DEFAULT_STEP,
     min_tpr: float = 0.80,
     max_moves: int = 200,
+    floors: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Weights (>= 0, sum 1) that raise pAUC on these rows: from equal weights, take the best
-    move of `step` between two members while it strictly improves pAUC."""
+    """Weights (>= their floors, sum 1) that raise pAUC on these rows: from equal weights (lifted
+    to the floors), take the best move of `step` between two members while it strictly improves
+    pAUC."""
     x = _matrix(preds)
     y = np.asarray(y)
     if not 0 < step <= 1:
         raise ValueError(f"fit_blend_weights: step must be in (0, 1], got {step}")
+    low = _floors(floors, x.shape[1])
     weights = np.full(x.shape[1], 1 / x.shape[1])
+    if (weights < low).any():  # a floor above 1/members: the rest shared equally
+        free = weights >= low
+        weights = np.where(free, 0.0, low)
+        weights[free] = (1 - weights.sum()) / free.sum()
     best = fast_pauc(y, x @ weights, min_tpr)
     for _ in range(max_moves if x.shape[1] > 1 else 0):
-        moves = _transfers(weights, step)
+        moves = _transfers(weights, step, low)
+        if not len(moves):
+            break
         scores = np.array([fast_pauc(y, x @ w, min_tpr) for w in moves])
         if scores.max() <= best + 1e-12:
             break
@@ -116,6 +143,7 @@ def nested_blend(
     folds: np.ndarray,
     step: float = DEFAULT_STEP,
     min_tpr: float = 0.80,
+    floors: np.ndarray | None = None,
 ) -> BlendResult:
     """Weights per fold fitted on the other folds only, their honest OOF pAUC, and final weights."""
     x = _matrix(preds)
@@ -127,11 +155,18 @@ def nested_blend(
     fold_weights = {}
     for fold in np.unique(folds):
         valid = folds == fold
-        weights = fit_blend_weights(x[~valid], y[~valid], step, min_tpr)
+        weights = fit_blend_weights(x[~valid], y[~valid], step, min_tpr, floors=floors)
         oof[valid] = x[valid] @ weights
         fold_weights[int(fold)] = weights
-    final = fit_blend_weights(x, y, step, min_tpr)
+    final = fit_blend_weights(x, y, step, min_tpr, floors=floors)
     return BlendResult(oof, pauc(y, oof, min_tpr), fold_weights, final)
+
+
+def member_floors(names: Sequence[str], member: str, floor: float) -> np.ndarray | None:
+    """Floors vector giving `member` (when among `names`) the least weight `floor`; None if 0."""
+    if floor <= 0 or member not in names:
+        return None
+    return np.array([floor if n == member else 0.0 for n in names])
 
 
 def compare_blends(

@@ -6,7 +6,7 @@ notebooks/03_gbdt calls, and what tuning (through `load_training_frame`), tests 
 2. join the folds (utils.folds) on isic_id, never by row position;
 3. join each image model's OOF on isic_id as img_<model> (the model and its run's config hash
    come from the run's config.json and are recorded per column);
-   the `plus` recipe's optional groups (GBDTConfig: site_features, ugly_duckling, patient_image)
+   the `plus` recipe's optional groups (GBDTConfig: site_features and plus_features.OPTIONAL_GROUPS)
    are built here too and recorded in features.json, so the submission kernel builds the same;
 4. cross-validate the four members and the soft vote (utils.tabular.cv), or with `blend="nested"`
    weights fitted on the members' OOF (utils.tabular.blend.nested_blend, saved in ensemble.json);
@@ -46,7 +46,7 @@ from utils.metric import pauc
 from utils.oof import write_oof
 from utils.plots import plot_fold_scores, plot_importance, plot_roc
 from utils.settings import FOLD_SEED, N_FOLDS, GBDTConfig, resolve
-from utils.tabular.blend import nested_blend
+from utils.tabular.blend import member_floors, nested_blend
 from utils.tabular.cv import (
     CVResult,
     ablation_table,
@@ -56,8 +56,15 @@ from utils.tabular.cv import (
     filtered_report,
 )
 from utils.tabular.features import build_features, features_spec, join_image_oofs
-from utils.tabular.libraries import ENSEMBLE, LIBRARIES, load_params, make_members, resolve_params
-from utils.tabular.plus_features import add_optional_features
+from utils.tabular.libraries import (
+    ENSEMBLE,
+    LIBRARIES,
+    META_MEMBER,
+    load_params,
+    make_members,
+    resolve_params,
+)
+from utils.tabular.plus_features import OPTIONAL_GROUPS, add_optional_features
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,8 @@ class TrainingFrame:
         return data_fingerprint(self.frame)
 
 
-FEATURE_GROUPS = ("site_features", "ugly_duckling", "patient_image")
+# site_features is built inside utils.tabular.features; the rest by the one registry
+FEATURE_GROUPS: tuple[str, ...] = ("site_features", *OPTIONAL_GROUPS)
 
 
 def feature_groups(cfg: GBDTConfig) -> dict[str, bool]:
@@ -118,12 +126,12 @@ def load_training_frame(
     n_folds: int = N_FOLDS,
     fold_seed: int = FOLD_SEED,
     site_features: bool = False,
-    ugly_duckling: bool = False,
-    patient_image: bool = False,
     threads: int | None = None,
+    **groups: bool,
 ) -> TrainingFrame:
     """Read, build features, join folds and image OOFs on isic_id (the stage 3 recipe), and the
-    optional feature groups asked for (GBDTConfig; `threads` for the ugly-duckling LOF pool)."""
+    optional feature groups asked for (`groups`: names of plus_features.OPTIONAL_GROUPS;
+    `threads` for the ugly-duckling LOF pool)."""
     train = DataDir(data_dir).train_metadata()
     frame, meta_features = build_features(train, source=data_dir, site_features=site_features)
     folds = with_folds(train, n_folds, fold_seed).select(
@@ -131,18 +139,15 @@ def load_training_frame(
     )
     frame = frame.join(folds, on="isic_id", how="left", maintain_order="left")
     frame, sources = join_image_oofs(frame, image_oof_dirs)
-    # the metadata only: the ugly-duckling features never see the label (tests/test_plus_features)
+    # the metadata only: the optional groups never see the label (tests/test_plus_features)
     frame, meta_added, image_added = add_optional_features(
-        frame, train.drop("target"), list(sources), ugly_duckling, patient_image, threads
+        frame, train.drop("target"), list(sources), threads, **groups
     )
-    groups = {
-        "site_features": site_features,
-        "ugly_duckling": ugly_duckling,
-        "patient_image": bool(image_added),
-    }
+    built = {"site_features": site_features} | {g: bool(groups.get(g)) for g in OPTIONAL_GROUPS}
+    built["patient_image"] = bool(image_added)
     filtered = reference_filter_mask(train, frame["isic_id"])
     return TrainingFrame(
-        frame, tuple(meta_features + meta_added), sources, tuple(image_added), groups, filtered
+        frame, tuple(meta_features + meta_added), sources, tuple(image_added), built, filtered
     )
 
 
@@ -167,18 +172,20 @@ class GBDTRun:
         return table.with_columns(overall=pl.Series([overall[m] for m in table["model"]]))
 
 
-def apply_blend(result: CVResult, kind: str) -> dict[str, Any]:
+def apply_blend(result: CVResult, kind: str, floor: float = 0.0) -> dict[str, Any]:
     """The blend of the members' OOF (GBDTConfig.blend): "equal" keeps the soft vote; "nested"
     replaces the ensemble's OOF by utils.tabular.blend.nested_blend's (each fold scored with weights
     fitted on the other folds: an honest CV) and returns the weights fitted on every row, which
-    the submission applies. JSON-ready: kind, weights per member, OOF pAUC of both blends."""
+    the submission applies; `floor` (GBDTConfig.blend_floor) is the least weight left to
+    lgb_meta. JSON-ready: kind, weights per member, OOF pAUC of both blends."""
     names = list(result.members)
     equal = pauc(result.y, result.oof[ENSEMBLE])
     if kind == "equal" or len(names) < 2:
         weights = {n: 1 / len(names) for n in names}
         return {"kind": "equal", "weights": weights, "equal_pauc": equal, "pauc": equal}
     preds = np.column_stack([result.oof[n] for n in names])
-    blended = nested_blend(preds, result.y, result.folds)
+    floors = member_floors(names, META_MEMBER, floor)
+    blended = nested_blend(preds, result.y, result.folds, floors=floors)
     result.oof[ENSEMBLE] = blended.oof
 
     def clean(w: np.ndarray) -> list[float]:  # steps of 0.05 leave float dust (1e-17)
@@ -290,7 +297,7 @@ def run_gbdt_stage(
         cfg.threads,
         trainable=trainable,
     )
-    blend = apply_blend(result, cfg.blend)
+    blend = apply_blend(result, cfg.blend, cfg.blend_floor)
     ablation = ablation_table(result, {c: data.frame[c].to_numpy() for c in data.image_columns})
     report = cv_report(result, ablation, data.image_columns) | {
         "recipe": cfg.recipe,

@@ -1,4 +1,4 @@
-"""Candidate features of the `plus` recipe (issue 16): patient-relative image scores and
+"""Candidate features of the `plus` recipe: patient-relative image scores and
 "ugly duckling" outlier features. Each is a pure function of the rows it is given and never
 reads a label, so the same call serves training (image OOF columns) and the submission kernel
 (fold-mean test scores): train and test patients are disjoint, so a patient's statistics only
@@ -17,8 +17,18 @@ ever come from that patient's own rows.
   neighbours); |z| within patient x `tbp_lv_location` per descriptor (`<d>_loc_absz`; std 0 or
   one lesion: 0; a missing value stays null) and the count of descriptors with |z| > 2
   (`ud_loc_outlier_count`).
-- `add_optional_features(frame, metadata, image_columns, ugly_duckling, patient_image)`: both
-  joined onto a feature frame as GBDTConfig asks, for stage 3 and the submission kernel alike.
+- `patient_lof_features(metadata)`: the LOF alone (GBDTConfig.patient_lof), the 1st place's
+  per-patient outlier score (ilyanovo/isic-2024, notebooks/top-model.ipynb, `get_lof_score`:
+  LocalOutlierFactor per patient on standardised key descriptors).
+- `add_optional_features(frame, metadata, image_columns, threads, **groups)`: the one registry
+  (`OPTIONAL_GROUPS`) of the groups built after utils.tabular.features - these, and the within
+  patient x location groups of utils.tabular.location_features - joined onto a feature frame as
+  GBDTConfig asks, for stage 3 and the submission kernel alike.
+
+Sources on the real data: the patient-relative image score is the 1st place's (top-model.ipynb:
+each image OOF divided by the patient's mean, `oof_eva_score_m`); the within patient x location
+|z| and outlier count are the 2nd place's (uchiyama33/isic-2024-2nd-place,
+src/isic_utils/feature_engineering.py, `ugly_duckling_processing`).
 """
 
 from __future__ import annotations
@@ -27,11 +37,14 @@ import os
 import warnings
 from collections.abc import Sequence
 from functools import reduce
+from typing import Any
 
 import numpy as np
 import polars as pl
 from joblib import Parallel, delayed
 from sklearn.neighbors import LocalOutlierFactor
+
+from utils.tabular.location_features import location_norm_features, location_outlier_features
 
 PATIENT_KEY = "patient_id"
 LOCATION_KEY = "tbp_lv_location"
@@ -224,24 +237,79 @@ def ugly_duckling_features(
     )
 
 
+def patient_lof_features(
+    metadata: pl.DataFrame, n_neighbors: int = LOF_NEIGHBORS, n_jobs: int | None = None
+) -> pl.DataFrame:
+    """isic_id plus the per-patient LOF alone (`ud_lof`, as in `ugly_duckling_features`)."""
+    return ugly_duckling_features(metadata, n_neighbors=n_neighbors, n_jobs=n_jobs).select(
+        "isic_id", LOF_COLUMN
+    )
+
+
+def _join_new(frame: pl.DataFrame, table: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+    """`frame` with the columns of `table` (keyed by isic_id) it lacks, and their names."""
+    new = [n for n in table.columns if n != "isic_id" and n not in frame.columns]
+    joined = frame.join(
+        table.select("isic_id", *new), on="isic_id", how="left", maintain_order="left"
+    )
+    return joined, new
+
+
+def _build_ugly_duckling(frame, metadata, image_columns, threads):
+    return _join_new(frame, ugly_duckling_features(metadata, n_jobs=threads))
+
+
+def _build_patient_lof(frame, metadata, image_columns, threads):
+    return _join_new(frame, patient_lof_features(metadata, n_jobs=threads))
+
+
+def _build_location_norm(frame, metadata, image_columns, threads):
+    return location_norm_features(frame, metadata)
+
+
+def _build_location_outliers(frame, metadata, image_columns, threads):
+    return location_outlier_features(frame, metadata)
+
+
+def _build_patient_image(frame, metadata, image_columns, threads):
+    if not image_columns:
+        return frame, []
+    return patient_image_features(frame, image_columns), patient_image_feature_names(image_columns)
+
+
+# The optional feature groups built after utils.tabular.features (GBDTConfig fields of the same
+# names), in the order they are built: (who sees the features, builder). "meta": every member;
+# "image": the image members only. Stage 3 and the submission kernel both go through
+# `add_optional_features`, so a group added here is built the same on both sides.
+OPTIONAL_GROUPS: dict[str, tuple[str, Any]] = {
+    "ugly_duckling": ("meta", _build_ugly_duckling),
+    "patient_lof": ("meta", _build_patient_lof),
+    "location_norm": ("meta", _build_location_norm),
+    "location_outliers": ("meta", _build_location_outliers),
+    "patient_image": ("image", _build_patient_image),
+}
+
+
 def add_optional_features(
     frame: pl.DataFrame,
     metadata: pl.DataFrame,
     image_columns: Sequence[str],
-    ugly_duckling: bool = False,
-    patient_image: bool = False,
     threads: int | None = None,
+    **groups: bool,
 ) -> tuple[pl.DataFrame, list[str], list[str]]:
-    """`frame` (features + image columns, keyed by isic_id) with the ugly-duckling features of
-    `metadata` and the patient-relative image features joined as asked; their names (metadata,
+    """`frame` (features + image columns, keyed by isic_id) with the optional groups switched on
+    in `groups` (names of OPTIONAL_GROUPS) built from `metadata`; the names added (metadata,
     image-derived). The same call serves training (image OOF columns) and the submission kernel
-    (fold-mean test scores); neither reads a label."""
-    meta_added, image_added = [], []
-    if ugly_duckling:
-        outliers = ugly_duckling_features(metadata, n_jobs=threads)
-        frame = frame.join(outliers, on="isic_id", how="left", maintain_order="left")
-        meta_added = ugly_duckling_feature_names()
-    if patient_image and image_columns:
-        frame = patient_image_features(frame, image_columns)
-        image_added = patient_image_feature_names(image_columns)
-    return frame, meta_added, image_added
+    (fold-mean test scores); none reads a label. A name one group shares with an earlier one
+    (same formula) is built once."""
+    unknown = sorted(set(groups) - set(OPTIONAL_GROUPS))
+    if unknown:
+        raise ValueError(
+            f"unknown optional feature group(s) {unknown}; known: {list(OPTIONAL_GROUPS)}"
+        )
+    added: dict[str, list[str]] = {"meta": [], "image": []}
+    for name, (kind, build) in OPTIONAL_GROUPS.items():
+        if groups.get(name):
+            frame, names = build(frame, metadata, list(image_columns), threads)
+            added[kind] += names
+    return frame, added["meta"], added["image"]

@@ -102,14 +102,14 @@ def test_same_seed_same_data_with_one_or_two_workers(tmp_path, monkeypatch):
         return real(method)
 
     monkeypatch.setattr(synthetic, "get_context", recording)
-    a = generate(
-        tmp_path / "a", rows=300, patients=10, seed=3, image_size=32, workers=1, positive_rate=0.05
-    )
+    rows = 2 * synthetic.MIN_IMAGES_PER_WORKER  # enough train images for two workers
+    sizes = dict(rows=rows, patients=40, seed=3, image_size=32, positive_rate=0.01)
+    a = generate(tmp_path / "a", workers=1, **sizes)
     assert pools == []
-    b = generate(
-        tmp_path / "b", rows=300, patients=10, seed=3, image_size=32, workers=2, positive_rate=0.05
-    )
-    assert pools == ["fork", "fork"]  # train and test images rendered by a pool of two
+    b = generate(tmp_path / "b", workers=2, **sizes)
+    # train images by a pool of two spawned workers (a fork beside the pipeline's heartbeat thread
+    # once hung for good); the 80 test images stay in this process
+    assert pools == ["spawn"]
     for name in ("train-metadata.csv", "test-metadata.csv"):
         assert (a.out_dir / name).read_bytes() == (b.out_dir / name).read_bytes()
     ia, ib = DataDir(a.out_dir).train_images(), DataDir(b.out_dir).train_images()

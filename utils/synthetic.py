@@ -508,15 +508,23 @@ def _encode_chunk(params: np.ndarray) -> list[bytes]:
     return out
 
 
+# Images per worker below which rendering stays in this process: a worker costs about a second to
+# start (spawn imports this module) and renders about 2,000 crops a second.
+MIN_IMAGES_PER_WORKER = 2_000
+
+
 def _write_images(path: Path, ids: np.ndarray, params: np.ndarray, workers: int, desc: str) -> None:
-    """Render and JPEG-encode every crop (in `workers` processes) into one hdf5 dataset per id."""
+    """Render and JPEG-encode every crop (in up to `workers` processes) into one hdf5 dataset per
+    id. Workers are spawned, never forked: the pipeline calls this with a heartbeat thread running,
+    and a fork taken while another thread holds a lock left a worker hung for good (seen in CI)."""
     # chunks of at most 1000 images, and at least one per worker so every worker gets work
     chunk = max(1, min(1000, -(-len(params) // max(workers, 1))))
     chunks = [params[i : i + chunk] for i in range(0, len(params), chunk)]
+    workers = min(workers, len(params) // MIN_IMAGES_PER_WORKER)
     with h5py.File(path, "w", libver="earliest") as h5:
         bar = tqdm(total=len(ids), desc=desc, unit="img", mininterval=2.0)
         if workers > 1 and len(chunks) > 1:
-            with get_context("fork").Pool(workers) as pool:
+            with get_context("spawn").Pool(workers) as pool:
                 results = pool.imap(_encode_chunk, chunks)
                 _store(h5, ids, results, chunk, bar)
         else:

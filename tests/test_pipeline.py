@@ -22,25 +22,20 @@ from utils.folds import assign_folds
 from utils.inference import validate_submission
 from utils.manifest import file_sha256, read_manifest, verify_manifest
 from utils.oof import read_oof
-from utils.pipeline import (
-    DATA_FILES,
-    IMAGE_MODELS,
-    STAGES,
-    PipelineError,
+from utils.pipeline import make_run, results_block, run_pipeline
+from utils.pipeline_runner import (
     StageOutput,
     heartbeat,
     is_complete,
-    make_run,
     output_hashes,
     plan,
-    results_block,
-    run_pipeline,
     run_stage,
     stamp_path,
     why_incomplete,
 )
+from utils.pipeline_stages import DATA_FILES, STAGES, PipelineError, Run
 from utils.run_guard import LOCK_FILE, WorkDirBusy, work_dir_lock
-from utils.settings import DEMO_FOLDS, resolve
+from utils.settings import DEMO_FOLDS, IMAGE_MODELS, resolve
 from utils.tabular.gbdt import FEATURE_GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +111,7 @@ def _calls(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def _mark_done(run: pipeline.Run) -> None:
+def _mark_done(run: Run) -> None:
     """Write every enabled stage's outputs and stamp, as a finished run would."""
     for stage, _ in plan(run):
         for path in stage.outputs(run):

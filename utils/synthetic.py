@@ -166,7 +166,8 @@ def generate(
 
     Fewer patients with a positive lesion than N_FOLDS gives a FewPositivesWarning; with
     `require_positive_patients` it is a ValueError raised before any file is written.
-    The steps draw from one generator in a fixed order: the same arguments give the same bytes.
+    The steps draw from one generator (structures from their own) in a fixed order, so the same
+    arguments give the same files, whatever the number of workers.
     """
     start = time.perf_counter()
     out_dir, truth_path = _checked_paths(rows, positive_rate, out_dir, truth_path)

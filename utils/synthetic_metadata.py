@@ -330,13 +330,42 @@ def draw_diagnoses(
         k: np.full(n, None, dtype=object)
         for k in ("lesion_id", "iddx_2", "iddx_3", "iddx_4", "iddx_5", "mel_mitotic_index")
     }
-    iddx_1 = np.full(n, "Benign", dtype=object)
-    thick = np.full(n, np.nan)
-    # Suspicious benign lesions (biopsied or indeterminate) are more frequent at higher risk.
+    cols["iddx_1"] = np.full(n, "Benign", dtype=object)
+    cols["mel_thick_mm"] = np.full(n, np.nan)
+    suspicious = _suspicious_benign(rng, target, risk, cols)
+    _malignant(rng, target, cols)
+    tracked = (target == 1) | suspicious | (rng.random(n) < 0.05)
+    cols["lesion_id"][tracked] = [
+        f"IL_{k:07d}" for k in rng.choice(10**7, tracked.sum(), replace=False)
+    ]
+    parts = [cols[f"iddx_{level}"] for level in range(1, 6)]
+    iddx_full = np.array(
+        ["::".join(v for v in row if v) for row in zip(*parts, strict=True)], dtype=object
+    )
+    return {
+        "lesion_id": cols["lesion_id"],
+        "iddx_full": iddx_full,
+        "iddx_1": cols["iddx_1"],
+        "iddx_2": cols["iddx_2"],
+        "iddx_3": cols["iddx_3"],
+        "iddx_4": cols["iddx_4"],
+        "iddx_5": cols["iddx_5"],
+        "mel_mitotic_index": cols["mel_mitotic_index"],
+        "mel_thick_mm": cols["mel_thick_mm"],
+        "tbp_lv_dnn_lesion_confidence": 100 / (1 + np.exp(-rng.normal(3.0, 2.0, n))),
+    }
+
+
+def _suspicious_benign(
+    rng: np.random.Generator, target: np.ndarray, risk: np.ndarray, cols: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Diagnose the suspicious benign lesions (biopsied or indeterminate), more frequent at
+    higher risk, in `cols`; which lesions they are."""
+    n = target.size
     odds = np.exp(risk - risk.max())
     suspicious = (target == 0) & (rng.random(n) < 0.008 * odds / odds.mean())
     indeterminate = suspicious & (rng.random(n) < 0.35)
-    iddx_1[indeterminate] = "Indeterminate"
+    cols["iddx_1"][indeterminate] = "Indeterminate"
     cols["iddx_2"][indeterminate] = "Indeterminate melanocytic proliferations"
     cols["iddx_3"][indeterminate] = "Atypical melanocytic neoplasm"
     benign_biopsy = suspicious & ~indeterminate
@@ -351,32 +380,18 @@ def draw_diagnoses(
         "Nevus",
         "Seborrheic keratosis",
     )
+    return suspicious
+
+
+def _malignant(rng: np.random.Generator, target: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+    """Diagnose each positive in `cols` along one of MALIGNANT_PATHS; an invasive melanoma gets
+    a thickness and a mitotic index."""
+    share = np.array([path[0] for path in MALIGNANT_PATHS])
     for i in np.flatnonzero(target == 1):
-        iddx_1[i] = "Malignant"
-        share = np.array([path[0] for path in MALIGNANT_PATHS])
+        cols["iddx_1"][i] = "Malignant"
         _, level2, level3, level4 = MALIGNANT_PATHS[rng.choice(len(MALIGNANT_PATHS), p=share)]
         cols["iddx_2"][i], cols["iddx_3"][i] = level2, level3
         cols["iddx_4"][i] = level4[rng.integers(len(level4))]
         if level3 == "Melanoma Invasive":
-            thick[i] = round(float(rng.gamma(2.0, 0.3)), 2)
+            cols["mel_thick_mm"][i] = round(float(rng.gamma(2.0, 0.3)), 2)
             cols["mel_mitotic_index"][i] = MITOTIC_INDEX[rng.integers(len(MITOTIC_INDEX))]
-    tracked = (target == 1) | suspicious | (rng.random(n) < 0.05)
-    cols["lesion_id"][tracked] = [
-        f"IL_{k:07d}" for k in rng.choice(10**7, tracked.sum(), replace=False)
-    ]
-    parts = [iddx_1, cols["iddx_2"], cols["iddx_3"], cols["iddx_4"], cols["iddx_5"]]
-    iddx_full = np.array(
-        ["::".join(v for v in row if v) for row in zip(*parts, strict=True)], dtype=object
-    )
-    return {
-        "lesion_id": cols["lesion_id"],
-        "iddx_full": iddx_full,
-        "iddx_1": iddx_1,
-        "iddx_2": cols["iddx_2"],
-        "iddx_3": cols["iddx_3"],
-        "iddx_4": cols["iddx_4"],
-        "iddx_5": cols["iddx_5"],
-        "mel_mitotic_index": cols["mel_mitotic_index"],
-        "mel_thick_mm": thick,
-        "tbp_lv_dnn_lesion_confidence": 100 / (1 + np.exp(-rng.normal(3.0, 2.0, n))),
-    }

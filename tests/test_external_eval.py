@@ -11,7 +11,7 @@ import torch
 from notebook_checks import assert_thin_and_clean, run_notebook
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-from utils import external_eval, settings
+from utils import external_eval
 from utils.external import load_ph2
 from utils.external_eval import (
     FUSION_MEMBERS,
@@ -31,7 +31,7 @@ from utils.layout import METRICS_FILE, PREDICTIONS_FILE
 from utils.manifest import verify_manifest
 from utils.metric import pauc
 from utils.oof import read_oof
-from utils.settings import PAPER_GBDT_PARAMS, resolve
+from utils.settings import PAPER_GBDT_PARAMS, presets, resolve
 from utils.tabular.plus_features import patient_image_feature_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def test_plus_applies_stage_3s_blend_and_the_groups_external_metadata_allows(
     """Stage 5 under a recipe uses stage 3's blend and feature groups: patient-relative image
     scores apply; a group that needs ISIC 2024 columns is skipped and recorded as such."""
     monkeypatch.setattr(
-        settings, "PLUS_GBDT", {"blend": "nested", "patient_image": True, "site_features": True}
+        presets, "PLUS_GBDT", {"blend": "nested", "patient_image": True, "site_features": True}
     )
     ph2 = load_ph2(external_data / "ph2")
     keep = ph2.frame.filter(pl.col("target") == 1).head(15)["isic_id"].to_list()

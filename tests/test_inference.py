@@ -35,7 +35,8 @@ from utils.inference import (
 from utils.io import TEST_IMAGES, TEST_METADATA, DataDir
 from utils.kaggle.build import KAGGLE_PARAMETERS, SUBMISSION_KERNEL
 from utils.manifest import write_manifest
-from utils.pipeline import STAGES, make_run
+from utils.pipeline import make_run
+from utils.pipeline_stages import STAGES
 from utils.settings import resolve
 from utils.tabular.ensemble import GBDTEnsemble
 from utils.tabular.features import build_features

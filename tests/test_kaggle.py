@@ -168,9 +168,16 @@ def test_a_kernel_embeds_only_the_modules_it_imports():
         return {p.relative_to(REPO).as_posix() for p in kb.kernel_modules(sources)}
 
     submission, gbdt = embedded(kb.SUBMISSION_KERNEL), embedded("03_gbdt")
+    settings = {
+        f"utils/settings/{name}.py" for name in ("__init__", "configs", "presets", "recipes")
+    }
+    generator = {
+        f"utils/{name}.py" for name in ("synthetic", "synthetic_images", "synthetic_metadata")
+    }
+    pipeline = {f"utils/{name}.py" for name in ("pipeline", "pipeline_runner", "pipeline_stages")}
     for files in (submission, gbdt):
-        assert {"utils/__init__.py", "utils/kaggle/input.py", "utils/settings.py"} <= files
-        assert not files & {"utils/pipeline.py", "utils/synthetic.py", "utils/kaggle/build.py"}
+        assert {"utils/__init__.py", "utils/kaggle/input.py", *settings} <= files
+        assert not files & {*pipeline, *generator, "utils/kaggle/build.py"}
     assert "utils/image/models.py" in submission and "utils/image/layers/gem.py" in submission
     assert "utils/image/models.py" not in gbdt  # a CPU kernel carries no torch code
     assert "utils/metric.py" in gbdt

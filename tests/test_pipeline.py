@@ -22,25 +22,20 @@ from utils.folds import assign_folds
 from utils.inference import validate_submission
 from utils.manifest import file_sha256, read_manifest, verify_manifest
 from utils.oof import read_oof
-from utils.pipeline import (
-    DATA_FILES,
-    IMAGE_MODELS,
-    STAGES,
-    PipelineError,
+from utils.pipeline import make_run, results_block, run_pipeline
+from utils.pipeline_runner import (
     StageOutput,
     heartbeat,
     is_complete,
-    make_run,
     output_hashes,
     plan,
-    results_block,
-    run_pipeline,
     run_stage,
     stamp_path,
     why_incomplete,
 )
+from utils.pipeline_stages import DATA_FILES, STAGES, PipelineError, Run
 from utils.run_guard import LOCK_FILE, WorkDirBusy, work_dir_lock
-from utils.settings import DEMO_FOLDS, resolve
+from utils.settings import DEMO_FOLDS, IMAGE_MODELS, resolve
 from utils.tabular.gbdt import FEATURE_GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +111,7 @@ def _calls(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def _mark_done(run: pipeline.Run) -> None:
+def _mark_done(run: Run) -> None:
     """Write every enabled stage's outputs and stamp, as a finished run would."""
     for stage, _ in plan(run):
         for path in stage.outputs(run):
@@ -165,12 +160,24 @@ def test_another_recipe_reruns_stages_2_to_4_and_never_an_image_model(tmp_path, 
 
 
 def test_tune_adds_the_tuning_stage_and_feeds_its_params_to_gbdt(tmp_path: Path, data_dir: Path):
+    """Stage 3 reads what the earlier stages write: the tuning stage's best params file and the
+    folders of every image stage's OOF."""
     run = make_run(data_dir, tmp_path / "work", "demo", tune=True)
-    names = [s.name for s, _ in plan(run)]
+    steps = {s.name: s for s, _ in plan(run)}
+    names = list(steps)
     assert names.index("tune_gbdt") == names.index("gbdt") - 1
-    gbdt = next(s for s in STAGES if s.name == "gbdt")
-    assert gbdt.parameters(run)["params_path"] == str(run.artifacts / "tuning/best_params.json")
-    assert gbdt.parameters(run)["image_oof_dirs"] == [str(run.artifacts / m) for m in IMAGE_MODELS]
+    gbdt, tune = steps["gbdt"], steps["tune_gbdt"]
+    params = gbdt.parameters(run)
+    assert Path(params["params_path"]).name == "best_params.json"
+    assert Path(params["params_path"]) in tune.outputs(run)
+    oof_folders = [
+        str(path.parent)
+        for name, stage in steps.items()
+        if name.startswith("image_")
+        for path in stage.outputs(run)
+        if path.name == "oof.csv"
+    ]
+    assert params["image_oof_dirs"] == oof_folders and len(oof_folders) == len(IMAGE_MODELS)
     assert "params_path" not in gbdt.parameters(dataclasses.replace(run, tune=False))
 
 

@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -9,50 +10,61 @@ from pathlib import Path
 
 import pytest
 
-from utils import pipeline
 from utils.image.models import BACKBONES
-from utils.kaggle import build as kaggle_build
+from utils.pipeline import make_run
+from utils.pipeline_runner import check_notebooks, plan
+from utils.pipeline_stages import NOTEBOOKS_DIR
 from utils.settings import (
     IMAGE_MODELS,
     PAPER_GBDT_PARAMS,
+    PRESETS,
     RECIPES,
     GBDTConfig,
     ImageConfig,
     image_config,
     resolve,
 )
+from utils.tabular.gbdt import feature_groups
 from utils.tabular.libraries import resolve_params
 
 REPO = Path(__file__).resolve().parents[1]
-# Modules that may define settings: the settings module itself and the owners of other issues
-# (utils.image.models' BACKBONES is the timm name per backbone, checked against the registry below).
-SETTINGS_FREE = [
-    p
-    for p in sorted((REPO / "utils").glob("*.py"))
-    if p.stem not in {"settings", "models", "kaggle_build", "kaggle_input", "kaggle_run"}
-]
+SETTINGS_DIR = REPO / "utils" / "settings"
+# Every module of the package but the settings themselves (subpackages included).
+SETTINGS_FREE = [p for p in sorted((REPO / "utils").rglob("*.py")) if SETTINGS_DIR not in p.parents]
+# ImageConfig fields the demo preset may shrink; every other field is the recipe's, in any preset.
+# (lr: the demo's single epoch from random weights learns nothing at the full preset's rate.)
+SIZE_FIELDS = {"preset", "n_folds", "image_size", "batch_size", "epochs", "lr", "num_workers"}
 
 
-def test_registry_agrees_with_models_pipeline_kaggle_and_notebooks():
-    assert set(IMAGE_MODELS) == {
-        "convnextv2_nano",
-        "vit_tiny",
-        "vit_tiny_suspicious",
-        "vit_small_suspicious",
-    }
-    assert {spec.backbone for spec in IMAGE_MODELS.values()} == set(BACKBONES)
+def _notebook_cells(notebook: Path, kind: str) -> list[str]:
+    """Source of every `kind` ("code" or "markdown") cell of a notebook."""
+    cells = json.loads(notebook.read_text())["cells"]
+    return ["".join(c["source"]) for c in cells if c["cell_type"] == kind]
+
+
+def _trained_model(notebook: Path) -> str:
+    """The model a stage 1 notebook trains: the `MODEL = "..."` its code passes to training."""
+    for source in _notebook_cells(notebook, "code"):
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["MODEL"]:
+                return node.value.value
+    raise AssertionError(f"{notebook.name}: no MODEL assignment")
+
+
+def test_each_registered_image_model_is_trained_by_the_notebook_its_stage_runs(tmp_path):
+    """What `python -m utils.pipeline` runs per image model: a notebook that exists, trains that
+    model and writes the folder the stage checks; each model's head is the one models builds."""
+    run = make_run(None, tmp_path, "demo")
+    steps = [(s, will) for s, will in plan(run) if s.name.startswith("image_")]
+    check_notebooks(steps, NOTEBOOKS_DIR)
+    trained = {}
+    for stage, _ in steps:
+        model = _trained_model(NOTEBOOKS_DIR / stage.notebook)
+        assert {p.parent.name for p in stage.outputs(run)} == {model}, stage.name
+        trained[model] = stage.name
+    assert sorted(trained) == sorted(IMAGE_MODELS)  # each model once, none without a stage
     for name, spec in IMAGE_MODELS.items():
         assert spec.pooling == BACKBONES[spec.backbone].head, name
-        assert (REPO / "notebooks" / f"01_image_{name}.ipynb").is_file()
-        assert (REPO / "kernels" / f"01_image_{name}").is_dir()
-    assert [s.name for s in pipeline.STAGES if s.name.startswith("image_")] == [
-        f"image_{m}" for m in IMAGE_MODELS
-    ]
-    assert tuple(kaggle_build.IMAGE_MODELS) == tuple(IMAGE_MODELS)
-    backbones = {name: spec.backbone for name, spec in IMAGE_MODELS.items()}
-    assert {m: getattr(b, "backbone", b) for m, b in kaggle_build.IMAGE_BACKBONES.items()} == (
-        backbones
-    )
 
 
 def test_settings_module_imports_without_torch():
@@ -80,9 +92,10 @@ def _own_settings(path: Path) -> list[str]:
 
 
 def test_no_stage_module_has_settings_of_its_own():
-    offenders = {p.name: _own_settings(p) for p in SETTINGS_FREE}
+    offenders = {p.relative_to(REPO).as_posix(): _own_settings(p) for p in SETTINGS_FREE}
     assert {k: v for k, v in offenders.items() if v} == {}
-    assert len(SETTINGS_FREE) > 10  # the scan really covers the stage modules
+    stages = {"utils/image/train.py", "utils/tabular/gbdt.py", "utils/inference.py"}
+    assert stages <= set(offenders)  # the scan really covers the stage modules, subpackages too
 
 
 def test_the_scan_catches_a_stage_preset_table(tmp_path):
@@ -97,12 +110,17 @@ def test_the_scan_catches_a_stage_preset_table(tmp_path):
 
 def test_resolve_keeps_none_applies_overrides_and_rejects_unknowns():
     demo = resolve("demo")
-    assert (demo.preset, demo.recipe) == ("demo", "paper") and RECIPES == ("paper", "plus")
-    assert demo.image.image_size == 32 and demo.image.epochs == 1
+    assert (demo.preset, demo.recipe) == ("demo", "paper")
     changed = resolve("demo", image={"epochs": 3, "image_size": None}, gbdt={"seeds": [0, 1]})
-    assert (changed.image.epochs, changed.image.image_size) == (3, 32)
-    assert changed.gbdt.seeds == (0, 1) and isinstance(changed.gbdt, GBDTConfig)
-    assert changed.tuning == demo.tuning
+    assert changed.image.epochs == 3 and changed.image.epochs != demo.image.epochs
+    assert dataclasses.replace(changed.image, epochs=demo.image.epochs) == demo.image  # None kept
+    assert changed.gbdt == dataclasses.replace(demo.gbdt, seeds=(0, 1))
+    assert isinstance(changed.gbdt, GBDTConfig)
+    assert (changed.data, changed.tuning, changed.inference) == (
+        demo.data,
+        demo.tuning,
+        demo.inference,
+    )
     with pytest.raises(KeyError, match="unknown preset"):
         resolve("huge")
     with pytest.raises(KeyError, match="unknown recipe"):
@@ -113,58 +131,106 @@ def test_resolve_keeps_none_applies_overrides_and_rejects_unknowns():
         resolve("demo", image={"epoch": 1})  # a misspelt field is an error, not ignored
 
 
-def test_image_config_full_is_the_papers_table_1():
-    cfg = image_config("vit_small_suspicious", "full", epochs=None, image_size=96)
-    assert (cfg.backbone, cfg.label, cfg.epochs, cfg.image_size) == (
-        "vit_small",
-        "suspicious",
-        30,
-        96,
-    )
-    full = image_config("convnextv2_nano", "full")
-    assert (full.batch_size, full.lr, full.min_lr, full.warmup, full.n_folds) == (
-        32,
-        1e-4,
-        1e-6,
-        0.05,
-        5,
-    )
+@pytest.mark.parametrize("model", sorted(IMAGE_MODELS))
+def test_image_config_is_the_models_registry_entry_on_the_presets_template(model):
+    spec = IMAGE_MODELS[model]
+    for preset in PRESETS:
+        template = resolve(preset).image
+        cfg = image_config(model, preset, epochs=None, image_size=96)
+        assert (cfg.model_name, cfg.backbone, cfg.label) == (model, spec.backbone, spec.label)
+        same = dict(model_name=template.model_name, backbone=template.backbone, label="target")
+        assert dataclasses.replace(cfg, image_size=template.image_size, **same) == template
     with pytest.raises(KeyError, match="unknown image model"):
         image_config("resnet", "demo")
     with pytest.raises(ValueError, match="label"):
-        dataclasses.replace(cfg, label="iddx")
+        dataclasses.replace(image_config(model), label="iddx")
     with pytest.raises(ValueError, match="backbone"):
         ImageConfig(backbone="resnet50")
 
 
+def test_full_preset_trains_what_the_image_notebooks_document():
+    """Each stage 1 notebook tells its reader the `full` settings (the paper's Table 1 and the
+    reference's sampling); the config a run of it resolves must be those."""
+    table_1 = re.compile(
+        r"`full` is the paper's Table 1 \((\d+) px, batch (\d+), lr ([\d.e-]+), cosine, "
+        r"warm-up ([\d.]+), min lr ([\d.e-]+), (\d+) epochs\)"
+    )
+    for model in IMAGE_MODELS:
+        text = " ".join(_notebook_cells(NOTEBOOKS_DIR / f"01_image_{model}.ipynb", "markdown"))
+        size, batch, lr, warmup, min_lr, epochs = table_1.search(text).groups()
+        cfg = image_config(model, "full")
+        assert (cfg.image_size, cfg.batch_size, cfg.epochs) == (int(size), int(batch), int(epochs))
+        assert (cfg.lr, cfg.warmup, cfg.min_lr) == (float(lr), float(warmup), float(min_lr))
+        assert "every positive twice plus as many fresh negatives" in text
+        assert (cfg.pos_repeat, cfg.neg_ratio) == (2, 1.0)  # 2P positives, 2P negatives
+        assert f"plus {cfg.val_neg_per_pos:g} negatives per positive" in text
+        assert f"(default {cfg.n_folds})" in text
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_demo_only_shrinks_sizes(recipe):
+    """A demo run trains the same recipe as a full one, smaller: only size fields differ."""
+    for model in IMAGE_MODELS:
+        demo, full = image_config(model, "demo", recipe), image_config(model, "full", recipe)
+        differ = {f.name for f in dataclasses.fields(ImageConfig)}
+        differ = {name for name in differ if getattr(demo, name) != getattr(full, name)}
+        assert differ <= SIZE_FIELDS, model
+        assert demo.epochs < full.epochs and demo.image_size < full.image_size
+        assert demo.n_folds <= full.n_folds
+    demo, full = resolve("demo", recipe).gbdt, resolve("full", recipe).gbdt
+    assert dataclasses.replace(demo, preset="full", rounds={}, n_folds=full.n_folds) == full
+
+
+def test_paper_recipe_gives_the_libraries_the_published_params():
+    """At full size every library gets the published params untouched (the libraries' own
+    binning); the demo changes only how many trees."""
+    full = resolve_params(resolve("full", "paper").gbdt)
+    demo = resolve_params(resolve("demo", "paper").gbdt)
+    rounds = {"n_estimators", "iterations"}
+    for member, params in full.items():
+        library = member.split("_")[0]
+        assert params == PAPER_GBDT_PARAMS[library], member
+        changed = {k for k in params if demo[member].get(k) != params[k]}
+        assert changed and changed <= rounds, member
+        assert all(demo[member][k] < params[k] for k in changed), member
+
+
+def test_every_stage_3_switch_changes_what_stage_3_builds():
+    """No dead switch: each boolean of GBDTConfig, on, changes the feature groups the stage
+    builds, except filter_training, which changes the fold models' training rows instead."""
+    paper = resolve("demo", "paper").gbdt
+    switches = [
+        f.name
+        for f in dataclasses.fields(GBDTConfig)
+        if f.type == "bool" and f.name != "filter_training"
+    ]
+    assert switches
+    for name in switches:
+        on = feature_groups(dataclasses.replace(paper, **{name: True}))
+        assert on != feature_groups(paper) and on[name], name
+
+
 def test_pipeline_passes_names_and_paths_only(tmp_path):
-    """So a notebook run alone and the pipeline get the same demo sizes from utils.settings."""
-    run = pipeline.make_run(None, tmp_path, "demo")
-    image = next(s for s in pipeline.STAGES if s.name == "image_vit_tiny")
-    assert set(image.parameters(run)) == {"data_dir", "output_dir", "preset"}  # no recipe
-    assert run.sizes == resolve("demo").data
-
-
-@pytest.mark.parametrize("preset", ["demo", "full"])
-def test_paper_recipe_is_the_reference_training_recipe(preset):
-    """The reference's values in every preset (demo only shrinks sizes)."""
-    for name in IMAGE_MODELS:
-        cfg = image_config(name, preset)
-        assert (cfg.dropout, cfg.dropout_samples) == (0.5, 1)
-        assert (cfg.neg_ratio, cfg.pos_repeat) == (1.0, 2)  # 2P positives + 2P negatives
-        assert (cfg.val_neg_per_pos, cfg.val_min_confidence) == (10.0, 80.0)
-        assert (cfg.pool, cfg.head_norm) == (None, False)
-        assert cfg.weight_decay is None  # the backbone's: ConvNeXt 1e-2, ViT 1e-3
-        assert cfg.max_grad_norm is None  # the reference clips no gradient
-        assert cfg.validate_on == "label"  # it relabels before the split: suspicious validation
-        assert (cfg.lr, cfg.min_lr, cfg.warmup) == (
-            (1e-4, 1e-6, 0.05) if preset == "full" else (3e-4, 1e-6, 0.05)
-        )
-    gbdt = resolve(preset).gbdt
-    assert gbdt.site_features is False
-    assert gbdt.filter_training is False  # the fold models ship: on every row, as the refit
-    assert resolve_params(gbdt)["cat"].get("border_count") is None  # the library default
-    assert PAPER_GBDT_PARAMS["cat"]["iterations"] == 250  # Table 2
+    """So a notebook run alone and the pipeline get the same sizes from utils.settings: no stage
+    parameter carries a setting, only the preset and recipe names and paths."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for spec in IMAGE_MODELS.values():
+        (weights / f"{spec.backbone}.pth").write_text("")
+    names = {"preset", "recipe"}
+    for preset in PRESETS:
+        for recipe in RECIPES:
+            run = make_run(None, tmp_path / "work", preset, True, 0, None, recipe, weights)
+            for stage, _ in plan(run):
+                if not stage.notebook:
+                    continue  # the synthetic data step: generate's sizes, not a notebook's
+                params = stage.parameters(run)
+                assert params["preset"] == preset and params.get("recipe", recipe) == recipe
+                for key, value in params.items():
+                    paths = value if isinstance(value, list) else [value]
+                    assert key in names or all(Path(p).is_absolute() for p in paths), key
+    image = next(s for s, _ in plan(run) if s.name == "image_vit_tiny")
+    assert "recipe" not in image.parameters(run)  # no recipe changes an image model
 
 
 def test_train_config_rejects_unknown_pool_and_bad_repeat():

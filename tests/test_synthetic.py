@@ -2,7 +2,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from utils import synthetic
+from utils import synthetic, synthetic_images
 from utils.io import DataDir, read_metadata
 from utils.metric import pauc
 from utils.schema import CATEGORIES, TEST_COLUMNS, TRAIN_COLUMNS
@@ -95,14 +95,14 @@ def test_truth_file_lies_outside_and_holds_a_learnable_signal(synthetic_dir):
 
 def test_same_seed_same_data_with_one_or_two_workers(tmp_path, monkeypatch):
     pools = []
-    real = synthetic.get_context
+    real = synthetic_images.get_context
 
     def recording(method):
         pools.append(method)
         return real(method)
 
-    monkeypatch.setattr(synthetic, "get_context", recording)
-    rows = 2 * synthetic.MIN_IMAGES_PER_WORKER  # enough train images for two workers
+    monkeypatch.setattr(synthetic_images, "get_context", recording)
+    rows = 2 * synthetic_images.MIN_IMAGES_PER_WORKER  # enough train images for two workers
     sizes = dict(rows=rows, patients=40, seed=3, image_size=32, positive_rate=0.01)
     a = generate(tmp_path / "a", workers=1, **sizes)
     assert pools == []

@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 
 from utils.layout import BEST_PARAMS_FILE, STORAGE_FILE, TUNING_DIR
 from utils.manifest import verify_manifest
-from utils.pipeline import STAGES, make_run
+from utils.pipeline import make_run
+from utils.pipeline_stages import STAGES
 from utils.settings import DEMO_FOLDS, PAPER_GBDT_PARAMS, PRESETS, resolve
 from utils.tabular.cv import cross_validate
 from utils.tabular.gbdt import load_training_frame

@@ -1,30 +1,16 @@
-"""Every setting of every stage, in one torch-free module: the image-model registry, the presets
-and one `resolve` function.
-
-Two axes: the size preset (`demo`: CPU, CI, minutes; `full`: Kaggle, real sizes) and
-the recipe (`paper`: the validated reference, the default; `plus`: `paper` plus the stage 3
-additions the ablation (bench/ablation.py, docs/benchmarks.md) showed to help, PLUS_GBDT).
-`resolve(preset, recipe, image=..., gbdt=..., ...)` returns one `Settings` holding each stage's
-config; an override that is None keeps the preset's value, so a notebook can pass its parameters
-cell through unchanged. Stage modules hold logic only: they take these configs.
-
-    cfg = resolve("demo", gbdt={"seeds": [0, 1]}).gbdt
-    image = image_config("vit_tiny", "demo", epochs=2)
+"""The stage configs (frozen dataclasses), the image-model registry and the fold constants of
+utils.settings: what each field means and which values it accepts. Their values per preset and
+recipe are in utils.settings.presets.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from utils.notebook_params import list_parameter, mapping_parameter
+from utils.settings.recipes import PAPER_GBDT_PARAMS
 
-RECIPES = ("paper", "plus")
 BLENDS = ("equal", "nested")  # GBDTConfig.blend: soft vote, or weights fitted on the OOF
 LABELS = ("target", "suspicious")
 OOF_EPOCHS = ("best", "last")  # ImageConfig.oof_epoch
@@ -33,9 +19,6 @@ POOLINGS = ("multiscale_gem", "token")
 
 # The one fold assignment (utils.folds): StratifiedGroupKFold by patient, this many splits, seed.
 N_FOLDS = 5
-# The demo preset's folds (stages 1-3): 4 image models x 3 fp16 fold checkpoints keep the demo's
-# work dir under 300 MB (x 5 folds: 456 MiB whatever the image size); `full` keeps the paper's 5.
-DEMO_FOLDS = 3
 FOLD_SEED = 42
 
 
@@ -60,9 +43,6 @@ IMAGE_MODELS: dict[str, ImageModelSpec] = {
     "vit_small_suspicious": ImageModelSpec("vit_small", "suspicious", "token"),
 }
 BACKBONE_NAMES = tuple(sorted({spec.backbone for spec in IMAGE_MODELS.values()}))
-
-
-# ---------------------------------------------------------------------------------- stage configs
 
 
 @dataclass(frozen=True)
@@ -91,7 +71,7 @@ class ImageConfig:
     lr: float = 1e-4
     min_lr: float = 1e-6
     warmup: float = 0.05  # fraction of all steps with linear warm-up
-    # The reference recipe (3rd-place code, train_*.py), point by point (issue 15):
+    # The reference recipe (3rd-place code, train_*.py), point by point:
     # AdamW weight decay; None = the backbone's (image.models.BACKBONES): ConvNeXt 1e-2 on every
     # parameter, ViT 1e-3 with none on biases and norm weights, cls_token/pos_embed frozen.
     weight_decay: float | None = None
@@ -108,8 +88,8 @@ class ImageConfig:
     val_min_confidence: float | None = 80.0
     # Head: pool None = the backbone's (ConvNeXt: the paper's multi-scale GeM, "avg" is the
     # reference's own pooling; ViT: class token). head_norm False: the reference removes timm's
-    # head including ConvNeXt's post-pool norm (the issue text asked for it on; the code that was
-    # validated has none). One dropout mask, p 0.5, as the reference's MLP head.
+    # head including ConvNeXt's post-pool norm (the validated code has none). One dropout mask,
+    # p 0.5, as the reference's MLP head.
     pool: str | None = None
     head_norm: bool = False
     dropout: float = 0.5
@@ -117,8 +97,8 @@ class ImageConfig:
     n_folds: int = N_FOLDS
     seed: int = FOLD_SEED  # fold assignment and training seed
     # The epoch whose weights a fold keeps and predicts its OOF with: "best" (the reference: the
-    # best validation pAUC on the held-out subsample) or "last" (issue 16, candidate 6: "best"
-    # lifts the OOF score on the very labels it is scored on). history.csv holds every epoch's
+    # best validation pAUC on the held-out subsample) or "last" ("best" lifts
+    # the OOF score on the very labels it is scored on). history.csv holds every epoch's
     # validation pAUC, so utils.image.train.epoch_choice reports both choices per fold.
     oof_epoch: str = "best"
     # What the per-epoch validation subsample is drawn on and scored against: "label" (the
@@ -131,8 +111,7 @@ class ImageConfig:
     eval_batch_size: int = 128
     weights_path: str | None = None
     # Augmentations are the reference's, fixed in utils.image.data.train_transforms; CoarseDropout
-    # cuts one hole of 0.375 x the side, what the reference call did under its albumentations
-    # 1.4.13 (the issue text read it as several holes).
+    # cuts one hole of 0.375 x the side, what the reference call did under albumentations 1.4.13.
 
     def __post_init__(self):
         if self.backbone not in BACKBONE_NAMES:
@@ -306,240 +285,3 @@ class Settings:
 
 
 STAGES = ("data", "image", "tuning", "gbdt", "inference", "external")
-
-
-# ---------------------------------------------------------------------------------- recipes
-
-# The published GBDT hyper-parameters (keyword arguments of the scikit-learn estimators).
-PAPER_GBDT_PARAMS: dict[str, dict[str, Any]] = {
-    "lgb": {
-        "objective": "binary",
-        "verbosity": -1,
-        "n_estimators": 200,
-        "learning_rate": 0.0323,
-        "max_depth": 4,
-        "num_leaves": 103,
-        "min_data_in_leaf": 85,
-        "colsample_bytree": 0.833,
-        "colsample_bynode": 0.403,
-        "bagging_fraction": 0.774,
-        "bagging_freq": 4,
-        "lambda_l1": 0.0876,
-        "lambda_l2": 0.00397,
-        "scale_pos_weight": 2.798,
-    },
-    "cat": {
-        "loss_function": "Logloss",
-        "iterations": 250,  # Table 2 and the reference notebook
-        "learning_rate": 0.0694,
-        "depth": 7,
-        "l2_leaf_reg": 6.22,
-        "subsample": 0.625,
-        "min_data_in_leaf": 24,
-        "scale_pos_weight": 2.615,
-        "verbose": False,
-        "allow_writing_files": False,
-    },
-    "xgb": {
-        "n_estimators": 100,  # XGBClassifier's default, which the published setup kept
-        "tree_method": "hist",
-        "learning_rate": 0.0850,
-        "max_depth": 6,
-        "subsample": 0.601,
-        "colsample_bytree": 0.844,
-        "colsample_bylevel": 0.548,
-        "colsample_bynode": 0.993,
-        "lambda": 8.88,
-        "alpha": 0.678,
-        "scale_pos_weight": 3.294,
-    },
-}
-GBDT_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
-    "paper": PAPER_GBDT_PARAMS,
-    "plus": PAPER_GBDT_PARAMS,  # plus changes features, not the published hyper-parameters
-}
-
-# What `plus` turns on in stage 3 (GBDTConfig fields): candidates that a top ISIC 2024 solution
-# kept on the real data AND that beat `paper` by more than the seed spread on synthetic data
-# planting the structures they target (bench/ablation.py on `utils.synthetic --structure ...`;
-# table, command and what was left out in docs/benchmarks.md, section 10, and README):
-# - ugly_duckling: per-patient LOF (1st place) and |z| within patient x location with an outlier
-#   count (2nd place);
-# - patient_image: image scores relative to the patient's (1st place);
-# - seeds: seed bagging, each seed its own over/under-sample (2nd place: 5 seeds; 2 measured).
-PLUS_GBDT: dict[str, Any] = {"ugly_duckling": True, "patient_image": True, "seeds": (0, 1)}
-
-# Histogram binning per recipe and library (added to the params before the preset's rounds).
-# `paper` keeps the libraries' defaults (CatBoost 254 borders, XGBoost 256 bins, LightGBM 255),
-# as the reference notebook does. `plus` bins coarser for speed: measured on 401,059 synthetic
-# rows (5-fold OOF pAUC, seed 0; docs/benchmarks.md) CatBoost 0.1641 -> 0.1665 with 19% less CPU,
-# XGBoost 0.1645 -> 0.1676 with 12% less, inside the seed-to-seed spread (up to 0.003 there), so
-# the CPU saving is the reason, not the score. A params JSON can set other values.
-GBDT_BINNING: dict[str, dict[str, dict[str, Any]]] = {
-    "paper": {"lgb": {}, "cat": {}, "xgb": {}},
-    "plus": {"lgb": {}, "cat": {"border_count": 128}, "xgb": {"max_bin": 128}},
-}
-
-
-# ---------------------------------------------------------------------------------- presets
-
-
-def _full(recipe: str) -> Settings:
-    """The real sizes: the paper's Table 1 for the image models, the published GBDTs."""
-    return Settings(
-        preset="full",
-        recipe=recipe,
-        data=SyntheticConfig(
-            rows=20_000, patients=None, positive_rate=0.01, test_rows=None, image_size=128
-        ),
-        image=ImageConfig(preset="full", recipe=recipe),
-        tuning=TuneConfig(preset="full", recipe=recipe),
-        gbdt=GBDTConfig(preset="full", recipe=recipe, **(PLUS_GBDT if recipe == "plus" else {})),
-        inference=InferenceConfig(preset="full", recipe=recipe),
-        external=ExternalEvalConfig(preset="full", recipe=recipe),
-    )
-
-
-def _demo(recipe: str) -> Settings:
-    """Small enough that the whole chain (4 image models x 3 folds, GBDTs, inference) runs in
-    about two minutes on 2 CPU cores, and the same whether a notebook runs alone or in the
-    pipeline."""
-    full = _full(recipe)
-    image = dataclasses.replace(
-        full.image,
-        preset="demo",
-        n_folds=DEMO_FOLDS,
-        image_size=32,
-        batch_size=64,
-        epochs=1,
-        lr=3e-4,
-        num_workers=0,
-    )
-    # a tuning trial takes about a second on ~1,500 rows (few rounds, shallow CatBoost trees,
-    # whose cost grows with 2**depth)
-    centres = {
-        "lgb": {"n_estimators": 20},
-        "cat": {"iterations": 10, "depth": 4},
-        "xgb": {"n_estimators": 20},
-    }
-    rounds = {"lgb": {"n_estimators": 60}, "cat": {"iterations": 60}, "xgb": {"n_estimators": 40}}
-    return Settings(
-        preset="demo",
-        recipe=recipe,
-        data=SyntheticConfig(
-            rows=600, patients=30, positive_rate=0.05, test_rows=40, image_size=48
-        ),
-        image=image,
-        tuning=dataclasses.replace(
-            full.tuning,
-            preset="demo",
-            n_trials=3,
-            timeout=60,
-            centres=centres,
-            n_folds=DEMO_FOLDS,
-        ),
-        gbdt=dataclasses.replace(full.gbdt, preset="demo", rounds=rounds, n_folds=DEMO_FOLDS),
-        inference=dataclasses.replace(
-            full.inference, preset="demo", batch_size=64, num_workers=0, estimate_batches=1
-        ),
-        # 2 CPU cores in CI: one small ViT on 32 px crops of 64 px images, 1 epoch, 5 folds.
-        # On busy shared cores two spinning torch threads ran 10x slower than one (bench: 87-110 s
-        # vs 9 s for this demo's 5 folds while other jobs ran).
-        external=dataclasses.replace(
-            full.external,
-            preset="demo",
-            image_models=("vit_tiny",),
-            epochs=1,
-            image_size=32,
-            batch_size=32,
-            num_workers=0,
-            max_image_side=64,
-            torch_threads=1,
-        ),
-    )
-
-
-PRESETS = {"demo": _demo, "full": _full}
-
-
-def _given(overrides: Mapping[str, Any] | None, config: type | None = None) -> dict[str, Any]:
-    """Overrides without None values, each parsed to its field's type in `config` (if given).
-
-    Notebook parameters arrive as papermill delivers them: `-p seeds '[0, 1]'` is a string, and
-    `-p seeds 1` an int where the field holds a tuple. Lists become tuples (frozen configs).
-    """
-    hints = typing.get_type_hints(config) if config is not None else {}
-    return {
-        k: _typed(v, hints[k], k) if k in hints else tuple(v) if isinstance(v, list) else v
-        for k, v in (overrides or {}).items()
-        if v is not None
-    }
-
-
-def _typed(value: Any, hint: Any, name: str) -> Any:
-    """`value` parsed to the field type `hint`; ValueError naming the parameter and the value."""
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    kinds = {typing.get_origin(h) or h for h in (typing.get_args(hint) if union else (hint,))}
-    if kinds & {tuple, list}:
-        return tuple(list_parameter(value if not isinstance(value, int | float) else [value], name))
-    if kinds & {Mapping, dict}:
-        return mapping_parameter(value, name)
-    if isinstance(value, str) and kinds & {int, float, bool}:
-        return _scalar(value, kinds, name)
-    return value
-
-
-def _scalar(text: str, kinds: set[Any], name: str) -> int | float | bool:
-    """A number or a boolean written as text (`-p epochs '3'`, `-p head_norm true`)."""
-    lowered = text.strip().lower()
-    if bool in kinds and lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        if kind in kinds:
-            with contextlib.suppress(ValueError):
-                return kind(text)
-    expected = " or ".join(sorted(k.__name__ for k in kinds if k in (int, float, bool)))
-    raise ValueError(f"{name}: expected {expected}, got {text!r}")
-
-
-def resolve(
-    preset: str = "demo", recipe: str = "paper", **stage_overrides: Mapping[str, Any] | None
-) -> Settings:
-    """The preset's settings for `recipe`, each stage updated by its overrides (None: keep).
-
-    `stage_overrides` are keyed by stage (`data`, `image`, `tuning`, `gbdt`, `inference`,
-    `external`), each a mapping of field -> value.
-    """
-    if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-    if recipe not in RECIPES:
-        raise KeyError(f"unknown recipe {recipe!r}; known: {list(RECIPES)}")
-    unknown = sorted(set(stage_overrides) - set(STAGES))
-    if unknown:
-        raise KeyError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
-    settings = PRESETS[preset](recipe)
-    changes = {
-        stage: dataclasses.replace(
-            getattr(settings, stage), **_given(values, type(getattr(settings, stage)))
-        )
-        for stage, values in stage_overrides.items()
-        if _given(values)
-    }
-    return dataclasses.replace(settings, **changes)
-
-
-def image_config(
-    model_name: str, preset: str = "demo", recipe: str = "paper", **overrides: Any
-) -> ImageConfig:
-    """The stage 1 config of one registered image model (overrides that are None keep)."""
-    if model_name not in IMAGE_MODELS:
-        raise KeyError(f"unknown image model {model_name!r}; known: {sorted(IMAGE_MODELS)}")
-    spec = IMAGE_MODELS[model_name]
-    template = resolve(preset, recipe).image
-    return dataclasses.replace(
-        template,
-        model_name=model_name,
-        backbone=spec.backbone,
-        label=spec.label,
-        **_given(overrides, type(template)),
-    )

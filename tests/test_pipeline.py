@@ -19,7 +19,6 @@ from notebook_checks import write_standin_notebook
 
 from utils import pipeline
 from utils.folds import assign_folds
-from utils.inference import validate_submission
 from utils.manifest import file_sha256, read_manifest, verify_manifest
 from utils.oof import read_oof
 from utils.pipeline import (
@@ -41,6 +40,7 @@ from utils.pipeline import (
 )
 from utils.run_guard import LOCK_FILE, WorkDirBusy, work_dir_lock
 from utils.settings import DEMO_FOLDS, resolve
+from utils.submission_file import validate_submission
 from utils.tabular.gbdt import FEATURE_GROUPS
 
 REPO = Path(__file__).resolve().parents[1]

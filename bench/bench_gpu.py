@@ -9,8 +9,8 @@ Sized for a 10-minute run: 3 backbones x 3 modes x (train + inference) of `--ste
 after 3 warm-up batches, uint8 input as the DataLoader gives it (the model normalises on the
 device). Measurements stop once `--budget-s` has passed and the script says which were skipped.
 
-Projection (the submission kernel's design): `utils.image.train.predict_with_models` makes one pass
-over the test images per image model, decoding each image once and feeding the batch to all 5
+Projection (the submission kernel's design): `utils.image.predict.predict_with_models` makes one
+pass over the test images per image model, decoding each image once and feeding the batch to all 5
 fold models in fp16 autocast + channels_last. So per model: GPU time = images x folds / (fp16 +
 channels_last inference rate on a T4), CPU time = images / (decode + resize rate per core x
 DataLoader workers); the loader overlaps the two, so the model costs the larger. The T4 rate is
@@ -110,7 +110,7 @@ def decode_rate(image_size: int, n: int = 500) -> float:
 
 
 def batch_of(n: int, size: int, channels_last: bool, device: torch.device) -> torch.Tensor:
-    """A uint8 NCHW batch on the device, as utils.image.train.batch_images hands it to the model."""
+    """A uint8 NCHW batch on the device, as utils.image.predict.batch_images gives it the model."""
     x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
     return x.to(memory_format=torch.channels_last) if channels_last else x
 

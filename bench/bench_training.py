@@ -270,7 +270,7 @@ def ddp_train_rate(backbone: str, size: int, batch: int, steps: int) -> float:
     """Images/s of DDP training steps summed over the ranks (`batch` images per rank, fp16
     autocast and channels_last on CUDA), timed on rank 0 after 3 warm-up steps; outside a
     group, one process's plain training steps. Runs under distributed.launch."""
-    from utils.image.train import with_ddp
+    from utils.image.fold_training import with_ddp
 
     cuda = torch.cuda.is_available()
     group = distributed.current() or distributed.Group(

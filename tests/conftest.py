@@ -68,6 +68,33 @@ def demo_image_oof_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="session")
+def artifacts(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo submission artifacts (tests/inference_artifacts.py): <dir>/vit_tiny (2 fold
+    checkpoints) and <dir>/gbdt trained with img_vit_tiny, built once per session."""
+    from inference_artifacts import build_artifacts
+
+    return build_artifacts(synthetic_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def test_data(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first TEST_ROWS rows of the synthetic test set with their images; a test that
+    changes them works on a copy."""
+    from inference_artifacts import small_test_set
+
+    return small_test_set(synthetic_dir, tmp_path_factory.mktemp("test_data"))
+
+
+@pytest.fixture(scope="session")
+def intact_scores(artifacts: Path, test_data: Path) -> dict:
+    """Every GBDT member's score and the vote on `test_data` with the intact artifacts,
+    computed apart from the kernel."""
+    from inference_artifacts import member_scores
+
+    return member_scores(artifacts, test_data)
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real PH2 and HAM10000); tests that need it skip, saying why, without it."""
     if not SHARED_DATA.is_dir():

@@ -67,9 +67,9 @@ def tiny_start() -> tuple[torch.Tensor, torch.Tensor, Tiny]:
 
 
 def tiny_epoch(group: Group) -> dict:
-    """One epoch of train.train_one_epoch on Tiny (under DDP on several ranks): its weights and
-    mean loss."""
-    from utils.image import train
+    """One epoch of fold_training.train_one_epoch on Tiny (under DDP on several ranks): its
+    weights and mean loss."""
+    from utils.image import fold_training
     from utils.settings import image_config
 
     features, targets, net = tiny_start()
@@ -80,8 +80,8 @@ def tiny_epoch(group: Group) -> dict:
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss = train.train_one_epoch(
-        train.with_ddp(net, group),
+    loss = fold_training.train_one_epoch(
+        fold_training.with_ddp(net, group),
         loader,
         optimizer,
         scheduler,

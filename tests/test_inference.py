@@ -1,9 +1,9 @@
 """Stage 4: the submission kernel (utils.inference and notebooks/04_inference.ipynb).
 
-One session-scoped artifacts dir (tests/inference_artifacts.py, shared with
-test_submission_robustness.py) holds a tiny vit_tiny (32 px, 1 epoch, 2 folds, trained by the
-stage 1 entry) and the GBDT stage's artifacts built on its OOF by the stage 3 entry, both on the
-synthetic data dir.
+One session-scoped artifacts dir (the `artifacts` fixture of tests/conftest.py, built by
+tests/inference_artifacts.py and shared with the test_submission_* modules) holds a tiny
+vit_tiny (32 px, 1 epoch, 2 folds, trained by the stage 1 entry) and the GBDT stage's artifacts
+built on its OOF by the stage 3 entry, both on the synthetic data dir.
 """
 
 from __future__ import annotations
@@ -17,27 +17,23 @@ import nbformat
 import numpy as np
 import polars as pl
 import pytest
-from inference_artifacts import IMAGE_MODEL, build_artifacts, train_gbdt
+from inference_artifacts import FAST, IMAGE_MODEL, train_gbdt
 from notebook_checks import assert_thin_and_clean, run_notebook
 
-from utils import inference
-from utils.inference import (
-    KAGGLE_LIMIT_S,
-    SubmissionError,
-    TimeEstimate,
-    measure_images_per_s,
-    predict_submission,
-    read_test_ids,
-    run_submission,
-    validate_submission,
-    write_submission,
-)
+from utils import submission_time
+from utils.inference import predict_submission, run_submission
 from utils.io import TEST_IMAGES, TEST_METADATA, DataDir
 from utils.kaggle.build import KAGGLE_PARAMETERS, SUBMISSION_KERNEL
 from utils.manifest import write_manifest
 from utils.pipeline import make_run
 from utils.pipeline_stages import STAGES
-from utils.settings import resolve
+from utils.submission_file import (
+    SubmissionError,
+    read_test_ids,
+    validate_submission,
+    write_submission,
+)
+from utils.submission_time import KAGGLE_LIMIT_S, TimeEstimate, measure_images_per_s
 from utils.tabular.ensemble import GBDTEnsemble
 from utils.tabular.features import build_features
 from utils.tabular.libraries import ENSEMBLE, GBDT_MODELS, META_MEMBER
@@ -52,13 +48,6 @@ PARAMETERS = {
     "batch_size",
     "num_workers",
 }
-FAST = resolve("demo", inference={"estimate_batches": 0, "threads": 1}).inference
-
-
-@pytest.fixture(scope="session")
-def artifacts(synthetic_dir, tmp_path_factory) -> Path:
-    """<dir>/vit_tiny (2 fold checkpoints) and <dir>/gbdt trained with img_vit_tiny."""
-    return build_artifacts(synthetic_dir, tmp_path_factory)
 
 
 def copy_test_files(source: Path, dest: Path) -> Path:
@@ -309,7 +298,7 @@ def test_measured_rate_excludes_fixed_start_up_cost(monkeypatch):
         calls.append(list(ids))
         clock[0] += 2.0 + len(ids) / 100
 
-    monkeypatch.setattr(inference.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(submission_time.time, "perf_counter", lambda: clock[0])
     ids = [f"ISIC_{i}" for i in range(1000)]
     assert measure_images_per_s(fake_predict, ids, batch_size=50, batches=3) == pytest.approx(100)
     assert [len(c) for c in calls] == [50, 150, 300] and calls[2] == ids[:300]

@@ -14,9 +14,9 @@ import nbformat
 import polars as pl
 import pytest
 
-from utils.inference import validate_submission
 from utils.kaggle import build as kb, input as ki
 from utils.settings import DEMO_FOLDS, resolve
+from utils.submission_file import validate_submission
 
 RECIPE_KERNELS = ("02_tune_gbdt", "03_gbdt")
 

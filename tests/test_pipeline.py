@@ -19,7 +19,6 @@ from notebook_checks import write_standin_notebook
 
 from utils import pipeline
 from utils.folds import assign_folds
-from utils.inference import validate_submission
 from utils.manifest import file_sha256, read_manifest, verify_manifest
 from utils.oof import read_oof
 from utils.pipeline import make_run, results_block, run_pipeline
@@ -36,6 +35,7 @@ from utils.pipeline_runner import (
 from utils.pipeline_stages import DATA_FILES, STAGES, PipelineError, Run
 from utils.run_guard import LOCK_FILE, WorkDirBusy, work_dir_lock
 from utils.settings import DEMO_FOLDS, IMAGE_MODELS, resolve
+from utils.submission_file import validate_submission
 from utils.tabular.gbdt import FEATURE_GROUPS
 
 REPO = Path(__file__).resolve().parents[1]

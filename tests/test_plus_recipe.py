@@ -17,11 +17,12 @@ import pytest
 from inference_artifacts import FEW_TREES, IMAGE_MODEL, N_FOLDS, build_artifacts
 
 from utils.image.predict import predict
-from utils.inference import predict_submission, validate_submission
+from utils.inference import predict_submission
 from utils.io import DataDir
 from utils.metric import pauc
 from utils.oof import read_oof
 from utils.settings import PLUS_GBDT, PRESETS, RECIPES, GBDTConfig, resolve
+from utils.submission_file import validate_submission
 from utils.tabular.ensemble import GBDTEnsemble
 from utils.tabular.features import build_features
 from utils.tabular.gbdt import FEATURE_GROUPS, load_training_frame, run_gbdt_stage

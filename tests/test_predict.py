@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils import inference
+from utils import inference, submission_time
 from utils.image.distributed import workers_per_process
 from utils.image.layers import MultiScaleGeM
 from utils.image.predict import inference_devices, predict_on_devices, predict_with_models
@@ -103,15 +103,15 @@ def test_gpu_time_estimate_counts_every_gpu(monkeypatch, capsys):
         measured.append(device)
         return image_config("vit_tiny", "demo"), []
 
-    monkeypatch.setattr(inference, "load_fold_models", load_fold_models)
+    monkeypatch.setattr(submission_time, "load_fold_models", load_fold_models)
 
     def measure(run, ids, batch_size, batches):
         return 250.0
 
-    monkeypatch.setattr(inference, "measure_images_per_s", measure)
+    monkeypatch.setattr(submission_time, "measure_images_per_s", measure)
     cfg = dataclasses.replace(resolve("full").inference, num_workers=4)
     ids = [f"ISIC_{i}" for i in range(1000)]
-    estimate = inference.estimate_time(
+    estimate = submission_time.estimate_time(
         Path("art"), ["vit_tiny"], None, ids, cfg, torch.device("cuda")
     )
     assert estimate.images_per_s == {"vit_tiny": 500.0} and not estimate.projected

@@ -3,7 +3,7 @@
 30-row test set: a file that fails its manifest is never used (utils.manifest's rule table),
 every check runs before the first image is decoded, impossible values become missing and are
 counted, and the summary names every warning class. Expected scores are computed apart from the
-kernel (test_submission_robustness.member_scores)."""
+kernel (inference_artifacts.member_scores)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import h5py
 import numpy as np
 import polars as pl
 import pytest
-from inference_artifacts import IMAGE_MODEL, build_artifacts
-from test_submission_robustness import (
+from inference_artifacts import (
     BATCH,
     FAST,
+    IMAGE_MODEL,
     TEST_ROWS,
     edit_metadata,
     member_scores,
@@ -42,27 +42,6 @@ from utils.manifest import DamagedArtifact, check_folder, damaged_file_rule, wri
 from utils.submission_checks import MIN_IMAGE_SIDE, rehearsal_problems
 from utils.tabular.ensemble import ArtifactError
 from utils.tabular.libraries import ENSEMBLE
-
-
-@pytest.fixture(scope="session")
-def artifacts(synthetic_dir, tmp_path_factory) -> Path:
-    return build_artifacts(synthetic_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def test_data(synthetic_dir, tmp_path_factory) -> Path:
-    """The first TEST_ROWS rows of the synthetic test set with their images."""
-    root = tmp_path_factory.mktemp("checks_data")
-    text = pl.read_csv(synthetic_dir / TEST_METADATA, infer_schema=False).head(TEST_ROWS)
-    text.write_csv(root / TEST_METADATA)
-    shutil.copy2(synthetic_dir / TEST_IMAGES, root / TEST_IMAGES)
-    return root
-
-
-@pytest.fixture(scope="module")
-def intact(artifacts, test_data) -> dict:
-    """Every member's score and the vote on the intact artifacts, computed apart."""
-    return member_scores(artifacts, test_data)
 
 
 @pytest.fixture
@@ -103,25 +82,25 @@ def test_rule_table_covers_every_artifact_file(artifacts):
 
 
 @pytest.mark.parametrize(("key", "value"), [("n_folds", 1), ("image_size", 33)])
-def test_edited_config_json_is_not_used(art, test_data, intact, key, value):
+def test_edited_config_json_is_not_used(art, test_data, intact_scores, key, value):
     """An image model's config.json edited after its manifest: the configuration the manifest
     records is used, so every score is the intact run's; the report names the file."""
     config = art / IMAGE_MODEL / "config.json"
     edit_json(config, lambda r: r["config"].update({key: value}))
     sub, report = predict_submission(test_data, art, FAST)
-    np.testing.assert_allclose(sub["target"].to_numpy(), intact[ENSEMBLE], rtol=1e-5)
+    np.testing.assert_allclose(sub["target"].to_numpy(), intact_scores[ENSEMBLE], rtol=1e-5)
     assert report.plan.folds == {IMAGE_MODEL: (0, 1)}
     assert any(str(config) in n and "manifest records is used" in n for n in report.artifact_notes)
     assert str(config) in report.text()
 
 
-def test_edited_config_json_without_a_recorded_one_falls_back(art, test_data, intact):
+def test_edited_config_json_without_a_recorded_one_falls_back(art, test_data, intact_scores):
     """Nothing recorded to fall back on: the model is unusable, lgb_meta scores every row."""
     edit_json(art / IMAGE_MODEL / "config.json", lambda r: r["config"].update({"n_folds": 1}))
     edit_json(art / IMAGE_MODEL / MANIFEST_FILE, lambda r: r.pop("config"))
     sub, report = predict_submission(test_data, art, FAST)
     assert report.plan.missing and report.mode.startswith("metadata-only")
-    np.testing.assert_allclose(sub["target"].to_numpy(), intact["lgb_meta"], rtol=1e-5)
+    np.testing.assert_allclose(sub["target"].to_numpy(), intact_scores["lgb_meta"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["ensemble.json", "features.json"])
@@ -141,12 +120,12 @@ def test_gbdt_description_failing_its_manifest_stops_before_any_image(
     assert not (tmp_path / "out" / REPORT_FILE).exists()
 
 
-def test_intact_run_reports_no_manifest_difference(artifacts, test_data, intact, tmp_path):
+def test_intact_run_reports_no_manifest_difference(artifacts, test_data, intact_scores, tmp_path):
     sub, report, _ = run_submission(
         test_data, artifacts, tmp_path, "demo", batch_size=BATCH, num_workers=0, threads=1,
         estimate_batches=0,
     )  # fmt: skip
-    np.testing.assert_allclose(sub["target"].to_numpy(), intact[ENSEMBLE], rtol=1e-5)
+    np.testing.assert_allclose(sub["target"].to_numpy(), intact_scores[ENSEMBLE], rtol=1e-5)
     assert report.artifact_notes == ()
 
 

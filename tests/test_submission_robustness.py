@@ -1,11 +1,12 @@
-"""Issue 14: the submission kernel never loses a submission to a damaged artifact or a harmless
-input quirk.
+"""The submission kernel never loses a submission to a damaged artifact or a harmless input
+quirk.
 
 The real notebook (notebooks/04_inference.ipynb, papermill) runs once per case on a copy of the
 shared demo artifacts (tests/inference_artifacts.py) and a 30-row test set, damaged for that
 case; each case checks that the kernel ends normally where a fallback exists, that the
 submission is complete and valid, that exactly the affected model changed (the expected scores
-are computed here, apart from the kernel), and that the message names the file. Unit tests
+are computed apart from the kernel: inference_artifacts.member_scores), and that the message
+names the file. Unit tests
 cover the readers and checks behind them.
 """
 
@@ -13,70 +14,35 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import polars as pl
 import pytest
-import torch
-from inference_artifacts import IMAGE_MODEL, build_artifacts
-from notebook_checks import run_notebook
+from inference_artifacts import (
+    FAST,
+    IMAGE_MODEL,
+    edit_metadata,
+    member_scores,
+    run_kernel,
+    submission_of,
+)
 
-from utils.image.predict import CheckpointError, load_checkpoint, predict
-from utils.inference import check_image_model, predict_submission, validate_submission
+from utils.image.predict import CheckpointError, load_checkpoint
+from utils.inference import check_image_model, predict_submission
 from utils.io import TEST_IMAGES, TEST_METADATA, read_metadata, read_test_metadata
 from utils.layout import MANIFEST_FILE, REPORT_FILE
 from utils.manifest import atomic_output, check_folder, write_manifest
 from utils.schema import FEATURE_INPUT_COLUMNS, SchemaError
-from utils.settings import resolve
 from utils.tabular.ensemble import ArtifactError, GBDTEnsemble, lightgbm_text_problem
 from utils.tabular.features import build_features
 from utils.tabular.libraries import ENSEMBLE
 
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK = REPO / "notebooks" / "04_inference.ipynb"
-TEST_ROWS = 30
-BATCH = 16
-FAST = resolve("demo", inference={"estimate_batches": 0, "threads": 1}).inference
-
-
-@pytest.fixture(scope="session")
-def artifacts(synthetic_dir, tmp_path_factory) -> Path:
-    return build_artifacts(synthetic_dir, tmp_path_factory)
-
 
 @pytest.fixture(scope="module")
-def test_data(synthetic_dir, tmp_path_factory) -> Path:
-    """The first TEST_ROWS rows of the synthetic test set with their images."""
-    root = tmp_path_factory.mktemp("robust_data")
-    text = pl.read_csv(synthetic_dir / TEST_METADATA, infer_schema=False).head(TEST_ROWS)
-    text.write_csv(root / TEST_METADATA)
-    shutil.copy2(synthetic_dir / TEST_IMAGES, root / TEST_IMAGES)
-    return root
-
-
-def member_scores(artifacts: Path, data: Path, folds: list[int] | None = None) -> dict:
-    """Every GBDT member's score and the vote on `data`, computed apart from the kernel, with
-    the image column the mean of `folds` (default all)."""
-    metadata, _ = read_test_metadata(data / TEST_METADATA)
-    frame, _ = build_features(metadata)
-    ids = metadata["isic_id"].to_list()
-    pred = predict(
-        artifacts / IMAGE_MODEL, data / TEST_IMAGES, ids, BATCH, 0, torch.device("cpu"), folds
-    )
-    column = pl.Series(f"img_{IMAGE_MODEL}", pred["pred"].to_numpy()).cast(pl.Float32)
-    return GBDTEnsemble.load(artifacts / "gbdt").predict(frame.with_columns(column), threads=1)
-
-
-@pytest.fixture(scope="module")
-def expected(artifacts, test_data) -> dict:
+def expected(artifacts, test_data, intact_scores) -> dict:
     """Scores of the intact artifacts, and of vit_tiny on fold 1 alone."""
-    return {
-        "all": member_scores(artifacts, test_data),
-        "fold1": member_scores(artifacts, test_data, [1]),
-    }
+    return {"all": intact_scores, "fold1": member_scores(artifacts, test_data, [1])}
 
 
 # ---------------------------------------------------------------------------------- damage
@@ -111,12 +77,6 @@ def remove(path: Path) -> Path:
     return path
 
 
-def edit_metadata(data: Path, change: Callable[[pl.DataFrame], pl.DataFrame]) -> Path:
-    path = data / TEST_METADATA
-    change(pl.read_csv(path, infer_schema=False)).write_csv(path)
-    return path
-
-
 def variants(df: pl.DataFrame) -> pl.DataFrame:
     """Upper-case sex on even rows, a trailing space on every anatom_site_general."""
     even = pl.int_range(pl.len()) % 2 == 0
@@ -141,35 +101,6 @@ METADATA_CASES = {
     "missing_non_feature_column": (lambda d: d.drop("copyright_license"), "copyright_license"),
     "category_variants": (variants, "matched a known category"),
 }
-
-
-def run_kernel(data: Path, art: Path, out: Path, tmp_path: Path, monkeypatch) -> str:
-    """Run the real notebook; its printed output."""
-    executed = run_notebook(
-        NOTEBOOK,
-        {
-            "data_dir": str(data),
-            "output_dir": str(out),
-            "preset": "demo",
-            "artifacts_dir": str(art),
-            "batch_size": BATCH,
-            "num_workers": 0,
-        },
-        tmp_path,
-        monkeypatch,
-    )
-    cells = nbformat.read(executed, as_version=4).cells
-    outputs = [o for c in cells if c.cell_type == "code" for o in c.outputs]
-    return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
-
-
-def submission_of(out: Path, data: Path) -> np.ndarray:
-    """The written submission's targets, after checking it is complete and valid."""
-    sub = pl.read_csv(out / "submission.csv")
-    ids = read_test_metadata(data / TEST_METADATA)[0]["isic_id"].to_list()
-    validate_submission(sub, ids)
-    assert sub.height == TEST_ROWS
-    return sub["target"].to_numpy()
 
 
 @pytest.mark.parametrize("case", list(ARTIFACT_CASES))

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import inference
+from utils import submission_time
 from utils.cli import format_duration
-from utils.inference import (
+from utils.settings import image_config, resolve
+from utils.submission_time import (
     DECODE_IMAGES_PER_S,
     HIDDEN_TEST_ROWS,
     T4_FP16_TFLOPS,
@@ -20,7 +21,6 @@ from utils.inference import (
     estimate_time,
     forward_gflops,
 )
-from utils.settings import image_config, resolve
 
 CFG = resolve("demo").inference
 
@@ -51,8 +51,8 @@ def test_cpu_estimate_is_a_t4_projection_without_any_prediction(artifacts, monke
     def no_pass(*args, **kwargs):
         raise AssertionError("the CPU estimate must not predict")
 
-    monkeypatch.setattr(inference, "predict_with_models", no_pass)
-    monkeypatch.setattr(inference, "load_fold_models", no_pass)
+    monkeypatch.setattr(submission_time, "predict_with_models", no_pass)
+    monkeypatch.setattr(submission_time, "load_fold_models", no_pass)
     models = ("vit_tiny", "vit_tiny_suspicious")
     ids = [f"ISIC_{i}" for i in range(40)]
     folds = {"vit_tiny": (0, 1, 2, 3, 4), "vit_tiny_suspicious": (0, 1)}

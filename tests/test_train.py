@@ -9,8 +9,11 @@ import polars as pl
 import pytest
 import torch
 
+import utils.image.fold_training as fold_training
+import utils.image.run_files as run_files
 import utils.image.train as train
 from utils.folds import assign_folds
+from utils.image.fold_training import lr_factor
 from utils.image.models import BACKBONES, ImageModel
 from utils.image.predict import (
     build_model,
@@ -19,9 +22,10 @@ from utils.image.predict import (
     predict,
     predict_with_models,
 )
-from utils.image.train import fold_scores, lr_factor, train_image_model
+from utils.image.train import fold_scores, train_image_model
 from utils.io import DataDir, HDF5Images
 from utils.labels import suspicious_label
+from utils.layout import HISTORY_FILE
 from utils.manifest import verify_manifest
 from utils.oof import read_oof
 from utils.settings import ImageConfig, image_config
@@ -80,7 +84,7 @@ def test_few_training_steps_lower_the_loss():
     model.eval()
     before = model(batch["image"], batch["target"])["loss"].item()
     cpu = torch.device("cpu")
-    train.train_one_epoch(model, [batch] * 8, optimizer, scheduler, scaler, cfg, cpu, "t")
+    fold_training.train_one_epoch(model, [batch] * 8, optimizer, scheduler, scaler, cfg, cpu, "t")
     model.eval()
     after = model(batch["image"], batch["target"])["loss"].item()
     assert after < 0.5 * before
@@ -93,7 +97,7 @@ class Interrupted(Exception):
 def counting(monkeypatch, fail_at: int | None = None) -> list:
     """Patch train_one_epoch to count calls and optionally raise on call number `fail_at`."""
     calls = []
-    real = train.train_one_epoch
+    real = fold_training.train_one_epoch
 
     def wrapper(*args, **kwargs):
         calls.append(args[-1])
@@ -101,7 +105,7 @@ def counting(monkeypatch, fail_at: int | None = None) -> list:
             raise Interrupted
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", wrapper)
+    monkeypatch.setattr(fold_training, "train_one_epoch", wrapper)
     return calls
 
 
@@ -188,14 +192,14 @@ def test_fold_k_never_trains_on_fold_k_and_its_oof_is_model_k(small_set, tmp_pat
     meta, images = small_set
     cfg = tiny_config(epochs=1)
     trained_on: list[set] = []
-    real = train.ImageDataset
+    real = fold_training.ImageDataset
 
     def recording(images_, ids, *args, **kwargs):
         if args:  # training datasets carry labels; prediction ones do not
             trained_on.append(set(ids))
         return real(images_, ids, *args, **kwargs)
 
-    monkeypatch.setattr(train, "ImageDataset", recording)
+    monkeypatch.setattr(fold_training, "ImageDataset", recording)
     oof = train_image_model(cfg, meta, images, tmp_path, torch.device("cpu"))
     monkeypatch.undo()
     fold_ids = [set(oof.filter(pl.col("fold") == k)["isic_id"]) for k in range(2)]
@@ -222,12 +226,12 @@ def test_oof_epoch_last_keeps_the_last_epoch_and_reports_both(small_set, tmp_pat
 
     def run(name: str, scores: list[float], **overrides) -> tuple[dict, list[dict]]:
         stream = iter(scores * 2)  # 2 folds x 3 epochs, in training order
-        monkeypatch.setattr(train, "safe_score", lambda *args: next(stream))
+        monkeypatch.setattr(fold_training, "safe_score", lambda *args: next(stream))
         cfg = tiny_config(epochs=3, **overrides)
         oof = train_image_model(cfg, meta, images, tmp_path / name, cpu)
         run_dir = tmp_path / name / cfg.model_name
         folds = [torch.load(run_dir / f"fold{k}.pt", weights_only=True) for k in range(2)]
-        return {"oof": oof, "history": pl.read_csv(run_dir / train.HISTORY_FILE)}, folds
+        return {"oof": oof, "history": pl.read_csv(run_dir / HISTORY_FILE)}, folds
 
     falling, rising = [0.3, 0.2, 0.1], [0.1, 0.2, 0.3]
     best, best_folds = run("best", falling)  # the best epoch is the first
@@ -305,12 +309,14 @@ def test_validation_rows_keep_every_positive_and_eligible_negatives_once_per_fol
             "eligible": [True] * 4 + [i % 2 == 0 for i in range(96)],
         }
     )
-    rows = train.validation_rows(cfg, held_out, fold=0)
+    rows = fold_training.validation_rows(cfg, held_out, fold=0)
     assert rows.filter(pl.col("target") == 1).height == 4
     negatives = rows.filter(pl.col("target") == 0)
     assert negatives.height == 12 and negatives["eligible"].all()
-    assert rows.equals(train.validation_rows(cfg, held_out, fold=0))  # drawn once, reproducibly
-    assert not rows.equals(train.validation_rows(cfg, held_out, fold=1))
+    assert rows.equals(
+        fold_training.validation_rows(cfg, held_out, fold=0)
+    )  # drawn once, reproducibly
+    assert not rows.equals(fold_training.validation_rows(cfg, held_out, fold=1))
 
 
 def test_validation_is_on_the_models_own_label_unless_switched_to_the_target():
@@ -324,13 +330,13 @@ def test_validation_is_on_the_models_own_label_unless_switched_to_the_target():
             "eligible": [True] * 60,
         }
     )
-    on_label = train.validation_rows(tiny_config(val_neg_per_pos=2), held_out, fold=0)
+    on_label = fold_training.validation_rows(tiny_config(val_neg_per_pos=2), held_out, fold=0)
     assert on_label.filter(pl.col("target") == 1)["isic_id"].to_list() == [
         f"ISIC_{i}" for i in range(6)
     ]
     assert on_label.height == 6 + 12 and on_label["label"].sum() == 6
     cfg = tiny_config(val_neg_per_pos=2, validate_on="target")
-    on_target = train.validation_rows(cfg, held_out, fold=0)
+    on_target = fold_training.validation_rows(cfg, held_out, fold=0)
     assert on_target.filter(pl.col("target") == 1).height == 2 and on_target.height == 2 + 4
     with pytest.raises(ValueError, match="validate_on"):
         tiny_config(validate_on="suspicious")
@@ -348,14 +354,14 @@ def test_suspicious_model_picks_its_checkpoint_on_its_label_and_its_oof_keeps_th
     meta = pl.concat([meta, extra.drop("suspicious")])
     cfg = dataclasses.replace(tiny_config(epochs=1), model_name="vit_tiny_suspicious")
     cfg = dataclasses.replace(cfg, label="suspicious")
-    scored, real = [], train.safe_score
+    scored, real = [], fold_training.safe_score
     monkeypatch.setattr(
-        train, "safe_score", lambda y, p, loss: scored.append(y) or real(y, p, loss)
+        fold_training, "safe_score", lambda y, p, loss: scored.append(y) or real(y, p, loss)
     )
     oof = train_image_model(cfg, meta, images, tmp_path, torch.device("cpu"))
     frame = train.prepare_frame(cfg, meta)
     for fold, seen in enumerate(scored):
-        subset = train.validation_rows(cfg, frame.filter(pl.col("fold") == fold), fold)
+        subset = fold_training.validation_rows(cfg, frame.filter(pl.col("fold") == fold), fold)
         assert np.array_equal(seen, subset["label"].to_numpy())
     assert sum(int(y.sum()) for y in scored) == int(frame["label"].sum()) > frame["target"].sum()
     written = read_oof(tmp_path / cfg.model_name / "oof.csv").sort("isic_id")
@@ -375,7 +381,7 @@ def test_identity_holds_only_what_changes_stage_1s_output(small_set):
     frame = train.prepare_frame(cfg, meta)
 
     def identity(**changes):
-        return train.run_record(dataclasses.replace(cfg, **changes), frame, "assign_folds")[
+        return run_files.run_record(dataclasses.replace(cfg, **changes), frame, "assign_folds")[
             "config_hash"
         ]
 
@@ -429,9 +435,9 @@ def test_recipe_is_wired_and_folds_continue_from_an_earlier_output(
     cfg = tiny_config(epochs=2, val_neg_per_pos=2)
     samplers, groups, predicted = [], [], []
     real_sampler, real_groups, real_predict = (
-        train.NegativeResampler,
-        train.param_groups,
-        train.predict_ids,
+        fold_training.NegativeResampler,
+        fold_training.param_groups,
+        fold_training.predict_ids,
     )
 
     def sampler(*args, **kwargs):
@@ -449,9 +455,9 @@ def test_recipe_is_wired_and_folds_continue_from_an_earlier_output(
         predicted.append(len(ids))
         return real_predict(model, images_, ids, *args)
 
-    monkeypatch.setattr(train, "NegativeResampler", sampler)
-    monkeypatch.setattr(train, "param_groups", param_groups)
-    monkeypatch.setattr(train, "predict_ids", predict_ids)
+    monkeypatch.setattr(fold_training, "NegativeResampler", sampler)
+    monkeypatch.setattr(fold_training, "param_groups", param_groups)
+    monkeypatch.setattr(fold_training, "predict_ids", predict_ids)
     first = tmp_path / "session1"
     partial = train_image_model(cfg, meta, images, first, torch.device("cpu"), folds=[0])
     run_dir = first / cfg.model_name
@@ -507,8 +513,8 @@ def test_copy_earlier_run_keeps_finished_folds_and_the_unfinished_ones_state(tmp
         (earlier / name).write_text(f"earlier {name}")
     (run_dir / "fold2.last.pt").write_text("newer")
     record = {"config_hash": "h", "folds": {"n_folds": 3}}
-    copied = train.copy_earlier_run(earlier, run_dir, record)
+    copied = run_files.copy_earlier_run(earlier, run_dir, record)
     assert copied == ["fold0.pt", "fold1.last.pt", "fold1.best.pt"]
     assert (run_dir / "fold2.last.pt").read_text() == "newer"
     with pytest.raises(FileNotFoundError, match="config.json"):
-        train.copy_earlier_run(tmp_path / "nothing", run_dir, record)
+        run_files.copy_earlier_run(tmp_path / "nothing", run_dir, record)

@@ -9,7 +9,7 @@ from test_train import tiny_config
 
 import utils.image.train as train
 from utils.image.budget import DEFAULT_TIME_BUDGET_H, Budget
-from utils.layout import PROGRESS_FILE
+from utils.layout import OOF_FILE, PROGRESS_FILE
 from utils.oof import read_oof
 from utils.settings import resolve
 from utils.tabular import tuning
@@ -52,7 +52,7 @@ def test_a_run_out_of_time_ends_cleanly_and_the_next_session_finishes(
     run_dir = first / cfg.model_name
     progress = json.loads((run_dir / PROGRESS_FILE).read_text())
     assert progress == {"finished": [0, 1], "remaining": [2], "over_budget": [2]}
-    assert not (run_dir / train.OOF_FILE).exists()
+    assert not (run_dir / OOF_FILE).exists()
     assert sorted(oof["fold"].unique().to_list()) == [0, 1]
     assert not list(run_dir.glob("fold2*"))  # fold 2 never started
 
@@ -62,7 +62,7 @@ def test_a_run_out_of_time_ends_cleanly_and_the_next_session_finishes(
     )
     run_dir = second / cfg.model_name
     assert not (run_dir / PROGRESS_FILE).exists()
-    written = read_oof(run_dir / train.OOF_FILE)
+    written = read_oof(run_dir / OOF_FILE)
     assert written.height == meta.height and set(written["isic_id"]) == set(meta["isic_id"])
     assert (written.sort("isic_id")["pred"] == oof.sort("isic_id")["pred"]).all()
 

@@ -19,7 +19,7 @@ from utils.submission_checks import MIN_IMAGE_SIDE, ImagePlan
 from utils.tabular.libraries import META_MEMBER
 
 if TYPE_CHECKING:
-    from utils.inference import TimeEstimate
+    from utils.submission_time import TimeEstimate
 
 SHOW_IDS = 5  # ids named in messages
 

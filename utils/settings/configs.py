@@ -135,7 +135,7 @@ class ImageConfig:
 
 
 # ImageConfig fields that never change stage 1's output, so they stay out of a run's identity
-# (utils.image.train.run_record's config_hash, which decides reuse and resume): `recipe` names
+# (utils.image.run_files.run_record's config_hash, which decides reuse and resume): `recipe` names
 # stage 3's choices (switching it never retrains an image model), `preset` names a size table
 # whose stage 1 values are the other fields themselves, and the loader settings change speed only.
 TRAIN_IDENTITY_FREE = ("preset", "recipe", "num_workers", "eval_batch_size")

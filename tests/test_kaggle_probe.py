@@ -19,6 +19,7 @@ from utils.kaggle import build as kb, input as ki, probe, run as kr
 REPO = Path(__file__).resolve().parents[1]
 PINS = probe.requirement_pins((REPO / "requirements-kaggle.txt").read_text())
 build_once, weights_dir = base.build_once, base.weights_dir
+FIXTURES = REPO / "tests" / "fixtures"  # real competition rows (tests/fixtures/LICENSE.md)
 
 
 @pytest.fixture
@@ -137,6 +138,7 @@ def test_built_probe_kernel_runs_off_the_repo_against_an_emulated_input(tmp_path
     comp = inputs / kb.COMPETITION
     comp.mkdir(parents=True)
     (comp / "test-metadata.csv").write_text("isic_id\n")
+    shutil.copy(FIXTURES / "train-image-sample5.hdf5", comp / "train-image.hdf5")
     built = kb.build_kernel(
         kb.KERNELS_DIR / kernel, tmp_path / "build", "alice",
         {**kb.KAGGLE_PARAMETERS[kernel], "output_dir": "."}, skip_version_check=True,
@@ -153,7 +155,12 @@ def test_built_probe_kernel_runs_off_the_repo_against_an_emulated_input(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads((elsewhere / kr.PRODUCES[kernel]).read_text())
     assert found["image"] == kernel.rsplit("_", 1)[1]
-    assert found["inputs"] == {kb.COMPETITION + "/": {"test-metadata.csv": 8}}
+    listed = found["inputs"][kb.COMPETITION + "/"]
+    assert listed["test-metadata.csv"] == 8 and "train-image.hdf5" in listed
+    if kernel == "00_probe_gpu":  # the submission's image pass ran on the mounted real crops
+        passes = json.loads((elsewhere / "smoke-gpu.json").read_text())["image_pass"]
+        assert passes["rows"] == 5 and passes["failed"] == []
+        assert all(r["unreadable"] == 0 for r in passes["models"].values())
 
 
 SMOKE_OK = {
@@ -284,6 +291,44 @@ def test_the_quota_projects_from_the_smokes_rates_and_labels_each_source():
     cpu_smoke = {**SMOKE_T4X2, "gpus": 0, "ddp": {**SMOKE_T4X2["ddp"], "device": "cpu"}}
     _, sources = quota.projection(["01_image_vit_tiny"], cpu_smoke)  # a CPU measures no GPU
     assert sources == {"01_image_vit_tiny": quota.SOURCE}
+
+
+def test_the_submission_is_projected_from_the_timed_image_pass_where_it_ran():
+    from utils.kaggle import quota
+
+    passes = {m: {"rows": 4000, "devices": 2, "fold_models": 5, "images_per_s": 500.0}
+              for m in base.IMAGE_MODELS}  # fmt: skip
+    smoke = {**SMOKE_T4X2, "image_pass": {"rows": 4000, "models": passes, "failed": []}}
+    hours, sources = quota.projection(["04_inference"], smoke)
+    # 500,000 hidden test images through each model's pass (its 5 folds included in the rate)
+    assert hours["04_inference"] == pytest.approx(len(passes) * 500_000 / 500.0 / 3600)
+    assert sources["04_inference"] == (
+        "measured by the smoke kernel, the submission's image pass on 2 GPU(s), decode included"
+    )
+    # one model's pass failed: the inference steps' rates stand in, as without the pass
+    failed = {**passes, "vit_tiny": {"error": "RuntimeError: boom"}}
+    smoke["image_pass"] = {"rows": 4000, "models": failed, "failed": ["vit_tiny"]}
+    _, sources = quota.projection(["04_inference"], smoke)
+    assert "image pass" not in sources["04_inference"]
+    from utils.kaggle.smoke import smoke_failures
+
+    assert "vit_tiny (submission image pass): RuntimeError: boom" in smoke_failures(smoke)
+
+
+def test_the_image_pass_decodes_real_crops_with_every_fold_model(tmp_path, capsys):
+    from utils.kaggle import smoke
+
+    real = FIXTURES / "train-image-sample5.hdf5"
+    found = smoke.image_pass(
+        real, ["vit_tiny", "no_such_model"], 3, {"image_size": 32, "num_workers": 0}
+    )
+    tiny = found["models"]["vit_tiny"]
+    assert (found["rows"], tiny["rows"], tiny["devices"]) == (3, 3, 1)
+    assert tiny["fold_models"] == 5 and tiny["unreadable"] == 0 and tiny["images_per_s"] > 0
+    assert found["failed"] == ["no_such_model"]
+    summary = smoke.smoke_summary({"models": {}, "image_pass": found})
+    assert "submission image pass on 3 crops: vit_tiny " in summary
+    assert "no_such_model FAILED" in summary
 
 
 def test_the_run_checks_the_quota_at_the_smokes_rates(tmp_path, weights_dir):

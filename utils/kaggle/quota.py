@@ -6,7 +6,9 @@ Two sources, each labelled where it is printed:
   image model's training and inference images/s on Kaggle's GPUs (its DDP pass on every GPU
   when it ran, as the kernels run, else its one-GPU pass) turn the images a kernel processes
   (utils.image.budget.fold_images, on ISIC 2024's counts) into session hours. The smoke times
-  GPU steps on random images, not the JPEG decode and augmentation the CPUs feed them;
+  training steps on random images, not the JPEG decode and augmentation the CPUs feed them; the
+  submission kernel is projected from the smoke's timed image pass on real crops (decode, every
+  fold model, every GPU) when it ran for every model;
 - else a FLOP projection: `python -m bench.bench_training --gpus 2` (docs/benchmarks.md,
   section 9) at an assumed 10% of a T4's fp16 peak on Kaggle's T4 x 2, which that section reads
   as good to about 2x.
@@ -77,17 +79,34 @@ def image_kernel_seconds(model: str, rates: dict[str, Any]) -> float:
     return cfg.n_folds * per_fold
 
 
+def pass_rates(smoke: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """model -> its submission image pass (every fold model on every GPU, JPEG decode included)
+    as the GPU smoke timed it; empty for a smoke on a CPU or without the pass."""
+    if not smoke or not smoke.get("gpus"):
+        return {}
+    passes = (smoke.get("image_pass") or {}).get("models", {})
+    return {name: r for name, r in passes.items() if "error" not in r}
+
+
 def measured_hours(
-    kernel: str, rates: dict[str, tuple[dict[str, Any], str]]
+    kernel: str,
+    rates: dict[str, tuple[dict[str, Any], str]],
+    passes: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[float, str] | None:
     """(session hours of a kernel at the smoke's rates, where they were measured), None when a
-    model it runs was not measured."""
+    model it runs was not measured. The submission kernel takes the timed image pass (`passes`)
+    where the smoke ran it for every model, else the inference steps' rates."""
+    passes = passes or {}
     if kernel.startswith(IMAGE_KERNEL_PREFIX):
         model = kernel.removeprefix(IMAGE_KERNEL_PREFIX)
         if model not in rates:
             return None
         measured, where = rates[model]
         return image_kernel_seconds(model, measured) / 3600, where
+    if kernel == SUBMISSION_KERNEL and set(IMAGE_MODELS) <= set(passes):
+        seconds = sum(TEST_IMAGES / passes[m]["images_per_s"] for m in IMAGE_MODELS)
+        devices = max(passes[m]["devices"] for m in IMAGE_MODELS)
+        return seconds / 3600, f"the submission's image pass on {devices} GPU(s), decode included"
     if kernel == SUBMISSION_KERNEL and set(IMAGE_MODELS) <= set(rates):
         images = TEST_IMAGES * TEST_FOLDS
         seconds = sum(images / rates[m][0]["infer_images_per_s"] for m in IMAGE_MODELS)
@@ -100,10 +119,10 @@ def projection(
 ) -> tuple[dict[str, float], dict[str, str]]:
     """(hours per kernel, what each figure is) for the kernels still to run: measured by the
     smoke kernel where it measured every model the kernel runs, else the FLOP projection."""
-    rates = smoke_rates(smoke)
+    rates, passes = smoke_rates(smoke), pass_rates(smoke)
     hours, sources = {}, {}
     for kernel in kernels:
-        measured = measured_hours(kernel, rates)
+        measured = measured_hours(kernel, rates, passes)
         if measured is not None:
             hours[kernel], sources[kernel] = measured[0], f"{MEASURED}, {measured[1]}"
         elif kernel in PROJECTED_HOURS:

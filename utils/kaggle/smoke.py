@@ -6,10 +6,13 @@ launch theirs: utils.image.distributed.launch, utils.image.train.with_ddp, the g
 shared between the ranks). Images/s for training and inference per model and GPU count, peak
 GPU memory, and any failure with its traceback, written as smoke-gpu.json.
 
-Random uint8 images stand in for the competition's JPEGs: the smoke exercises CUDA, fp16
-autocast, the scaler, NCCL and memory at full size; decode and augmentation speed are the CPU's
-matter and not timed. On a CPU it runs tiny (the dry path the tests take), DDP as gloo ranks
-when asked for (`ddp_processes`).
+Random uint8 images stand in for the competition's JPEGs in those steps: they exercise CUDA,
+fp16 autocast, the scaler, NCCL and memory at full size. The submission kernel's image pass is
+then timed on real crops (`image_pass`: the competition's train-image.hdf5, the first PASS_ROWS
+ids): JPEG decode, eval transforms and every fold model on every visible GPU, exactly as
+04_inference runs it (utils.image.predict.predict_on_devices), with randomly initialised weights
+(the weights do not change the speed). On a CPU it runs tiny (the dry path the tests take), DDP as
+gloo ranks when asked for (`ddp_processes`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ WARMUP_STEPS = 5  # cuDNN autotuning and allocator growth, not timed
 # A DDP rank waiting longer than this in a collective fails that model's DDP smoke (instead of
 # the default half hour of utils.image.distributed: the probe session must stay short).
 DDP_TIMEOUT_S = 600.0
+PASS_ROWS = 4_000  # crops timed through the submission kernel's image pass
 
 
 def _step_rate(run_step: Any, steps: int, batch: int, device: Any) -> float:
@@ -114,7 +118,7 @@ def ddp_rank(model_name: str, steps: int, overrides: dict[str, Any]) -> dict[str
 
     from utils.image import distributed
     from utils.image.predict import build_model, to_device
-    from utils.image.train import with_ddp
+    from utils.image.fold_training import with_ddp
 
     group = distributed.current()
     if group is None:
@@ -173,16 +177,84 @@ def smoke_ddp(
     return result
 
 
+def competition_images() -> Path | None:
+    """The mounted competition's train-image.hdf5 (the image pass times its crops: the public
+    test file has 3), or None, with the reason printed, when it is not there."""
+    from utils.io import TRAIN_IMAGES
+    from utils.kaggle.input import input_path
+    from utils.kaggle.metadata import COMPETITION
+
+    try:
+        return input_path(COMPETITION, TRAIN_IMAGES)
+    except FileNotFoundError as err:
+        print(f"image pass: skipped, {err}")
+        return None
+
+
+def pass_model(model_name: str, images: Any, ids: list[str], **overrides: Any) -> dict[str, Any]:
+    """One image model's submission pass over `ids`: its n_folds fold models (random weights) on
+    every visible device, at the submission kernel's batch size and loader workers (`overrides`
+may set both); images/s with
+    every fold model applied, and how many crops could not be decoded."""
+    import torch
+
+    from utils.image.predict import build_model, inference_devices, predict_on_devices, to_device
+    from utils.settings import image_config, resolve
+
+    cfg = image_config(model_name, "full", **overrides)
+    sizes = resolve("full").inference
+    batch = overrides.get("batch_size", sizes.batch_size)
+    workers = overrides.get("num_workers", sizes.num_workers)
+    replicas = [
+        (d, [to_device(build_model(cfg), d) for _ in range(cfg.n_folds)])
+        for d in inference_devices()
+    ]
+    start = time.perf_counter()
+    _, ok = predict_on_devices(
+        replicas, images, ids, cfg.image_size, batch, workers, f"pass {model_name}"
+    )
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "rows": len(ids),
+        "devices": len(replicas),
+        "fold_models": cfg.n_folds,
+        "images_per_s": round(len(ids) / max(seconds, 1e-9), 1),
+        "unreadable": int((~ok).sum()),
+    }
+
+
+def image_pass(
+    images_path: str | Path, names: list[str], rows: int, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Each model's submission image pass on the first `rows` crops of `images_path`."""
+    from utils.io import HDF5Images
+
+    images = HDF5Images(images_path)
+    ids = sorted(images)[:rows]
+    result: dict[str, Any] = {"images": str(images_path), "rows": len(ids), "models": {}}
+    for name in names:
+        try:
+            result["models"][name] = pass_model(name, images, ids, **overrides)
+        except Exception as err:  # every model is tried; the failure is the finding
+            result["models"][name] = _failure(err)
+    result["failed"] = sorted(n for n, r in result["models"].items() if "error" in r)
+    return result
+
+
 def run_smoke(
     output_dir: str | Path,
     steps: int | None = None,
     models: list[str] | None = None,
     ddp_processes: int | None = None,
+    images: str | Path | None = None,
     **overrides: Any,
 ) -> Path:
     """Smoke `models` (every image model by default) on this machine's first GPU (tiny on a
     CPU), then with DDP on `ddp_processes` ranks (default: every visible GPU when there are
-    several, else none; on a CPU gloo ranks when asked for); smoke-gpu.json."""
+    several, else none; on a CPU gloo ranks when asked for), then the submission's image pass on
+    the crops of `images` (a Kaggle-layout hdf5; none: not run); smoke-gpu.json."""
     import torch
 
     from utils.settings import IMAGE_MODELS
@@ -191,7 +263,7 @@ def run_smoke(
     device = torch.device("cuda:0" if cuda else "cpu")
     if not cuda:  # the dry path: a few tiny steps, to check the code, not the machine
         steps = steps or 2
-        overrides = {"image_size": 32, "batch_size": 4, **overrides}
+        overrides = {"image_size": 32, "batch_size": 4, "num_workers": 0, **overrides}
     if ddp_processes is None:
         ddp_processes = torch.cuda.device_count() if cuda else 0
     names = models or list(IMAGE_MODELS)
@@ -207,6 +279,9 @@ def run_smoke(
     if ddp_processes > 1:
         kind = "cuda" if cuda else "cpu"
         result["ddp"] = smoke_ddp(names, ddp_processes, kind, steps or TRAIN_STEPS, overrides)
+    if images is not None:
+        rows = PASS_ROWS if cuda else 8
+        result["image_pass"] = image_pass(images, names, rows, overrides)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SMOKE_FILE
@@ -231,6 +306,11 @@ def smoke_failures(smoke: dict[str, Any] | None) -> list[str]:
     ddp = smoke.get("ddp") or {}
     where = f"DDP on {ddp.get('world_size')} {'GPUs' if ddp.get('device') == 'cuda' else 'ranks'}"
     lines += [f"{name} ({where}): {ddp['models'][name]['error']}" for name in ddp.get("failed", [])]
+    passes = smoke.get("image_pass") or {}
+    lines += [
+        f"{name} (submission image pass): {passes['models'][name]['error']}"
+        for name in passes.get("failed", [])
+    ]
     return lines
 
 
@@ -253,4 +333,11 @@ def smoke_summary(smoke: dict[str, Any]) -> str:
     if ddp:
         parts = "; ".join(_model_summary(n, r) for n, r in ddp.get("models", {}).items())
         text += f" | DDP x{ddp['world_size']} ({ddp['backend']}): {parts or 'no models'}"
+    passes = smoke.get("image_pass")
+    if passes:
+        parts = "; ".join(
+            f"{n} FAILED ({r['error']})" if "error" in r else f"{n} {r['images_per_s']:g} img/s"
+            for n, r in passes.get("models", {}).items()
+        )
+        text += f" | submission image pass on {passes['rows']} crops: {parts or 'no models'}"
     return text or "no models"

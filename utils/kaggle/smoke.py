@@ -2,8 +2,8 @@
 config (its image size and batch) trained for a few steps in fp16 with the GradScaler, then the
 same model predicting in fp16, first on one GPU, then, when more than one GPU is visible, with
 DistributedDataParallel on every GPU (one process per GPU, launched as the training kernels
-launch theirs: utils.image.distributed.launch, utils.image.train.with_ddp, the global batch
-shared between the ranks). Images/s for training and inference per model and GPU count, peak
+launch theirs: utils.image.distributed.launch, utils.image.fold_training.with_ddp, the global
+batch shared between the ranks). Images/s for training and inference per model and GPU count, peak
 GPU memory, and any failure with its traceback, written as smoke-gpu.json.
 
 Random uint8 images stand in for the competition's JPEGs in those steps: they exercise CUDA,
@@ -117,8 +117,8 @@ def ddp_rank(model_name: str, steps: int, overrides: dict[str, Any]) -> dict[str
     import torch
 
     from utils.image import distributed
-    from utils.image.predict import build_model, to_device
     from utils.image.fold_training import with_ddp
+    from utils.image.predict import build_model, to_device
 
     group = distributed.current()
     if group is None:
@@ -194,8 +194,8 @@ def competition_images() -> Path | None:
 def pass_model(model_name: str, images: Any, ids: list[str], **overrides: Any) -> dict[str, Any]:
     """One image model's submission pass over `ids`: its n_folds fold models (random weights) on
     every visible device, at the submission kernel's batch size and loader workers (`overrides`
-may set both); images/s with
-    every fold model applied, and how many crops could not be decoded."""
+    may set both); images/s with every fold model applied, and how many crops could not be
+    decoded."""
     import torch
 
     from utils.image.predict import build_model, inference_devices, predict_on_devices, to_device

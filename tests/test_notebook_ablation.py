@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 from notebook_checks import assert_thin_and_clean, run_notebook
 
+from utils.layout import ABLATION_FILE, ABLATION_TABLE_FILE
 from utils.tabular import ablation_stage as stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,12 +131,12 @@ def test_notebook_writes_the_ablation_table(synthetic_dir, image_oof_dir, tmp_pa
         tmp_path,
         monkeypatch,
     )
-    record = json.loads((out / stage.ABLATION_JSON).read_text())
+    record = json.loads((out / ABLATION_FILE).read_text())
     assert record["preset"] == "demo" and record["seeds"] == [0, 1]
     assert record["candidates"] == CANDIDATES and record["image_models"] == ["vit_tiny"]
     assert record["members"] == MEMBERS
     check_table(record, CANDIDATES, [0, 1])
-    md = (out / stage.ABLATION_MD).read_text()
+    md = (out / ABLATION_TABLE_FILE).read_text()
     assert all(f"| {r['row']} | {r['pauc_mean']:.4f} ± " in md for r in record["rows"])
     assert f"Kept: {', '.join(record['kept']) or 'none'}." in md
     assert f"kept: {record['kept'] or 'none'}" in executed.read_text()

@@ -26,6 +26,7 @@ from typing import Any
 
 import polars as pl
 
+from utils.layout import ABLATION_FILE, ABLATION_TABLE_FILE
 from utils.manifest import write_atomic, write_json
 from utils.settings import resolve
 from utils.tabular.ablation import (
@@ -38,8 +39,6 @@ from utils.tabular.ablation import (
 from utils.tabular.features import image_source
 from utils.tabular.libraries import GBDT_MODELS
 
-ABLATION_JSON = "ablation.json"
-ABLATION_MD = "ablation.md"
 DEFAULT_SEEDS = (0, 1, 2)
 PAPER_ROW = "paper"
 CANDIDATE_PREFIX = "paper + "
@@ -188,6 +187,6 @@ def run_ablation_stage(
         "wall_s": time.perf_counter() - start,
     }
     out = Path(output_dir)
-    json_path = write_json(out / ABLATION_JSON, record)
-    md_path = write_atomic(out / ABLATION_MD, markdown(summary, kept, settings))
+    json_path = write_json(out / ABLATION_FILE, record)
+    md_path = write_atomic(out / ABLATION_TABLE_FILE, markdown(summary, kept, settings))
     return AblationRun(summary, results, kept, record, json_path, md_path)

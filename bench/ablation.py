@@ -80,7 +80,12 @@ def ablation(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, required=True, help="synthetic data dir")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        required=True,
+        help="a synthetic data dir beside its truth file, or any with --image-oof-dirs",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
     parser.add_argument("--bag-seeds", type=int, default=3, help="GBDT seeds with seed_bagging")

@@ -12,6 +12,7 @@ from notebook_checks import assert_thin_and_clean, run_notebook
 
 from utils.layout import ABLATION_FILE, ABLATION_TABLE_FILE
 from utils.tabular import ablation_stage as stage
+from utils.tabular.ablation import ablation
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "06_ablation.ipynb"
@@ -106,6 +107,8 @@ def test_verdicts_name_why_the_rule_kept_or_left_a_candidate():
 
 
 def test_the_stage_needs_image_oof_dirs(synthetic_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no image OOF dirs and no truth file"):
+        ablation(synthetic_dir, seeds=[0, 1], preset="demo", verbose=False)  # no truth_path
     with pytest.raises(ValueError, match="image_oof_dirs is empty"):
         stage.run_ablation_stage(synthetic_dir, tmp_path, [])
     with pytest.raises(FileNotFoundError, match=r"image OOF dir\(s\) without an oof.csv"):

@@ -41,7 +41,6 @@ import argparse
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -53,13 +52,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_gpu import T4_FP16_TFLOPS, batch_of, decode_rate, forward_gflops  # noqa: E402
 from bench.common import print_end, print_machine  # noqa: E402
 from utils.image import distributed  # noqa: E402
+from utils.image.budget import (  # noqa: E402
+    ISIC_MALIGNANT,
+    ISIC_ROWS,
+    FoldImages as Images,
+    fold_images as recipe_fold_images,
+)
 from utils.image.data import train_transforms  # noqa: E402
 from utils.image.models import ImageModel  # noqa: E402
 from utils.image.predict import to_device  # noqa: E402
 from utils.io import decode_jpeg  # noqa: E402
 from utils.settings import IMAGE_MODELS, ImageConfig, image_config  # noqa: E402
 
-ROWS, MALIGNANT = 401_059, 393  # ISIC 2024 train-metadata.csv
+ROWS, MALIGNANT = ISIC_ROWS, ISIC_MALIGNANT  # ISIC 2024 train-metadata.csv
 GOAL_HOURS = 4.0  # a training kernel: one image model, all folds, one T4
 BEFORE_NEG_PER_POS = 20.0  # the earlier sampler: positives once, 20 negatives each
 TRAIN_COST = 3.0  # FLOPs of a training image / a forward pass (forward + backward)
@@ -68,31 +73,17 @@ LINK_GBPS = 6.0  # assumed all-reduce bandwidth between Kaggle's two T4s (see th
 TEST_IMAGES, TEST_FOLDS = 500_000, 5  # the submission kernel: hidden test, folds per model
 
 
-@dataclass(frozen=True)
-class Images:
-    """Images one fold processes over a whole run, per phase."""
-
-    train: float
-    validation: float
-    oof: float
-
-
 def fold_images(
     cfg: ImageConfig, rows: int, positives: int, malignant: int, recipe: bool
 ) -> Images:
-    """Images per fold of a run of `cfg`: the reference recipe (`recipe`) or the earlier sampler."""
+    """Images per fold of a run of `cfg`: the reference recipe (`recipe`, utils.image.budget's
+    accounting, validated on the real target) or the earlier sampler."""
+    if recipe:
+        return recipe_fold_images(cfg, rows, positives, malignant)
     share = (cfg.n_folds - 1) / cfg.n_folds
     train_pos, negatives = positives * share, (rows - positives) * share
-    held_out, held_out_pos = rows / cfg.n_folds, malignant / cfg.n_folds
-    if not recipe:
-        per_epoch = train_pos + min(negatives, BEFORE_NEG_PER_POS * train_pos)
-        return Images(cfg.epochs * per_epoch, cfg.epochs * held_out, 0.0)
-    shown = cfg.pos_repeat * train_pos
-    per_epoch = shown + (
-        negatives if cfg.neg_ratio is None else min(negatives, cfg.neg_ratio * shown)
-    )
-    validation = held_out_pos * (1 + cfg.val_neg_per_pos)
-    return Images(cfg.epochs * per_epoch, cfg.epochs * validation, held_out)
+    per_epoch = train_pos + min(negatives, BEFORE_NEG_PER_POS * train_pos)
+    return Images(cfg.epochs * per_epoch, cfg.epochs * rows / cfg.n_folds, 0.0)
 
 
 def phase_hours(

@@ -178,12 +178,19 @@ def test_a_failed_gpu_smoke_refuses_the_image_step_until_the_probes_pass(tmp_pat
     assert "vit_small_suspicious: RuntimeError: CUDA error: no kernel image" in stopped
     assert "--only probe" in stopped
     assert not [c for c in fake.actions(("push",)) if c[1] in kr.IMAGE_KERNELS]
+    # GPU-hours: only the GPU probe's session was spent, and the state records what it cost
+    assert list(state_of(tmp_path)["gpu_seconds"]) == ["00_probe_gpu"]
+    assert state_of(tmp_path)["gpu_seconds"]["00_probe_gpu"] == pytest.approx(fake.gpu_seconds)
     fake.smoke = SMOKE_OK
     assert run(tmp_path, fake, weights_dir, only="probe")[0] is None
     stopped, lines = run(tmp_path, fake, weights_dir, submit=True)
     assert stopped is None, stopped
-    assert state_of(tmp_path)["smoke"]["failed"] == []
-    assert fake.actions(("submit",))
+    state = state_of(tmp_path)
+    assert state["smoke"]["failed"] == []
+    assert fake.actions(("submit",)) and state["submitted"]["status"] == "complete"
+    spent = state["gpu_seconds"]
+    assert set(spent) == {"00_probe_gpu", *kr.IMAGE_KERNELS, kb.SUBMISSION_KERNEL}
+    assert sum(spent.values()) == pytest.approx(fake.gpu_seconds)  # both probe runs included
 
 
 def test_the_run_prints_the_smoke_rates(tmp_path, weights_dir):
@@ -216,3 +223,167 @@ def test_the_smoke_dry_path_runs_on_a_cpu_and_records_a_failure(tmp_path, monkey
     assert smoke.smoke_failures(found) == [
         "convnextv2_nano: RuntimeError: CUDA out of memory (simulated)"
     ]
+
+
+@pytest.mark.slow  # spawns two gloo ranks per model: CI, not the inner loop
+def test_the_smoke_runs_ddp_on_gloo_ranks_and_records_a_rank_failure(tmp_path):
+    from utils.kaggle import smoke
+
+    found = json.loads(
+        smoke.run_smoke(tmp_path, 1, ["vit_tiny", "no_such_model"], ddp_processes=2).read_text()
+    )
+    ddp = found["ddp"]
+    assert (ddp["world_size"], ddp["device"], ddp["backend"]) == (2, "cpu", "gloo")
+    tiny = ddp["models"]["vit_tiny"]
+    assert tiny["batch_size"] == 4 and tiny["image_size"] == 32  # the global batch, 2 per rank
+    assert tiny["train_images_per_s"] > 0 and tiny["infer_images_per_s"] > 0
+    assert ddp["failed"] == ["no_such_model"]
+    failure = ddp["models"]["no_such_model"]
+    assert failure["error"].startswith("RankFailed: rank ")
+    assert "unknown image model 'no_such_model'" in failure["error"]
+    assert "Traceback" in failure["traceback"] and "image_config" in failure["traceback"]
+    lines = smoke.smoke_failures(found)
+    assert lines[0].startswith("no_such_model: KeyError")  # the one-process pass failed too
+    assert lines[1].startswith("no_such_model (DDP on 2 ranks): RankFailed: rank ")
+    assert "| DDP x2 (gloo): vit_tiny train " in smoke.smoke_summary(found)
+
+
+SMOKE_T4X2 = {
+    "device": "cuda:0",
+    "gpus": 1,
+    "models": {model: {"train_images_per_s": 100.0, "infer_images_per_s": 1000.0}
+               for model in base.IMAGE_MODELS},
+    "failed": [],
+    "ddp": {
+        "world_size": 2, "device": "cuda", "backend": "nccl", "failed": ["vit_small_suspicious"],
+        "models": {
+            "vit_tiny": {"train_images_per_s": 200.0, "infer_images_per_s": 2000.0},
+            "vit_small_suspicious": {"error": "RankFailed: rank 1 of 2 failed: ... NCCL error"},
+        },
+    },
+}  # fmt: skip
+
+
+def test_the_quota_projects_from_the_smokes_rates_and_labels_each_source():
+    from utils.kaggle import quota
+
+    hours, sources = quota.projection(
+        ["01_image_vit_tiny", "01_image_vit_small_suspicious", "04_inference"], SMOKE_T4X2
+    )
+    # vit_tiny, full: 5 folds x 30 epochs; 393 positives, 4/5 of them shown twice plus as many
+    # negatives (1,257.6 images an epoch); validation 393/5 x 11 an epoch; the OOF 401,059/5
+    train, predicted = 30 * 1257.6, 30 * 393 / 5 * 11 + 401_059 / 5
+    assert hours["01_image_vit_tiny"] == pytest.approx(5 * (train / 200 + predicted / 2000) / 3600)
+    assert sources["01_image_vit_tiny"] == "measured by the smoke kernel, DDP on 2 GPUs"
+    # DDP failed for vit_small: its one-GPU rates stand in
+    assert sources["01_image_vit_small_suspicious"] == "measured by the smoke kernel, one GPU"
+    # the submission: 500,000 test images x 5 folds through each of the four models
+    per_model = {m: 1000.0 for m in base.IMAGE_MODELS} | {"vit_tiny": 2000.0}
+    expected = sum(2_500_000 / rate for rate in per_model.values()) / 3600
+    assert hours["04_inference"] == pytest.approx(expected)
+    cpu_smoke = {**SMOKE_T4X2, "gpus": 0, "ddp": {**SMOKE_T4X2["ddp"], "device": "cpu"}}
+    _, sources = quota.projection(["01_image_vit_tiny"], cpu_smoke)  # a CPU measures no GPU
+    assert sources == {"01_image_vit_tiny": quota.SOURCE}
+
+
+def test_the_run_checks_the_quota_at_the_smokes_rates(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.smoke = {**SMOKE_T4X2, "ddp": {**SMOKE_T4X2["ddp"], "failed": [], "models": {}}}
+    fake.smoke["models"] = {m: {"train_images_per_s": 2.0, "infer_images_per_s": 20.0}
+                            for m in base.IMAGE_MODELS}  # fmt: skip
+    stopped, lines = run(tmp_path, fake, weights_dir)
+    assert "STOPPED at step 'images'" in stopped and "raise --gpu-hours" in stopped
+    assert any("projected GPU-hours, measured by the smoke kernel, one GPU:" in x for x in lines)
+    assert not any("FLOP projection" in line for line in lines)
+    assert not [c for c in fake.actions(("push",)) if c[1] in kr.IMAGE_KERNELS]
+    fake.smoke = SMOKE_T4X2  # fast enough, but DDP failed for one model: refused
+    assert run(tmp_path, fake, weights_dir, only="probe")[0] is None
+    stopped, _ = run(tmp_path, fake, weights_dir)
+    assert "vit_small_suspicious (DDP on 2 GPUs): RankFailed: rank 1 of 2" in stopped
+    ddp = {**SMOKE_T4X2["ddp"], "failed": []}
+    ddp["models"] = {"vit_tiny": ddp["models"]["vit_tiny"]}
+    fake.smoke = {**SMOKE_T4X2, "ddp": ddp}
+    assert run(tmp_path, fake, weights_dir, only="probe")[0] is None
+    stopped, lines = run(tmp_path, fake, weights_dir)
+    assert stopped is None, stopped
+    measured = "01_image_vit_tiny: 0.34 h (measured by the smoke kernel, DDP on 2 GPUs)"
+    assert any(line.startswith("images") and line.endswith(measured) for line in lines)
+
+
+PROBE_FIXTURE = {
+    "image": "gpu",
+    "python": "3.12.3",
+    "libraries": {**PINS, "torch": "2.11.0+cu128", "optuna": "4.5.0", "timm": "0.6.13",
+                  "opencv": "4.12.0.88", "catboost": None},
+}  # fmt: skip
+
+
+@pytest.fixture
+def pinned_copies(tmp_path) -> tuple[Path, Path]:
+    """Copies of requirements-kaggle.txt and utils/kaggle/input.py to write pins into."""
+    requirements, module = tmp_path / "requirements-kaggle.txt", tmp_path / "input.py"
+    shutil.copy(REPO / "requirements-kaggle.txt", requirements)
+    shutil.copy(REPO / "utils" / "kaggle" / "input.py", module)
+    return requirements, module
+
+
+def test_pins_print_and_write_the_probes_versions(tmp_path, pinned_copies, capsys):
+    from utils.kaggle import pins
+
+    requirements, module = pinned_copies
+    before = requirements.read_text()
+    probe_json = tmp_path / "probe-gpu.json"
+    probe_json.write_text(json.dumps(PROBE_FIXTURE))
+    argv = [str(probe_json), "--requirements", str(requirements), "--input-module", str(module)]
+    assert pins.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "  torch: 2.10.0 -> 2.11.0" in out and "  optuna: 5.0.0 -> 4.5.0" in out
+    assert "timm==1.0.26 kept: the gpu image's 0.6.13 is known not to work" in out
+    assert "catboost==1.2.10 kept: not installed in the gpu image" in out
+    assert requirements.read_text() == before  # printed only
+
+    assert pins.main([*argv, "--write"]) == 0
+    after = requirements.read_text()
+    changed = [
+        (old, new)
+        for old, new in zip(before.splitlines(), after.splitlines(), strict=True)
+        if old != new
+    ]
+    assert changed == [
+        ("torch==2.10.0", "torch==2.11.0"),  # no local +cu128: the index's version
+        ("opencv-python-headless==4.13.0.92", "opencv-python-headless==4.12.0.88"),
+        ("optuna==5.0.0", "optuna==4.5.0"),
+    ]  # every comment and other pin as it was; timm not loosened to a known-bad version
+    source = module.read_text()
+    assert (
+        '"torch": (("torch",), "2.11.0"),' in source and '"timm": (("timm",), "1.0.26"),' in source
+    )
+    namespace: dict = {}
+    exec(compile(source, str(module), "exec"), namespace)  # still a valid module
+    written = probe.requirement_pins(after)
+    assert {lib: v for lib, (_, v) in namespace["MIN_VERSIONS"].items()} == written
+    assert pins.main([*argv, "--write"]) == 0 and requirements.read_text() == after  # idempotent
+
+
+def test_pins_write_only_the_gpu_images_probe(tmp_path, pinned_copies, capsys):
+    from utils.kaggle import pins
+
+    requirements, module = pinned_copies
+    before = requirements.read_text()
+    probe_json = tmp_path / "probe-cpu.json"
+    probe_json.write_text(json.dumps({**PROBE_FIXTURE, "image": "cpu"}))
+    argv = [str(probe_json), "--write", "--requirements", str(requirements)]
+    assert pins.main([*argv, "--input-module", str(module)]) == 1
+    assert "pins Kaggle's gpu image, so nothing is written" in capsys.readouterr().err
+    assert requirements.read_text() == before
+    assert pins.main([str(tmp_path / "missing.json")]) == 1
+    assert "cannot read the probe" in capsys.readouterr().err
+
+
+def test_the_probe_step_names_the_pins_command(tmp_path, weights_dir):
+    fake = FakeKaggle()
+    fake.probes["00_probe_gpu"] = _probe("gpu", optuna="4.5.0")
+    stopped, lines = run(tmp_path, fake, weights_dir, only="probe")
+    assert stopped is None, stopped
+    path = tmp_path / "work" / "outputs" / "00_probe_gpu" / "probe-gpu.json"
+    assert f"probe           to pin what it has: python -m utils.kaggle.pins {path}" in lines

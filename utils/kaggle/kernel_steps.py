@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import format_duration
-from utils.kaggle import build as kb, limits as kl, probe, quota, smoke
+from utils.kaggle import build as kb, limits as kl, pins as pins_mod, probe, quota, smoke
 from utils.kaggle.client import COMPLETE, KaggleClient, RunStopped
 from utils.kaggle.state import LOG_TAIL_LINES, checksums, code_digest, log_tail
 from utils.kaggle.steps import (
@@ -158,6 +158,8 @@ class KernelSteps:
                 self.say("probe", f"  GPU smoke: {smoke.smoke_summary(self.state['smoke'])}")
             blocking, notes = probe.differences(found, pins)
             blocking_all += blocking
+            if notes and found.get("image") == pins_mod.WRITTEN_IMAGE:
+                self.say("probe", f"  to pin what it has: python -m utils.kaggle.pins {path}")
             for line in notes:
                 self.say("probe", f"  differs: {line}")
             if not notes and not blocking:

@@ -1,12 +1,15 @@
 """The GPU smoke test the GPU probe kernel runs before any long kernel: each image model's full
 config (its image size and batch) trained for a few steps in fp16 with the GradScaler, then the
-same model predicting in fp16, on one GPU; images/s, peak GPU memory, and any failure with its
-traceback, written as smoke-gpu.json.
+same model predicting in fp16, first on one GPU, then, when more than one GPU is visible, with
+DistributedDataParallel on every GPU (one process per GPU, launched as the training kernels
+launch theirs: utils.image.distributed.launch, utils.image.train.with_ddp, the global batch
+shared between the ranks). Images/s for training and inference per model and GPU count, peak
+GPU memory, and any failure with its traceback, written as smoke-gpu.json.
 
 Random uint8 images stand in for the competition's JPEGs: the smoke exercises CUDA, fp16
-autocast, the scaler and memory at full size; decode speed is the probe's CPU count's matter.
-DDP on every GPU is not run here yet (docs/kaggle_run.md). On a CPU it runs tiny (the dry path
-the tests take).
+autocast, the scaler, NCCL and memory at full size; decode and augmentation speed are the CPU's
+matter and not timed. On a CPU it runs tiny (the dry path the tests take), DDP as gloo ranks
+when asked for (`ddp_processes`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ SMOKE_FILE = "smoke-gpu.json"
 TRAIN_STEPS = 200
 INFER_STEPS = 50
 WARMUP_STEPS = 5  # cuDNN autotuning and allocator growth, not timed
+# A DDP rank waiting longer than this in a collective fails that model's DDP smoke (instead of
+# the default half hour of utils.image.distributed: the probe session must stay short).
+DDP_TIMEOUT_S = 600.0
 
 
 def _step_rate(run_step: Any, steps: int, batch: int, device: Any) -> float:
@@ -39,6 +45,40 @@ def _step_rate(run_step: Any, steps: int, batch: int, device: Any) -> float:
     return steps * batch / max(time.perf_counter() - start, 1e-9)
 
 
+def _rates(
+    cfg: Any, net: Any, model: Any, device: Any, batch: int, steps: int
+) -> tuple[float, float]:
+    """(training, inference) images/s of this process: `steps` fp16 training steps of `model`
+    (`net` itself, or `net` wrapped in DDP) on `batch` random images, then `steps // 4`
+    inference batches of `net`."""
+    import torch
+
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
+    shape = (batch, 3, cfg.image_size, cfg.image_size)
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    y = (torch.arange(batch, device=device) % 2).float()
+
+    def train_step() -> None:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            loss = model(x, y)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    @torch.no_grad()
+    def infer_step() -> None:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            net(x)
+
+    net.train()
+    train_rate = _step_rate(train_step, steps, batch, device)
+    net.eval()
+    return train_rate, _step_rate(infer_step, max(1, steps // 4), batch, device)
+
+
 def smoke_model(model_name: str, device: Any, steps: int, **overrides: Any) -> dict[str, Any]:
     """Train `steps` fp16 steps and predict `steps // 4` batches of one model's full config."""
     import torch
@@ -51,29 +91,7 @@ def smoke_model(model_name: str, device: Any, steps: int, **overrides: Any) -> d
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     net = to_device(build_model(cfg), device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
-    shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
-    x = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
-    y = (torch.arange(cfg.batch_size, device=device) % 2).float()
-
-    def train_step() -> None:
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            loss = net(x, y)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    @torch.no_grad()
-    def infer_step() -> None:
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            net(x)
-
-    net.train()
-    train_rate = _step_rate(train_step, steps, cfg.batch_size, device)
-    net.eval()
-    infer_rate = _step_rate(infer_step, max(1, steps // 4), cfg.batch_size, device)
+    train_rate, infer_rate = _rates(cfg, net, net, device, cfg.batch_size, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     return {
         "image_size": cfg.image_size,
@@ -84,14 +102,87 @@ def smoke_model(model_name: str, device: Any, steps: int, **overrides: Any) -> d
     }
 
 
+def ddp_rank(model_name: str, steps: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """One DDP rank of a model's smoke (run by utils.image.distributed.launch on every rank):
+    the global batch shared between the ranks as training shares it, training steps through
+    DistributedDataParallel, inference on this rank's share; every rank's rates are summed and
+    the largest peak memory kept. Returns the same fields as smoke_model (on every rank)."""
+    from utils.settings import image_config
+
+    cfg = image_config(model_name, "full", **overrides)  # a bad config fails before the imports
+    import torch
+
+    from utils.image import distributed
+    from utils.image.predict import build_model, to_device
+    from utils.image.train import with_ddp
+
+    group = distributed.current()
+    if group is None:
+        raise RuntimeError("ddp_rank runs inside a process group (utils.image.distributed.launch)")
+    if cfg.batch_size < group.world_size:
+        raise ValueError(
+            f"{model_name}: batch_size {cfg.batch_size} is the global batch, shared by "
+            f"{group.world_size} processes: it must be at least the number of processes"
+        )
+    device, cuda = group.device, group.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    lo, hi = distributed.shard_bounds(cfg.batch_size, group.rank, group.world_size)
+    net = to_device(build_model(cfg), device)
+    train_rate, infer_rate = _rates(cfg, net, with_ddp(net, group), device, hi - lo, steps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+    trains, infers, peaks = zip(*group.all_gather((train_rate, infer_rate, peak)), strict=True)
+    return {
+        "image_size": cfg.image_size,
+        "batch_size": cfg.batch_size,
+        "train_images_per_s": round(sum(trains), 1),
+        "infer_images_per_s": round(sum(infers), 1),
+        "peak_gpu_memory_gib": round(max(peaks), 2) if cuda else None,
+    }
+
+
+def _failure(err: BaseException) -> dict[str, str]:
+    """A model's smoke failure: one line (a rank's last traceback line for a failed DDP run)
+    and the whole traceback (the rank's, as RankFailed carries it, then this process's)."""
+    text = [line for line in str(err).strip().splitlines() if not line.startswith("then rank")]
+    line = " ... ".join(text[:1] + text[1:][-1:])
+    return {"error": f"{type(err).__name__}: {line}", "traceback": traceback.format_exc()}
+
+
+def smoke_ddp(
+    names: list[str], processes: int, device_type: str, steps: int, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Each model's DDP smoke on `processes` ranks (NCCL, one GPU each, or gloo on the CPU), a
+    launch per model so one model's failure stops only its own ranks."""
+    from utils.image import distributed
+
+    result: dict[str, Any] = {
+        "world_size": processes,
+        "device": device_type,
+        "backend": "nccl" if device_type == "cuda" else "gloo",
+        "models": {},
+    }
+    for name in names:
+        try:
+            result["models"][name] = distributed.launch(
+                ddp_rank, (name, steps, overrides), processes, device_type, DDP_TIMEOUT_S
+            )
+        except Exception as err:  # every model is tried; the failure is the finding
+            result["models"][name] = _failure(err)
+    result["failed"] = sorted(n for n, r in result["models"].items() if "error" in r)
+    return result
+
+
 def run_smoke(
     output_dir: str | Path,
     steps: int | None = None,
     models: list[str] | None = None,
+    ddp_processes: int | None = None,
     **overrides: Any,
 ) -> Path:
     """Smoke `models` (every image model by default) on this machine's first GPU (tiny on a
-    CPU); smoke-gpu.json."""
+    CPU), then with DDP on `ddp_processes` ranks (default: every visible GPU when there are
+    several, else none; on a CPU gloo ranks when asked for); smoke-gpu.json."""
     import torch
 
     from utils.settings import IMAGE_MODELS
@@ -101,42 +192,65 @@ def run_smoke(
     if not cuda:  # the dry path: a few tiny steps, to check the code, not the machine
         steps = steps or 2
         overrides = {"image_size": 32, "batch_size": 4, **overrides}
+    if ddp_processes is None:
+        ddp_processes = torch.cuda.device_count() if cuda else 0
+    names = models or list(IMAGE_MODELS)
     result: dict[str, Any] = {"device": str(device), "gpus": 1 if cuda else 0, "models": {}}
-    for name in models or list(IMAGE_MODELS):
+    for name in names:
         try:
             result["models"][name] = smoke_model(name, device, steps or TRAIN_STEPS, **overrides)
         except Exception as err:  # every model is tried; the failure is the finding
-            result["models"][name] = {"error": f"{type(err).__name__}: {err}",
-                                      "traceback": traceback.format_exc()}  # fmt: skip
+            result["models"][name] = _failure(err)
         if cuda:
             torch.cuda.empty_cache()
     result["failed"] = sorted(n for n, r in result["models"].items() if "error" in r)
+    if ddp_processes > 1:
+        kind = "cuda" if cuda else "cpu"
+        result["ddp"] = smoke_ddp(names, ddp_processes, kind, steps or TRAIN_STEPS, overrides)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SMOKE_FILE
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({n: {k: v for k, v in r.items() if k != "traceback"}
-                      for n, r in result["models"].items()}, indent=2))  # fmt: skip
+    print(json.dumps(_without_tracebacks(result), indent=2))
     return path
 
 
+def _without_tracebacks(value: Any) -> Any:
+    """`value` with every "traceback" entry left out (what the notebook prints)."""
+    if isinstance(value, dict):
+        return {k: _without_tracebacks(v) for k, v in value.items() if k != "traceback"}
+    return value
+
+
 def smoke_failures(smoke: dict[str, Any] | None) -> list[str]:
-    """One line per model whose smoke failed (its error), empty when all ran."""
+    """One line per model whose smoke failed (its error; a DDP failure says on how many
+    processes), empty when all ran."""
     if not smoke:
         return []
-    return [f"{name}: {smoke['models'][name]['error']}" for name in smoke.get("failed", [])]
+    lines = [f"{name}: {smoke['models'][name]['error']}" for name in smoke.get("failed", [])]
+    ddp = smoke.get("ddp") or {}
+    where = f"DDP on {ddp.get('world_size')} {'GPUs' if ddp.get('device') == 'cuda' else 'ranks'}"
+    lines += [f"{name} ({where}): {ddp['models'][name]['error']}" for name in ddp.get("failed", [])]
+    return lines
+
+
+def _model_summary(name: str, r: dict[str, Any]) -> str:
+    """One model's rates and peak memory, or its error."""
+    if "error" in r:
+        return f"{name} FAILED ({r['error']})"
+    peak = r.get("peak_gpu_memory_gib")
+    return (
+        f"{name} train {r['train_images_per_s']:g} img/s, infer "
+        f"{r['infer_images_per_s']:g} img/s" + (f", peak {peak:g} GiB" if peak else "")
+    )
 
 
 def smoke_summary(smoke: dict[str, Any]) -> str:
-    """One line: each model's training and inference images/s and peak memory, or its error."""
-    parts = []
-    for name, r in smoke.get("models", {}).items():
-        if "error" in r:
-            parts.append(f"{name} FAILED ({r['error']})")
-        else:
-            peak = r.get("peak_gpu_memory_gib")
-            parts.append(
-                f"{name} train {r['train_images_per_s']:g} img/s, infer "
-                f"{r['infer_images_per_s']:g} img/s" + (f", peak {peak:g} GiB" if peak else "")
-            )
-    return "; ".join(parts) or "no models"
+    """One line: each model's training and inference images/s and peak memory, or its error;
+    then the same with DDP when it ran."""
+    text = "; ".join(_model_summary(n, r) for n, r in smoke.get("models", {}).items())
+    ddp = smoke.get("ddp")
+    if ddp:
+        parts = "; ".join(_model_summary(n, r) for n, r in ddp.get("models", {}).items())
+        text += f" | DDP x{ddp['world_size']} ({ddp['backend']}): {parts or 'no models'}"
+    return text or "no models"

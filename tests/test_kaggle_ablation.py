@@ -4,22 +4,20 @@ read-only inputs, and `kaggle_run --ablation` through the fake Kaggle of test_ka
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import test_kaggle_run as fake_kaggle
 from standins import write_image_run
+from test_kaggle_kernels import _run_off_repo
 from test_notebook_ablation import check_table
 
 from utils.folds import with_folds
 from utils.io import DataDir
-from utils.kaggle import build as kb, input as ki, run as kr
+from utils.kaggle import build as kb, run as kr
 from utils.layout import ABLATION_FILE, ABLATION_TABLE_FILE
 from utils.settings import N_FOLDS
 from utils.tabular import ablation_stage as stage
@@ -38,14 +36,6 @@ def _set_writable(root: Path, writable: bool) -> None:
         mode = path.stat().st_mode
         bits = stat.S_IWUSR if writable else 0
         path.chmod((mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) | bits)
-
-
-def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under `root` with its size and mtime: what a write would change (root runs
-    ignore the read-only bits, so the test compares this too)."""
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
-    }
 
 
 def _standin_image_dataset(data_dir: Path, dataset: Path) -> list[str]:
@@ -91,27 +81,20 @@ def test_built_ablation_kernel_runs_off_repo_on_read_only_inputs(tmp_path, synth
     assert meta["dataset_sources"] == [f"{OWNER}/{kb.IMAGE_DATASET}"]
     assert meta["competition_sources"] == [kb.COMPETITION]
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update({ki.KAGGLE_INPUT_ENV: str(inputs), "TMPDIR": str(built / "tmp")})
-    (built / "tmp").mkdir()
-    cmd = [sys.executable, "-m", "papermill", meta["code_file"], "executed.ipynb", "-k", "python3"]
-    before = _tree(inputs)
-    _set_writable(inputs, False)
-    try:
-        done = subprocess.run(cmd, cwd=built, env=env, capture_output=True, text=True, timeout=900)
+    _set_writable(inputs, False)  # as Kaggle mounts them (a root run writes anyway: the
+    try:  # helper also checks that every input file comes out unchanged)
+        ran = _run_off_repo(built, inputs).cwd
     finally:
         _set_writable(inputs, True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert _tree(inputs) == before  # nothing written to, or added under, the inputs
-    record = json.loads((built / ABLATION_FILE).read_text())
+    record = json.loads((ran / ABLATION_FILE).read_text())
     assert record["preset"] == "demo" and record["image_models"] == models
     assert all(Path(d).is_relative_to(inputs / kb.IMAGE_DATASET) for d in record["image_oof_dirs"])
     assert Path(record["data_dir"]) == competition
     check_table(record, candidates, [0, 1])
     assert (
-        f"Kept: {', '.join(record['kept']) or 'none'}." in (built / ABLATION_TABLE_FILE).read_text()
+        f"Kept: {', '.join(record['kept']) or 'none'}." in (ran / ABLATION_TABLE_FILE).read_text()
     )
-    executed = (built / "executed.ipynb").read_text()
+    executed = (ran / "executed.ipynb").read_text()
     assert "unpacked to" in executed and "real image OOF pAUC alone" in executed
     assert not list(inputs.rglob("*-truth.csv"))  # real data: no truth file to draw from
 

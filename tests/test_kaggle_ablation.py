@@ -99,6 +99,19 @@ def test_built_ablation_kernel_runs_off_repo_on_read_only_inputs(tmp_path, synth
     assert not list(inputs.rglob("*-truth.csv"))  # real data: no truth file to draw from
 
 
+def test_the_ablation_kernel_embeds_no_generator_and_no_torch_code():
+    """The CPU kernel carries the ablation core, not the synthetic generator (the stand-ins'
+    truth file is the command line's business) nor any image-model code."""
+    code = kb.notebook_sources(kb.NOTEBOOKS_DIR / f"{KERNEL}.ipynb")
+    code.append(kb.injected_source(kb.KAGGLE_PARAMETERS[KERNEL]))
+    modules = kb.kernel_modules(code)
+    files = {p.relative_to(kb.REPO_ROOT).as_posix() for p in modules}
+    assert {"utils/tabular/ablation.py", "utils/tabular/ablation_stage.py"} <= files
+    assert not files & {"utils/synthetic.py", "utils/image/models.py", "utils/pipeline.py"}
+    libraries = kb.kernel_libraries(kb.utils_archive(modules), code)
+    assert "torch" not in libraries and {"lightgbm", "polars"} <= set(libraries)
+
+
 # ------------------------------------------------------------------ kaggle_run --ablation
 
 RESULTS = pl.DataFrame(

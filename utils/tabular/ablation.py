@@ -135,9 +135,12 @@ def run_cv(
     seeds: Sequence[int],
     threads: int | None,
 ) -> tuple[CVResult, float]:
-    """One 5-fold CV of the members and its wall seconds."""
+    """One 5-fold CV of the members and its wall seconds. The fitted models are dropped: a row
+    needs the OOF only, and every CV stays cached for the blends (at full size, hundreds of
+    models)."""
     start = time.perf_counter()
     result = cross_validate(frame, y, folds, members, seeds, threads=threads)
+    result.models.clear()
     return result, time.perf_counter() - start
 
 

@@ -202,6 +202,7 @@ def test_the_plan_shows_the_queue_under_the_cap(offline, tmp_path):
     text = "\n".join(lines)
     assert text.index("push alice/fusionnetx-isic2024-probe-gpu") < text.index("projected GPU")
     assert "compare both images with requirements-kaggle.txt" in text
+    assert text.index("then DDP on every GPU") < text.index("projected GPU-hours")
     assert "total 1.86 h (x2 for the projection's error: 3.72 h)" in text
     assert text.index("projected GPU-hours") < text.index("push alice/fusionnetx-isic2024-vit")
     assert "polls the submission until Kaggle scores it" in lines[-2]

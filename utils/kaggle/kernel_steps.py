@@ -145,6 +145,11 @@ class KernelSteps:
         requirements-kaggle.txt; stop on a library the kernels would stop on anyway."""
         if self.plan:
             self.say("probe", "  compare both images with requirements-kaggle.txt (printed here)")
+            self.say(
+                "probe",
+                "  GPU smoke in 00_probe_gpu: every image model on one GPU, then DDP on every GPU; "
+                "a failure refuses the image step, its rates replace the FLOP projection",
+            )
             return
         pins = probe.requirement_pins((kb.REPO_ROOT / "requirements-kaggle.txt").read_text())
         blocking_all = []

@@ -61,7 +61,7 @@ def test_every_stage_has_one_kernel_folder_and_the_top_level_is_the_submission()
     assert names == {
         "01_image_convnextv2_nano", "01_image_vit_tiny", "01_image_vit_tiny_suspicious",
         "01_image_vit_small_suspicious", "02_tune_gbdt", "03_gbdt", "04_inference",
-        "00_probe_cpu", "00_probe_gpu",
+        "00_probe_cpu", "00_probe_gpu", "06_ablation",
     }  # fmt: skip
     top = kb.read_json(kb.TOP_LEVEL_METADATA)
     assert top["enable_internet"] is False and top["enable_gpu"] is True

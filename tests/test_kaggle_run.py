@@ -350,6 +350,8 @@ def assert_no_stale_push(fake: FakeKaggle) -> None:
             assert isinstance(seen, int), f"{ref} v{version} pushed with {source} {seen}"
 
 
+# the steps of a run with --tune (the ablation is off without --ablation: test_kaggle_ablation)
+TUNE_RUN_STEPS = [step.name for step in kr.STEPS if step.option in (None, "tune")]
 FULL_RUN = [
     *[("push", kernel, 1) for kernel in kr.PROBE_KERNELS],
     ("create", kb.WEIGHTS_DATASET, 1),
@@ -380,7 +382,7 @@ def test_full_run_makes_every_call_in_order_and_records_it(tmp_path, weights_dir
     assert fake.sleeps[:3] == [30.0, 60.0, 30.0]
     assert max(fake.sleeps) <= kr.POLL_MAX_S
     state = state_of(tmp_path)
-    assert list(state["steps"]) == list(kr.STEP_NAMES)
+    assert list(state["steps"]) == TUNE_RUN_STEPS
     gbdt = state["kernels"]["03_gbdt"]
     assert gbdt["version"] == 1 and gbdt["status"] == "complete"
     assert gbdt["against"] == {kb.IMAGE_DATASET: 1, kb.TUNING_DATASET: 1}
@@ -463,7 +465,7 @@ def test_a_failure_stops_the_run_and_a_rerun_resumes_it(tmp_path, weights_dir, s
         expected = FULL_RUN[len(first) :]
     assert [c[:2] for c in resumed] == [c[:2] for c in expected]
     assert_no_stale_push(fake)
-    assert list(state_of(tmp_path)["steps"]) == list(kr.STEP_NAMES)
+    assert list(state_of(tmp_path)["steps"]) == TUNE_RUN_STEPS
 
 
 def test_kernels_still_running_at_a_failure_are_awaited_not_pushed_again(tmp_path, weights_dir):
@@ -842,7 +844,8 @@ def test_every_kernel_folder_belongs_to_exactly_one_step():
     assert set(kr.PRODUCES) == set(kernels)
     published = {name for slug in kr.DATASET_STEP for name in kb.DATASET_CONTENTS[slug]}
     probes = {kr.PRODUCES[kernel] for kernel in kr.PROBE_KERNELS}
-    assert published - set(kb.WEIGHT_FILES) == set(kr.PRODUCER) - {kr.SUBMISSION_FILE} - probes
+    reported = {kr.SUBMISSION_FILE, kr.PRODUCES[kb.ABLATION_KERNEL]}  # downloaded, not published
+    assert published - set(kb.WEIGHT_FILES) == set(kr.PRODUCER) - reported - probes
 
 
 def test_the_command_line_stops_with_exit_1_and_the_resume_command(tmp_path, capsys):

@@ -19,7 +19,7 @@ from utils.pipeline import make_run
 from utils.pipeline_stages import STAGES
 from utils.settings import DEMO_FOLDS, PAPER_GBDT_PARAMS, PRESETS, resolve
 from utils.tabular.cv import cross_validate
-from utils.tabular.gbdt import load_training_frame
+from utils.tabular.gbdt import load_training_frame, training_rows
 from utils.tabular.libraries import META_MEMBER, load_params, make_members, resolve_params
 from utils.tabular.tuning import (
     DEFAULT_ATTR,
@@ -152,6 +152,46 @@ def test_study_writes_params_stage3_uses_and_resumes(data, tmp_path):
     assert optuna.get_all_study_names(f"sqlite:///{tmp_path / TUNING_DIR / STORAGE_FILE}") == [
         study.study_name
     ]
+
+
+def test_trials_train_on_the_rows_stage3_trains_on_with_filter_training(data, monkeypatch):
+    """A recipe whose stage 3 trains without the reference's filtered rows
+    (GBDTConfig.filter_training): a trial's fold models leave the same rows out, so its value
+    is stage 3's cross-validation with those rows out of training, not the one on every row;
+    the setup records the training rows, so such trials get a study of their own."""
+    assert data.filtered is not None and data.filtered.any()
+    config = tune_cfg(kinds=["lgb"], n_trials=1, threads=1)
+    every_row = setup_of(data, config)
+    demo = PRESETS["demo"]
+
+    def filtering(recipe: str):
+        settings = demo(recipe)
+        return dataclasses.replace(
+            settings, gbdt=dataclasses.replace(settings.gbdt, filter_training=True)
+        )
+
+    monkeypatch.setitem(PRESETS, "demo", filtering)
+    gbdt = resolve("demo").gbdt
+    study = optuna.create_study(direction="maximize")
+    study.optimize(functools.partial(objective, kind="lgb", data=data, config=config), n_trials=1)
+    params = resolve_params(gbdt, {"lgb": study.trials[0].params})
+    member = make_members(data.meta_features, data.image_features, params, names=["lgb"])
+
+    def stage3(trainable):
+        cv = cross_validate(
+            data.frame, data.y, data.folds, member, config.model_seeds, gbdt.sampling, 1,
+            trainable=trainable,
+        )  # fmt: skip
+        return cv.overall_scores()["lgb"]
+
+    rows = training_rows(gbdt, data)
+    np.testing.assert_array_equal(rows, ~data.filtered)
+    assert study.trials[0].value == pytest.approx(stage3(rows), abs=1e-12)
+    assert study.trials[0].value != pytest.approx(stage3(None), abs=1e-6)
+    setup = setup_of(data, config)
+    assert setup["training_rows"] == int(rows.sum()) < data.y.size
+    assert "training_rows" not in every_row
+    assert study_name("lgb", setup) != study_name("lgb", every_row)
 
 
 def test_run_killed_during_default_trial_queues_it_again(data, tmp_path):

@@ -7,6 +7,7 @@ the Kaggle build and the submission kernel find them by these names.
     <artifacts>/gbdt/            ensemble.json, features.json, cv_report.json, oof.csv, ...
     <output>/                    submission.csv, submission_report.json
     <output>/<dataset>/          external_metrics.json, predictions.csv (stage 5)
+    <output>/                    ablation.json, ablation.md (the ablation, 06_ablation)
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ REPORT_FILE = "submission_report.json"
 
 # stage 5
 METRICS_FILE = "external_metrics.json"
+
+# the ablation of the plus candidates (notebooks/06_ablation), in its output folder
+ABLATION_FILE = "ablation.json"
+ABLATION_TABLE_FILE = "ablation.md"
 PREDICTIONS_FILE = "predictions.csv"
 
 

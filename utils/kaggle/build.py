@@ -36,6 +36,7 @@ from utils.kaggle.embed import (
     utils_archive as utils_archive,
 )
 from utils.kaggle.metadata import (
+    ABLATION_KERNEL as ABLATION_KERNEL,
     BOOTSTRAP_TAG as BOOTSTRAP_TAG,
     COMPETITION as COMPETITION,
     DATASET_CONTENTS,

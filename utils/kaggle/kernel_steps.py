@@ -29,7 +29,7 @@ from utils.kaggle.steps import (
     Step,
     push_reason,
 )
-from utils.layout import PROGRESS_FILE
+from utils.layout import ABLATION_TABLE_FILE, PROGRESS_FILE
 
 
 class KernelSteps:
@@ -174,6 +174,28 @@ class KernelSteps:
             raise RunStopped(
                 "the kernels would stop in their first cell: " + "; ".join(blocking_all)
             )
+
+    def report_ablation(self) -> None:
+        """Print the downloaded ablation table (utils.tabular.ablation_stage's ablation.json),
+        row by row, and the kept set, which the state keeps with the kernel version."""
+        if self.plan:
+            self.say("ablation", "  then print its table and the kept set from ablation.json")
+            return
+        kernel = kb.ABLATION_KERNEL
+        path = self.opts.work_dir / "outputs" / kernel / PRODUCES[kernel]
+        table = json.loads(path.read_text(encoding="utf-8"))
+        for row in table["rows"]:
+            gain = f"  gain {_cell(row['gain_mean'], '+')} ± {_cell(row['gain_std'])}"
+            gain = "" if row["row"] == "paper" else gain
+            self.say(
+                "ablation",
+                f"  {row['row']:<44} pAUC {row['pauc_mean']:.4f}{gain}  {row['verdict']}",
+            )
+        kept = list(table["kept"])
+        where = path.with_name(ABLATION_TABLE_FILE)
+        self.say("ablation", f"  kept: {', '.join(kept) or 'none'} (table: {where})")
+        self.state["ablation"] = {"kept": kept, "version": self.state["kernels"][kernel]["version"]}
+        self.save()
 
     def gpu_busy(self, pending: dict[str, dict[str, Any]]) -> int:
         """GPU sessions this run holds: its GPU kernels pushed and not ended."""
@@ -367,3 +389,9 @@ class KernelSteps:
         why = f"continue folds {remaining} of v{record['version']} (folds {done} finished)"
         self.say(step.name, f"  {kernel}: v{record['version']} ran out of its time budget; {why}")
         return Queued(kernel, folder, record["ref"], record["against"], why, notebook)
+
+
+def _cell(value: float | None, sign: str = "") -> str:
+    """A number of the ablation table, 4 decimals (`sign` "+": always signed); n/a for none
+    (one seed has no spread)."""
+    return "n/a" if value is None else f"{value:{sign}.4f}"

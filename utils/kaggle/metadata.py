@@ -31,6 +31,7 @@ DEFAULT_OWNER = "fusionnetx"
 COMPETITION = "isic-2024-challenge"
 GPU_SHAPE = "NvidiaTeslaT4"
 SUBMISSION_KERNEL = "04_inference"
+ABLATION_KERNEL = "06_ablation"  # the plus candidates on the real data (CPU, optional)
 KAGGLE_WORKING = "/kaggle/working"
 BOOTSTRAP_TAG = "fusionnetx-bootstrap"
 INJECTED_TAG = "injected-parameters"
@@ -174,6 +175,12 @@ KAGGLE_PARAMETERS: dict[str, dict[str, Any]] = {
         "output_dir": KAGGLE_WORKING,
         "preset": "full",
         "recipe": "paper",  # `build --recipe` replaces it
+        "image_oof_dirs": IMAGE_OOF_DIRS,
+    },
+    ABLATION_KERNEL: {
+        "data_dir": COMPETITION_DATA,
+        "output_dir": KAGGLE_WORKING,
+        "preset": "full",
         "image_oof_dirs": IMAGE_OOF_DIRS,
     },
     SUBMISSION_KERNEL: {

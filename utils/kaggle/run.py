@@ -1,7 +1,8 @@
 """The whole Kaggle workflow in one resumable command: build, push, wait, collect, publish, submit.
 
     python -m utils.kaggle.run [--owner NAME] [--work-dir work/kaggle] [--weights weights/]
-                               [--tune] [--submit] [--from STEP | --only STEP] [--dry-run]
+                               [--tune] [--ablation] [--submit] [--from STEP | --only STEP]
+                               [--dry-run]
 
 Steps, in order (see docs/kaggle_run.md, which also lists each Kaggle limit and its handling):
     probe          push the CPU and GPU probe kernels (and the GPU smoke), compare with the pins
@@ -9,6 +10,8 @@ Steps, in order (see docs/kaggle_run.md, which also lists each Kaggle limit and 
     images         check the projected GPU-hours, push the four image kernels (at most
                    --gpu-sessions at once), wait, download, continue those out of time
     image-dataset  create or version the image-model dataset from those outputs
+    ablation       (--ablation) push 06_ablation (CPU: the plus candidates on the real data),
+                   wait, download ablation.json and ablation.md, print the table and kept set
     tune           (--tune) push 02_tune_gbdt, wait, download
     tune-dataset   (--tune) create or version the tuning dataset
     gbdt           push 03_gbdt, wait, download
@@ -78,6 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR, help="local .pth dir")
     parser.add_argument("--tune", action="store_true", help="run 02_tune_gbdt; 03 reads its params")
     parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="run 06_ablation (the plus candidates on the real data, CPU) once the image "
+        "dataset is ready; download ablation.json and print the kept set",
+    )
+    parser.add_argument(
         "--recipe",
         choices=kb.RECIPES,
         default="paper",
@@ -124,12 +133,14 @@ def options_from(args: argparse.Namespace) -> Options:
         resume += ["--gpu-sessions", str(args.gpu_sessions)]
     if args.gpu_hours != kl.DEFAULT_GPU_HOURS:
         resume += ["--gpu-hours", f"{args.gpu_hours:g}"]
-    resume += [flag for flag, on in (("--tune", args.tune), ("--submit", args.submit)) if on]
+    flags = (("--tune", args.tune), ("--ablation", args.ablation), ("--submit", args.submit))
+    resume += [flag for flag, on in flags if on]
     return Options(
         owner=owner,
         work_dir=args.work_dir,
         weights_dir=args.weights,
         tune=args.tune,
+        ablation=args.ablation,
         recipe=args.recipe,
         submit=args.submit,
         start=args.start,

@@ -45,11 +45,14 @@ class Runner(KernelSteps, DatasetSteps):
 
     def selected(self) -> list[tuple[Step, bool]]:
         """(step, forced) in order: --only runs one step, --from forces it and every later one."""
-        steps = [s for s in STEPS if self.opts.tune or not s.optional]
+        steps = [s for s in STEPS if s.option is None or getattr(self.opts, s.option)]
         names = [s.name for s in steps]
         for wanted in (self.opts.only, self.opts.start):
             if wanted and wanted not in names:
-                raise RunStopped(f"step {wanted!r} is not part of this run (tuning needs --tune)")
+                raise RunStopped(
+                    f"step {wanted!r} is not part of this run "
+                    "(tuning needs --tune, the ablation --ablation)"
+                )
         if self.opts.only:
             return [(s, True) for s in steps if s.name == self.opts.only]
         first = names.index(self.opts.start) if self.opts.start else len(names)
@@ -88,6 +91,8 @@ class Runner(KernelSteps, DatasetSteps):
             self.kernel_step(step, forced)
             if step.name == "probe":
                 self.report_probes()
+            if step.name == "ablation":
+                self.report_ablation()
         elif step.dataset:
             self.dataset_step(step, forced)
         elif not self.submit_step(forced):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.kaggle import build as kb, limits as kl
-from utils.layout import SUBMISSION_FILE
+from utils.layout import ABLATION_FILE, SUBMISSION_FILE
 
 DEFAULT_WORK_DIR = Path("work") / "kaggle"
 DEFAULT_WEIGHTS_DIR = Path("weights")
@@ -36,6 +36,7 @@ PROBE_KERNELS = kb.PROBE_KERNELS
 PRODUCES: dict[str, str] = {
     **{kernel: f"probe-{kernel.rsplit('_', 1)[1]}.json" for kernel in PROBE_KERNELS},
     **{f"01_image_{model}": model for model in kb.DATASET_CONTENTS[kb.IMAGE_DATASET]},
+    kb.ABLATION_KERNEL: ABLATION_FILE,
     TUNE_KERNEL: "tuning",
     GBDT_KERNEL: "gbdt",
     kb.SUBMISSION_KERNEL: SUBMISSION_FILE,
@@ -45,12 +46,13 @@ PRODUCER = {name: kernel for kernel, name in PRODUCES.items()}
 
 @dataclass(frozen=True)
 class Step:
-    """One resumable step: the kernels it pushes and awaits, or the dataset it publishes."""
+    """One resumable step: the kernels it pushes and awaits, or the dataset it publishes;
+    `option` names the Options flag that makes it part of a run (None: every run)."""
 
     name: str
     kernels: tuple[str, ...] = ()
     dataset: str | None = None
-    optional: bool = False
+    option: str | None = None
 
 
 STEPS = (
@@ -58,8 +60,9 @@ STEPS = (
     Step("weights", dataset=kb.WEIGHTS_DATASET),
     Step("images", kernels=IMAGE_KERNELS),
     Step("image-dataset", dataset=kb.IMAGE_DATASET),
-    Step("tune", kernels=(TUNE_KERNEL,), optional=True),
-    Step("tune-dataset", dataset=kb.TUNING_DATASET, optional=True),
+    Step("ablation", kernels=(kb.ABLATION_KERNEL,), option="ablation"),
+    Step("tune", kernels=(TUNE_KERNEL,), option="tune"),
+    Step("tune-dataset", dataset=kb.TUNING_DATASET, option="tune"),
     Step("gbdt", kernels=(GBDT_KERNEL,)),
     Step("gbdt-dataset", dataset=kb.GBDT_DATASET),
     Step("submission", kernels=(kb.SUBMISSION_KERNEL,)),
@@ -92,6 +95,7 @@ class Options:
     weights_dir: Path = DEFAULT_WEIGHTS_DIR
     build_dir: Path = kb.DEFAULT_BUILD_DIR
     tune: bool = False
+    ablation: bool = False
     recipe: str = "paper"
     submit: bool = False
     start: str | None = None

@@ -151,6 +151,15 @@ def load_training_frame(
     )
 
 
+def training_rows(cfg: GBDTConfig, data: TrainingFrame) -> np.ndarray | None:
+    """The rows the fold models train on (`trainable` of tabular.cv.cross_validate): with
+    `filter_training` every row but the reference's filtered ones (when the metadata has the
+    iddx columns to tell them); None: every row. Stage 2's trials train on the same."""
+    if cfg.filter_training and data.filtered is not None:
+        return ~data.filtered
+    return None
+
+
 @dataclass(frozen=True)
 class GBDTRun:
     """What a stage 3 run produced, for the notebook to show."""
@@ -284,9 +293,7 @@ def run_gbdt_stage(
     tuned = load_params(params_path) if params_path else None
     params = resolve_params(cfg, tuned)
     members = make_members(data.meta_features, data.image_features, params)
-    trainable = None
-    if cfg.filter_training and data.filtered is not None:
-        trainable = ~data.filtered
+    trainable = training_rows(cfg, data)
     result = cross_validate(
         data.frame,
         data.y,

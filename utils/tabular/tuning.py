@@ -4,11 +4,12 @@ Entry: `run_tuning(data_dir, output_dir, image_oof_dirs, preset, recipe)`, setti
 utils.settings (TuneConfig). One study per library kind (`SEARCH_SPACES`: "lgb", "cat", "xgb").
 A trial suggests params around the centre (the recipe's published params, utils.settings, with
 the preset's centres), and scores the stage-3 member of that kind with tabular.cv.iter_cv on stage
-3's own training frame (tabular.gbdt.load_training_frame): the same features, folds and in-fold
-sampling. The objective is the pAUC of the member's OOF over all rows
-(stage 3's "overall"); after each fold the mean fold pAUC so far is reported so a MedianPruner
-can stop weak trials early. Trial 0 of a new study is the centre itself, so every study holds
-the score of the default params to compare with.
+3's own training frame (tabular.gbdt.load_training_frame): the same features, folds, in-fold
+sampling and training rows (with the recipe's GBDTConfig.filter_training the fold models never
+train on the reference's filtered rows: tabular.gbdt.training_rows). The objective is the pAUC
+of the member's OOF over all rows (stage 3's "overall"); after each fold the mean fold pAUC so
+far is reported so a MedianPruner can stop weak trials early. Trial 0 of a new study is the
+centre itself, so every study holds the score of the default params to compare with.
 
 Storage: `<output_dir>/tuning/optuna.sqlite3`, studies `<kind>-<preset>-<setup hash>`. The hash
 covers the data (rows, targets, folds, feature names, image OOF values) and the settings, so
@@ -49,7 +50,7 @@ from utils.manifest import config_hash, set_aside, write_json, write_manifest
 from utils.metric import pauc
 from utils.settings import FOLD_SEED, GBDTConfig, TuneConfig, resolve
 from utils.tabular.cv import iter_cv
-from utils.tabular.gbdt import TrainingFrame, feature_groups, load_training_frame
+from utils.tabular.gbdt import TrainingFrame, feature_groups, load_training_frame, training_rows
 from utils.tabular.libraries import load_params, make_members, resolve_params
 
 DEFAULT_ATTR = "default_params"  # user attr marking trial 0, the centre of the search space
@@ -138,7 +139,8 @@ SEARCH_SPACES: dict[str, Space] = {"lgb": lgb_space, "cat": cat_space, "xgb": xg
 
 
 def gbdt_config(config: TuneConfig) -> GBDTConfig:
-    """Stage 3's settings for the tuning run's preset and recipe (params, sampling)."""
+    """Stage 3's settings for the tuning run's preset and recipe (params, sampling, training
+    rows)."""
     return resolve(config.preset, config.recipe).gbdt
 
 
@@ -154,12 +156,16 @@ def default_trial_params(kind: str, config: TuneConfig) -> dict[str, Any]:
 
 
 def setup_of(data: TrainingFrame, config: TuneConfig) -> dict[str, Any]:
-    """What makes trials comparable: data, features, folds, preset, recipe, sampling, seeds."""
+    """What makes trials comparable: data, features, folds, preset, recipe, sampling, seeds,
+    and the training rows when stage 3's filter leaves some out (recorded only then, so the
+    studies of a run on every row keep their names)."""
     digest = hashlib.sha1(data.y.tobytes())
     digest.update(np.ascontiguousarray(data.folds).tobytes())
     digest.update(json.dumps([data.meta_features, data.image_features]).encode())
     if data.image_columns:
         digest.update(data.frame.select(data.image_columns).to_numpy().tobytes())
+    trainable = training_rows(gbdt_config(config), data)
+    filtered = {} if trainable is None else {"training_rows": int(trainable.sum())}
     return {
         "rows": int(data.y.size),
         "positives": int(data.y.sum()),
@@ -172,6 +178,7 @@ def setup_of(data: TrainingFrame, config: TuneConfig) -> dict[str, Any]:
         "model_seeds": list(config.model_seeds),
         "sampling": asdict(gbdt_config(config).sampling),
         "data_hash": digest.hexdigest()[:12],
+        **filtered,
     }
 
 
@@ -242,6 +249,7 @@ def objective(trial: optuna.Trial, kind: str, data: TrainingFrame, config: TuneC
         config.model_seeds,
         gbdt.sampling,
         config.threads,
+        trainable=training_rows(gbdt, data),
     )
     for step, fold in enumerate(results):
         sums[fold.valid_rows] += fold.pred

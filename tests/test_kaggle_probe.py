@@ -157,10 +157,11 @@ def test_built_probe_kernel_runs_off_the_repo_against_an_emulated_input(tmp_path
     assert found["image"] == kernel.rsplit("_", 1)[1]
     listed = found["inputs"][kb.COMPETITION + "/"]
     assert listed["test-metadata.csv"] == 8 and "train-image.hdf5" in listed
-    if kernel == "00_probe_gpu":  # the submission's image pass ran on the mounted real crops
-        passes = json.loads((elsewhere / "smoke-gpu.json").read_text())["image_pass"]
-        assert passes["rows"] == 5 and passes["failed"] == []
-        assert all(r["unreadable"] == 0 for r in passes["models"].values())
+    if kernel == "00_probe_gpu":  # training input and submission pass on the mounted real crops
+        smoked = json.loads((elsewhere / "smoke-gpu.json").read_text())
+        for part in ("train_loader", "image_pass"):
+            assert smoked[part]["rows"] == 5 and smoked[part]["failed"] == [], part
+        assert all(r["unreadable"] == 0 for r in smoked["image_pass"]["models"].values())
 
 
 SMOKE_OK = {
@@ -315,20 +316,48 @@ def test_the_submission_is_projected_from_the_timed_image_pass_where_it_ran():
     assert "vit_tiny (submission image pass): RuntimeError: boom" in smoke_failures(smoke)
 
 
-def test_the_image_pass_decodes_real_crops_with_every_fold_model(tmp_path, capsys):
+def test_real_crops_time_the_training_input_and_the_submission_pass(tmp_path, capsys):
     from utils.kaggle import smoke
 
     real = FIXTURES / "train-image-sample5.hdf5"
-    found = smoke.image_pass(
-        real, ["vit_tiny", "no_such_model"], 3, {"image_size": 32, "num_workers": 0}
-    )
-    tiny = found["models"]["vit_tiny"]
-    assert (found["rows"], tiny["rows"], tiny["devices"]) == (3, 3, 1)
-    assert tiny["fold_models"] == 5 and tiny["unreadable"] == 0 and tiny["images_per_s"] > 0
-    assert found["failed"] == ["no_such_model"]
-    summary = smoke.smoke_summary({"models": {}, "image_pass": found})
-    assert "submission image pass on 3 crops: vit_tiny " in summary
+    tiny = {"image_size": 32, "batch_size": 2, "num_workers": 0}
+    found = smoke.real_crops(real, ["vit_tiny", "no_such_model"], 3, tiny)
+    loader, passed = found["train_loader"], found["image_pass"]
+    # the training input: the training augmentation on the 3 decoded crops, in batches of 2
+    assert loader["rows"] == 3 and loader["models"]["vit_tiny"]["rows"] == 3
+    assert loader["models"]["vit_tiny"]["loader_images_per_s"] > 0
+    # the submission pass: every fold model over the same crops, none unreadable
+    model = passed["models"]["vit_tiny"]
+    assert (passed["rows"], model["rows"], model["devices"]) == (3, 3, 1)
+    assert model["fold_models"] == 5 and model["unreadable"] == 0 and model["images_per_s"] > 0
+    assert loader["failed"] == passed["failed"] == ["no_such_model"]
+    summary = smoke.smoke_summary({"models": {}, **found})
+    assert "training input on 3 real crops: vit_tiny " in summary
+    assert "submission image pass on 3 real crops: vit_tiny " in summary
     assert "no_such_model FAILED" in summary
+    failures = smoke.smoke_failures({"models": {}, "failed": [], **found})
+    assert [line.split(":")[0] for line in failures] == [
+        "no_such_model (training input)",
+        "no_such_model (submission image pass)",
+    ]
+
+
+def test_a_slow_training_input_caps_the_projected_training_rate():
+    from utils.kaggle import quota
+
+    gpu_only = quota.projection(["01_image_vit_tiny"], SMOKE_T4X2)[0]["01_image_vit_tiny"]
+    loader = {"rows": 4000, "models": {"vit_tiny": {"loader_images_per_s": 100.0}}}
+    hours, sources = quota.projection(["01_image_vit_tiny"], {**SMOKE_T4X2, "train_loader": loader})
+    # vit_tiny's GPU trains 200 img/s under DDP; its loader feeds 100: the training part doubles
+    train, predicted = 30 * 1257.6, 30 * 393 / 5 * 11 + 401_059 / 5
+    assert hours["01_image_vit_tiny"] == pytest.approx(5 * (train / 100 + predicted / 2000) / 3600)
+    assert hours["01_image_vit_tiny"] > gpu_only
+    assert sources["01_image_vit_tiny"] == (
+        "measured by the smoke kernel, DDP on 2 GPUs, training input on real crops"
+    )
+    fast = {"rows": 4000, "models": {"vit_tiny": {"loader_images_per_s": 5000.0}}}
+    hours, _ = quota.projection(["01_image_vit_tiny"], {**SMOKE_T4X2, "train_loader": fast})
+    assert hours["01_image_vit_tiny"] == pytest.approx(gpu_only)  # the GPU is the limit
 
 
 def test_the_run_checks_the_quota_at_the_smokes_rates(tmp_path, weights_dir):

@@ -6,7 +6,8 @@ Two sources, each labelled where it is printed:
   image model's training and inference images/s on Kaggle's GPUs (its DDP pass on every GPU
   when it ran, as the kernels run, else its one-GPU pass) turn the images a kernel processes
   (utils.image.budget.fold_images, on ISIC 2024's counts) into session hours. The smoke times
-  training steps on random images, not the JPEG decode and augmentation the CPUs feed them; the
+  training steps on random images and, apart, the training input on real crops (JPEG decode
+  and augmentation in the loader workers): a kernel trains at the slower of the two; the
   submission kernel is projected from the smoke's timed image pass on real crops (decode, every
   fold model, every GPU) when it ran for every model;
 - else a FLOP projection: `python -m bench.bench_training --gpus 2` (docs/benchmarks.md,
@@ -63,19 +64,37 @@ def smoke_rates(smoke: dict[str, Any] | None) -> dict[str, tuple[dict[str, Any],
         for name, r in ddp.get("models", {}).items():
             if "error" not in r:
                 found[name] = r, f"DDP on {ddp['world_size']} GPUs"
-    return {name: (r, where) for name, (r, where) in found.items() if "error" not in r}
+    loaders = (smoke.get("train_loader") or {}).get("models", {}) if smoke.get("gpus") else {}
+    return {
+        name: (r | _loader_rate(loaders.get(name)), where + _loader_note(loaders.get(name)))
+        for name, (r, where) in found.items()
+        if "error" not in r
+    }
+
+
+def _loader_note(loader: dict[str, Any] | None) -> str:
+    return ", training input on real crops" if _loader_rate(loader) else ""
+
+
+def _loader_rate(loader: dict[str, Any] | None) -> dict[str, float]:
+    """The training input's measured images/s on real crops, as a rate entry (none if absent)."""
+    if not loader or "error" in loader:
+        return {}
+    return {"loader_images_per_s": loader["loader_images_per_s"]}
 
 
 def image_kernel_seconds(model: str, rates: dict[str, Any]) -> float:
     """Session seconds of one image model's training kernel at measured rates: every fold's
-    training images at the training rate, its validation and OOF images at the inference
+    training images at the training rate (the GPU steps' rate, or the loader's on real crops
+    when that is slower: `loader_images_per_s`), its validation and OOF images at the inference
     rate (validated on the training label or the target, as cfg.validate_on says)."""
     cfg = image_config(model, "full")
     positives = POSITIVES[IMAGE_MODELS[model].label]
     validation_positives = positives if cfg.validate_on == "label" else ISIC_MALIGNANT
     images = fold_images(cfg, ISIC_ROWS, positives, validation_positives)
     predicted = images.validation + images.oof
-    per_fold = images.train / rates["train_images_per_s"] + predicted / rates["infer_images_per_s"]
+    train_rate = min(rates["train_images_per_s"], rates.get("loader_images_per_s", float("inf")))
+    per_fold = images.train / train_rate + predicted / rates["infer_images_per_s"]
     return cfg.n_folds * per_fold
 
 

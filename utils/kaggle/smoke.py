@@ -7,11 +7,13 @@ batch shared between the ranks). Images/s for training and inference per model a
 GPU memory, and any failure with its traceback, written as smoke-gpu.json.
 
 Random uint8 images stand in for the competition's JPEGs in those steps: they exercise CUDA,
-fp16 autocast, the scaler, NCCL and memory at full size. The submission kernel's image pass is
-then timed on real crops (`image_pass`: the competition's train-image.hdf5, the first PASS_ROWS
-ids): JPEG decode, eval transforms and every fold model on every visible GPU, exactly as
-04_inference runs it (utils.image.predict.predict_on_devices), with randomly initialised weights
-(the weights do not change the speed). On a CPU it runs tiny (the dry path the tests take), DDP as
+fp16 autocast, the scaler, NCCL and memory at full size. Then, on real crops (the competition's
+train-image.hdf5, the first PASS_ROWS ids): each model's training input (`train_loader`: JPEG
+decode and the training augmentation in the loader workers, the rate the CPUs can feed a
+training step), and the submission kernel's image pass (`image_pass`: decode, eval transforms and
+every fold model on every visible GPU, exactly as 04_inference runs it,
+utils.image.predict.predict_on_devices, with randomly initialised weights: the weights do not
+change the speed). On a CPU it runs tiny (the dry path the tests take), DDP as
 gloo ranks when asked for (`ddp_processes`).
 """
 
@@ -225,22 +227,52 @@ def pass_model(model_name: str, images: Any, ids: list[str], **overrides: Any) -
     }
 
 
-def image_pass(
+def loader_model(model_name: str, images: Any, ids: list[str], **overrides: Any) -> dict[str, Any]:
+    """One image model's training input on real crops: its training augmentation at its full
+    image size, batch size and loader workers, as a training epoch feeds the GPU (ImageDataset,
+    make_loader); the images/s the CPUs deliver, which caps the training rate whatever the GPU."""
+    import numpy as np
+
+    from utils.image.data import ImageDataset, train_transforms
+    from utils.image.predict import make_loader
+    from utils.settings import image_config
+
+    cfg = image_config(model_name, "full", **overrides)
+    dataset = ImageDataset(images, ids, np.zeros(len(ids)), train_transforms(cfg.image_size))
+    dataset.seed = cfg.seed
+    start, seen = time.perf_counter(), 0
+    for batch in make_loader(dataset, cfg.batch_size, cfg.num_workers):
+        seen += len(batch["index"])
+    seconds = time.perf_counter() - start
+    return {
+        "rows": seen,
+        "image_size": cfg.image_size,
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.num_workers,
+        "loader_images_per_s": round(seen / max(seconds, 1e-9), 1),
+    }
+
+
+def real_crops(
     images_path: str | Path, names: list[str], rows: int, overrides: dict[str, Any]
 ) -> dict[str, Any]:
-    """Each model's submission image pass on the first `rows` crops of `images_path`."""
+    """Each model's training input (`train_loader`) and submission image pass (`image_pass`) on
+    the first `rows` crops of `images_path`."""
     from utils.io import HDF5Images
 
     images = HDF5Images(images_path)
     ids = sorted(images)[:rows]
-    result: dict[str, Any] = {"images": str(images_path), "rows": len(ids), "models": {}}
-    for name in names:
-        try:
-            result["models"][name] = pass_model(name, images, ids, **overrides)
-        except Exception as err:  # every model is tried; the failure is the finding
-            result["models"][name] = _failure(err)
-    result["failed"] = sorted(n for n, r in result["models"].items() if "error" in r)
-    return result
+    found: dict[str, Any] = {}
+    for part, measure in (("train_loader", loader_model), ("image_pass", pass_model)):
+        result: dict[str, Any] = {"images": str(images_path), "rows": len(ids), "models": {}}
+        for name in names:
+            try:
+                result["models"][name] = measure(name, images, ids, **overrides)
+            except Exception as err:  # every model is tried; the failure is the finding
+                result["models"][name] = _failure(err)
+        result["failed"] = sorted(n for n, r in result["models"].items() if "error" in r)
+        found[part] = result
+    return found
 
 
 def run_smoke(
@@ -281,7 +313,7 @@ def run_smoke(
         result["ddp"] = smoke_ddp(names, ddp_processes, kind, steps or TRAIN_STEPS, overrides)
     if images is not None:
         rows = PASS_ROWS if cuda else 8
-        result["image_pass"] = image_pass(images, names, rows, overrides)
+        result |= real_crops(images, names, rows, overrides)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SMOKE_FILE
@@ -306,11 +338,15 @@ def smoke_failures(smoke: dict[str, Any] | None) -> list[str]:
     ddp = smoke.get("ddp") or {}
     where = f"DDP on {ddp.get('world_size')} {'GPUs' if ddp.get('device') == 'cuda' else 'ranks'}"
     lines += [f"{name} ({where}): {ddp['models'][name]['error']}" for name in ddp.get("failed", [])]
-    passes = smoke.get("image_pass") or {}
-    lines += [
-        f"{name} (submission image pass): {passes['models'][name]['error']}"
-        for name in passes.get("failed", [])
-    ]
+    for part, where in (
+        ("train_loader", "training input"),
+        ("image_pass", "submission image pass"),
+    ):
+        found = smoke.get(part) or {}
+        lines += [
+            f"{name} ({where}): {found['models'][name]['error']}"
+            for name in found.get("failed", [])
+        ]
     return lines
 
 
@@ -333,11 +369,15 @@ def smoke_summary(smoke: dict[str, Any]) -> str:
     if ddp:
         parts = "; ".join(_model_summary(n, r) for n, r in ddp.get("models", {}).items())
         text += f" | DDP x{ddp['world_size']} ({ddp['backend']}): {parts or 'no models'}"
-    passes = smoke.get("image_pass")
-    if passes:
-        parts = "; ".join(
-            f"{n} FAILED ({r['error']})" if "error" in r else f"{n} {r['images_per_s']:g} img/s"
-            for n, r in passes.get("models", {}).items()
-        )
-        text += f" | submission image pass on {passes['rows']} crops: {parts or 'no models'}"
+    for part, key, what in (
+        ("train_loader", "loader_images_per_s", "training input"),
+        ("image_pass", "images_per_s", "submission image pass"),
+    ):
+        found = smoke.get(part)
+        if found:
+            parts = "; ".join(
+                f"{n} FAILED ({r['error']})" if "error" in r else f"{n} {r[key]:g} img/s"
+                for n, r in found.get("models", {}).items()
+            )
+            text += f" | {what} on {found['rows']} real crops: {parts or 'no models'}"
     return text or "no models"

@@ -147,7 +147,8 @@ class KernelSteps:
             self.say("probe", "  compare both images with requirements-kaggle.txt (printed here)")
             self.say(
                 "probe",
-                "  GPU smoke in 00_probe_gpu: every image model on one GPU, then DDP on every GPU; "
+                "  GPU smoke in 00_probe_gpu: every image model on one GPU, then DDP on every GPU, "
+                "then its training input and the submission's image pass on 4,000 real crops; "
                 "a failure refuses the image step, its rates replace the FLOP projection",
             )
             return

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,33 +49,12 @@ from utils.tabular.libraries import GBDT_MODELS  # noqa: E402
 
 
 def ablation(
-    data_dir: str | Path,
-    seeds: Sequence[int] = (0, 1, 2),
-    candidates: Sequence[str] = CANDIDATES,
-    bag_seeds: int = 3,
-    preset: str = "full",
-    threads: int | None = None,
-    member_names: Sequence[str] = tuple(GBDT_MODELS),
-    verbose: bool = True,
-    gbdt_overrides: Mapping[str, Any] | None = None,
-    image_oof_dirs: Sequence[str | Path] = (),
+    data_dir: str | Path, *args: Any, image_oof_dirs: Sequence[str | Path] = (), **kwargs: Any
 ) -> tuple[pl.DataFrame, list[str]]:
-    """utils.tabular.ablation.ablation, its stand-ins drawn from `<data_dir>-truth.csv` when no
-    image OOF dirs are given."""
+    """utils.tabular.ablation.ablation (same arguments), its stand-ins drawn from
+    `<data_dir>-truth.csv` when no image OOF dirs are given."""
     truth = None if image_oof_dirs else default_truth_path(data_dir)
-    return core.ablation(
-        data_dir,
-        seeds,
-        candidates,
-        bag_seeds,
-        preset,
-        threads,
-        member_names,
-        verbose,
-        gbdt_overrides,
-        image_oof_dirs,
-        truth,
-    )
+    return core.ablation(data_dir, *args, image_oof_dirs=image_oof_dirs, truth_path=truth, **kwargs)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

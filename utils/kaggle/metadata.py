@@ -312,21 +312,30 @@ def _ref_problems(what: str, ref: Any, lo: int, hi: int) -> list[str]:
     return problems + _slug_problems(what, slug, lo, hi)
 
 
+def _id_and_title_problems(kind: str, meta: dict[str, Any], shortest: int) -> list[str]:
+    """The id's and the title's rules (a kernel's or dataset's): both `shortest`..50 characters,
+    and the title slugifies to the id's slug (Kaggle derives the URL from the title, so another
+    slug would not be found)."""
+    from slugify import slugify
+
+    problems = _ref_problems(f"{kind} id", meta["id"], shortest, 50)
+    title = meta["title"]
+    if not isinstance(title, str) or not shortest <= len(title) <= 50:
+        problems.append(f"title {title!r} must be a string of {shortest}..50 characters")
+    elif not problems and slugify(title) != split_ref(meta["id"])[1]:
+        problems.append(f"title {title!r} slugifies to {slugify(title)!r}, not the id's slug")
+    return problems
+
+
 def kernel_problems(
     meta: dict[str, Any], source: str, known_datasets: set[str], submission: bool
 ) -> list[str]:
     """Every rule a kernel-metadata.json breaks (empty when it is valid)."""
-    from slugify import slugify
 
     missing = [key for key in KERNEL_REQUIRED if key not in meta]
     if missing:
         return [f"{source}: missing required field(s) {missing}"]
-    problems = _ref_problems("kernel id", meta["id"], 5, 50)
-    title = meta["title"]
-    if not isinstance(title, str) or not 5 <= len(title) <= 50:
-        problems.append(f"title {title!r} must be a string of 5..50 characters")
-    elif not problems and slugify(title) != split_ref(meta["id"])[1]:
-        problems.append(f"title {title!r} slugifies to {slugify(title)!r}, not the id's slug")
+    problems = _id_and_title_problems("kernel", meta, 5)
     if meta["language"] != "python":
         problems.append(f"language must be 'python', got {meta['language']!r}")
     if meta["kernel_type"] != "notebook":
@@ -362,18 +371,11 @@ def kernel_problems(
 
 def dataset_problems(meta: dict[str, Any], source: str) -> list[str]:
     """Every rule a dataset-metadata.json breaks for `kaggle datasets create`."""
-    from slugify import slugify
 
     missing = [key for key in ("id", "title", "licenses") if key not in meta]
     if missing:
         return [f"{source}: missing required field(s) {missing}"]
-    problems = _ref_problems("dataset id", meta["id"], 6, 50)
-    title = meta["title"]
-    if not isinstance(title, str) or not 6 <= len(title) <= 50:
-        problems.append(f"title {title!r} must be a string of 6..50 characters")
-    elif not problems and slugify(title) != split_ref(meta["id"])[1]:
-        # Kaggle derives a new dataset's URL from its title: the id's slug would not be found
-        problems.append(f"title {title!r} slugifies to {slugify(title)!r}, not the id's slug")
+    problems = _id_and_title_problems("dataset", meta, 6)
     if "INSERT_" in json.dumps(meta):
         problems.append("still holds a kaggle-init placeholder (INSERT_...)")
     licenses = meta["licenses"]

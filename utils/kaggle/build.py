@@ -3,8 +3,7 @@
 What each kernel and dataset declares (and its rules) is utils.kaggle.metadata; how a notebook
 becomes self-contained is utils.kaggle.embed; what runs inside a kernel (library checks, input
 paths) is utils.kaggle.input. This module re-exports the names the workflow and tests use.
-Commands (the
-README's "Kaggle workflow" walks through them):
+Commands (the README's "Kaggle workflow" walks through them):
     python -m utils.kaggle.build validate [--built build/kernels]
     python -m utils.kaggle.build build [--owner NAME] [--out build/kernels] [--tuned]
     python -m utils.kaggle.build dry-run [--out build/kernels]
@@ -79,15 +78,13 @@ from utils.kaggle.metadata import (
 from utils.settings import RECIPES
 
 
-def kaggle_config_user() -> str | None:
-    """User name from the kaggle client's own configuration (KAGGLE_USERNAME, then kaggle.json)."""
-    api = _kaggle_api()
-    return api.read_config_environment(api.read_config_file(quiet=True)).get(api.CONFIG_NAME_USER)
-
-
 def resolve_owner(owner: str | None) -> str:
-    """--owner, else the kaggle client's configured user; never a silent default account."""
-    owner = owner or kaggle_config_user()
+    """--owner, else the user name of the kaggle client's own configuration (KAGGLE_USERNAME,
+    then kaggle.json); never a silent default account."""
+    if not owner:
+        api = kaggle_api()
+        config = api.read_config_environment(api.read_config_file(quiet=True))
+        owner = config.get(api.CONFIG_NAME_USER)
     if not owner:
         raise KaggleBuildError(
             "no Kaggle user name: pass --owner NAME, or set KAGGLE_USERNAME, or put your API "
@@ -95,6 +92,14 @@ def resolve_owner(owner: str | None) -> str:
             "dataset ids start with it."
         )
     return owner
+
+
+def fresh_dir(path: Path) -> Path:
+    """`path` as a new empty folder (whatever was there removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
 
 
 def build_kernel(
@@ -121,10 +126,7 @@ def build_kernel(
     nb = build_notebook(
         notebooks_dir / meta["code_file"], parameters, archive, owner, skip_version_check
     )
-    target = out_dir / folder.name
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
+    target = fresh_dir(out_dir / folder.name)
     nbformat.write(nb, target / meta["code_file"])
     (target / KERNEL_METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return target
@@ -212,10 +214,7 @@ def build_dataset(
         raise KaggleBuildError(f"{source_dir}: missing {missing} for dataset {slug!r}")
     meta = read_json(DATASETS_DIR / slug / DATASET_METADATA)
     meta["id"] = f"{resolve_owner(owner)}/{slug}"
-    target = out_dir / slug
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
+    target = fresh_dir(out_dir / slug)
     for name in DATASET_CONTENTS[slug]:
         src = source_dir / name
         if src.is_dir():
@@ -245,8 +244,9 @@ def download_weights(out_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------- offline dry run of the client
 
 
-def _kaggle_api() -> Any:
-    """The installed kaggle client's KaggleApi (its import-time auth chatter silenced)."""
+def kaggle_api() -> Any:
+    """The installed kaggle client's KaggleApi, not authenticated (its import-time chatter
+    silenced; `import kaggle` would authenticate at import and exit without credentials)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         from kaggle.api.kaggle_api_extended import KaggleApi
     return KaggleApi()
@@ -257,16 +257,14 @@ class _CapturingClient:
 
     def __init__(self) -> None:
         self.requests: list[Any] = []
-        ok = SimpleNamespace(error=None, invalidTags=[], versionNumber=1, url="dry-run")
         self.kernels = SimpleNamespace(kernels_api_client=SimpleNamespace(save_kernel=self._keep))
         self.datasets = SimpleNamespace(
             dataset_api_client=SimpleNamespace(create_dataset=self._keep)
         )
-        self._response = ok
 
     def _keep(self, request: Any) -> Any:
         self.requests.append(request)
-        return self._response
+        return SimpleNamespace(error=None, invalidTags=[], versionNumber=1, url="dry-run")
 
     def __enter__(self) -> _CapturingClient:
         return self
@@ -277,7 +275,7 @@ class _CapturingClient:
 
 def dry_run_push(folder: Path) -> Any:
     """Run the real `kaggle kernels push` on folder with the network call captured; the request."""
-    api, client = _kaggle_api(), _CapturingClient()
+    api, client = kaggle_api(), _CapturingClient()
     api.build_kaggle_client = lambda: client
     with contextlib.redirect_stdout(io.StringIO()) as said:
         api.kernels_push(str(folder))
@@ -290,7 +288,7 @@ def dry_run_dataset_create(folder: Path) -> tuple[Any, list[Any]]:
     """Run the real `kaggle datasets create` on folder offline; (request, resources uploaded)."""
     from requests import HTTPError
 
-    api, client = _kaggle_api(), _CapturingClient()
+    api, client = kaggle_api(), _CapturingClient()
     owner = split_ref(read_json(folder / DATASET_METADATA)["id"])[0]
     api.config_values = {**getattr(api, "config_values", {}), api.CONFIG_NAME_USER: owner}
     api.build_kaggle_client = lambda: client

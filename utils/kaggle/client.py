@@ -3,8 +3,6 @@ package's KaggleApi, and the offline client the plan (--dry-run) answers with.""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,21 +36,14 @@ class KaggleClient(Protocol):
 # ---------------------------------------------------------------- the real client
 
 
-def kaggle_api() -> Any:
-    """An authenticated KaggleApi (its import-time chatter silenced; `import kaggle` would
-    authenticate at import and exit without credentials)."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        from kaggle.api.kaggle_api_extended import KaggleApi
-    api = KaggleApi()
-    api.authenticate()
-    return api
-
-
 class KaggleApiClient:
     """KaggleClient over the installed kaggle package's KaggleApi (the CLI's own calls)."""
 
     def __init__(self, api: Any | None = None) -> None:
-        self.api = api if api is not None else kaggle_api()
+        if api is None:
+            api = kb.kaggle_api()
+            api.authenticate()
+        self.api = api
 
     def push_kernel(self, folder: Path) -> int:
         """`kaggle kernels push -p folder`: the new version number."""

@@ -4,7 +4,6 @@ until Kaggle reports it ready; a 403 while processing is a wait, never a second 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,10 +111,7 @@ class DatasetSteps:
                     f"`python -m utils.kaggle.build weights --out {source}` first (needs internet)"
                 )
         else:
-            source = self.opts.work_dir / "staging" / slug
-            if source.exists():
-                shutil.rmtree(source)
-            source.mkdir(parents=True)
+            source = kb.fresh_dir(self.opts.work_dir / "staging" / slug)
             for name in kb.DATASET_CONTENTS[slug]:
                 produced = self.opts.work_dir / "outputs" / PRODUCER[name] / name
                 (source / name).symlink_to(produced.resolve(), produced.is_dir())

@@ -5,7 +5,6 @@ push once more after a mount race; the quota check and the probe report before t
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -356,11 +355,8 @@ class KernelSteps:
 
     def collect(self, step: Step, kernel: str, record: dict[str, Any]) -> None:
         """Download a completed kernel's output; record the checksums of what it produced."""
-        dest = self.opts.work_dir / "outputs" / kernel
+        dest = kb.fresh_dir(self.opts.work_dir / "outputs" / kernel)
         name = PRODUCES[kernel]
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
         self.client.kernel_output(record["ref"], record["version"], dest)
         if not (dest / name).exists():
             found = sorted(p.name for p in dest.iterdir())

@@ -17,7 +17,6 @@ from utils.layout import BEST_PARAMS_FILE
 from utils.settings import IMAGE_MODELS as IMAGE_MODEL_REGISTRY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-UTILS_DIR = REPO_ROOT / "utils"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 KERNELS_DIR = REPO_ROOT / "kernels"
 DATASETS_DIR = KERNELS_DIR / "datasets"
@@ -27,7 +26,6 @@ DEFAULT_DATASET_BUILD_DIR = REPO_ROOT / "build" / "datasets"
 
 KERNEL_METADATA = "kernel-metadata.json"
 DATASET_METADATA = "dataset-metadata.json"
-DEFAULT_OWNER = "fusionnetx"
 COMPETITION = "isic-2024-challenge"
 GPU_SHAPE = "NvidiaTeslaT4"
 SUBMISSION_KERNEL = "04_inference"
@@ -58,51 +56,18 @@ PUBLIC_DATASETS: dict[str, str] = {}
 # From the kaggle client (kernels_push, _validate_slug_syntax) and Kaggle's dataset docs.
 SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 OWNER_RE = re.compile(r"^[a-z0-9]+(?:[_-][a-z0-9]+)*$")
-KAGGLE_LICENSES = frozenset(
-    [
-        "CC0-1.0",
-        "CC-BY-SA-3.0",
-        "CC-BY-SA-4.0",
-        "CC-BY-NC-SA-4.0",
-        "GPL-2.0",
-        "ODbL-1.0",
-        "DbCL-1.0",
-        "copyright-authors",
-        "other",
-        "unknown",
-        "CC-BY-4.0",
-        "CC-BY-NC-4.0",
-        "PDDL",
-        "CC-BY-3.0",
-        "CC-BY-3.0-IGO",
-        "US-Government-Works",
-        "CC-BY-NC-SA-3.0-IGO",
-        "CDLA-Permissive-1.0",
-        "CDLA-Sharing-1.0",
-        "CC-BY-ND-4.0",
-        "CC-BY-NC-ND-4.0",
-        "ODC-BY-1.0",
-        "LGPL-3.0",
-        "AGPL-3.0",
-        "FDL-1.3",
-        "EU-ODP-Legal-Notice",
-        "apache-2.0",
-        "GPL-3.0",
-    ]
-)
+KAGGLE_LICENSES = frozenset({
+    "CC0-1.0", "CC-BY-SA-3.0", "CC-BY-SA-4.0", "CC-BY-NC-SA-4.0", "GPL-2.0", "ODbL-1.0", "DbCL-1.0",
+    "copyright-authors", "other", "unknown", "CC-BY-4.0", "CC-BY-NC-4.0", "PDDL", "CC-BY-3.0",
+    "CC-BY-3.0-IGO", "US-Government-Works", "CC-BY-NC-SA-3.0-IGO", "CDLA-Permissive-1.0",
+    "CDLA-Sharing-1.0", "CC-BY-ND-4.0", "CC-BY-NC-ND-4.0", "ODC-BY-1.0", "LGPL-3.0", "AGPL-3.0",
+    "FDL-1.3", "EU-ODP-Legal-Notice", "apache-2.0", "GPL-3.0",
+})  # fmt: skip
 RETIRED_SHAPES = frozenset({"NvidiaTeslaP100", "TpuV38", "Tpu1VmV38"})
 KERNEL_REQUIRED = (
-    "id",
-    "title",
-    "code_file",
-    "language",
-    "kernel_type",
-    "is_private",
-    "enable_gpu",
-    "enable_internet",
-    "competition_sources",
-    "dataset_sources",
-)
+    "id", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu",
+    "enable_internet", "competition_sources", "dataset_sources",
+)  # fmt: skip
 
 
 class KaggleBuildError(ValueError):
@@ -119,6 +84,7 @@ class InputPath:
     slug: str
     name: str
     parent: bool = False
+    helper = "input_path"  # the run-time function its expression calls (utils.kaggle.input)
 
     def render(self, owner: str | None = None) -> str:
         """Python expression evaluated in the kernel (`owner` picks among same-slug mounts)."""
@@ -126,33 +92,34 @@ class InputPath:
         expr = f"input_path({args})"
         return f"str({expr}.parent)" if self.parent else f"str({expr})"
 
+    def slugs(self) -> set[str]:
+        """The input slugs it reads."""
+        return {self.slug}
+
 
 @dataclass(frozen=True)
 class LinkedInputs:
     """A parameter that is one folder joining named subfolders of several inputs."""
 
     sources: tuple[tuple[str, str], ...]
+    helper = "link_inputs"
 
     def render(self, owner: str | None = None) -> str:
         """Python expression evaluated in the kernel."""
         extra = f", owner={owner!r}" if owner else ""
         return f"str(link_inputs({dict(self.sources)!r}{extra}))"
 
+    def slugs(self) -> set[str]:
+        """The input slugs it reads."""
+        return {slug for _, slug in self.sources}
+
 
 COMPETITION_DATA = InputPath(COMPETITION, "train-metadata.csv", parent=True)
 IMAGE_OOF_DIRS = [InputPath(IMAGE_DATASET, name) for name in IMAGE_MODELS]
-
-
-def _image_parameters(model: str) -> dict[str, Any]:
-    """Kaggle parameters of one image-model kernel."""
-    return {
-        "data_dir": COMPETITION_DATA,
-        "output_dir": KAGGLE_WORKING,
-        "preset": "full",
-        "weights_path": InputPath(WEIGHTS_DATASET, f"{IMAGE_BACKBONES[model]}.pth"),
-        "num_workers": 4,
-    }
-
+# What every stage kernel reads first (the probes take none of it).
+STAGE_PARAMETERS = {"data_dir": COMPETITION_DATA, "output_dir": KAGGLE_WORKING, "preset": "full"}
+# The tuning and GBDT kernels; `build --recipe` replaces the recipe.
+TABULAR_PARAMETERS = {**STAGE_PARAMETERS, "recipe": "paper", "image_oof_dirs": IMAGE_OOF_DIRS}
 
 # The probe kernels: what Kaggle's CPU and GPU images offer (utils.kaggle.probe).
 PROBE_KERNELS = ("00_probe_cpu", "00_probe_gpu")
@@ -162,31 +129,20 @@ KAGGLE_PARAMETERS: dict[str, dict[str, Any]] = {
         kernel: {"output_dir": KAGGLE_WORKING, "image": kernel.rsplit("_", 1)[1]}
         for kernel in PROBE_KERNELS
     },
-    **{f"01_image_{model}": _image_parameters(model) for model in IMAGE_MODELS},
-    "02_tune_gbdt": {
-        "data_dir": COMPETITION_DATA,
-        "output_dir": KAGGLE_WORKING,
-        "preset": "full",
-        "recipe": "paper",  # `build --recipe` replaces it
-        "image_oof_dirs": IMAGE_OOF_DIRS,
+    **{
+        f"01_image_{model}": {
+            **STAGE_PARAMETERS,
+            "weights_path": InputPath(WEIGHTS_DATASET, f"{IMAGE_BACKBONES[model]}.pth"),
+            "num_workers": 4,
+        }
+        for model in IMAGE_MODELS
     },
-    "03_gbdt": {
-        "data_dir": COMPETITION_DATA,
-        "output_dir": KAGGLE_WORKING,
-        "preset": "full",
-        "recipe": "paper",  # `build --recipe` replaces it
-        "image_oof_dirs": IMAGE_OOF_DIRS,
-    },
-    ABLATION_KERNEL: {
-        "data_dir": COMPETITION_DATA,
-        "output_dir": KAGGLE_WORKING,
-        "preset": "full",
-        "image_oof_dirs": IMAGE_OOF_DIRS,
-    },
+    "02_tune_gbdt": dict(TABULAR_PARAMETERS),
+    "03_gbdt": dict(TABULAR_PARAMETERS),
+    ABLATION_KERNEL: {**STAGE_PARAMETERS, "image_oof_dirs": IMAGE_OOF_DIRS},
     SUBMISSION_KERNEL: {
+        **STAGE_PARAMETERS,
         "data_dir": InputPath(COMPETITION, "test-metadata.csv", parent=True),
-        "output_dir": KAGGLE_WORKING,
-        "preset": "full",
         "artifacts_dir": LinkedInputs(
             tuple((name, IMAGE_DATASET) for name in IMAGE_MODELS) + (("gbdt", GBDT_DATASET),)
         ),
@@ -215,32 +171,17 @@ def render_value(value: Any, owner: str | None = None) -> str:
     return repr(value)
 
 
-def _input_slugs(value: Any) -> set[str]:
-    """Every input slug a parameter value reads."""
-    if isinstance(value, InputPath):
-        return {value.slug}
-    if isinstance(value, LinkedInputs):
-        return {slug for _, slug in value.sources}
+def _inputs(value: Any) -> list[InputPath | LinkedInputs]:
+    """The inputs a parameter value reads (a list's, each of its items')."""
     if isinstance(value, list):
-        return set().union(*(_input_slugs(v) for v in value))
-    return set()
-
-
-def _helpers(value: Any) -> set[str]:
-    """Run-time helper functions a parameter value's expression calls."""
-    if isinstance(value, InputPath):
-        return {"input_path"}
-    if isinstance(value, LinkedInputs):
-        return {"link_inputs"}
-    if isinstance(value, list):
-        return set().union(*(_helpers(v) for v in value))
-    return set()
+        return [found for item in value for found in _inputs(item)]
+    return [value] if isinstance(value, InputPath | LinkedInputs) else []
 
 
 def injected_source(parameters: dict[str, Any], owner: str | None = None) -> str:
     """Source of the cell that sets Kaggle parameters after the notebook's `parameters` cell."""
     lines = ["# Kaggle parameters, injected by `python -m utils.kaggle.build build`"]
-    helpers = sorted(set().union(*(_helpers(v) for v in parameters.values())))
+    helpers = sorted({found.helper for found in _inputs(list(parameters.values()))})
     if helpers:
         lines.append(f"from utils.kaggle.input import {', '.join(helpers)}")
     lines += [f"{key} = {render_value(value, owner)}" for key, value in parameters.items()]
@@ -292,24 +233,19 @@ def split_ref(ref: Any) -> tuple[str, str]:
 # ---------------------------------------------------------------- validation
 
 
-def _slug_problems(what: str, slug: str, lo: int, hi: int) -> list[str]:
-    """Kaggle's slug rules: lowercase alphanumerics and single inner hyphens, lo..hi chars."""
-    problems = []
-    if not SLUG_RE.match(slug):
-        problems.append(f"{what} slug {slug!r} must match {SLUG_RE.pattern}")
-    if not lo <= len(slug) <= hi:
-        problems.append(f"{what} slug {slug!r} must be {lo}..{hi} characters")
-    return problems
-
-
 def _ref_problems(what: str, ref: Any, lo: int, hi: int) -> list[str]:
-    """Problems of an 'owner/slug' id."""
+    """Problems of an 'owner/slug' id; Kaggle's slug rules: lowercase alphanumerics and single
+    inner hyphens, lo..hi chars."""
     try:
         owner, slug = split_ref(ref)
     except KaggleBuildError as err:
         return [f"{what}: {err}"]
     problems = [] if OWNER_RE.match(owner) else [f"{what} owner {owner!r} is not a Kaggle name"]
-    return problems + _slug_problems(what, slug, lo, hi)
+    if not SLUG_RE.match(slug):
+        problems.append(f"{what} slug {slug!r} must match {SLUG_RE.pattern}")
+    if not lo <= len(slug) <= hi:
+        problems.append(f"{what} slug {slug!r} must be {lo}..{hi} characters")
+    return problems
 
 
 def _id_and_title_problems(kind: str, meta: dict[str, Any], shortest: int) -> list[str]:
@@ -434,7 +370,8 @@ def validate(
             continue
         sources = {split_ref(r)[1] for r in meta.get("dataset_sources", []) if "/" in str(r)}
         sources |= set(meta.get("competition_sources", []))
-        for slug in sorted(set().union(*map(_input_slugs, params.values())) - sources):
+        read = {slug for found in _inputs(list(params.values())) for slug in found.slugs()}
+        for slug in sorted(read - sources):
             problems.append(f"{path}: parameters read input {slug!r}, not in its sources")
         if built_dir is not None:
             problems += _built_problems(built_dir / folder.name, meta)

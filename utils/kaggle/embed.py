@@ -38,8 +38,9 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
-def _imported_modules(source: str, package: str) -> set[str]:
-    """Every `utils` module a piece of source imports (in functions too; relative resolved)."""
+def _imported_modules(source: str, package: str = "utils") -> set[str]:
+    """Every module a piece of source imports, in functions too (`from a import b`: a and a.b;
+    relative imports resolved in `package`)."""
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -51,7 +52,7 @@ def _imported_modules(source: str, package: str) -> set[str]:
                 base = ".".join([*parent, base] if base else parent)
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names}
-    return {m for m in found if m == "utils" or m.startswith("utils.")}
+    return found
 
 
 def kernel_modules(sources: list[str], root: Path = REPO_ROOT) -> list[Path]:
@@ -61,6 +62,8 @@ def kernel_modules(sources: list[str], root: Path = REPO_ROOT) -> list[Path]:
     while todo:
         source, package = todo.pop()
         for module in _imported_modules(source, package):
+            if module.split(".")[0] != "utils":
+                continue
             parts = module.split(".")
             for depth in range(1, len(parts) + 1):
                 path = _module_file(".".join(parts[:depth]), root)
@@ -92,24 +95,13 @@ def utils_archive(files: list[Path] | None = None, root: Path = REPO_ROOT) -> by
     return buf.getvalue()
 
 
-def third_party_imports(source: str) -> set[str]:
-    """Top-level names of every module a piece of source imports (in functions too)."""
-    names = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
 def kernel_libraries(archive: bytes, code: list[str]) -> list[str]:
     """The checked libraries (input.MIN_VERSIONS) that a kernel's embedded modules or its own
     cells import: the only ones its version check looks at."""
     sources = list(code)
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
         sources += [zf.read(name).decode("utf-8") for name in zf.namelist()]
-    imported = set().union(*(third_party_imports(s) for s in sources if s.strip()))
+    imported = {m.split(".")[0] for s in sources if s.strip() for m in _imported_modules(s)}
     found = {IMPORT_NAMES[name] for name in imported if name in IMPORT_NAMES}
     return [lib for lib in MIN_VERSIONS if lib in found]
 

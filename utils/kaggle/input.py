@@ -46,28 +46,15 @@ MIN_VERSIONS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-# The import name of each library, to tell from a module's source which libraries it needs.
-IMPORT_NAMES: dict[str, str] = {
-    "torch": "torch",
-    "torchvision": "torchvision",
-    "timm": "timm",
-    "albumentations": "albumentations",
-    "cv2": "opencv",
-    "numpy": "numpy",
-    "polars": "polars",
-    "pandas": "pandas",
-    "h5py": "h5py",
-    "PIL": "pillow",
-    "scipy": "scipy",
-    "sklearn": "scikit-learn",
-    "imblearn": "imbalanced-learn",
-    "lightgbm": "lightgbm",
-    "catboost": "catboost",
-    "xgboost": "xgboost",
-    "optuna": "optuna",
-    "matplotlib": "matplotlib",
-    "tqdm": "tqdm",
+# The import name of each library, to tell from a module's source which libraries it needs: its
+# own name but for these.
+IMPORTED_AS = {
+    "opencv": "cv2",
+    "pillow": "PIL",
+    "scikit-learn": "sklearn",
+    "imbalanced-learn": "imblearn",
 }
+IMPORT_NAMES: dict[str, str] = {IMPORTED_AS.get(lib, lib): lib for lib in MIN_VERSIONS}
 
 # Versions known not to work with the suite: library -> (first version that works, why). Only
 # these stop a kernel; any other difference from the tested pins is a warning, because a pin
@@ -83,10 +70,7 @@ KNOWN_INCOMPATIBLE: dict[str, tuple[str, str]] = {
         "torch.amp.GradScaler(device) used by utils.image.train does not exist "
         "(only torch.cuda.amp.GradScaler)",
     ),
-    "polars": (
-        "0.19.0",
-        "DataFrame.group_by, used throughout, was still called groupby",
-    ),
+    "polars": ("0.19.0", "DataFrame.group_by, used throughout, was still called groupby"),
 }
 
 

@@ -19,6 +19,7 @@ gloo ranks when asked for (`ddp_processes`).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import traceback
@@ -99,6 +100,11 @@ def smoke_model(model_name: str, device: Any, steps: int, **overrides: Any) -> d
     net = to_device(build_model(cfg), device)
     train_rate, infer_rate = _rates(cfg, net, net, device, cfg.batch_size, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    return _smoked(cfg, train_rate, infer_rate, peak)
+
+
+def _smoked(cfg: Any, train_rate: float, infer_rate: float, peak: float | None) -> dict[str, Any]:
+    """A model's smoke result: its config's sizes, its images/s, its peak GPU memory (GiB)."""
     return {
         "image_size": cfg.image_size,
         "batch_size": cfg.batch_size,
@@ -138,13 +144,7 @@ def ddp_rank(model_name: str, steps: int, overrides: dict[str, Any]) -> dict[str
     train_rate, infer_rate = _rates(cfg, net, with_ddp(net, group), device, hi - lo, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
     trains, infers, peaks = zip(*group.all_gather((train_rate, infer_rate, peak)), strict=True)
-    return {
-        "image_size": cfg.image_size,
-        "batch_size": cfg.batch_size,
-        "train_images_per_s": round(sum(trains), 1),
-        "infer_images_per_s": round(sum(infers), 1),
-        "peak_gpu_memory_gib": round(max(peaks), 2) if cuda else None,
-    }
+    return _smoked(cfg, sum(trains), sum(infers), max(peaks) if cuda else None)
 
 
 def _failure(err: BaseException) -> dict[str, str]:
@@ -155,6 +155,20 @@ def _failure(err: BaseException) -> dict[str, str]:
     return {"error": f"{type(err).__name__}: {line}", "traceback": traceback.format_exc()}
 
 
+def _each_model(names: list[str], measure: Any, tidy: Any = None) -> dict[str, Any]:
+    """{"models": name -> measure(name) or its failure, "failed": the names that failed}; every
+    model is tried, the failure is the finding (`tidy()` runs after each)."""
+    models: dict[str, Any] = {}
+    for name in names:
+        try:
+            models[name] = measure(name)
+        except Exception as err:
+            models[name] = _failure(err)
+        if tidy is not None:
+            tidy()
+    return {"models": models, "failed": sorted(n for n, r in models.items() if "error" in r)}
+
+
 def smoke_ddp(
     names: list[str], processes: int, device_type: str, steps: int, overrides: dict[str, Any]
 ) -> dict[str, Any]:
@@ -162,21 +176,16 @@ def smoke_ddp(
     launch per model so one model's failure stops only its own ranks."""
     from utils.image import distributed
 
-    result: dict[str, Any] = {
+    def ranks(name: str) -> dict[str, Any]:
+        args = (name, steps, overrides)
+        return distributed.launch(ddp_rank, args, processes, device_type, DDP_TIMEOUT_S)
+
+    return {
         "world_size": processes,
         "device": device_type,
         "backend": "nccl" if device_type == "cuda" else "gloo",
-        "models": {},
+        **_each_model(names, ranks),
     }
-    for name in names:
-        try:
-            result["models"][name] = distributed.launch(
-                ddp_rank, (name, steps, overrides), processes, device_type, DDP_TIMEOUT_S
-            )
-        except Exception as err:  # every model is tried; the failure is the finding
-            result["models"][name] = _failure(err)
-    result["failed"] = sorted(n for n, r in result["models"].items() if "error" in r)
-    return result
 
 
 def competition_images() -> Path | None:
@@ -264,14 +273,8 @@ def real_crops(
     ids = sorted(images)[:rows]
     found: dict[str, Any] = {}
     for part, measure in (("train_loader", loader_model), ("image_pass", pass_model)):
-        result: dict[str, Any] = {"images": str(images_path), "rows": len(ids), "models": {}}
-        for name in names:
-            try:
-                result["models"][name] = measure(name, images, ids, **overrides)
-            except Exception as err:  # every model is tried; the failure is the finding
-                result["models"][name] = _failure(err)
-        result["failed"] = sorted(n for n, r in result["models"].items() if "error" in r)
-        found[part] = result
+        on_crops = functools.partial(measure, images=images, ids=ids, **overrides)
+        found[part] = {"images": str(images_path), "rows": len(ids), **_each_model(names, on_crops)}
     return found
 
 
@@ -299,15 +302,12 @@ def run_smoke(
     if ddp_processes is None:
         ddp_processes = torch.cuda.device_count() if cuda else 0
     names = models or list(IMAGE_MODELS)
-    result: dict[str, Any] = {"device": str(device), "gpus": 1 if cuda else 0, "models": {}}
-    for name in names:
-        try:
-            result["models"][name] = smoke_model(name, device, steps or TRAIN_STEPS, **overrides)
-        except Exception as err:  # every model is tried; the failure is the finding
-            result["models"][name] = _failure(err)
-        if cuda:
-            torch.cuda.empty_cache()
-    result["failed"] = sorted(n for n, r in result["models"].items() if "error" in r)
+    one_gpu = functools.partial(smoke_model, device=device, steps=steps or TRAIN_STEPS, **overrides)
+    result: dict[str, Any] = {
+        "device": str(device),
+        "gpus": 1 if cuda else 0,
+        **_each_model(names, one_gpu, torch.cuda.empty_cache if cuda else None),
+    }
     if ddp_processes > 1:
         kind = "cuda" if cuda else "cpu"
         result["ddp"] = smoke_ddp(names, ddp_processes, kind, steps or TRAIN_STEPS, overrides)
@@ -336,12 +336,9 @@ def smoke_failures(smoke: dict[str, Any] | None) -> list[str]:
         return []
     lines = [f"{name}: {smoke['models'][name]['error']}" for name in smoke.get("failed", [])]
     ddp = smoke.get("ddp") or {}
-    where = f"DDP on {ddp.get('world_size')} {'GPUs' if ddp.get('device') == 'cuda' else 'ranks'}"
-    lines += [f"{name} ({where}): {ddp['models'][name]['error']}" for name in ddp.get("failed", [])]
-    for part, where in (
-        ("train_loader", "training input"),
-        ("image_pass", "submission image pass"),
-    ):
+    ranks = f"DDP on {ddp.get('world_size')} {'GPUs' if ddp.get('device') == 'cuda' else 'ranks'}"
+    parts = {"ddp": ranks, "train_loader": "training input", "image_pass": "submission image pass"}
+    for part, where in parts.items():
         found = smoke.get(part) or {}
         lines += [
             f"{name} ({where}): {found['models'][name]['error']}"

@@ -46,6 +46,7 @@ from utils.kaggle.metadata import (
     GBDT_DATASET as GBDT_DATASET,
     IMAGE_BACKBONES,
     IMAGE_DATASET as IMAGE_DATASET,
+    IMAGE_KERNEL_PREFIX,
     IMAGE_MODELS as IMAGE_MODELS,
     INJECTED_TAG as INJECTED_TAG,
     KAGGLE_LICENSES as KAGGLE_LICENSES,
@@ -130,9 +131,6 @@ def build_kernel(
     nbformat.write(nb, target / meta["code_file"])
     (target / KERNEL_METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return target
-
-
-IMAGE_KERNEL_PREFIX = "01_image_"
 
 
 def image_kernel_parameters(

@@ -98,21 +98,24 @@ class KernelSteps:
             against[slug] = record["version"]
         return against
 
-    def push(
-        self, step: Step, kernel: str, folder: Path, ref: str, against: dict[str, int], why: str
-    ) -> dict[str, Any]:
-        """Push one kernel; its new state record."""
-        version = self.client.push_kernel(folder)
-        inputs = ", ".join(f"{slug} v{v}" for slug, v in against.items()) or "no datasets"
-        self.say(step.name, f"push {ref} -> v{version} ({why}; against {inputs})")
+    def push(self, step: Step, item: Queued) -> dict[str, Any]:
+        """Push one kernel; its new state record (with the recipe it runs, if it takes one)."""
+        version = self.client.push_kernel(item.folder)
+        inputs = ", ".join(f"{slug} v{v}" for slug, v in item.against.items()) or "no datasets"
+        self.say(step.name, f"push {item.ref} -> v{version} ({item.why}; against {inputs})")
         record = {
-            "ref": ref,
+            "ref": item.ref,
             "version": version,
-            "against": against,
+            "against": item.against,
             "status": "pushed",
-            "folder": str(folder),
+            "folder": str(item.folder),
+            "code_sha256": item.notebook,
         }
-        self.state["kernels"][kernel] = record
+        if "recipe" in kb.KAGGLE_PARAMETERS.get(item.kernel, {}):
+            record["recipe"] = self.opts.recipe
+        if item.mount_retry:
+            record["mount_retry"] = True
+        self.state["kernels"][item.kernel] = record
         return record
 
     def check_quota(self, forced: bool) -> None:
@@ -210,15 +213,10 @@ class KernelSteps:
             if self.gpu[item.kernel] and self.gpu_busy(pending) >= self.opts.gpu_sessions:
                 return
             try:
-                record = self.push(step, item.kernel, item.folder, item.ref, item.against, item.why)
+                record = self.push(step, item)
             except kl.SessionCapReached as err:
                 self.say(step.name, f"  {item.kernel}: Kaggle's GPU session cap ({err}); waiting")
                 return
-            record["code_sha256"] = item.notebook
-            if "recipe" in kb.KAGGLE_PARAMETERS.get(item.kernel, {}):
-                record["recipe"] = self.opts.recipe
-            if item.mount_retry:
-                record["mount_retry"] = True
             self.save()
             self.pushed_at[item.kernel] = self.clock()
             pending[item.kernel] = record
@@ -277,7 +275,7 @@ class KernelSteps:
                     f"queue {item.kernel}: {self.opts.gpu_sessions} GPU sessions busy "
                     f"(--gpu-sessions), pushed when {ends} ends",
                 )
-            record = self.push(step, item.kernel, item.folder, item.ref, item.against, item.why)
+            record = self.push(step, item)
             running += [item.kernel] if self.gpu[item.kernel] else []
             record.update(status=COMPLETE, outputs={"planned": record["version"]})
         if queued:

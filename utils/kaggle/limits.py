@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from utils.kaggle.input import release
 
@@ -99,8 +99,3 @@ def retry_transient(
             sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
-
-
-def gpu_hours(seconds_by_kernel: dict[str, Any]) -> float:
-    """Total GPU-hours of a {kernel: seconds} mapping."""
-    return sum(float(s) for s in seconds_by_kernel.values()) / 3600

@@ -39,6 +39,7 @@ IMAGE_DATASET = "fusionnetx-isic2024-image-models"
 TUNING_DATASET = "fusionnetx-isic2024-gbdt-tuning"
 GBDT_DATASET = "fusionnetx-isic2024-gbdt-models"
 IMAGE_MODELS = tuple(IMAGE_MODEL_REGISTRY)
+IMAGE_KERNEL_PREFIX = "01_image_"  # then the model: the kernel that trains it
 # Pretrained backbone (image.models.BACKBONES name) of each image model; its file is <name>.pth.
 IMAGE_BACKBONES = {model: spec.backbone for model, spec in IMAGE_MODEL_REGISTRY.items()}
 WEIGHT_FILES = tuple(sorted({f"{b}.pth" for b in IMAGE_BACKBONES.values()}))
@@ -130,7 +131,7 @@ KAGGLE_PARAMETERS: dict[str, dict[str, Any]] = {
         for kernel in PROBE_KERNELS
     },
     **{
-        f"01_image_{model}": {
+        IMAGE_KERNEL_PREFIX + model: {
             **STAGE_PARAMETERS,
             "weights_path": InputPath(WEIGHTS_DATASET, f"{IMAGE_BACKBONES[model]}.pth"),
             "num_workers": 4,

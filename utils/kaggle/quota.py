@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from utils.image.budget import ISIC_MALIGNANT, ISIC_ROWS, ISIC_SUSPICIOUS, fold_images
-from utils.kaggle.metadata import SUBMISSION_KERNEL
+from utils.kaggle.metadata import IMAGE_KERNEL_PREFIX, SUBMISSION_KERNEL
 from utils.settings import IMAGE_MODELS, image_config
 
 # Session hours per kernel on T4 x 2 (docs/benchmarks.md section 9: training kernel and the
@@ -36,7 +36,6 @@ PROJECTED_HOURS: dict[str, float] = {
 SOURCE = "FLOP projection (bench_training --gpus 2, 10% of T4 fp16 peak; not measured)"
 MEASURED = "measured by the smoke kernel"
 QUOTA_SAFETY = 2.0
-IMAGE_KERNEL_PREFIX = "01_image_"
 # The submission kernel: the hidden test's images (about 500,000) through each image model's
 # fold models (bench.bench_training's TEST_IMAGES, TEST_FOLDS).
 TEST_IMAGES, TEST_FOLDS = 500_000, 5

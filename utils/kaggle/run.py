@@ -69,6 +69,11 @@ __all__ = [
 ]  # fmt: skip
 
 
+# The options a resume command repeats where they differ from their default (then the switches).
+RESUMED = ("--work-dir", "--weights", "--timeout-h", "--message", "--recipe", "--gpu-sessions",
+           "--gpu-hours")  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -117,39 +122,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def options_from(args: argparse.Namespace) -> Options:
     """Options, with the command line that resumes this run (no --from/--only/--dry-run)."""
-    owner = kb.resolve_owner(args.owner)
+    owner, defaults = kb.resolve_owner(args.owner), parse_args([])
     resume = ["--owner", owner]
-    if args.work_dir != DEFAULT_WORK_DIR:
-        resume += ["--work-dir", str(args.work_dir)]
-    if args.weights != DEFAULT_WEIGHTS_DIR:
-        resume += ["--weights", str(args.weights)]
-    if args.timeout_h != DEFAULT_TIMEOUT_H:
-        resume += ["--timeout-h", f"{args.timeout_h:g}"]
-    if args.message != "FusionNetX":
-        resume += ["--message", args.message]
-    if args.recipe != "paper":
-        resume += ["--recipe", args.recipe]
-    if args.gpu_sessions != kl.DEFAULT_GPU_SESSIONS:
-        resume += ["--gpu-sessions", str(args.gpu_sessions)]
-    if args.gpu_hours != kl.DEFAULT_GPU_HOURS:
-        resume += ["--gpu-hours", f"{args.gpu_hours:g}"]
-    flags = (("--tune", args.tune), ("--ablation", args.ablation), ("--submit", args.submit))
-    resume += [flag for flag, on in flags if on]
+    for flag in RESUMED:
+        dest = flag[2:].replace("-", "_")
+        value = getattr(args, dest)
+        if value != getattr(defaults, dest):
+            resume += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    resume += [flag for flag in ("--tune", "--ablation", "--submit") if getattr(args, flag[2:])]
+    same = ("tune", "ablation", "recipe", "submit", "start", "only", "timeout_h", "message")
     return Options(
         owner=owner,
         work_dir=args.work_dir,
         weights_dir=args.weights,
-        tune=args.tune,
-        ablation=args.ablation,
-        recipe=args.recipe,
-        submit=args.submit,
-        start=args.start,
-        only=args.only,
-        timeout_h=args.timeout_h,
-        message=args.message,
         gpu_sessions=args.gpu_sessions,
         gpu_hours=args.gpu_hours,
         resume_args=resume,
+        **{name: getattr(args, name) for name in same},
     )
 
 

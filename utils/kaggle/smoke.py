@@ -28,7 +28,6 @@ from typing import Any
 
 SMOKE_FILE = "smoke-gpu.json"
 TRAIN_STEPS = 200
-INFER_STEPS = 50
 WARMUP_STEPS = 5  # cuDNN autotuning and allocator growth, not timed
 # A DDP rank waiting longer than this in a collective fails that model's DDP smoke (instead of
 # the default half hour of utils.image.distributed: the probe session must stay short).

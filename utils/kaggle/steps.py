@@ -28,14 +28,14 @@ MAX_FAILED_CHECKS = 5
 PARTIAL = "partial"
 FAILED = frozenset({"error", "cancel_requested", "cancel_acknowledged"})
 
-IMAGE_KERNELS = tuple(f"01_image_{model}" for model in kb.DATASET_CONTENTS[kb.IMAGE_DATASET])
+IMAGE_KERNELS = tuple(kb.IMAGE_KERNEL_PREFIX + model for model in kb.IMAGE_MODELS)
 TUNE_KERNEL = "02_tune_gbdt"
 GBDT_KERNEL = kb.TUNED_GBDT[0]
 # What each kernel writes under /kaggle/working that the next step needs.
 PROBE_KERNELS = kb.PROBE_KERNELS
 PRODUCES: dict[str, str] = {
     **{kernel: f"probe-{kernel.rsplit('_', 1)[1]}.json" for kernel in PROBE_KERNELS},
-    **{f"01_image_{model}": model for model in kb.DATASET_CONTENTS[kb.IMAGE_DATASET]},
+    **{kb.IMAGE_KERNEL_PREFIX + model: model for model in kb.IMAGE_MODELS},
     kb.ABLATION_KERNEL: ABLATION_FILE,
     TUNE_KERNEL: "tuning",
     GBDT_KERNEL: "gbdt",

@@ -80,15 +80,8 @@ class LibraryVersionError(RuntimeError):
 
 def release(version: str) -> tuple[int, ...]:
     """Numeric release of a version: '2.10.0+cu128' -> (2, 10, 0), '1.0.26rc1' -> (1, 0, 26)."""
-    parts = []
-    for piece in version.split("+")[0].split("."):
-        digits = re.match(r"\d+", piece)
-        if digits is None:
-            break
-        parts.append(int(digits.group()))
-        if digits.end() < len(piece):
-            break
-    return tuple(parts)
+    numeric = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(part) for part in numeric.group().split(".")) if numeric else ()
 
 
 def installed_version(distributions: tuple[str, ...]) -> str | None:

@@ -310,7 +310,12 @@ class KernelSteps:
             retry = Queued(kernel, folder, record["ref"], record["against"], why, notebook, True)
             queued.insert(0, retry)
             return
-        raise RunStopped(self.failure_text(kernel, record, message))
+        why = f": {message}" if message else ""
+        raise RunStopped(
+            f"{kernel} ({record['ref']} v{record['version']}) ended with status "
+            f"{record['status']}{why}\n{self.tail_text(record)}\n"
+            "(resuming pushes it again and waits for the kernels still running)"
+        )
 
     def account_gpu(self, kernel: str) -> None:
         """Add a GPU kernel's session time (push to end, as seen from here) to the state."""
@@ -335,15 +340,6 @@ class KernelSteps:
             return None
         self.failed_checks = 0
         return answer
-
-    def failure_text(self, kernel: str, record: dict[str, Any], message: str) -> str:
-        """Status, Kaggle's failure message and the log tail of a failed kernel."""
-        why = f": {message}" if message else ""
-        return (
-            f"{kernel} ({record['ref']} v{record['version']}) ended with status "
-            f"{record['status']}{why}\n{self.tail_text(record)}\n"
-            "(resuming pushes it again and waits for the kernels still running)"
-        )
 
     def tail_text(self, record: dict[str, Any]) -> str:
         """The last lines of a kernel version's log, framed."""

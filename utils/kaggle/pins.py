@@ -33,11 +33,6 @@ PIN_LINE = re.compile(
 )
 
 
-def public_version(version: str) -> str:
-    """The version as an index serves it: a local segment ('2.10.0+cu128') dropped."""
-    return version.split("+")[0]
-
-
 def pin_updates(probe: dict[str, Any], pins: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """(library -> the version to pin, one line per pin kept and why) from a probe's libraries
     against the current pins (probe.requirement_pins)."""
@@ -56,7 +51,7 @@ def pin_updates(probe: dict[str, Any], pins: dict[str, str]) -> tuple[dict[str, 
                 f"(needs >= {works_from}): {why}"
             )
         elif release(version) != release(pinned):
-            updates[lib] = public_version(version)
+            updates[lib] = version.split("+")[0]  # as an index serves it: no local segment
     return updates, kept
 
 

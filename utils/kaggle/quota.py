@@ -64,22 +64,14 @@ def smoke_rates(smoke: dict[str, Any] | None) -> dict[str, tuple[dict[str, Any],
             if "error" not in r:
                 found[name] = r, f"DDP on {ddp['world_size']} GPUs"
     loaders = (smoke.get("train_loader") or {}).get("models", {}) if smoke.get("gpus") else {}
-    return {
-        name: (r | _loader_rate(loaders.get(name)), where + _loader_note(loaders.get(name)))
-        for name, (r, where) in found.items()
-        if "error" not in r
-    }
-
-
-def _loader_note(loader: dict[str, Any] | None) -> str:
-    return ", training input on real crops" if _loader_rate(loader) else ""
-
-
-def _loader_rate(loader: dict[str, Any] | None) -> dict[str, float]:
-    """The training input's measured images/s on real crops, as a rate entry (none if absent)."""
-    if not loader or "error" in loader:
-        return {}
-    return {"loader_images_per_s": loader["loader_images_per_s"]}
+    for name, (r, where) in list(found.items()):
+        loader = loaders.get(name)
+        if "error" in r:
+            del found[name]
+        elif loader and "error" not in loader:  # its training input, timed on real crops
+            rate = {"loader_images_per_s": loader["loader_images_per_s"]}
+            found[name] = r | rate, f"{where}, training input on real crops"
+    return found
 
 
 def image_kernel_seconds(model: str, rates: dict[str, Any]) -> float:

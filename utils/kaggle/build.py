@@ -110,7 +110,6 @@ def build_kernel(
     parameters: dict[str, Any],
     notebooks_dir: Path = NOTEBOOKS_DIR,
     repo_ids: frozenset[str] = frozenset(),
-    archive: bytes | None = None,
     extra_sources: tuple[str, ...] = (),
     kernel_sources: tuple[str, ...] = (),
     skip_version_check: bool = False,
@@ -124,9 +123,7 @@ def build_kernel(
     meta = with_owner(meta, owner, set(repo_ids))
     if kernel_sources:
         meta["kernel_sources"] = [f"{owner}/{slug}" for slug in kernel_sources]
-    nb = build_notebook(
-        notebooks_dir / meta["code_file"], parameters, archive, owner, skip_version_check
-    )
+    nb = build_notebook(notebooks_dir / meta["code_file"], parameters, owner, skip_version_check)
     target = fresh_dir(out_dir / folder.name)
     nbformat.write(nb, target / meta["code_file"])
     (target / KERNEL_METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

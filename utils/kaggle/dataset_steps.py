@@ -4,6 +4,7 @@ until Kaggle reports it ready; a 403 while processing is a wait, never a second 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,11 @@ class DatasetSteps:
         slug = step.dataset
         ref = f"{self.opts.owner}/{slug}"
         record = self.state["datasets"].get(slug)
-        content = self.dataset_content(slug)
+        digest = digest_of(self.dataset_content(slug))
         uploads = self.state.setdefault("uploads", {})
         upload = uploads.get(slug)
         current = self.client.dataset_version(ref)
-        if upload and upload["digest"] == digest_of(content) and not forced:
+        if upload and upload["digest"] == digest and not forced:
             self.say(step.name, f"{ref}: the upload of {upload['at']} is still processing")
         elif slug == kb.WEIGHTS_DATASET and current is not None and not forced:
             if record is None or record["version"] != current:
@@ -47,31 +48,23 @@ class DatasetSteps:
             version = self.wait_dataset(step, ref)
             self.state["datasets"][slug] = {"ref": ref, "version": version, "digest": None}
             return
-        elif record and current is not None and record["digest"] == digest_of(content):
-            if not forced:
-                if current != record["version"]:
-                    self.say(
-                        step.name, f"{ref}: v{record['version']} -> v{current} (changed on Kaggle)"
-                    )
-                    record["version"] = current
-                self.say(step.name, f"{ref} v{current} is up to date")
-                return
-            self.upload(step, ref, slug, current, content)
+        elif record and current is not None and record["digest"] == digest and not forced:
+            if current != record["version"]:
+                self.say(
+                    step.name, f"{ref}: v{record['version']} -> v{current} (changed on Kaggle)"
+                )
+                record["version"] = current
+            self.say(step.name, f"{ref} v{current} is up to date")
+            return
         else:
-            self.upload(step, ref, slug, current, content)
+            self.upload(step, ref, slug, current, digest)
         version = self.wait_dataset(step, ref)
-        self.state["datasets"][slug] = {
-            "ref": ref,
-            "version": version,
-            "digest": digest_of(content),
-        }
+        self.state["datasets"][slug] = {"ref": ref, "version": version, "digest": digest}
         uploads.pop(slug, None)
         self.save()
         self.say(step.name, f"{ref} v{version} ready")
 
-    def upload(
-        self, step: Step, ref: str, slug: str, current: int | None, content: dict[str, Any]
-    ) -> None:
+    def upload(self, step: Step, ref: str, slug: str, current: int | None, digest: str) -> None:
         """Create (no version yet) or version the dataset; record the upload before waiting."""
         folder = self.dataset_folder(slug)
         if current is None:
@@ -80,7 +73,7 @@ class DatasetSteps:
         else:
             self.client.version_dataset(folder, f"{self.opts.message}: new {slug} outputs")
             self.say(step.name, f"version {ref} (was v{current}) from {folder}")
-        self.state.setdefault("uploads", {})[slug] = {"digest": digest_of(content), "at": utc_now()}
+        self.state.setdefault("uploads", {})[slug] = {"digest": digest, "at": utc_now()}
         self.save()
 
     def dataset_content(self, slug: str) -> dict[str, Any]:
@@ -120,10 +113,14 @@ class DatasetSteps:
     def wait_dataset(self, step: Step, ref: str) -> int:
         """Poll until Kaggle has processed the upload; its version number. A 403 means still
         processing; a dropped connection or a 5xx is asked again with back-off."""
+        say = functools.partial(self.say, step.name)
         start, delay = self.clock(), POLL_FIRST_S
         while True:
-            status = self.dataset_state(step, ref)
-            version = self.dataset_version_now(step, ref) if status == "ready" else None
+            status = self.dataset_state(ref, say)
+            version = None
+            if status == "ready":  # None while it still answers 403
+                get = functools.partial(self.client.dataset_version, ref)
+                version = kl.retry_transient(get, f"{ref} version", self.sleep, say)
             if version is not None:
                 return version
             self.say(step.name, f"  {ref}: {status} after {format_duration(self.clock() - start)}")
@@ -136,21 +133,12 @@ class DatasetSteps:
             self.sleep(delay)
             delay = min(2 * delay, POLL_MAX_S)
 
-    def dataset_state(self, step: Step, ref: str) -> str:
+    def dataset_state(self, ref: str, say: Callable[[str], None]) -> str:
         """dataset_status, 'pending (403)' while Kaggle does not show it yet."""
-        say = lambda text: self.say(step.name, text)  # noqa: E731
+        get = functools.partial(self.client.dataset_status, ref)
         try:
-            return kl.retry_transient(
-                lambda: self.client.dataset_status(ref), f"{ref} status", self.sleep, say
-            )
+            return kl.retry_transient(get, f"{ref} status", self.sleep, say)
         except OSError as err:
             if kl.http_status(err) == 403:
                 return "pending (403)"
             raise
-
-    def dataset_version_now(self, step: Step, ref: str) -> int | None:
-        """The ready dataset's version (None while it still answers 403)."""
-        say = lambda text: self.say(step.name, text)  # noqa: E731
-        return kl.retry_transient(
-            lambda: self.client.dataset_version(ref), f"{ref} version", self.sleep, say
-        )

@@ -106,18 +106,16 @@ def kernel_libraries(archive: bytes, code: list[str]) -> list[str]:
     return [lib for lib in MIN_VERSIONS if lib in found]
 
 
-def bootstrap_source(
-    archive: bytes, libraries: list[str] | None = None, skip_version_check: bool = False
-) -> str:
+def bootstrap_source(archive: bytes, libraries: list[str], skip_version_check: bool) -> str:
     """First cell of a built kernel: unpack the embedded utils/ and import it from there, then
-    check the versions of `libraries` (all checked ones when None)."""
+    check the versions of `libraries`."""
     digest = hashlib.sha256(archive).hexdigest()[:12]
     payload = base64.b64encode(archive).decode("ascii")
-    checked = "" if libraries is None else repr(tuple(libraries))
+    checked = repr(tuple(libraries))
     if skip_version_check:
         gate = (
             "# Built with --skip-version-check: every difference is printed, nothing stops.\n"
-            f"check_versions({checked or 'None'}, stop=False)\n"
+            f"check_versions({checked}, stop=False)\n"
         )
     else:
         gate = (
@@ -146,7 +144,6 @@ def bootstrap_source(
 def build_notebook(
     notebook: Path,
     parameters: dict[str, Any],
-    archive: bytes | None = None,
     owner: str | None = None,
     skip_version_check: bool = False,
 ) -> nbformat.NotebookNode:
@@ -160,8 +157,7 @@ def build_notebook(
         raise KaggleBuildError(f"{notebook}: no cell tagged 'parameters'")
     injected = nbformat.v4.new_code_cell(injected_source(parameters, owner))
     code = [c.source for c in cells if c.cell_type == "code"] + [injected.source]
-    if archive is None:
-        archive = utils_archive(kernel_modules(code))
+    archive = utils_archive(kernel_modules(code))
     injected.metadata["tags"] = [INJECTED_TAG]
     libraries = kernel_libraries(archive, code)
     bootstrap = nbformat.v4.new_code_cell(bootstrap_source(archive, libraries, skip_version_check))

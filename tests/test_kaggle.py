@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from notebook_checks import write_standin_notebook
+from notebook_checks import code_sources, write_standin_notebook
 
 from utils.kaggle import build as kb, input as ki
 
@@ -164,7 +164,7 @@ def test_utils_archive_is_deterministic_and_holds_the_package():
 
 def test_a_kernel_embeds_only_the_modules_it_imports():
     def embedded(kernel: str) -> set[str]:
-        sources = kb.notebook_sources(kb.NOTEBOOKS_DIR / f"{kernel}.ipynb")
+        sources = code_sources(kb.NOTEBOOKS_DIR / f"{kernel}.ipynb")
         return {p.relative_to(REPO).as_posix() for p in kb.kernel_modules(sources)}
 
     submission, gbdt = embedded(kb.SUBMISSION_KERNEL), embedded("03_gbdt")
@@ -298,7 +298,7 @@ def test_any_other_difference_only_warns(monkeypatch, capsys, found, warning):
 
 def test_each_kernel_checks_only_the_libraries_it_imports():
     def libraries(kernel: str) -> list[str]:
-        code = kb.notebook_sources(kb.NOTEBOOKS_DIR / f"{kernel}.ipynb")
+        code = code_sources(kb.NOTEBOOKS_DIR / f"{kernel}.ipynb")
         code.append(kb.injected_source(kb.KAGGLE_PARAMETERS[kernel]))
         return kb.kernel_libraries(kb.utils_archive(kb.kernel_modules(code)), code)
 
@@ -495,6 +495,26 @@ def test_build_requires_the_notebook_and_its_parameters_cell(probe):
         kb.build_kernel(probe["kernel"], probe["root"] / "b", "alice", {}, probe["notebooks"])
 
 
+def dry_run_dataset_create(folder: Path) -> tuple:
+    """Run the real `kaggle datasets create` on folder offline; (request, resources uploaded)."""
+    from requests import HTTPError
+
+    api, client = kb.kaggle_api(), kb._CapturingClient()
+    owner = kb.split_ref(kb.read_json(folder / kb.DATASET_METADATA)["id"])[0]
+    api.config_values = {**getattr(api, "config_values", {}), api.CONFIG_NAME_USER: owner}
+    api.build_kaggle_client = lambda: client
+    uploads: list = []
+
+    def not_found(*args, **kwargs) -> None:
+        raise HTTPError("404: dry run, dataset does not exist yet")
+
+    api.dataset_status = not_found
+    api.upload_files = lambda request, resources, *args, **kwargs: uploads.append(resources)
+    result = api.dataset_create_new(str(folder))
+    assert not result.error, f"{folder}: {result.error}"
+    return client.requests[-1], uploads
+
+
 @pytest.mark.parametrize("slug", sorted(kb.DATASET_CONTENTS))
 def test_every_dataset_passes_the_kaggle_client_create_dry_run(tmp_path: Path, slug: str):
     source = tmp_path / "artifacts"
@@ -507,7 +527,7 @@ def test_every_dataset_passes_the_kaggle_client_create_dry_run(tmp_path: Path, s
             target.mkdir(parents=True)
             (target / "oof.csv").write_text("isic_id\n")
     folder = kb.build_dataset(slug, source, tmp_path / "out", owner="alice")
-    request, uploads = kb.dry_run_dataset_create(folder)
+    request, uploads = dry_run_dataset_create(folder)
     assert (request.owner_slug, request.slug) == ("alice", slug)
     assert request.is_private is True and request.license_name in kb.KAGGLE_LICENSES
     assert sorted(p.name for p in folder.iterdir()) == sorted(

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import test_kaggle_run as fake_kaggle
+from notebook_checks import code_sources
 from standins import write_image_run
 from test_kaggle_kernels import _run_off_repo
 from test_notebook_ablation import check_table
@@ -102,7 +103,7 @@ def test_built_ablation_kernel_runs_off_repo_on_read_only_inputs(tmp_path, synth
 def test_the_ablation_kernel_embeds_no_generator_and_no_torch_code():
     """The CPU kernel carries the ablation core, not the synthetic generator (the stand-ins'
     truth file is the command line's business) nor any image-model code."""
-    code = kb.notebook_sources(kb.NOTEBOOKS_DIR / f"{KERNEL}.ipynb")
+    code = code_sources(kb.NOTEBOOKS_DIR / f"{KERNEL}.ipynb")
     code.append(kb.injected_source(kb.KAGGLE_PARAMETERS[KERNEL]))
     modules = kb.kernel_modules(code)
     files = {p.relative_to(kb.REPO_ROOT).as_posix() for p in modules}

@@ -31,7 +31,6 @@ from utils.kaggle.embed import (
     build_notebook,
     kernel_libraries as kernel_libraries,
     kernel_modules as kernel_modules,
-    notebook_sources as notebook_sources,
     utils_archive as utils_archive,
 )
 from utils.kaggle.metadata import (
@@ -277,27 +276,6 @@ def dry_run_push(folder: Path) -> Any:
     if "does not resolve to the specified id" in said.getvalue():
         raise KaggleBuildError(f"{folder}: kaggle client says the title does not match the id")
     return client.requests[-1]
-
-
-def dry_run_dataset_create(folder: Path) -> tuple[Any, list[Any]]:
-    """Run the real `kaggle datasets create` on folder offline; (request, resources uploaded)."""
-    from requests import HTTPError
-
-    api, client = kaggle_api(), _CapturingClient()
-    owner = split_ref(read_json(folder / DATASET_METADATA)["id"])[0]
-    api.config_values = {**getattr(api, "config_values", {}), api.CONFIG_NAME_USER: owner}
-    api.build_kaggle_client = lambda: client
-    uploads: list[Any] = []
-
-    def not_found(*args: Any, **kwargs: Any) -> None:
-        raise HTTPError("404: dry run, dataset does not exist yet")
-
-    api.dataset_status = not_found
-    api.upload_files = lambda request, resources, *args, **kwargs: uploads.append(resources)
-    result = api.dataset_create_new(str(folder))
-    if result.error:
-        raise KaggleBuildError(f"{folder}: {result.error}")
-    return client.requests[-1], uploads
 
 
 # ---------------------------------------------------------------- CLI

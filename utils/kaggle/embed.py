@@ -75,12 +75,6 @@ def kernel_modules(sources: list[str], root: Path = REPO_ROOT) -> list[Path]:
     return sorted(files)
 
 
-def notebook_sources(notebook: Path) -> list[str]:
-    """Source of every code cell of a notebook."""
-    nb = nbformat.read(notebook, as_version=4)
-    return [cell.source for cell in nb.cells if cell.cell_type == "code"]
-
-
 def utils_archive(files: list[Path] | None = None, root: Path = REPO_ROOT) -> bytes:
     """Deterministic zip of utils/ files (*.py; all of utils/ by default; fixed timestamps)."""
     if files is None:

@@ -384,15 +384,8 @@ def _run(args: argparse.Namespace) -> int:
         problems = validate()
         if problems:
             return _report(problems, "")
-        built = build_all(
-            args.out,
-            args.owner,
-            args.tuned,
-            folds=args.folds,
-            continue_run=args.continue_run,
-            recipe=args.recipe,
-            skip_version_check=args.skip_version_check,
-        )
+        same = ("owner", "tuned", "folds", "continue_run", "recipe", "skip_version_check")
+        built = build_all(args.out, **{name: getattr(args, name) for name in same})
         for folder in built:
             print(f"built {folder}")
         owner = split_ref(read_json(built[0] / KERNEL_METADATA)["id"])[0]

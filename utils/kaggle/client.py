@@ -50,7 +50,7 @@ class KaggleApiClient:
         response = self.api.kernels_push(str(folder))
         error = getattr(response, "error", "no response") if response is not None else "no reply"
         if response is None or response.error:
-            if kl.is_cap_refusal(str(error)):
+            if kl.CAP_REFUSAL.search(str(error)):  # the concurrent GPU session cap
                 raise kl.SessionCapReached(f"push {folder}: {error}")
             raise RunStopped(f"push {folder}: {error}")
         invalid = [*response.invalid_dataset_sources, *response.invalid_competition_sources]

@@ -200,17 +200,14 @@ class KernelSteps:
         self.state["ablation"] = {"kept": kept, "version": self.state["kernels"][kernel]["version"]}
         self.save()
 
-    def gpu_busy(self, pending: dict[str, dict[str, Any]]) -> int:
-        """GPU sessions this run holds: its GPU kernels pushed and not ended."""
-        return sum(self.gpu.get(kernel, False) for kernel in pending)
-
     def push_queued(
         self, step: Step, pending: dict[str, dict[str, Any]], queued: list[Queued]
     ) -> None:
         """Push queued kernels in order while a GPU session is free; a cap refusal is a wait."""
         while queued:
             item = queued[0]
-            if self.gpu[item.kernel] and self.gpu_busy(pending) >= self.opts.gpu_sessions:
+            busy = sum(self.gpu.get(kernel, False) for kernel in pending)  # GPU sessions held
+            if self.gpu[item.kernel] and busy >= self.opts.gpu_sessions:
                 return
             try:
                 record = self.push(step, item)
@@ -302,7 +299,8 @@ class KernelSteps:
     ) -> None:
         """A failed kernel: pushed again once when an input was not mounted yet, else stop."""
         log = self.client.kernel_log(record["ref"], record["version"])
-        if kl.is_mount_race(f"{message}\n{log_tail(log)}") and not record.get("mount_retry"):
+        mount_race = kl.MOUNT_RACE.search(f"{message}\n{log_tail(log)}")
+        if mount_race and not record.get("mount_retry"):
             self.say(step.name, f"  {kernel}: an input was not mounted yet; pushing it once more")
             folder = Path(record.get("folder", self.build_dir / kernel))  # a continuation's own
             notebook = record.get("code_sha256", "")

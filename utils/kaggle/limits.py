@@ -1,7 +1,7 @@
 """Kaggle's limits as rules the workflow (utils.kaggle.run) follows: the kaggle client version it
 needs, the GPU session cap, what a 403 / 404 / 5xx answer means, and the mount race.
 
-Kept apart from run.py so each rule is one small tested function; docs/kaggle_run.md lists
+Kept apart from run.py so each rule is one small function or pattern; docs/kaggle_run.md lists
 which of them are taken from Kaggle's documentation and which are unverified guesses.
 """
 
@@ -63,22 +63,6 @@ def http_status(err: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def is_cap_refusal(text: str) -> bool:
-    """Whether a push error is the concurrent GPU session cap."""
-    return bool(CAP_REFUSAL.search(text))
-
-
-def is_mount_race(text: str) -> bool:
-    """Whether a kernel failure (message or log) is an input that was not mounted."""
-    return bool(MOUNT_RACE.search(text))
-
-
-def is_transient(err: BaseException) -> bool:
-    """A dropped connection or a 408 / 429 / 5xx answer: worth asking again."""
-    status = http_status(err)
-    return status is None or status in TRANSIENT_HTTP
-
-
 def retry_transient(
     call: Callable[[], T],
     what: str,
@@ -87,13 +71,16 @@ def retry_transient(
     retries: int = TRANSIENT_RETRIES,
     first_s: float = TRANSIENT_FIRST_S,
 ) -> T:
-    """call(), asked again with doubling pauses after a transient error (others raise at once)."""
+    """call(), asked again with doubling pauses after a transient error: a dropped connection
+    or a 408 / 429 / 5xx answer (others raise at once)."""
     delay = first_s
     for attempt in range(retries + 1):
         try:
             return call()
         except OSError as err:
-            if not is_transient(err) or attempt == retries:
+            status = http_status(err)
+            transient = status is None or status in TRANSIENT_HTTP
+            if not transient or attempt == retries:
                 raise
             say(f"  {what} failed ({err}); retrying in {delay:g} s")
             sleep(delay)

@@ -273,10 +273,9 @@ def kernel_problems(
     if missing:
         return [f"{source}: missing required field(s) {missing}"]
     problems = _id_and_title_problems("kernel", meta, 5)
-    if meta["language"] != "python":
-        problems.append(f"language must be 'python', got {meta['language']!r}")
-    if meta["kernel_type"] != "notebook":
-        problems.append(f"kernel_type must be 'notebook', got {meta['kernel_type']!r}")
+    for key, wanted in (("language", "python"), ("kernel_type", "notebook")):
+        if meta[key] != wanted:
+            problems.append(f"{key} must be {wanted!r}, got {meta[key]!r}")
     if not str(meta["code_file"]).endswith(".ipynb"):
         problems.append(f"code_file {meta['code_file']!r} must be a .ipynb notebook")
     for key in ("is_private", "enable_gpu", "enable_internet"):

@@ -102,16 +102,6 @@ def pins_report(
     return updates, lines
 
 
-def write_pins(
-    updates: dict[str, str], requirements: Path = REQUIREMENTS, input_module: Path = INPUT_MODULE
-) -> None:
-    """Rewrite the requirements file and MIN_VERSIONS with the updates (both or neither)."""
-    text = rewrite_requirements(requirements.read_text(encoding="utf-8"), updates)
-    source = rewrite_min_versions(input_module.read_text(encoding="utf-8"), updates)
-    requirements.write_text(text, encoding="utf-8")
-    input_module.write_text(source, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line; 1 on a probe that cannot be written (a CPU image's) or an unreadable one."""
     parser = argparse.ArgumentParser(
@@ -146,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    write_pins(updates, args.requirements, args.input_module)
+    # both files rewritten before either is written: both or neither
+    text = rewrite_requirements(args.requirements.read_text(encoding="utf-8"), updates)
+    source = rewrite_min_versions(args.input_module.read_text(encoding="utf-8"), updates)
+    args.requirements.write_text(text, encoding="utf-8")
+    args.input_module.write_text(source, encoding="utf-8")
     print(
         f"wrote {len(updates)} pin(s) to {args.requirements} and {args.input_module.name}'s "
         "MIN_VERSIONS; CI installs these pins: check they install before committing"

@@ -126,19 +126,13 @@ class Runner(KernelSteps, DatasetSteps):
 
     # ------------------------------------------------------------ submit
 
-    def submit_command(self, ref: str, version: int) -> str:
-        """The kaggle CLI call that submits this kernel version."""
-        return shlex.join(
-            ["kaggle", "competitions", "submit", kb.COMPETITION, "-k", ref, "-v", str(version)]
-            + ["-f", SUBMISSION_FILE, "-m", f"{self.opts.message} v{version}"]
-        )
-
     def submit_step(self, forced: bool) -> bool:
         """Submit the completed submission kernel version (or print how); True when submitted."""
         record = self.state["kernels"].get(kb.SUBMISSION_KERNEL)
         if record is None or record["status"] != COMPLETE:
             raise RunStopped("the submission kernel has not completed: run 'submission' first")
         ref, version = record["ref"], record["version"]
+        message = f"{self.opts.message} v{version}"
         done = self.state.get("submitted")
         if done and done["ref"] == ref and done["version"] == version and not forced:
             self.say("submit", f"{ref} v{version} was already submitted ({done['reply']})")
@@ -148,14 +142,15 @@ class Runner(KernelSteps, DatasetSteps):
                 self.say("submit", f"  {sub.outcome(done)}")
             return True
         if not self.opts.submit:
-            self.say("submit", f"to submit, run: {self.submit_command(ref, version)}")
+            command = ["kaggle", "competitions", "submit", kb.COMPETITION, "-k", ref]
+            command += ["-v", str(version), "-f", SUBMISSION_FILE, "-m", message]
+            self.say("submit", f"to submit, run: {shlex.join(command)}")
             self.say(
                 "submit",
                 "(or rerun with --submit: it then polls the submission until Kaggle scores it "
                 "and prints the public score or the error)",
             )
             return False
-        message = f"{self.opts.message} v{version}"
         reply = self.client.submit(kb.COMPETITION, ref, version, SUBMISSION_FILE, message)
         done = {"ref": ref, "version": version, "reply": reply, "at": utc_now(), "message": message}
         self.state["submitted"] = done

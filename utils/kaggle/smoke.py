@@ -1,20 +1,15 @@
 """The GPU smoke test the GPU probe kernel runs before any long kernel: each image model's full
-config (its image size and batch) trained for a few steps in fp16 with the GradScaler, then the
-same model predicting in fp16, first on one GPU, then, when more than one GPU is visible, with
-DistributedDataParallel on every GPU (one process per GPU, launched as the training kernels
-launch theirs: utils.image.distributed.launch, utils.image.fold_training.with_ddp, the global
-batch shared between the ranks). Images/s for training and inference per model and GPU count, peak
-GPU memory, and any failure with its traceback, written as smoke-gpu.json.
-
-Random uint8 images stand in for the competition's JPEGs in those steps: they exercise CUDA,
-fp16 autocast, the scaler, NCCL and memory at full size. Then, on real crops (the competition's
-train-image.hdf5, the first PASS_ROWS ids): each model's training input (`train_loader`: JPEG
-decode and the training augmentation in the loader workers, the rate the CPUs can feed a
-training step), and the submission kernel's image pass (`image_pass`: decode, eval transforms and
-every fold model on every visible GPU, exactly as 04_inference runs it,
-utils.image.predict.predict_on_devices, with randomly initialised weights: the weights do not
-change the speed). On a CPU it runs tiny (the dry path the tests take), DDP as
-gloo ranks when asked for (`ddp_processes`).
+config (image size, batch) trained for a few fp16 steps with the GradScaler, then predicting in
+fp16, on one GPU, then with DistributedDataParallel on every GPU when there are several (one
+process per GPU, launched as the training kernels launch theirs, the global batch shared between
+the ranks). Random uint8 images stand in for the JPEGs there: they exercise CUDA, fp16 autocast,
+the scaler, NCCL and memory at full size. Then, on the first PASS_ROWS real crops of the
+competition's train-image.hdf5: each model's training input (`train_loader`: JPEG decode and
+augmentation in the loader workers, the rate the CPUs can feed a training step) and the
+submission kernel's image pass (`image_pass`: exactly as 04_inference runs it, with random
+weights, which do not change the speed). Images/s per model and GPU count, peak GPU memory and
+any failure with its traceback go to smoke-gpu.json. On a CPU it runs tiny (the dry path the
+tests take), DDP as gloo ranks when asked for (`ddp_processes`).
 """
 
 from __future__ import annotations

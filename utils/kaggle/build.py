@@ -393,7 +393,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{TOP_LEVEL_METADATA.name} at the repository root now pushes as {owner}")
         return _report(validate(built_dir=args.out), f"ok: kernels built in {args.out}")
     if args.command == "dry-run":
-        for folder in sorted(p.parent for p in args.out.glob(f"*/{KERNEL_METADATA}")):
+        for folder in kernel_folders(args.out):
             request = dry_run_push(folder)
             print(f"{folder.name}: would push {request.slug} internet={request.enable_internet}")
         return 0

@@ -339,8 +339,7 @@ def _built_problems(folder: Path, meta: dict[str, Any]) -> list[str]:
 
 def validate(
     kernels_dir: Path = KERNELS_DIR,
-    top_level: Path | None = TOP_LEVEL_METADATA,
-    notebooks_dir: Path = NOTEBOOKS_DIR,
+    top_level: Path = TOP_LEVEL_METADATA,
     built_dir: Path | None = None,
 ) -> list[str]:
     """All problems of the committed metadata (and of a build when built_dir is given)."""
@@ -375,9 +374,7 @@ def validate(
             problems.append(f"{path}: parameters read input {slug!r}, not in its sources")
         if built_dir is not None:
             problems += _built_problems(built_dir / folder.name, meta)
-    if top_level is not None:
-        problems += _top_level_problems(top_level, kernels_dir / SUBMISSION_KERNEL)
-    return problems
+    return problems + _top_level_problems(top_level, kernels_dir / SUBMISSION_KERNEL)
 
 
 def _top_level_problems(top_level: Path, submission_dir: Path) -> list[str]:

@@ -51,7 +51,7 @@ from utils.kaggle.metadata import (
     KAGGLE_LICENSES as KAGGLE_LICENSES,
     KAGGLE_PARAMETERS,
     KERNEL_METADATA,
-    KERNELS_DIR,
+    KERNELS_DIR as KERNELS_DIR,
     NOTEBOOKS_DIR,
     PROBE_KERNELS,
     REPO_ROOT as REPO_ROOT,
@@ -154,8 +154,6 @@ def build_all(
     out_dir: Path = DEFAULT_BUILD_DIR,
     owner: str | None = None,
     tuned: bool = False,
-    kernels_dir: Path = KERNELS_DIR,
-    notebooks_dir: Path = NOTEBOOKS_DIR,
     folds: list[int] | None = None,
     continue_run: bool = False,
     recipe: str = "paper",
@@ -169,9 +167,9 @@ def build_all(
     if recipe not in RECIPES:
         raise KaggleBuildError(f"unknown recipe {recipe!r}; choose from {list(RECIPES)}")
     owner = resolve_owner(owner)
-    datasets = defined_datasets(kernels_dir / "datasets")
+    datasets = defined_datasets()
     built = []
-    for folder in kernel_folders(kernels_dir):
+    for folder in kernel_folders():
         params, extra, kernels = dict(KAGGLE_PARAMETERS[folder.name]), (), ()
         if "recipe" in params:
             params["recipe"] = recipe
@@ -186,8 +184,7 @@ def build_all(
                 out_dir,
                 owner,
                 params,
-                notebooks_dir,
-                frozenset(datasets.values()),
+                repo_ids=frozenset(datasets.values()),
                 extra_sources=extra,
                 kernel_sources=kernels,
                 # a probe reports every version, it never stops on one

@@ -68,20 +68,16 @@ class Runner(KernelSteps, DatasetSteps):
             for step, forced in self.selected():
                 try:
                     self.run_step(step, forced)
-                except RunStopped as err:
-                    raise RunStopped(self._stop_text(step, str(err))) from err
-                except (OSError, ValueError) as err:
-                    text = f"{type(err).__name__}: {err}"
-                    raise RunStopped(self._stop_text(step, text)) from err
+                except (RunStopped, OSError, ValueError) as err:
+                    why = (
+                        str(err) if isinstance(err, RunStopped) else f"{type(err).__name__}: {err}"
+                    )
+                    raise RunStopped(
+                        f"STOPPED at step {step.name!r}: {why}\n"
+                        "Nothing after it was pushed. Fix the cause, then resume with:\n"
+                        f"  {self.opts.resume_command()}"
+                    ) from err
         self.say("done", "every step finished" if not self.plan else "end of plan")
-
-    def _stop_text(self, step: Step, why: str) -> str:
-        """What the user reads when a step stops the run."""
-        return (
-            f"STOPPED at step {step.name!r}: {why}\n"
-            f"Nothing after it was pushed. Fix the cause, then resume with:\n"
-            f"  {self.opts.resume_command()}"
-        )
 
     def run_step(self, step: Step, forced: bool) -> None:
         """One step; marks it finished in the state."""

@@ -6,6 +6,7 @@ kernel embeds it whatever stage it runs, and it can fail in seconds, before any 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -87,10 +88,8 @@ def release(version: str) -> tuple[int, ...]:
 def installed_version(distributions: tuple[str, ...]) -> str | None:
     """Version of the first installed distribution among `distributions`, or None."""
     for name in distributions:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
     return None
 
 

@@ -7,6 +7,7 @@ which of them are taken from Kaggle's documentation and which are unverified gue
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from importlib import metadata
@@ -43,10 +44,8 @@ class SessionCapReached(RuntimeError):
 def check_client_version(version: str | None = None) -> str:
     """The installed kaggle client's version; ClientVersionError naming the one needed."""
     if version is None:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             version = metadata.version("kaggle")
-        except metadata.PackageNotFoundError:
-            version = None
     if version is None or release(version) < release(CLIENT_MIN_VERSION):
         found = f"kaggle {version} is installed" if version else "the kaggle client is missing"
         raise ClientVersionError(

@@ -34,27 +34,30 @@ def _step_rate(run_step: Any, steps: int, batch: int, device: Any) -> float:
     """Images/s of `steps` calls of run_step after WARMUP_STEPS untimed ones."""
     import torch
 
-    for _ in range(WARMUP_STEPS):
-        run_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        run_step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    for count in (WARMUP_STEPS, steps):  # the second round is timed
+        start = time.perf_counter()
+        for _ in range(count):
+            run_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return steps * batch / max(time.perf_counter() - start, 1e-9)
 
 
 def _rates(
-    cfg: Any, net: Any, model: Any, device: Any, batch: int, steps: int
-) -> tuple[float, float]:
-    """(training, inference) images/s of this process: `steps` fp16 training steps of `model`
-    (`net` itself, or `net` wrapped in DDP) on `batch` random images, then `steps // 4`
-    inference batches of `net`."""
+    cfg: Any, device: Any, batch: int, steps: int, wrap: Any = None
+) -> tuple[float, float, float]:
+    """(training images/s, inference images/s, peak GPU memory in GiB, 0 on a CPU) of this
+    process: the model built on `device`, `steps` fp16 training steps of it (through `wrap(net)`,
+    e.g. DDP, when given) on `batch` random images, then `steps // 4` inference batches."""
     import torch
 
+    from utils.image.predict import build_model, to_device
+
     cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    net = to_device(build_model(cfg), device)
+    model = net if wrap is None else wrap(net)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
     shape = (batch, 3, cfg.image_size, cfg.image_size)
@@ -77,24 +80,18 @@ def _rates(
     net.train()
     train_rate = _step_rate(train_step, steps, batch, device)
     net.eval()
-    return train_rate, _step_rate(infer_step, max(1, steps // 4), batch, device)
+    infer_rate = _step_rate(infer_step, max(1, steps // 4), batch, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+    return train_rate, infer_rate, peak
 
 
 def smoke_model(model_name: str, device: Any, steps: int, **overrides: Any) -> dict[str, Any]:
     """Train `steps` fp16 steps and predict `steps // 4` batches of one model's full config."""
-    import torch
-
-    from utils.image.predict import build_model, to_device
     from utils.settings import image_config
 
     cfg = image_config(model_name, "full", **overrides)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    net = to_device(build_model(cfg), device)
-    train_rate, infer_rate = _rates(cfg, net, net, device, cfg.batch_size, steps)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    return _smoked(cfg, train_rate, infer_rate, peak)
+    train_rate, infer_rate, peak = _rates(cfg, device, cfg.batch_size, steps)
+    return _smoked(cfg, train_rate, infer_rate, peak if device.type == "cuda" else None)
 
 
 def _smoked(cfg: Any, train_rate: float, infer_rate: float, peak: float | None) -> dict[str, Any]:
@@ -116,11 +113,8 @@ def ddp_rank(model_name: str, steps: int, overrides: dict[str, Any]) -> dict[str
     from utils.settings import image_config
 
     cfg = image_config(model_name, "full", **overrides)  # a bad config fails before the imports
-    import torch
-
     from utils.image import distributed
     from utils.image.fold_training import with_ddp
-    from utils.image.predict import build_model, to_device
 
     group = distributed.current()
     if group is None:
@@ -130,14 +124,10 @@ def ddp_rank(model_name: str, steps: int, overrides: dict[str, Any]) -> dict[str
             f"{model_name}: batch_size {cfg.batch_size} is the global batch, shared by "
             f"{group.world_size} processes: it must be at least the number of processes"
         )
-    device, cuda = group.device, group.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
     lo, hi = distributed.shard_bounds(cfg.batch_size, group.rank, group.world_size)
-    net = to_device(build_model(cfg), device)
-    train_rate, infer_rate = _rates(cfg, net, with_ddp(net, group), device, hi - lo, steps)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
-    trains, infers, peaks = zip(*group.all_gather((train_rate, infer_rate, peak)), strict=True)
+    rates = _rates(cfg, group.device, hi - lo, steps, lambda net: with_ddp(net, group))
+    trains, infers, peaks = zip(*group.all_gather(rates), strict=True)
+    cuda = group.device.type == "cuda"
     return _smoked(cfg, sum(trains), sum(infers), max(peaks) if cuda else None)
 
 

@@ -84,4 +84,3 @@ def retry_transient(
             say(f"  {what} failed ({err}); retrying in {delay:g} s")
             sleep(delay)
             delay *= 2
-    raise AssertionError("unreachable")

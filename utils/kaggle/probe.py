@@ -56,15 +56,10 @@ def accelerator() -> dict[str, Any]:
     if info["cuda_available"]:
         info["gpu_count"] = torch.cuda.device_count()
         for index in range(info["gpu_count"]):
-            major, minor = torch.cuda.get_device_capability(index)
             props = torch.cuda.get_device_properties(index)
-            info["gpus"].append(
-                {
-                    "name": torch.cuda.get_device_name(index),
-                    "capability": f"{major}.{minor}",
-                    "memory_gib": round(props.total_memory / 2**30, 2),
-                }
-            )
+            gib = round(props.total_memory / 2**30, 2)
+            capability = f"{props.major}.{props.minor}"
+            info["gpus"].append({"name": props.name, "capability": capability, "memory_gib": gib})
     return info
 
 

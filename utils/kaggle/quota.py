@@ -101,12 +101,11 @@ def pass_rates(smoke: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
 def measured_hours(
     kernel: str,
     rates: dict[str, tuple[dict[str, Any], str]],
-    passes: dict[str, dict[str, Any]] | None = None,
+    passes: dict[str, dict[str, Any]],
 ) -> tuple[float, str] | None:
     """(session hours of a kernel at the smoke's rates, where they were measured), None when a
     model it runs was not measured. The submission kernel takes the timed image pass (`passes`)
     where the smoke ran it for every model, else the inference steps' rates."""
-    passes = passes or {}
     if kernel.startswith(IMAGE_KERNEL_PREFIX):
         model = kernel.removeprefix(IMAGE_KERNEL_PREFIX)
         if model not in rates:

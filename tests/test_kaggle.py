@@ -16,7 +16,7 @@ import nbformat
 import pytest
 from notebook_checks import code_sources, write_standin_notebook
 
-from utils.kaggle import build as kb, input as ki
+from utils.kaggle import build as kb, embed as ke, input as ki, metadata as km
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "probe_kernel"
@@ -130,7 +130,7 @@ def test_top_level_metadata_follows_the_build_owner(tree: Path, tmp_path: Path):
     meta = kb.read_json(top)
     assert meta["id"] == "alice/fusionnetx-isic2024-submission"
     assert meta["dataset_sources"] == [f"alice/{kb.IMAGE_DATASET}", f"alice/{kb.GBDT_DATASET}"]
-    assert meta["code_file"] == kb.top_level_code_file()
+    assert meta["code_file"] == km.top_level_code_file()
     assert _problems(tree) == []
     _edit(top, dataset_sources=[f"fusionnetx/{kb.IMAGE_DATASET}", f"alice/{kb.GBDT_DATASET}"])
     assert any("dataset_sources" in p for p in _problems(tree))
@@ -155,8 +155,8 @@ def test_input_path_finds_files_in_any_mount_layout(tmp_path, monkeypatch, capsy
 
 
 def test_utils_archive_is_deterministic_and_holds_the_package():
-    archive = kb.utils_archive()
-    assert archive == kb.utils_archive()
+    archive = ke.utils_archive()
+    assert archive == ke.utils_archive()
     names = zipfile.ZipFile(BytesIO(archive)).namelist()
     assert {"utils/__init__.py", "utils/kaggle/build.py", "utils/metric.py"} <= set(names)
     assert not any("__pycache__" in n or not n.endswith(".py") for n in names)
@@ -165,7 +165,7 @@ def test_utils_archive_is_deterministic_and_holds_the_package():
 def test_a_kernel_embeds_only_the_modules_it_imports():
     def embedded(kernel: str) -> set[str]:
         sources = code_sources(kb.NOTEBOOKS_DIR / f"{kernel}.ipynb")
-        return {p.relative_to(REPO).as_posix() for p in kb.kernel_modules(sources)}
+        return {p.relative_to(REPO).as_posix() for p in ke.kernel_modules(sources)}
 
     submission, gbdt = embedded(kb.SUBMISSION_KERNEL), embedded("03_gbdt")
     settings = {
@@ -208,7 +208,7 @@ def test_input_path_takes_the_highest_version_and_the_owners_mount(tmp_path, mon
 
 
 def test_built_parameters_name_the_owner_of_repo_datasets_only():
-    source = kb.injected_source(kb.KAGGLE_PARAMETERS[kb.SUBMISSION_KERNEL], "alice")
+    source = km.injected_source(kb.KAGGLE_PARAMETERS[kb.SUBMISSION_KERNEL], "alice")
     assert "input_path('isic-2024-challenge', 'test-metadata.csv')" in source
     assert f"'gbdt': '{kb.GBDT_DATASET}'}}, owner='alice')" in source
     assert "from utils.kaggle.input import input_path, link_inputs" in source
@@ -299,8 +299,8 @@ def test_any_other_difference_only_warns(monkeypatch, capsys, found, warning):
 def test_each_kernel_checks_only_the_libraries_it_imports():
     def libraries(kernel: str) -> list[str]:
         code = code_sources(kb.NOTEBOOKS_DIR / f"{kernel}.ipynb")
-        code.append(kb.injected_source(kb.KAGGLE_PARAMETERS[kernel]))
-        return kb.kernel_libraries(kb.utils_archive(kb.kernel_modules(code)), code)
+        code.append(km.injected_source(kb.KAGGLE_PARAMETERS[kernel]))
+        return ke.kernel_libraries(ke.utils_archive(ke.kernel_modules(code)), code)
 
     submission, tuning, image = (
         libraries(k) for k in ("04_inference", "02_tune_gbdt", "01_image_vit_tiny")
@@ -414,7 +414,7 @@ def probe(tmp_path: Path, fixtures_dir: Path) -> dict[str, Path]:
 PROBE_PARAMETERS = {
     "data_dir": kb.InputPath(kb.COMPETITION, "test-metadata.csv", parent=True),
     "output_dir": ".",
-    "artifacts_dir": kb.LinkedInputs((("gbdt", kb.GBDT_DATASET),)),
+    "artifacts_dir": km.LinkedInputs((("gbdt", kb.GBDT_DATASET),)),
 }
 
 
@@ -432,7 +432,7 @@ def test_built_kernel_runs_with_the_repository_off_sys_path(probe):
         probe["kernel"], probe["root"] / "build", "alice", PROBE_PARAMETERS, probe["notebooks"]
     )
     cells = nbformat.read(built / f"{PROBE}.ipynb", as_version=4).cells
-    assert kb.BOOTSTRAP_TAG in cells[0].metadata.tags
+    assert km.BOOTSTRAP_TAG in cells[0].metadata.tags
     assert cells[1].metadata.tags == ["parameters"] and cells[2].metadata.tags == [
         "injected-parameters"
     ]
@@ -473,7 +473,7 @@ def test_kaggle_client_push_dry_run_sends_the_built_notebook(probe):
         f"alice/{kb.IMAGE_DATASET}", f"alice/{kb.GBDT_DATASET}",
     ]  # fmt: skip
     sent = json.loads(request.text)
-    assert sent["cells"][0]["metadata"]["tags"] == [kb.BOOTSTRAP_TAG]
+    assert sent["cells"][0]["metadata"]["tags"] == [km.BOOTSTRAP_TAG]
     assert "base64.b64decode" in sent["cells"][0]["source"]
 
 
@@ -529,7 +529,7 @@ def test_every_dataset_passes_the_kaggle_client_create_dry_run(tmp_path: Path, s
     folder = kb.build_dataset(slug, source, tmp_path / "out", owner="alice")
     request, uploads = dry_run_dataset_create(folder)
     assert (request.owner_slug, request.slug) == ("alice", slug)
-    assert request.is_private is True and request.license_name in kb.KAGGLE_LICENSES
+    assert request.is_private is True and request.license_name in km.KAGGLE_LICENSES
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [kb.DATASET_METADATA, *kb.DATASET_CONTENTS[slug]]
     )
@@ -552,7 +552,7 @@ def test_real_kernel_builds_validates_and_passes_the_client_dry_run(tmp_path: Pa
         datasets,
     )  # fmt: skip
     meta = kb.read_json(built / kb.KERNEL_METADATA)
-    assert kb._built_problems(built, meta) == []
+    assert km._built_problems(built, meta) == []
     request = kb.dry_run_push(built)
     assert request.slug.startswith("alice/") and request.enable_internet is False
     assert all(ref.startswith("alice/") for ref in request.dataset_data_sources)
@@ -615,7 +615,7 @@ def test_continue_build_renders_the_kernels_own_output_and_folds(tmp_path):
     assert meta["kernel_sources"] == ["alice/fusionnetx-isic2024-vit-small-suspicious"]
     cells = json.loads((image / meta["code_file"]).read_text())["cells"]
     injected = next(
-        "".join(c["source"]) for c in cells if kb.INJECTED_TAG in c["metadata"].get("tags", [])
+        "".join(c["source"]) for c in cells if km.INJECTED_TAG in c["metadata"].get("tags", [])
     )
     assert "folds = [2, 3]" in injected
     assert (

@@ -18,7 +18,7 @@ from test_notebook_ablation import check_table
 
 from utils.folds import with_folds
 from utils.io import DataDir
-from utils.kaggle import build as kb, run as kr
+from utils.kaggle import build as kb, embed as ke, metadata as km, run as kr
 from utils.layout import ABLATION_FILE, ABLATION_TABLE_FILE
 from utils.settings import N_FOLDS
 from utils.tabular import ablation_stage as stage
@@ -77,7 +77,7 @@ def test_built_ablation_kernel_runs_off_repo_on_read_only_inputs(tmp_path, synth
     folder = kb.KERNELS_DIR / KERNEL
     built = kb.build_kernel(folder, tmp_path / "build", OWNER, params, kb.NOTEBOOKS_DIR, repo_ids)
     meta = kb.read_json(built / kb.KERNEL_METADATA)
-    assert kb._built_problems(built, meta) == []
+    assert km._built_problems(built, meta) == []
     assert meta["enable_gpu"] is False and meta["enable_internet"] is False
     assert meta["dataset_sources"] == [f"{OWNER}/{kb.IMAGE_DATASET}"]
     assert meta["competition_sources"] == [kb.COMPETITION]
@@ -104,12 +104,12 @@ def test_the_ablation_kernel_embeds_no_generator_and_no_torch_code():
     """The CPU kernel carries the ablation core, not the synthetic generator (the stand-ins'
     truth file is the command line's business) nor any image-model code."""
     code = code_sources(kb.NOTEBOOKS_DIR / f"{KERNEL}.ipynb")
-    code.append(kb.injected_source(kb.KAGGLE_PARAMETERS[KERNEL]))
-    modules = kb.kernel_modules(code)
+    code.append(km.injected_source(kb.KAGGLE_PARAMETERS[KERNEL]))
+    modules = ke.kernel_modules(code)
     files = {p.relative_to(kb.REPO_ROOT).as_posix() for p in modules}
     assert {"utils/tabular/ablation.py", "utils/tabular/ablation_stage.py"} <= files
     assert not files & {"utils/synthetic.py", "utils/image/models.py", "utils/pipeline.py"}
-    libraries = kb.kernel_libraries(kb.utils_archive(modules), code)
+    libraries = ke.kernel_libraries(ke.utils_archive(modules), code)
     assert "torch" not in libraries and {"lightgbm", "polars"} <= set(libraries)
 
 

@@ -20,7 +20,7 @@ from test_kaggle_run import (
     state_of,
 )
 
-from utils.kaggle import build as kb, limits as kl, run as kr
+from utils.kaggle import build as kb, limits as kl, metadata as km, run as kr
 
 # the fixtures of test_kaggle_run: the kernels built once, local weights, no network
 build_once, weights_dir, offline = base.build_once, base.weights_dir, base.offline
@@ -261,7 +261,7 @@ def test_an_image_session_out_of_time_is_continued_not_pushed_again(tmp_path, we
     injected = next(
         "".join(c["source"])
         for c in notebook["cells"]
-        if kb.INJECTED_TAG in c["metadata"].get("tags", [])
+        if km.INJECTED_TAG in c["metadata"].get("tags", [])
     )
     assert "folds = [2, 3, 4]" in injected and "resume_from = str(input_path(" in injected
     assert any("ran out of its time budget; continue folds [2, 3, 4] of v1" in x for x in lines)

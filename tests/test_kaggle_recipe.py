@@ -14,7 +14,7 @@ import nbformat
 import polars as pl
 import pytest
 
-from utils.kaggle import build as kb, input as ki
+from utils.kaggle import build as kb, input as ki, metadata as km
 from utils.settings import DEMO_FOLDS, resolve
 from utils.submission_file import validate_submission
 
@@ -25,7 +25,7 @@ def _injected(built: Path) -> str:
     """The injected parameters cell of a built kernel."""
     meta = kb.read_json(built / kb.KERNEL_METADATA)
     cells = nbformat.read(built / meta["code_file"], as_version=4).cells
-    return next(c.source for c in cells if kb.INJECTED_TAG in c.metadata.get("tags", []))
+    return next(c.source for c in cells if km.INJECTED_TAG in c.metadata.get("tags", []))
 
 
 def test_build_recipe_reaches_the_tuning_and_gbdt_kernels_only(tmp_path: Path):
@@ -94,7 +94,7 @@ def test_built_gbdt_and_submission_kernels_run_plus_off_repo(tmp_path: Path, syn
     submit_params = {
         **kb.KAGGLE_PARAMETERS[kb.SUBMISSION_KERNEL],
         **demo,
-        "artifacts_dir": kb.LinkedInputs(sources),
+        "artifacts_dir": km.LinkedInputs(sources),
         "num_workers": 0,
     }
     assert "recipe" not in submit_params

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from requests import HTTPError
 
-from utils.kaggle import build as kb, limits as kl, probe, run as kr, state as ks
+from utils.kaggle import build as kb, limits as kl, metadata as km, probe, run as kr, state as ks
 from utils.manifest import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -308,7 +308,7 @@ def build_once(monkeypatch, tmp_path_factory):
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local weights folder with every backbone file (tiny stand-ins)."""
     root = tmp_path_factory.mktemp("weights")
-    for name in kb.WEIGHT_FILES:
+    for name in km.WEIGHT_FILES:
         (root / name).write_bytes(b"state dict of " + name.encode())
     return root
 
@@ -845,7 +845,7 @@ def test_every_kernel_folder_belongs_to_exactly_one_step():
     published = {name for slug in kr.DATASET_STEP for name in kb.DATASET_CONTENTS[slug]}
     probes = {kr.PRODUCES[kernel] for kernel in kr.PROBE_KERNELS}
     reported = {kr.SUBMISSION_FILE, kr.PRODUCES[kb.ABLATION_KERNEL]}  # downloaded, not published
-    assert published - set(kb.WEIGHT_FILES) == set(kr.PRODUCER) - reported - probes
+    assert published - set(km.WEIGHT_FILES) == set(kr.PRODUCER) - reported - probes
 
 
 def test_the_command_line_stops_with_exit_1_and_the_resume_command(tmp_path, capsys):

@@ -20,7 +20,7 @@ from test_kaggle_run import (
     state_of,
 )
 
-from utils.kaggle import build as kb, limits as kl, metadata as km, run as kr
+from utils.kaggle import build as kb, limits as kl, metadata as km, run as kr, steps as kst
 
 # the fixtures of test_kaggle_run: the kernels built once, local weights, no network
 build_once, weights_dir, offline = base.build_once, base.weights_dir, base.offline
@@ -55,7 +55,7 @@ def test_the_workflow_reaches_a_submission_through_every_limit_at_once(tmp_path,
     assert state["submitted"]["status"] == "complete"
     assert state["submitted"]["public_score"] == "0.1702"
     assert any("scored: public score 0.1702" in line for line in lines)
-    assert set(state["gpu_seconds"]) == {"00_probe_gpu", *kr.IMAGE_KERNELS, kb.SUBMISSION_KERNEL}
+    assert set(state["gpu_seconds"]) == {"00_probe_gpu", *kst.IMAGE_KERNELS, kb.SUBMISSION_KERNEL}
 
 
 def test_gpu_kernels_are_queued_under_the_cap_and_cpu_kernels_are_not(tmp_path, weights_dir):
@@ -64,8 +64,8 @@ def test_gpu_kernels_are_queued_under_the_cap_and_cpu_kernels_are_not(tmp_path, 
     stopped, _ = run(tmp_path, fake, weights_dir, gpu_sessions=1)
     assert stopped is None, stopped
     assert fake.most_gpu_sessions == 1 and fake.refusals == 0
-    order = [c[1] for c in fake.calls if c[0] in ("push", "output") and c[1] in kr.IMAGE_KERNELS]
-    assert order == [k for kernel in kr.IMAGE_KERNELS for k in (kernel, kernel)]
+    order = [c[1] for c in fake.calls if c[0] in ("push", "output") and c[1] in kst.IMAGE_KERNELS]
+    assert order == [k for kernel in kst.IMAGE_KERNELS for k in (kernel, kernel)]
 
 
 def test_a_mount_race_is_pushed_again_once_then_stops(tmp_path, weights_dir):
@@ -101,7 +101,7 @@ def test_an_existing_dataset_still_processing_is_waited_for(tmp_path, weights_di
     fake.processing_checks[kb.WEIGHTS_DATASET] = 3
     stopped, _ = run(tmp_path, fake, weights_dir)
     assert stopped is None, stopped
-    assert fake.actions()[len(kr.PROBE_KERNELS)] == ("push", kr.IMAGE_KERNELS[0], 1)
+    assert fake.actions()[len(kst.PROBE_KERNELS)] == ("push", kst.IMAGE_KERNELS[0], 1)
     assert_no_stale_push(fake)  # the image kernels were pushed only once v3 was ready
 
 
@@ -274,9 +274,9 @@ def test_an_image_session_out_of_time_is_continued_not_pushed_again(tmp_path, we
 
 def test_a_partial_session_recorded_before_a_stop_is_continued_on_resume(tmp_path, weights_dir):
     fake = FakeKaggle()
-    kernel = kr.IMAGE_KERNELS[0]
+    kernel = kst.IMAGE_KERNELS[0]
     fake.out_of_time[kernel] = [4]
-    fake.fail_kernels.add(kr.IMAGE_KERNELS[1])  # stops the run before the continuation ends
+    fake.fail_kernels.add(kst.IMAGE_KERNELS[1])  # stops the run before the continuation ends
     stopped, _ = run(tmp_path, fake, weights_dir)
     assert "STOPPED at step 'images'" in stopped
     assert state_of(tmp_path)["kernels"][kernel]["status"] == "partial"
@@ -297,7 +297,7 @@ def test_the_image_step_prints_projected_gpu_hours_and_refuses_beyond_the_quota(
     expected = quota.QUOTA_SAFETY * sum(quota.PROJECTED_HOURS.values())
     assert f"projected at up to {expected:.2f} GPU-hours" in stopped
     assert any("FLOP projection" in line and "not measured" in line for line in lines)
-    assert not [c for c in fake.actions(("push",)) if c[1] in kr.IMAGE_KERNELS]
+    assert not [c for c in fake.actions(("push",)) if c[1] in kst.IMAGE_KERNELS]
     stopped, lines = run(tmp_path, fake, weights_dir, gpu_hours=30.0)
     assert stopped is None, stopped
     spent = sum(state_of(tmp_path)["gpu_seconds"].values()) / 3600

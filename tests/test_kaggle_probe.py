@@ -14,7 +14,7 @@ import pytest
 import test_kaggle_run as base
 from test_kaggle_run import FakeKaggle, run, state_of
 
-from utils.kaggle import build as kb, input as ki, probe, run as kr
+from utils.kaggle import build as kb, input as ki, probe, steps as kst
 
 REPO = Path(__file__).resolve().parents[1]
 PINS = probe.requirement_pins((REPO / "requirements-kaggle.txt").read_text())
@@ -117,12 +117,12 @@ def test_a_known_bad_library_in_an_image_stops_before_any_long_kernel(tmp_path, 
     fake.probes["00_probe_gpu"] = _probe("gpu", timm="0.6.13")
     stopped, _ = run(tmp_path, fake, weights_dir)
     assert "STOPPED at step 'probe'" in stopped and "timm 0.6.13 is known not to work" in stopped
-    assert [c[1] for c in fake.actions()] == list(kr.PROBE_KERNELS)
+    assert [c[1] for c in fake.actions()] == list(kst.PROBE_KERNELS)
 
 
 def test_probe_kernels_are_built_never_to_stop_on_a_version(tmp_path):
     built = kb.build_all(tmp_path / "b", "alice")
-    for kernel in kr.PROBE_KERNELS:
+    for kernel in kst.PROBE_KERNELS:
         folder = next(p for p in built if p.name == kernel)
         meta = kb.read_json(folder / kb.KERNEL_METADATA)
         assert meta["enable_internet"] is False and meta["dataset_sources"] == []
@@ -132,7 +132,7 @@ def test_probe_kernels_are_built_never_to_stop_on_a_version(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", kr.PROBE_KERNELS)
+@pytest.mark.parametrize("kernel", kst.PROBE_KERNELS)
 def test_built_probe_kernel_runs_off_the_repo_against_an_emulated_input(tmp_path, kernel):
     inputs = tmp_path / "input"
     comp = inputs / kb.COMPETITION
@@ -153,7 +153,7 @@ def test_built_probe_kernel_runs_off_the_repo_against_an_emulated_input(tmp_path
         cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads((elsewhere / kr.PRODUCES[kernel]).read_text())
+    found = json.loads((elsewhere / kst.PRODUCES[kernel]).read_text())
     assert found["image"] == kernel.rsplit("_", 1)[1]
     listed = found["inputs"][kb.COMPETITION + "/"]
     assert listed["test-metadata.csv"] == 8 and "train-image.hdf5" in listed
@@ -185,7 +185,7 @@ def test_a_failed_gpu_smoke_refuses_the_image_step_until_the_probes_pass(tmp_pat
     assert "STOPPED at step 'images'" in stopped
     assert "vit_small_suspicious: RuntimeError: CUDA error: no kernel image" in stopped
     assert "--only probe" in stopped
-    assert not [c for c in fake.actions(("push",)) if c[1] in kr.IMAGE_KERNELS]
+    assert not [c for c in fake.actions(("push",)) if c[1] in kst.IMAGE_KERNELS]
     # GPU-hours: only the GPU probe's session was spent, and the state records what it cost
     assert list(state_of(tmp_path)["gpu_seconds"]) == ["00_probe_gpu"]
     assert state_of(tmp_path)["gpu_seconds"]["00_probe_gpu"] == pytest.approx(fake.gpu_seconds)
@@ -197,7 +197,7 @@ def test_a_failed_gpu_smoke_refuses_the_image_step_until_the_probes_pass(tmp_pat
     assert state["smoke"]["failed"] == []
     assert fake.actions(("submit",)) and state["submitted"]["status"] == "complete"
     spent = state["gpu_seconds"]
-    assert set(spent) == {"00_probe_gpu", *kr.IMAGE_KERNELS, kb.SUBMISSION_KERNEL}
+    assert set(spent) == {"00_probe_gpu", *kst.IMAGE_KERNELS, kb.SUBMISSION_KERNEL}
     assert sum(spent.values()) == pytest.approx(fake.gpu_seconds)  # both probe runs included
 
 
@@ -369,7 +369,7 @@ def test_the_run_checks_the_quota_at_the_smokes_rates(tmp_path, weights_dir):
     assert "STOPPED at step 'images'" in stopped and "raise --gpu-hours" in stopped
     assert any("projected GPU-hours, measured by the smoke kernel, one GPU:" in x for x in lines)
     assert not any("FLOP projection" in line for line in lines)
-    assert not [c for c in fake.actions(("push",)) if c[1] in kr.IMAGE_KERNELS]
+    assert not [c for c in fake.actions(("push",)) if c[1] in kst.IMAGE_KERNELS]
     fake.smoke = SMOKE_T4X2  # fast enough, but DDP failed for one model: refused
     assert run(tmp_path, fake, weights_dir, only="probe")[0] is None
     stopped, _ = run(tmp_path, fake, weights_dir)

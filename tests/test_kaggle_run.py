@@ -19,7 +19,17 @@ from pathlib import Path
 import pytest
 from requests import HTTPError
 
-from utils.kaggle import build as kb, limits as kl, metadata as km, probe, run as kr, state as ks
+from utils.kaggle import (
+    build as kb,
+    client as kc,
+    limits as kl,
+    metadata as km,
+    probe,
+    run as kr,
+    state as ks,
+    steps as kst,
+)
+from utils.layout import SUBMISSION_FILE
 from utils.manifest import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +37,7 @@ OWNER = "alice"
 IMAGE_MODELS = kb.DATASET_CONTENTS[kb.IMAGE_DATASET]
 # What each notebook writes under /kaggle/working (see the notebooks' output cells).
 KERNEL_FILES = {
-    **{kernel: [kr.PRODUCES[kernel]] for kernel in kr.PROBE_KERNELS},
+    **{kernel: [kst.PRODUCES[kernel]] for kernel in kst.PROBE_KERNELS},
     **{
         f"01_image_{m}": [f"{m}/oof.csv", f"{m}/fold0.pt", f"{m}/config.json"] for m in IMAGE_MODELS
     },
@@ -59,7 +69,7 @@ _PROBED: dict[str, dict] = {}
 
 def probe_result(kernel: str) -> dict:
     """utils.kaggle.probe run for real on this machine (once), as that probe kernel's output."""
-    image = kr.PRODUCES[kernel].removeprefix("probe-").removesuffix(".json")
+    image = kst.PRODUCES[kernel].removeprefix("probe-").removesuffix(".json")
     if not _PROBED:
         import tempfile
 
@@ -113,7 +123,7 @@ class FakeKaggle:
         self.smoke: dict | None = None  # the GPU probe's smoke-gpu.json, when set
         self.pushed_meta: dict[tuple[str, int], dict] = {}
         self.fail_scoring = False
-        self.probes = {kernel: probe_result(kernel) for kernel in kr.PROBE_KERNELS}
+        self.probes = {kernel: probe_result(kernel) for kernel in kst.PROBE_KERNELS}
 
     # the clock the runner polls with
     def sleep(self, seconds: float) -> None:
@@ -334,12 +344,12 @@ def run(tmp_path: Path, fake: FakeKaggle, weights: Path, **options) -> tuple[str
 
 def state_of(tmp_path: Path) -> dict:
     """The state file as written."""
-    return json.loads((tmp_path / "work" / kr.STATE_FILE).read_text())
+    return json.loads((tmp_path / "work" / kst.STATE_FILE).read_text())
 
 
 def steps_done(tmp_path: Path) -> list[str]:
     """Steps the state file records as finished (none before the first save)."""
-    path = tmp_path / "work" / kr.STATE_FILE
+    path = tmp_path / "work" / kst.STATE_FILE
     return list(json.loads(path.read_text())["steps"]) if path.is_file() else []
 
 
@@ -351,11 +361,11 @@ def assert_no_stale_push(fake: FakeKaggle) -> None:
 
 
 # the steps of a run with --tune (the ablation is off without --ablation: test_kaggle_ablation)
-TUNE_RUN_STEPS = [step.name for step in kr.STEPS if step.option in (None, "tune")]
+TUNE_RUN_STEPS = [step.name for step in kst.STEPS if step.option in (None, "tune")]
 FULL_RUN = [
-    *[("push", kernel, 1) for kernel in kr.PROBE_KERNELS],
+    *[("push", kernel, 1) for kernel in kst.PROBE_KERNELS],
     ("create", kb.WEIGHTS_DATASET, 1),
-    *[("push", kernel, 1) for kernel in kr.IMAGE_KERNELS],
+    *[("push", kernel, 1) for kernel in kst.IMAGE_KERNELS],
     ("create", kb.IMAGE_DATASET, 1),
     ("push", "02_tune_gbdt", 1),
     ("create", kb.TUNING_DATASET, 1),
@@ -373,14 +383,14 @@ def test_full_run_makes_every_call_in_order_and_records_it(tmp_path, weights_dir
     assert fake.actions() == FULL_RUN
     assert_no_stale_push(fake)
     # two image kernels run at once (Kaggle's GPU session cap), the other two when those end
-    image_calls = [c for c in fake.calls if c[1] in kr.IMAGE_KERNELS]
+    image_calls = [c for c in fake.calls if c[1] in kst.IMAGE_KERNELS]
     first_status = next(i for i, c in enumerate(image_calls) if c[0] == "status")
     assert [c[0] for c in image_calls[:first_status]] == ["push"] * 2
-    pushes = [i for i, c in enumerate(fake.calls) if c[:2] == ("push", kr.IMAGE_KERNELS[2])]
+    pushes = [i for i, c in enumerate(fake.calls) if c[:2] == ("push", kst.IMAGE_KERNELS[2])]
     assert fake.calls[pushes[0] - 1][0] == "output"  # after a running one was collected
     # back-off: 30 s doubling while the probes are queued, then 30 s for the weights upload
     assert fake.sleeps[:3] == [30.0, 60.0, 30.0]
-    assert max(fake.sleeps) <= kr.POLL_MAX_S
+    assert max(fake.sleeps) <= kst.POLL_MAX_S
     state = state_of(tmp_path)
     assert list(state["steps"]) == TUNE_RUN_STEPS
     gbdt = state["kernels"]["03_gbdt"]
@@ -480,11 +490,11 @@ def test_kernels_still_running_at_a_failure_are_awaited_not_pushed_again(tmp_pat
     calls_before = len(fake.calls)
     run(tmp_path, fake, weights_dir)
     pushed = [
-        c[1] for c in fake.calls[calls_before:] if c[0] == "push" and c[1] in kr.IMAGE_KERNELS
+        c[1] for c in fake.calls[calls_before:] if c[0] == "push" and c[1] in kst.IMAGE_KERNELS
     ]
     assert pushed == ["01_image_vit_tiny_suspicious"]
-    downloads = [c for c in fake.calls if c[0] == "output" and c[1] in kr.IMAGE_KERNELS]
-    assert sorted(c[1] for c in downloads) == sorted(kr.IMAGE_KERNELS)  # each once
+    downloads = [c for c in fake.calls if c[0] == "output" and c[1] in kst.IMAGE_KERNELS]
+    assert sorted(c[1] for c in downloads) == sorted(kst.IMAGE_KERNELS)  # each once
 
 
 def test_another_recipe_repushes_tuning_and_gbdt_never_an_image_kernel(tmp_path, weights_dir):
@@ -496,7 +506,7 @@ def test_another_recipe_repushes_tuning_and_gbdt_never_an_image_kernel(tmp_path,
     assert stopped is None, stopped
     pushes = [c[1] for c in fake.calls[before:] if c[0] == "push"]
     assert pushes[:2] == ["02_tune_gbdt", "03_gbdt"]
-    assert not set(pushes) & set(kr.IMAGE_KERNELS)
+    assert not set(pushes) & set(kst.IMAGE_KERNELS)
     assert any("recipe paper -> plus" in line for line in lines), lines
     assert state_of(tmp_path)["kernels"]["03_gbdt"]["recipe"] == "plus"
     before = len(fake.calls)
@@ -510,7 +520,7 @@ def test_another_recipe_repushes_tuning_and_gbdt_never_an_image_kernel(tmp_path,
         (kb.GBDT_DATASET, ["04_inference"]),
         (kb.IMAGE_DATASET, ["02_tune_gbdt", "03_gbdt", "04_inference"]),
         (kb.TUNING_DATASET, ["03_gbdt", "04_inference"]),
-        (kb.WEIGHTS_DATASET, [*kr.IMAGE_KERNELS, "02_tune_gbdt", "03_gbdt", "04_inference"]),
+        (kb.WEIGHTS_DATASET, [*kst.IMAGE_KERNELS, "02_tune_gbdt", "03_gbdt", "04_inference"]),
     ],
 )
 def test_a_new_dataset_version_repushes_exactly_its_consumers(
@@ -577,8 +587,8 @@ def test_an_existing_weights_dataset_is_used_and_a_missing_folder_is_explained(t
     stopped, lines = run(tmp_path, fake, tmp_path / "no-weights")
     assert stopped is None
     assert f"{OWNER}/{kb.WEIGHTS_DATASET} exists on Kaggle (v4): using it" in "".join(lines)
-    assert fake.actions()[len(kr.PROBE_KERNELS)] == ("push", kr.IMAGE_KERNELS[0], 1)
-    assert state_of(tmp_path)["kernels"][kr.IMAGE_KERNELS[0]]["against"] == {kb.WEIGHTS_DATASET: 4}
+    assert fake.actions()[len(kst.PROBE_KERNELS)] == ("push", kst.IMAGE_KERNELS[0], 1)
+    assert state_of(tmp_path)["kernels"][kst.IMAGE_KERNELS[0]]["against"] == {kb.WEIGHTS_DATASET: 4}
 
 
 def test_a_kernel_that_completes_without_its_output_stops_the_run(
@@ -594,34 +604,36 @@ def test_a_kernel_that_completes_without_its_output_stops_the_run(
 def test_a_state_file_of_another_owner_is_refused(tmp_path, weights_dir):
     run(tmp_path, FakeKaggle(), weights_dir, only="weights")
     with pytest.raises(kr.RunStopped, match="records a run for owner 'alice', not 'bob'"):
-        kr.load_state(tmp_path / "work" / kr.STATE_FILE, "bob")
+        ks.load_state(tmp_path / "work" / kst.STATE_FILE, "bob")
 
 
 def test_the_state_file_is_replaced_atomically(tmp_path):
     path = tmp_path / "state.json"
-    kr.save_state(path, ks.empty_state(OWNER))
-    kr.save_state(path, {**ks.empty_state(OWNER), "submitted": {"version": 3}})
-    assert kr.load_state(path, OWNER)["submitted"] == {"version": 3}
+    ks.save_state(path, ks.empty_state(OWNER))
+    ks.save_state(path, {**ks.empty_state(OWNER), "submitted": {"version": 3}})
+    assert ks.load_state(path, OWNER)["submitted"] == {"version": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
 def test_push_reason():
     record = {"ref": "a/k", "version": 3, "against": {"d": 1}, "status": "complete"}
-    assert kr.push_reason(None, "a/k", {}, False) == "never pushed"
-    assert kr.push_reason(record, "a/k", {"d": 1}, False) is None
-    assert kr.push_reason(record, "a/k", {"d": 2}, False) == "new input d v1 -> v2"
-    assert kr.push_reason(record, "a/k", {"d": 1, "t": 1}, False) == "new input t v- -> v1"
-    assert kr.push_reason({**record, "status": "error"}, "a/k", {"d": 1}, False) == "v3 ended error"
-    assert kr.push_reason({**record, "status": "running"}, "a/k", {"d": 1}, False) is None
-    assert kr.push_reason(record, "a/k", {"d": 1}, True) == "forced by --from/--only"
+    assert kst.push_reason(None, "a/k", {}, False) == "never pushed"
+    assert kst.push_reason(record, "a/k", {"d": 1}, False) is None
+    assert kst.push_reason(record, "a/k", {"d": 2}, False) == "new input d v1 -> v2"
+    assert kst.push_reason(record, "a/k", {"d": 1, "t": 1}, False) == "new input t v- -> v1"
+    assert (
+        kst.push_reason({**record, "status": "error"}, "a/k", {"d": 1}, False) == "v3 ended error"
+    )
+    assert kst.push_reason({**record, "status": "running"}, "a/k", {"d": 1}, False) is None
+    assert kst.push_reason(record, "a/k", {"d": 1}, True) == "forced by --from/--only"
 
 
 def test_log_tail_reads_kaggles_json_log_and_plain_text():
-    assert kr.log_tail(json.dumps(KAGGLE_LOG), lines=2).splitlines() == [
+    assert ks.log_tail(json.dumps(KAGGLE_LOG), lines=2).splitlines() == [
         "fold 0 epoch 1/10",
         "OutOfMemoryError: CUDA out of memory.",
     ]
-    assert kr.log_tail("a\nb\nc\n", lines=1) == "c"
+    assert ks.log_tail("a\nb\nc\n", lines=1) == "c"
 
 
 # ---------------------------------------------------------------- --dry-run
@@ -803,7 +815,7 @@ def test_every_call_exists_with_that_signature_on_the_installed_kaggle_package(t
     assert client.push_kernel(tmp_path) == 7
     assert client.kernel_status("alice/k", 7) == ("cancel_acknowledged", "cancelled")
     assert client.kernel_output("alice/k", 7, tmp_path) == [f"{tmp_path}/oof.csv"]
-    assert "CUDA out of memory" in kr.log_tail(client.kernel_log("alice/k", 7))
+    assert "CUDA out of memory" in ks.log_tail(client.kernel_log("alice/k", 7))
     assert client.dataset_version("alice/weights") == 3
     assert client.dataset_version("alice/missing") is None
     assert client.dataset_status("alice/weights") == "ready"
@@ -817,7 +829,7 @@ def test_every_call_exists_with_that_signature_on_the_installed_kaggle_package(t
         "description": "FusionNetX v7",
     }  # fmt: skip
     assert set(api.bound) == api_calls_in(kr.KaggleApiClient)
-    assert "cancel_acknowledged" in kr.FAILED
+    assert "cancel_acknowledged" in kst.FAILED
 
 
 def test_the_fake_and_the_plan_client_speak_the_real_clients_protocol():
@@ -825,7 +837,7 @@ def test_the_fake_and_the_plan_client_speak_the_real_clients_protocol():
     assert len(protocol) == 10
     for name in protocol:
         real = inspect.signature(getattr(kr.KaggleApiClient, name)).parameters
-        for other in (FakeKaggle, kr.PlanClient):
+        for other in (FakeKaggle, kc.PlanClient):
             assert list(inspect.signature(getattr(other, name)).parameters) == list(real), name
 
 
@@ -839,13 +851,13 @@ def test_a_rejected_push_stops_with_kaggles_message(tmp_path):
 
 
 def test_every_kernel_folder_belongs_to_exactly_one_step():
-    kernels = [kernel for step in kr.STEPS for kernel in step.kernels]
+    kernels = [kernel for step in kst.STEPS for kernel in step.kernels]
     assert sorted(kernels) == sorted(p.name for p in kb.kernel_folders())
-    assert set(kr.PRODUCES) == set(kernels)
-    published = {name for slug in kr.DATASET_STEP for name in kb.DATASET_CONTENTS[slug]}
-    probes = {kr.PRODUCES[kernel] for kernel in kr.PROBE_KERNELS}
-    reported = {kr.SUBMISSION_FILE, kr.PRODUCES[kb.ABLATION_KERNEL]}  # downloaded, not published
-    assert published - set(km.WEIGHT_FILES) == set(kr.PRODUCER) - reported - probes
+    assert set(kst.PRODUCES) == set(kernels)
+    published = {name for slug in kst.DATASET_STEP for name in kb.DATASET_CONTENTS[slug]}
+    probes = {kst.PRODUCES[kernel] for kernel in kst.PROBE_KERNELS}
+    reported = {SUBMISSION_FILE, kst.PRODUCES[kb.ABLATION_KERNEL]}  # downloaded, not published
+    assert published - set(km.WEIGHT_FILES) == set(kst.PRODUCER) - reported - probes
 
 
 def test_the_command_line_stops_with_exit_1_and_the_resume_command(tmp_path, capsys):
@@ -878,7 +890,7 @@ def test_changed_code_is_reported_but_only_pushed_on_request(tmp_path, weights_d
     run(tmp_path, fake, weights_dir)
     state = state_of(tmp_path)
     state["kernels"]["03_gbdt"]["code_sha256"] = "built from older code"
-    kr.save_state(tmp_path / "work" / kr.STATE_FILE, state)
+    ks.save_state(tmp_path / "work" / kst.STATE_FILE, state)
     before = len(fake.calls)
     stopped, lines = run(tmp_path, fake, weights_dir)
     assert stopped is None and fake.actions(("push",))[before:] == []
@@ -979,16 +991,16 @@ def test_the_adapter_runs_through_the_installed_clients_own_code(tmp_path):
 
 def test_a_dropped_status_check_is_retried_until_it_keeps_failing(tmp_path, weights_dir):
     fake = FakeKaggle()
-    fake.status_outages = kr.MAX_FAILED_CHECKS - 1
+    fake.status_outages = kst.MAX_FAILED_CHECKS - 1
     stopped, lines = run(tmp_path / "a", fake, weights_dir)
     assert stopped is None
     failed = [line for line in lines if "status check failed (503 Server Error)" in line]
-    assert len(failed) == kr.MAX_FAILED_CHECKS - 1
+    assert len(failed) == kst.MAX_FAILED_CHECKS - 1
     fake = FakeKaggle()
-    fake.status_outages = kr.MAX_FAILED_CHECKS
+    fake.status_outages = kst.MAX_FAILED_CHECKS
     stopped, lines = run(tmp_path / "b", fake, weights_dir)
     assert "STOPPED at step 'probe': HTTPError: 503 Server Error" in stopped
-    assert sum("status check failed" in line for line in lines) == kr.MAX_FAILED_CHECKS - 1
+    assert sum("status check failed" in line for line in lines) == kst.MAX_FAILED_CHECKS - 1
     assert "resume with:\n  python -m utils.kaggle.run" in stopped
 
 
@@ -1004,5 +1016,5 @@ def test_ctrl_c_keeps_the_state_and_prints_the_resume_command(tmp_path, capsys):
     assert code == 130
     assert "resume with:\n  python -m utils.kaggle.run --owner alice" in capsys.readouterr().err
     pushed = state_of(tmp_path)["kernels"]
-    assert sorted(pushed) == sorted(kr.PROBE_KERNELS)  # the first step's pushes
+    assert sorted(pushed) == sorted(kst.PROBE_KERNELS)  # the first step's pushes
     assert {r["status"] for r in pushed.values()} == {"pushed"}

@@ -37,37 +37,15 @@ import sys
 from pathlib import Path
 
 from utils.kaggle import build as kb, limits as kl
-from utils.kaggle.client import KaggleApiClient, KaggleClient, PlanClient, RunStopped
+from utils.kaggle.client import KaggleApiClient, KaggleClient, RunStopped
 from utils.kaggle.runner import Runner
-from utils.kaggle.state import load_state, log_tail, save_state
 from utils.kaggle.steps import (
-    DATASET_STEP,
     DEFAULT_TIMEOUT_H,
     DEFAULT_WEIGHTS_DIR,
     DEFAULT_WORK_DIR,
-    FAILED,
-    IMAGE_KERNELS,
-    MAX_FAILED_CHECKS,
-    POLL_MAX_S,
-    PROBE_KERNELS,
-    PRODUCER,
-    PRODUCES,
-    STATE_FILE,
     STEP_NAMES,
-    STEPS,
     Options,
-    push_reason,
 )
-from utils.layout import SUBMISSION_FILE
-
-# The names the workflow's callers and tests reach through this module.
-__all__ = [
-    "DATASET_STEP", "FAILED", "IMAGE_KERNELS", "MAX_FAILED_CHECKS", "POLL_MAX_S", "PROBE_KERNELS",
-    "PRODUCER", "PRODUCES", "STATE_FILE", "STEPS", "STEP_NAMES", "SUBMISSION_FILE",
-    "KaggleApiClient", "KaggleClient", "Options", "PlanClient", "RunStopped", "Runner",
-    "load_state", "log_tail", "main", "options_from", "parse_args", "push_reason", "save_state",
-]  # fmt: skip
-
 
 # The options a resume command repeats where they differ from their default (then the switches).
 RESUMED = ("--work-dir", "--weights", "--timeout-h", "--message", "--recipe", "--gpu-sessions",

@@ -130,7 +130,7 @@ def test_top_level_metadata_follows_the_build_owner(tree: Path, tmp_path: Path):
     meta = kb.read_json(top)
     assert meta["id"] == "alice/fusionnetx-isic2024-submission"
     assert meta["dataset_sources"] == [f"alice/{kb.IMAGE_DATASET}", f"alice/{kb.GBDT_DATASET}"]
-    assert meta["code_file"] == km.top_level_code_file()
+    assert meta["code_file"] == km.TOP_LEVEL_CODE_FILE
     assert _problems(tree) == []
     _edit(top, dataset_sources=[f"fusionnetx/{kb.IMAGE_DATASET}", f"alice/{kb.GBDT_DATASET}"])
     assert any("dataset_sources" in p for p in _problems(tree))

@@ -29,6 +29,8 @@ DATASET_METADATA = "dataset-metadata.json"
 COMPETITION = "isic-2024-challenge"
 GPU_SHAPE = "NvidiaTeslaT4"
 SUBMISSION_KERNEL = "04_inference"
+# code_file of the top-level metadata: the built submission notebook (repo-relative)
+TOP_LEVEL_CODE_FILE = f"build/kernels/{SUBMISSION_KERNEL}/{SUBMISSION_KERNEL}.ipynb"
 ABLATION_KERNEL = "06_ablation"  # the plus candidates on the real data (CPU, optional)
 KAGGLE_WORKING = "/kaggle/working"
 BOOTSTRAP_TAG = "fusionnetx-bootstrap"
@@ -407,7 +409,7 @@ def top_level_metadata(submission_dir: Path, owner: str) -> dict[str, Any]:
     ref = read_json(submission_dir / KERNEL_METADATA)
     repo_ids = set(defined_datasets(submission_dir.parent / "datasets").values())
     owned = with_owner(ref, owner, repo_ids) if OWNER_RE.match(owner) else ref
-    return {**owned, "code_file": top_level_code_file()}
+    return {**owned, "code_file": TOP_LEVEL_CODE_FILE}
 
 
 def write_top_level(
@@ -421,8 +423,3 @@ def write_top_level(
     meta = top_level_metadata(kernels_dir / SUBMISSION_KERNEL, owner)
     top_level.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return True
-
-
-def top_level_code_file() -> str:
-    """code_file of the top-level metadata: the built submission notebook (repo-relative)."""
-    return f"build/kernels/{SUBMISSION_KERNEL}/{SUBMISSION_KERNEL}.ipynb"

@@ -1,15 +1,11 @@
 """Kaggle's weekly GPU quota: the GPU-hours a run's image step and submission are projected to
-take, checked against `--gpu-hours` before the image kernels are pushed.
-
-Two sources, each labelled where it is printed:
-- measured by the smoke kernel: once the GPU probe's smoke (utils.kaggle.smoke) has run, each
-  image model's training and inference images/s on Kaggle's GPUs (its DDP pass on every GPU
-  when it ran, as the kernels run, else its one-GPU pass) turn the images a kernel processes
-  (utils.image.budget.fold_images, on ISIC 2024's counts) into session hours. The smoke times
-  training steps on random images and, apart, the training input on real crops (JPEG decode
-  and augmentation in the loader workers): a kernel trains at the slower of the two; the
-  submission kernel is projected from the smoke's timed image pass on real crops (decode, every
-  fold model, every GPU) when it ran for every model;
+take, checked against `--gpu-hours` before the image kernels are pushed. Two sources, each
+labelled where it is printed:
+- measured by the smoke kernel (utils.kaggle.smoke), once the GPU probe has run: each image
+  model's images/s on Kaggle's GPUs turn the images a kernel processes
+  (utils.image.budget.fold_images, on ISIC 2024's counts) into session hours; a kernel trains at
+  the slower of its GPU steps and its training input on real crops, and the submission kernel
+  takes the smoke's timed image pass where it ran for every model;
 - else a FLOP projection: `python -m bench.bench_training --gpus 2` (docs/benchmarks.md,
   section 9) at an assumed 10% of a T4's fp16 peak on Kaggle's T4 x 2, which that section reads
   as good to about 2x.

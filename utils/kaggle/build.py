@@ -53,6 +53,7 @@ from utils.kaggle.metadata import (
     TOP_LEVEL_METADATA,
     TUNED_GBDT,
     TUNING_DATASET as TUNING_DATASET,
+    WEIGHT_FILES,
     WEIGHTS_DATASET as WEIGHTS_DATASET,
     InputPath,
     KaggleBuildError,
@@ -213,12 +214,10 @@ def download_weights(out_dir: Path) -> list[Path]:
     from utils.image.models import BACKBONES
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
     for name in sorted(set(IMAGE_BACKBONES.values())):
         model = timm.create_model(BACKBONES[name].timm_name, pretrained=True)
         torch.save(model.state_dict(), out_dir / f"{name}.pth")
-        written.append(out_dir / f"{name}.pth")
-    return written
+    return [out_dir / name for name in WEIGHT_FILES]
 
 
 # ---------------------------------------------------------------- offline dry run of the client

@@ -68,11 +68,10 @@ def retry_transient(
     sleep: Callable[[float], None],
     say: Callable[[str], None],
     retries: int = TRANSIENT_RETRIES,
-    first_s: float = TRANSIENT_FIRST_S,
 ) -> T:
     """call(), asked again with doubling pauses after a transient error: a dropped connection
     or a 408 / 429 / 5xx answer (others raise at once)."""
-    delay = first_s
+    delay = TRANSIENT_FIRST_S
     for attempt in range(retries + 1):
         try:
             return call()

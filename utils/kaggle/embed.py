@@ -32,10 +32,7 @@ KERNEL_BASE_MODULES = ("utils/__init__.py", "utils/kaggle/input.py")
 def _module_file(module: str, root: Path) -> Path | None:
     """File of a `utils...` module under root (the repository), or None if it is not one."""
     base = root.joinpath(*module.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
 
 
 def _imported_modules(source: str, package: str = "utils") -> set[str]:

@@ -210,8 +210,7 @@ def link_inputs(
     out.mkdir(parents=True, exist_ok=True)
     for name, slug in sources.items():
         link = out / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
+        link.unlink(missing_ok=True)
         try:
             link.symlink_to(input_path(slug, name, owner), target_is_directory=True)
         except FileNotFoundError as err:

@@ -55,10 +55,3 @@ def write_standin_notebook(path: Path, parameters: list[str], body: str) -> None
         "language": "python",
     }
     nbformat.write(nb, path)
-
-
-def code_sources(path: Path) -> list[str]:
-    """Source of every code cell of a notebook."""
-    return [
-        cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
-    ]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from notebook_checks import code_sources, write_standin_notebook
+from notebook_checks import write_standin_notebook
 
 from utils.kaggle import build as kb, embed as ke, input as ki, metadata as km
 
@@ -160,6 +160,13 @@ def test_utils_archive_is_deterministic_and_holds_the_package():
     names = zipfile.ZipFile(BytesIO(archive)).namelist()
     assert {"utils/__init__.py", "utils/kaggle/build.py", "utils/metric.py"} <= set(names)
     assert not any("__pycache__" in n or not n.endswith(".py") for n in names)
+
+
+def code_sources(path: Path) -> list[str]:
+    """Source of every code cell of a notebook."""
+    return [
+        cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"
+    ]
 
 
 def test_a_kernel_embeds_only_the_modules_it_imports():

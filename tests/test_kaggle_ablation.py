@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import test_kaggle_run as fake_kaggle
-from notebook_checks import code_sources
 from standins import write_image_run
+from test_kaggle import code_sources
 from test_kaggle_kernels import _run_off_repo
 from test_notebook_ablation import check_table
 

@@ -332,9 +332,8 @@ def _built_problems(folder: Path, meta: dict[str, Any]) -> list[str]:
     code = folder / str(meta.get("code_file", ""))
     if not code.is_file():
         return [f"{folder / KERNEL_METADATA}: code_file {code} does not exist (run build)"]
-    nb = nbformat.read(code, as_version=4)
-    tags = [cell.metadata.get("tags", []) for cell in nb.cells]
-    if not tags or BOOTSTRAP_TAG not in tags[0]:
+    cells = nbformat.read(code, as_version=4).cells
+    if not cells or BOOTSTRAP_TAG not in cells[0].metadata.get("tags", []):
         return [f"{code}: first cell is not the {BOOTSTRAP_TAG} cell (built by an old build?)"]
     return []
 

@@ -34,8 +34,8 @@ def follow_submission(
     start, delay, found = clock(), POLL_FIRST_S, None
     while True:
         found = latest()
-        if found is None or found.get("description") != description:
-            seen = None if found is None else found.get("description")
+        seen = (found or {}).get("description")
+        if seen != description:
             raise SubmissionNotFound(
                 f"the newest submission is {seen!r}, not {description!r}: look it up with "
                 "`kaggle competitions submissions`"

@@ -34,13 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from utils.image.data import (
-    ImageDataset,
-    NegativeResampler,
-    collate_batch,
-    eval_transforms,
-    reseed_worker,
-)
+from utils.image.data import ImageDataset, collate_batch, eval_transforms, reseed_worker
 from utils.image.distributed import shard_bounds, workers_per_process
 from utils.image.models import ImageModel
 from utils.io import HDF5Images
@@ -74,16 +68,15 @@ def make_loader(
     dataset: ImageDataset,
     batch_size: int,
     num_workers: int,
-    sampler: NegativeResampler | None = None,
     generator: torch.Generator | None = None,
     batch_sampler: Sampler[list[int]] | None = None,
 ) -> DataLoader:
-    """DataLoader of the item dicts; a `batch_sampler` (utils.image.distributed.RankBatches) gives
-    each batch's indices itself, in place of `batch_size` and `sampler`."""
+    """DataLoader of the item dicts, in order; a `batch_sampler` (utils.image.distributed.
+    RankBatches) gives each batch's indices itself, in place of `batch_size`."""
     if batch_sampler is not None:
         batching = {"batch_sampler": batch_sampler}
     else:
-        batching = {"batch_size": batch_size, "sampler": sampler, "shuffle": False}
+        batching = {"batch_size": batch_size}
     return DataLoader(
         dataset,
         **batching,
@@ -92,7 +85,6 @@ def make_loader(
         worker_init_fn=reseed_worker,
         collate_fn=collate_batch,
         generator=generator,
-        persistent_workers=False,
     )
 
 

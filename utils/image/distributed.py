@@ -104,10 +104,6 @@ class Group:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def loader_workers(self, num_workers: int) -> int:
-        """DataLoader workers of this rank: the machine's share (workers_per_process)."""
-        return workers_per_process(num_workers, self.local_world_size)
-
 
 def workers_per_process(num_workers: int, processes: int) -> int:
     """DataLoader workers of each of `processes` GPUs' loaders on one machine: `num_workers`

@@ -42,13 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.image.data import (
-    ImageDataset,
-    NegativeResampler,
-    train_transforms,
-    validation_subsample,
-)
-from utils.image.distributed import Group, RankBatches, gather_predictions
+from utils.image.data import ImageDataset, NegativeResampler, train_transforms, validation_subsample
+from utils.image.distributed import Group, RankBatches, gather_predictions, workers_per_process
 from utils.image.models import param_groups
 from utils.image.predict import (
     batch_images,
@@ -116,14 +111,13 @@ def train_one_epoch(
     image in the loss it reports.
     """
     model.train()
-    cuda = device.type == "cuda"
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, mininterval=5)
     for step, batch in enumerate(bar):
         weight = 1.0 if loss_weights is None else loss_weights[step]
         x = batch_images(batch, device)
         y = batch["target"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             loss = model(x, y)["loss"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss if weight == 1.0 else loss * weight).backward()
@@ -229,7 +223,8 @@ class FoldRun:
         """The fold's model (seeded init), training loader, optimiser and validation rows."""
         self.cfg = cfg
         # loaders of this rank: the machine's workers shared by its ranks (no effect on results)
-        self.local = dataclasses.replace(cfg, num_workers=group.loader_workers(cfg.num_workers))
+        workers = workers_per_process(cfg.num_workers, group.local_world_size)
+        self.local = dataclasses.replace(cfg, num_workers=workers)
         self.images = images
         self.fold = fold
         self.run_dir = run_dir

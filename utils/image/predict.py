@@ -178,16 +178,10 @@ def predict_on_devices(
     def run(k: int) -> tuple[np.ndarray, np.ndarray]:
         device, models = replicas[k]
         lo, hi = shard_bounds(len(ids), k, len(replicas))
+        share = ids[lo:hi]
         try:
             return predict_with_models(
-                models,
-                images,
-                ids[lo:hi],
-                image_size,
-                batch_size,
-                workers,
-                device,
-                f"{desc} {device}",
+                models, images, share, image_size, batch_size, workers, device, f"{desc} {device}"
             )
         except Exception as err:
             raise RuntimeError(

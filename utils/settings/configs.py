@@ -110,28 +110,23 @@ class ImageConfig:
     num_workers: int = 4
     eval_batch_size: int = 128
     weights_path: str | None = None
-    # Augmentations are the reference's, fixed in utils.image.data.train_transforms; CoarseDropout
-    # cuts one hole of 0.375 x the side, what the reference call did under albumentations 1.4.13.
+    # Augmentations: the reference's, fixed in utils.image.data.train_transforms (no setting).
 
     def __post_init__(self):
         if self.backbone not in BACKBONE_NAMES:
             raise ValueError(f"ImageConfig: unknown backbone {self.backbone!r}")
-        if self.label not in LABELS:
-            raise ValueError(f"ImageConfig: label must be one of {LABELS}, got {self.label!r}")
         if self.n_folds < 2:
             raise ValueError(f"ImageConfig: n_folds must be >= 2, got {self.n_folds}")
         if self.pool not in (None, *POOLINGS, "avg"):
             raise ValueError(f"ImageConfig: unknown pool {self.pool!r}")
         if self.pos_repeat < 1:
             raise ValueError(f"ImageConfig: pos_repeat must be >= 1, got {self.pos_repeat}")
-        if self.validate_on not in VALIDATE_ON:
-            raise ValueError(
-                f"ImageConfig: validate_on must be one of {VALIDATE_ON}, got {self.validate_on!r}"
-            )
-        if self.oof_epoch not in OOF_EPOCHS:
-            raise ValueError(
-                f"ImageConfig: oof_epoch must be one of {OOF_EPOCHS}, got {self.oof_epoch!r}"
-            )
+        choices = {"label": LABELS, "validate_on": VALIDATE_ON, "oof_epoch": OOF_EPOCHS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"ImageConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
 
 
 # ImageConfig fields that never change stage 1's output, so they stay out of a run's identity

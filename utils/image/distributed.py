@@ -57,12 +57,11 @@ class RankFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Group:
-    """This process's place in a run: rank, world size, rank and process count on this machine,
-    and the device it computes on. The default is a run of one process on the CPU."""
+    """This process's place in a run: rank, world size, process count on this machine, and the
+    device it computes on. The default is a run of one process on the CPU."""
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -128,7 +127,7 @@ def current() -> Group | None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     nccl = dist.get_backend() == "nccl"
     device = torch.device("cuda", local_rank) if nccl else torch.device("cpu")
-    return Group(rank, world, local_rank, local_world, device)
+    return Group(rank, world, local_world, device)
 
 
 def training_world(device: torch.device | None, world_size: int | None) -> tuple[int, str]:

@@ -15,15 +15,13 @@ Resume: an unfinished fold continues after its last completed epoch from `fold{k
 `fold{k}.best.pt`). Each epoch is seeded from (seed, fold, epoch), so a resumed run draws the
 same samples as an uninterrupted one.
 
-Several GPUs (utils.image.distributed, docs/multi_gpu.md): `batch_size` stays the global batch:
-each epoch's draw is cut into the same global batches as one process takes, and every rank
-trains on a contiguous piece of each (RankBatches), its mean loss weighted by its share, so DDP's
-gradient average is the global batch's gradient and N processes take the steps one process takes
-(equal weights within float rounding when dropout is off; dropout draws a stream per rank).
-Nothing is dropped or repeated: a last batch smaller than the world pads a rank with one image at
-weight 0. Validation and the OOF pass give each rank a contiguous share of the ids, gathered by
-isic_id. Rank 0 alone writes the last/best/fold checkpoints and the others wait at barriers;
-every rank reads the resume files.
+Several GPUs (utils.image.distributed, docs/multi_gpu.md): `batch_size` stays the global batch.
+Every rank trains on its contiguous piece of each global batch (RankBatches), its mean loss
+weighted by its share, so DDP's gradient average is the global batch's and N processes take the
+steps one process takes (equal within float rounding when dropout is off; dropout draws a stream
+per rank). Validation and the OOF pass give each rank a contiguous share of the ids, gathered by
+isic_id. Rank 0 alone writes the checkpoints and the others wait at barriers; every rank reads
+the resume files.
 """
 
 from __future__ import annotations
@@ -103,13 +101,10 @@ def train_one_epoch(
     loss_weights: Sequence[float] | None = None,
     group: Group | None = None,
 ) -> float:
-    """One pass over the sampled training rows; returns the mean training loss (over every
-    rank's images in a distributed run).
-
-    `loss_weights` (RankBatches.loss_weights: one per step) weight a DDP rank's mean loss so
-    that the averaged gradient is that of the global batch; a weight-0 step (padding) counts no
-    image in the loss it reports.
-    """
+    """One pass over the sampled training rows; the mean training loss (over every rank's
+    images in a distributed run). `loss_weights` (RankBatches.loss_weights: one per step) weight
+    a DDP rank's mean loss so that the averaged gradient is the global batch's; a weight-0 step
+    (padding) counts no image in the loss it reports."""
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, mininterval=5)
@@ -179,21 +174,14 @@ def validation_rows(cfg: ImageConfig, held_out: pl.DataFrame, fold: int) -> pl.D
 def predict_ids(
     model: nn.Module,
     images: HDF5Images,
-    isic_ids: list[str],
+    ids: list[str],
     cfg: ImageConfig,
     device: torch.device,
     desc: str,
 ) -> np.ndarray:
-    """One model's probabilities for `isic_ids` (utils.image.predict at the run's eval settings)."""
+    """One model's probabilities for `ids` (utils.image.predict at the run's eval settings)."""
     return predict_with_models(
-        [model],
-        images,
-        isic_ids,
-        cfg.image_size,
-        cfg.eval_batch_size,
-        cfg.num_workers,
-        device,
-        desc,
+        [model], images, ids, cfg.image_size, cfg.eval_batch_size, cfg.num_workers, device, desc
     )[0][:, 0]
 
 

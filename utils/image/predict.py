@@ -8,15 +8,11 @@ the epoch chosen on that held-out fold's own score, so the OOF is a little optim
 smooth than the fold mean a test row gets. fp16 autocast and channels_last on CUDA; CPU works the
 same.
 
-Several GPUs: `predict` on device None or "cuda" (no index) scores on every visible GPU
-(`predict_on_devices`): each GPU takes a contiguous share of the ids with its own copies of the
-fold models, one thread per GPU (the GPU work and the DataLoader workers run outside the GIL),
-and the shares are joined back in id order; the machine's DataLoader workers are shared out
-between the GPUs. "cuda:k" or the CPU: that one device, as before.
-
-Loading is checked: a missing, empty, truncated or foreign `fold{k}.pt` raises CheckpointError
-naming the file and what is wrong (never a bare torch/zip error); `checkpoint_problem` says the
-same without loading (size and zip structure), and `folds=` loads only the folds given.
+Several GPUs: `predict` on device None or "cuda" (no index) scores on every visible GPU at once
+(`predict_on_devices`: a contiguous share of the ids per GPU, one thread each, since the GPU work
+and the DataLoader workers run outside the GIL). Loading is checked: a missing, empty, truncated
+or foreign `fold{k}.pt` raises CheckpointError naming the file and why (never a bare torch/zip
+error).
 """
 
 from __future__ import annotations
@@ -142,11 +138,10 @@ def predict_with_models(
     ok = np.zeros(len(dataset), dtype=bool)
     for model in models:
         model.eval()
-    cuda = device.type == "cuda"
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=5):
         x = batch_images(batch, device)
         index = batch["index"].numpy()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             for j, model in enumerate(models):
                 probs[index, j] = torch.sigmoid(model(x)["logits"].float()).cpu().numpy()
         ok[index] = batch["ok"].numpy()

@@ -85,10 +85,9 @@ def copy_earlier_run(earlier: Path, run_dir: Path, record: dict) -> list[str]:
 
 
 def start_run(run_dir: Path, record: dict, force: bool, resume_from: str | Path | None) -> None:
-    """The run dir's set-up, done once (one process, or rank 0 / the launching parent). It starts
-    clean when forced or when it holds another run (other settings or data): that run is moved
-    aside, never resumed or mixed in; the same run resumes (finished folds kept). Then the folds
-    of `resume_from` are copied in."""
+    """The run dir's set-up, done once (one process, or rank 0 / the launching parent): another
+    run there (or `force`) is moved aside, never resumed or mixed in; the same run resumes. Then
+    the folds of `resume_from` are copied in."""
     path = run_dir / CONFIG_FILE
     if run_dir.is_dir():
         old = json.loads(path.read_text()).get("config_hash") if path.is_file() else None
@@ -116,7 +115,7 @@ def finish_run(
     with atomic_output(run_dir / HISTORY_FILE) as tmp:
         pl.DataFrame(history).write_csv(tmp)
     empty = pl.DataFrame(schema={"isic_id": pl.String, "pred": pl.Float64})
-    preds = pl.concat(parts) if parts else empty  # the time budget may leave no fold done
+    preds = pl.concat([empty, *parts])  # the time budget may leave no fold done
     oof = (
         frame.filter(pl.col("isic_id").is_in(preds["isic_id"].implode()))
         .select("isic_id", "patient_id", "fold", "target")

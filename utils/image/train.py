@@ -20,17 +20,14 @@ earlier output of the same run first; oof.csv and the manifest wait until every 
 Time budget (run_image_stage's `time_budget_h`, default 11 h: Kaggle's 12-hour session less an
 hour): no fold starts that cannot finish by the folds timed so far in this session; the run then
 ends cleanly and `progress.json` names the finished and the remaining folds for the next one.
-Rerun with other settings or data, or `force`: utils.image.run_files.
+Rerun: other settings or data, or `force`, start afresh (utils.image.run_files).
 
 Several GPUs (utils.image.distributed, docs/multi_gpu.md): with more than one visible GPU the run
-spawns one DistributedDataParallel process per GPU (NCCL; `world_size=` sets the count, gloo
-processes on the CPU in tests); under `torchrun` (python -m utils.image.train_ddp) each process is a
-rank of torchrun's group, on one machine or several. `batch_size` stays the global batch, so N
-processes take the steps one process takes (utils.image.fold_training). Rank 0 alone writes (the
-set-up of the run dir, last/best/fold checkpoints, history.csv, oof.csv, manifest.json) and the
-others wait at barriers; rank 0 decides which folds are finished, and every rank reads the resume
-files. The process count is no setting: config_hash is unchanged, so a run started on two GPUs
-resumes on one and the other way round.
+spawns one DistributedDataParallel process per GPU (`world_size=` sets the count, gloo processes
+on the CPU in tests); under `torchrun` (python -m utils.image.train_ddp) each process is a rank of
+torchrun's group, on one machine or several. Rank 0 alone writes and decides which folds are
+finished; the others wait at barriers. The process count is no setting (config_hash is
+unchanged), so a run started on two GPUs resumes on one and the other way round.
 """
 
 from __future__ import annotations
@@ -192,24 +189,16 @@ def train_image_model(
     world_size: int | None = None,
     time_budget_h: float | None = None,
 ) -> pl.DataFrame:
-    """Train (or resume) the folds of `cfg.model_name`; write and return the OOF table.
+    """Train (or resume) the folds of `cfg.model_name`; write and return the OOF table, of the
+    finished folds while some remain (resume, `folds`, `resume_from`, `time_budget_h` (None: no
+    limit) and `force`: the module's docstring).
 
     `metadata` needs isic_id, patient_id, target (see prepare_frame); `images` is the hdf5 file
-    holding those ids. Works for the Kaggle data and for external sets in the same form. The run
-    dir starts clean when `force` or when it holds a run of other settings or data; the manifest
-    is written last. `folds` trains only those folds (e.g. [0, 1] in one Kaggle session, the rest
-    in the next); `resume_from` is an earlier output dir of the same run whose folds are copied
-    in first (run_files.copy_earlier_run). oof.csv and the manifest are written once all n_folds
-    folds are finished; before that the OOF rows of the finished folds are returned and the
-    missing folds named.
-
-    Processes: with `device` None (or "cuda" without an index) and several visible GPUs, one
-    DDP process per GPU is spawned (distributed.launch); `world_size` sets the count (gloo
-    processes on a CPU `device`). Inside an initialised group (torchrun) this process is one
-    rank of it and returns None unless it is rank 0.
-
-    `time_budget_h`: no fold starts that cannot finish within that many hours from now by the
-    folds trained so far; those left out are named in progress.json (None: no limit).
+    holding those ids: the Kaggle data or an external set in the same form. Processes: with
+    `device` None (or "cuda" without an index) and several visible GPUs, one DDP process per GPU
+    is spawned (distributed.launch); `world_size` sets the count (gloo processes on a CPU
+    `device`). Inside an initialised group (torchrun) this process is one rank of it and returns
+    None unless it is rank 0.
     """
     deadline = None if time_budget_h is None else time.time() + time_budget_h * 3600
     images = resolve_images(images)
@@ -302,10 +291,9 @@ def epoch_choice(history: pl.DataFrame) -> pl.DataFrame:
 
 def fold_scores(oof: pl.DataFrame) -> pl.DataFrame:
     """Rows, positives and pAUC per fold and overall ("all") of an OOF table."""
+    folds = [(str(k), oof.filter(pl.col("fold") == k)) for k in sorted(oof["fold"].unique())]
     rows = []
-    for name, part in [
-        (str(k), oof.filter(pl.col("fold") == k)) for k in sorted(oof["fold"].unique())
-    ] + [("all", oof)]:
+    for name, part in [*folds, ("all", oof)]:
         y, p = part["target"].to_numpy(), part["pred"].to_numpy()
         score = pauc(y, p) if np.unique(y).size == 2 else float("nan")
         rows.append({"fold": name, "rows": len(part), "positives": int(y.sum()), "pauc": score})

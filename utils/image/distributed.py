@@ -17,9 +17,7 @@ first (a rank that only lost its peer fails later and is listed after it). Colle
 after `timeout_s` (30 min: far above a checkpoint save, the longest wait between two of them)
 instead of hanging, which also bounds a torchrun rank whose peer vanished.
 
-Sharding: `RankBatches` splits every global batch of a sampler's draw into contiguous per-rank
-pieces, so N processes with batch B/N step through the same images as one process with batch
-B; `gather_predictions` predicts contiguous shares of an id list and joins them by id.
+Sharding: `RankBatches` (training) and `gather_predictions` (prediction) below.
 """
 
 from __future__ import annotations

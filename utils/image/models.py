@@ -163,12 +163,9 @@ class ImageModel(nn.Module):
 
 
 def param_groups(model: ImageModel, weight_decay: float | None = None) -> list[dict]:
-    """AdamW parameter groups of the reference for `model`'s backbone (BACKBONES).
-
-    Every trainable parameter gets `weight_decay` (default: the backbone's), except backbone
-    parameters named with one of the backbone's `no_decay` parts, which get none. Frozen
-    parameters are in no group.
-    """
+    """AdamW parameter groups of the reference for `model`'s backbone (BACKBONES): `weight_decay`
+    (default: the backbone's) on every trainable parameter but the backbone's named with one of
+    its `no_decay` parts, which get none; frozen parameters are in no group."""
     spec = BACKBONES[model.backbone_name]
     decay = spec.weight_decay if weight_decay is None else weight_decay
     decayed, exempt = [], []

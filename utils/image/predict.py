@@ -262,8 +262,7 @@ def predict(
 
     `folds` restricts the mean to those fold models (the others damaged or missing).
     Unreadable or missing images get pred NaN and image_ok False (counted and reported), so the
-    caller can fall back to a metadata-only score for those rows. `device` None or "cuda":
-    every visible GPU scores a share of the ids (inference_devices, predict_on_devices).
+    caller can fall back to a metadata-only score for those rows. `device`: inference_devices.
     """
     replicas = []
     for d in inference_devices(device):

@@ -40,13 +40,7 @@ from utils.settings.configs import (
     TuneConfig,
 )
 from utils.settings.presets import DEMO_FOLDS, PRESETS
-from utils.settings.recipes import (
-    GBDT_BINNING,
-    GBDT_PARAMS,
-    PAPER_GBDT_PARAMS,
-    PLUS_GBDT,
-    RECIPES,
-)
+from utils.settings.recipes import GBDT_BINNING, GBDT_PARAMS, PAPER_GBDT_PARAMS, PLUS_GBDT, RECIPES
 
 __all__ = [
     "DEMO_FOLDS",

@@ -337,8 +337,8 @@ def test_process_count_follows_the_device_and_world_size():
         assert distributed.training_world(None, None) == (1, "cpu")
     with pytest.raises(ValueError, match="global batch"):
         RankBatches(sampler(), batch_size=1, rank=0, world_size=2)
-    assert Group(local_world_size=2).loader_workers(4) == 2
-    assert Group(local_world_size=4).loader_workers(2) == 1 and Group().loader_workers(0) == 0
+    assert distributed.workers_per_process(4, 2) == 2
+    assert distributed.workers_per_process(2, 4) == 1 and distributed.workers_per_process(0, 1) == 0
 
 
 # ---------------------------------------------------------------------------------- bench

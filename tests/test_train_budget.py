@@ -19,7 +19,7 @@ small_set = base.small_set  # the fixture: 60 synthetic rows and their hdf5 file
 
 def test_budget_estimates_a_fold_by_the_folds_measured():
     now = [0.0]
-    budget = Budget.hours(2.5, clock=lambda: now[0])
+    budget = Budget(2.5 * 3600, clock=lambda: now[0])
     assert budget.allows() and budget.fold_estimate() == 0.0  # nothing measured: start it
     budget.record(3600.0)
     now[0] = 3600.0
@@ -27,8 +27,8 @@ def test_budget_estimates_a_fold_by_the_folds_measured():
     budget.record(5400.0)
     now[0] = 9000.0 - 3600.0
     assert budget.fold_estimate() == pytest.approx(4500.0)
-    assert not budget.allows() and budget.allows(share=0.5)
-    assert Budget.hours(None).allows() and Budget.hours(None).left() == float("inf")
+    assert not budget.allows()
+    assert Budget(None).allows() and Budget(None).left() == float("inf")
     assert DEFAULT_TIME_BUDGET_H == 11.0
 
 

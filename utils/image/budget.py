@@ -51,28 +51,19 @@ class Budget:
         self.clock = clock or (lambda: time.time())  # looked up per call: tests fake the clock
         self.fold_seconds: list[float] = []
 
-    @classmethod
-    def hours(cls, hours: float | None, clock: Callable[[], float] | None = None) -> Budget:
-        """A budget of `hours` from now (None: no limit)."""
-        budget = cls(None, clock)
-        if hours is not None:
-            budget.deadline = budget.clock() + hours * 3600
-        return budget
-
     def left(self) -> float:
         """Seconds until the deadline (inf without one)."""
         return float("inf") if self.deadline is None else self.deadline - self.clock()
 
-    def fold_estimate(self, share: float = 1.0) -> float:
-        """Seconds a fold takes by the folds measured so far (0 before the first one), times
-        the share of its epochs still to run."""
+    def fold_estimate(self) -> float:
+        """Seconds a fold takes by the folds measured so far (0 before the first one)."""
         if not self.fold_seconds:
             return 0.0
-        return share * sum(self.fold_seconds) / len(self.fold_seconds)
+        return sum(self.fold_seconds) / len(self.fold_seconds)
 
-    def allows(self, share: float = 1.0) -> bool:
-        """Whether a fold (`share` of its epochs left) can finish before the deadline."""
-        return self.fold_estimate(share) <= self.left()
+    def allows(self) -> bool:
+        """Whether a fold can finish before the deadline."""
+        return self.fold_estimate() <= self.left()
 
     def record(self, seconds: float) -> None:
         """A fold trained from its first epoch to its OOF took `seconds`."""

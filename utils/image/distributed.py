@@ -17,9 +17,7 @@ first (a rank that only lost its peer fails later and is listed after it). Colle
 after `timeout_s` (30 min: far above a checkpoint save, the longest wait between two of them)
 instead of hanging, which also bounds a torchrun rank whose peer vanished.
 
-Sharding: `RankBatches` splits every global batch of a sampler's draw into contiguous per-rank
-pieces, so N processes with batch B/N step through the same images as one process with batch
-B; `gather_predictions` predicts contiguous shares of an id list and joins them by id.
+Sharding: `RankBatches` (training) and `gather_predictions` (prediction) below.
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ from torch.utils.data import Sampler
 DEFAULT_TIMEOUT_S = 1800.0
 STOP_GRACE_S = 10.0  # how long stopped ranks get to exit before they are killed
 RESULT_FILE = "result.pkl"
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 class RankFailed(RuntimeError):
@@ -58,12 +55,11 @@ class RankFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Group:
-    """This process's place in a run: rank, world size, rank and process count on this machine,
-    and the device it computes on. The default is a run of one process on the CPU."""
+    """This process's place in a run: rank, world size, process count on this machine, and the
+    device it computes on. The default is a run of one process on the CPU."""
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -76,12 +72,9 @@ class Group:
         return self.world_size > 1
 
     def barrier(self) -> None:
-        if not self.distributed:
-            return
-        if self.device.type == "cuda":
-            dist.barrier(device_ids=[self.device.index])
-        else:
-            dist.barrier()
+        if self.distributed:
+            cuda = self.device.type == "cuda"
+            dist.barrier(device_ids=[self.device.index] if cuda else None)
 
     def all_gather(self, obj: Any) -> list:
         """Every rank's `obj`, in rank order (picklable objects; fine at the sizes of ids and
@@ -108,10 +101,6 @@ class Group:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def loader_workers(self, num_workers: int) -> int:
-        """DataLoader workers of this rank: the machine's share (workers_per_process)."""
-        return workers_per_process(num_workers, self.local_world_size)
-
 
 def workers_per_process(num_workers: int, processes: int) -> int:
     """DataLoader workers of each of `processes` GPUs' loaders on one machine: `num_workers`
@@ -136,7 +125,7 @@ def current() -> Group | None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     nccl = dist.get_backend() == "nccl"
     device = torch.device("cuda", local_rank) if nccl else torch.device("cpu")
-    return Group(rank, world, local_rank, local_world, device)
+    return Group(rank, world, local_world, device)
 
 
 def training_world(device: torch.device | None, world_size: int | None) -> tuple[int, str]:
@@ -177,7 +166,8 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
     MASTER_PORT): NCCL on cuda:LOCAL_RANK when a GPU is visible (or `backend` says so), gloo on
     the CPU otherwise. Prints come from rank 0 only; torchrun --local-ranks-filter 0 also hides
     the other ranks' progress bars (imported with torch, tqdm is past its TQDM_* defaults)."""
-    missing = [v for v in (*ENV_VARS[:3], "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    needed = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    missing = [v for v in needed if v not in os.environ]
     if missing:
         raise RuntimeError(
             f"init_from_env: {missing} unset; start this with torchrun (docs/multi_gpu.md)"
@@ -231,31 +221,25 @@ def _run_rank(
                 pickle.dump(result, f)
         dist.destroy_process_group()
     except BaseException:
-        record = {"time": time.time(), "traceback": traceback.format_exc()}
+        record = {"time": time.time(), "rank": rank, "traceback": traceback.format_exc()}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
         sys.exit(1)
 
 
-def _failure_message(out_dir: Path, processes: list, world_size: int, first: int) -> str:
-    """The failed ranks' tracebacks, earliest first; a rank that died without one (killed, e.g.
-    out of memory) is named with its exit code."""
-    errors = []
-    for rank in range(world_size):
-        path = out_dir / f"rank{rank}.json"
-        if path.is_file():
-            errors.append((json.loads(path.read_text()), rank))
-    if not errors:
-        code = processes[first].exitcode
+def _failure_message(out_dir: Path, world_size: int, first: int, exitcode: int) -> str:
+    """The failed ranks' tracebacks, earliest first; when none wrote one, rank `first` (the first
+    to die) is named with its exit code (killed, e.g. out of memory)."""
+    records = [json.loads(path.read_text()) for path in out_dir.glob("rank*.json")]
+    if not records:
         return (
-            f"rank {first} of {world_size} died with exit code {code} and no Python traceback "
+            f"rank {first} of {world_size} died with exit code {exitcode} and no Python traceback "
             "(killed by a signal: out of memory?)"
         )
-    errors.sort(key=lambda e: e[0]["time"])
-    (record, rank), later = errors[0], errors[1:]
-    lines = [f"rank {rank} of {world_size} failed:\n{record['traceback'].rstrip()}"]
-    for other, other_rank in later:
+    earliest, *later = sorted(records, key=lambda r: (r["time"], r["rank"]))
+    lines = [f"rank {earliest['rank']} of {world_size} failed:\n{earliest['traceback'].rstrip()}"]
+    for other in later:
         last = other["traceback"].rstrip().splitlines()[-1]
-        lines.append(f"then rank {other_rank} failed: {last}")
+        lines.append(f"then rank {other['rank']} failed: {last}")
     return "\n".join(lines)
 
 
@@ -308,9 +292,9 @@ def launch(
                     p.join()
                     running.remove(p)
                     if p.exitcode != 0:
-                        first = processes.index(p)
                         _stop(processes)
-                        raise RankFailed(_failure_message(Path(tmp), processes, world_size, first))
+                        first = processes.index(p)
+                        raise RankFailed(_failure_message(Path(tmp), world_size, first, p.exitcode))
         finally:
             _stop(processes)
         with open(Path(tmp) / RESULT_FILE, "rb") as f:

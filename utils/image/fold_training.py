@@ -15,15 +15,13 @@ Resume: an unfinished fold continues after its last completed epoch from `fold{k
 `fold{k}.best.pt`). Each epoch is seeded from (seed, fold, epoch), so a resumed run draws the
 same samples as an uninterrupted one.
 
-Several GPUs (utils.image.distributed, docs/multi_gpu.md): `batch_size` stays the global batch:
-each epoch's draw is cut into the same global batches as one process takes, and every rank
-trains on a contiguous piece of each (RankBatches), its mean loss weighted by its share, so DDP's
-gradient average is the global batch's gradient and N processes take the steps one process takes
-(equal weights within float rounding when dropout is off; dropout draws a stream per rank).
-Nothing is dropped or repeated: a last batch smaller than the world pads a rank with one image at
-weight 0. Validation and the OOF pass give each rank a contiguous share of the ids, gathered by
-isic_id. Rank 0 alone writes the last/best/fold checkpoints and the others wait at barriers;
-every rank reads the resume files.
+Several GPUs (utils.image.distributed, docs/multi_gpu.md): `batch_size` stays the global batch.
+Every rank trains on its contiguous piece of each global batch (RankBatches), its mean loss
+weighted by its share, so DDP's gradient average is the global batch's and N processes take the
+steps one process takes (equal within float rounding when dropout is off; dropout draws a stream
+per rank). Validation and the OOF pass give each rank a contiguous share of the ids, gathered by
+isic_id. Rank 0 alone writes the checkpoints and the others wait at barriers; every rank reads
+the resume files.
 """
 
 from __future__ import annotations
@@ -42,13 +40,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.image.data import (
-    ImageDataset,
-    NegativeResampler,
-    train_transforms,
-    validation_subsample,
-)
-from utils.image.distributed import Group, RankBatches, gather_predictions
+from utils.image.data import ImageDataset, NegativeResampler, train_transforms, validation_subsample
+from utils.image.distributed import Group, RankBatches, gather_predictions, workers_per_process
 from utils.image.models import param_groups
 from utils.image.predict import (
     batch_images,
@@ -108,22 +101,18 @@ def train_one_epoch(
     loss_weights: Sequence[float] | None = None,
     group: Group | None = None,
 ) -> float:
-    """One pass over the sampled training rows; returns the mean training loss (over every
-    rank's images in a distributed run).
-
-    `loss_weights` (RankBatches.loss_weights: one per step) weight a DDP rank's mean loss so
-    that the averaged gradient is that of the global batch; a weight-0 step (padding) counts no
-    image in the loss it reports.
-    """
+    """One pass over the sampled training rows; the mean training loss (over every rank's
+    images in a distributed run). `loss_weights` (RankBatches.loss_weights: one per step) weight
+    a DDP rank's mean loss so that the averaged gradient is the global batch's; a weight-0 step
+    (padding) counts no image in the loss it reports."""
     model.train()
-    cuda = device.type == "cuda"
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, mininterval=5)
     for step, batch in enumerate(bar):
         weight = 1.0 if loss_weights is None else loss_weights[step]
         x = batch_images(batch, device)
         y = batch["target"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             loss = model(x, y)["loss"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss if weight == 1.0 else loss * weight).backward()
@@ -185,21 +174,14 @@ def validation_rows(cfg: ImageConfig, held_out: pl.DataFrame, fold: int) -> pl.D
 def predict_ids(
     model: nn.Module,
     images: HDF5Images,
-    isic_ids: list[str],
+    ids: list[str],
     cfg: ImageConfig,
     device: torch.device,
     desc: str,
 ) -> np.ndarray:
-    """One model's probabilities for `isic_ids` (utils.image.predict at the run's eval settings)."""
+    """One model's probabilities for `ids` (utils.image.predict at the run's eval settings)."""
     return predict_with_models(
-        [model],
-        images,
-        isic_ids,
-        cfg.image_size,
-        cfg.eval_batch_size,
-        cfg.num_workers,
-        device,
-        desc,
+        [model], images, ids, cfg.image_size, cfg.eval_batch_size, cfg.num_workers, device, desc
     )[0][:, 0]
 
 
@@ -212,204 +194,189 @@ def with_ddp(model: nn.Module, group: Group) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-@dataclasses.dataclass
 class FoldRun:
-    """What one fold's steps share: the model (and its DDP wrapper), the training loader and
-    its sampler, the optimiser, scheduler and scaler, the validation rows and the resumable
-    state (last epoch, best epoch and score, history)."""
+    """One fold's training on this rank: the model (and its DDP wrapper), the training loader and
+    its sampler, the optimiser, scheduler and scaler, the validation rows and the resumable state
+    (last epoch, best epoch and score, history)."""
 
-    cfg: ImageConfig
-    local: ImageConfig  # cfg with this rank's share of the loader workers
-    fold: int
-    run_dir: Path
-    net: nn.Module
-    dataset: ImageDataset
-    batches: RankBatches
-    generator: torch.Generator
-    loader: DataLoader
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    subset_ids: list[str]
-    subset_target: np.ndarray
-    state: dict = dataclasses.field(
-        default_factory=lambda: {"epoch": -1, "best": None, "history": []}
-    )
-    model: nn.Module | None = None  # net, wrapped in DDP on several ranks
-    best_state: dict | None = None  # the best epoch's weights once this session beats the best
+    def __init__(
+        self,
+        cfg: ImageConfig,
+        frame: pl.DataFrame,
+        images: HDF5Images,
+        fold: int,
+        run_dir: Path,
+        group: Group,
+    ):
+        """The fold's model (seeded init), training loader, optimiser and validation rows."""
+        self.cfg = cfg
+        # loaders of this rank: the machine's workers shared by its ranks (no effect on results)
+        workers = workers_per_process(cfg.num_workers, group.local_world_size)
+        self.local = dataclasses.replace(cfg, num_workers=workers)
+        self.images = images
+        self.fold = fold
+        self.run_dir = run_dir
+        self.group = group
+        train_rows = frame.filter(pl.col("fold") != fold)
+        self.valid_rows = frame.filter(pl.col("fold") == fold)
+        seed_everything(epoch_seed(cfg, fold, -1))
+        self.net = to_device(build_model(cfg, cfg.weights_path), group.device)
+        transform = train_transforms(cfg.image_size)
+        labels = train_rows["label"].to_numpy()
+        self.dataset = ImageDataset(images, train_rows["isic_id"], labels, transform)
+        sampler = NegativeResampler(
+            self.dataset.targets, cfg.neg_ratio, pos_repeat=cfg.pos_repeat, seed=cfg.seed, fold=fold
+        )
+        self.batches = RankBatches(sampler, cfg.batch_size, group.rank, group.world_size)
+        self.generator = torch.Generator()
+        self.loader = make_loader(
+            self.dataset, cfg.batch_size, self.local.num_workers, self.generator, self.batches
+        )
+        total_steps = cfg.epochs * len(self.loader)
+        warmup_steps = max(1, int(cfg.warmup * total_steps))
+        self.optimizer = torch.optim.AdamW(param_groups(self.net, cfg.weight_decay), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+        )
+        self.scaler = torch.amp.GradScaler(group.device.type, enabled=group.device.type == "cuda")
+        subset = validation_rows(cfg, self.valid_rows, fold)
+        self.subset_ids = subset["isic_id"].to_list()
+        self.subset_target = subset["target"].to_numpy().astype(np.float64)
+        self.state = {"epoch": -1, "best": None, "history": []}
+        self.model = self.net  # wrapped in DDP on several ranks by `restore`
+        self.best_state: dict | None = None  # the best epoch's weights, once this session has it
+        if group.is_main:
+            print(
+                f"{cfg.model_name} fold {fold}: {len(sampler):,} training images per epoch, "
+                f"validation on {len(subset):,} of {len(self.valid_rows):,} held-out rows"
+            )
 
     def path(self, kind: str = "") -> Path:
         """This fold's checkpoint: final (""), "last" (resume) or "best" (best epoch)."""
         return self.run_dir / fold_file(self.fold, kind)
 
-
-def fold_setup(
-    cfg: ImageConfig,
-    train_rows: pl.DataFrame,
-    valid_rows: pl.DataFrame,
-    images: HDF5Images,
-    fold: int,
-    run_dir: Path,
-    group: Group,
-) -> FoldRun:
-    """A fold's model (seeded init), training loader, optimiser and validation rows."""
-    device = group.device
-    # loaders of this rank: the machine's workers shared by its ranks (no effect on results)
-    local = dataclasses.replace(cfg, num_workers=group.loader_workers(cfg.num_workers))
-    seed_everything(epoch_seed(cfg, fold, -1))
-    net = to_device(build_model(cfg, cfg.weights_path), device)
-    transform = train_transforms(cfg.image_size)
-    dataset = ImageDataset(images, train_rows["isic_id"], train_rows["label"].to_numpy(), transform)
-    sampler = NegativeResampler(
-        dataset.targets, cfg.neg_ratio, pos_repeat=cfg.pos_repeat, seed=cfg.seed, fold=fold
-    )
-    batches = RankBatches(sampler, cfg.batch_size, group.rank, group.world_size)
-    generator = torch.Generator()
-    loader = make_loader(dataset, cfg.batch_size, local.num_workers, None, generator, batches)
-    total_steps = cfg.epochs * len(loader)
-    warmup_steps = max(1, int(cfg.warmup * total_steps))
-    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    subset = validation_rows(cfg, valid_rows, fold)
-    if group.is_main:
-        print(
-            f"{cfg.model_name} fold {fold}: {len(sampler):,} training images per epoch, "
-            f"validation on {len(subset):,} of {len(valid_rows):,} held-out rows"
+    def predict(self, ids: list[str], desc: str) -> np.ndarray:
+        """The net's probabilities for `ids`, each rank predicting its share."""
+        return gather_predictions(
+            self.group,
+            ids,
+            lambda share: predict_ids(
+                self.net, self.images, share, self.local, self.group.device, desc
+            ),
         )
-    return FoldRun(
-        cfg, local, fold, run_dir, net, dataset, batches, generator, loader, optimizer,
-        scheduler, scaler, subset["isic_id"].to_list(),
-        subset["target"].to_numpy().astype(np.float64),
-    )  # fmt: skip
 
+    def restore(self) -> None:
+        """Continue from fold{k}.last.pt when rank 0 sees one (else the fresh init stays); then
+        wrap the model for DDP."""
+        last = self.path("last")
+        if self.group.broadcast(last.is_file()):
+            saved = read_state(last, self.group)
+            self.net.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.scaler.load_state_dict(saved["scaler"])
+            self.state = saved["state"]
+            if self.group.is_main:
+                epoch = self.state["epoch"]
+                print(f"{self.cfg.model_name} fold {self.fold}: resuming after epoch {epoch}")
+        self.model = with_ddp(self.net, self.group)
 
-def restore_or_init(run: FoldRun, group: Group) -> None:
-    """Continue from fold{k}.last.pt when rank 0 sees one (else the fresh init stays); then
-    wrap the model for DDP."""
-    last = run.path("last")
-    if group.broadcast(last.is_file()):
-        saved = read_state(last, group)
-        run.net.load_state_dict(saved["model"])
-        run.optimizer.load_state_dict(saved["optimizer"])
-        run.scheduler.load_state_dict(saved["scheduler"])
-        run.scaler.load_state_dict(saved["scaler"])
-        run.state = saved["state"]
-        if group.is_main:
-            print(
-                f"{run.cfg.model_name} fold {run.fold}: resuming after epoch {run.state['epoch']}"
-            )
-    run.model = with_ddp(run.net, group)
-
-
-def one_epoch(run: FoldRun, images: HDF5Images, epoch: int, group: Group) -> bool:
-    """Train epoch `epoch` (seeded from (seed, fold, epoch)), validate it and add its history
-    row; True when it is the best epoch so far."""
-    cfg, device = run.cfg, group.device
-    seed = epoch_seed(cfg, run.fold, epoch)
-    seed_everything(seed + group.rank)  # rank 0 as one process; a dropout stream per rank
-    run.generator.manual_seed(seed)
-    run.dataset.seed = seed
-    run.batches.set_epoch(epoch)
-    desc = f"{cfg.model_name} fold {run.fold} epoch {epoch}"
-    train_loss = train_one_epoch(
-        run.model, run.loader, run.optimizer, run.scheduler, run.scaler, cfg, device, desc,
-        loss_weights=run.batches.loss_weights(), group=group,
-    )  # fmt: skip
-    pred = gather_predictions(
-        group,
-        run.subset_ids,
-        lambda ids: predict_ids(run.net, images, ids, run.local, device, f"{desc} valid"),
-    )
-    val_loss = bce(run.subset_target, pred)
-    score = safe_score(run.subset_target, pred, val_loss)
-    row = {
-        "fold": run.fold,
-        "epoch": epoch,
-        "train_loss": train_loss,
-        "val_loss": val_loss,
-        "val_pauc": score if np.unique(run.subset_target).size == 2 else float("nan"),
-        "lr": run.scheduler.get_last_lr()[0],
-    }
-    run.state["history"].append(row)
-    if group.is_main:
-        shown = ("train_loss", "val_loss", "val_pauc")
-        print(f"{desc}: " + ", ".join(f"{k} {row[k]:.4f}" for k in shown))
-    improved = run.state["best"] is None or score > run.state["best"]["score"]
-    if improved:
-        run.state["best"] = {"score": score, "epoch": epoch}
-    run.state["epoch"] = epoch
-    return improved
-
-
-def keep_checkpoint(run: FoldRun, improved: bool, group: Group) -> None:
-    """Rank 0 saves the best epoch's weights (when this one is) and everything a resume needs
-    (fold{k}.last.pt); every rank waits until both files are complete."""
-    if improved:
-        run.best_state = cpu_state(run.net)
-        if group.is_main:
-            save_atomic({"state_dict": run.best_state}, run.path("best"))
-    if group.is_main:
-        resume = {
-            "model": cpu_state(run.net),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "state": run.state,
+    def train_epoch(self, epoch: int) -> bool:
+        """Train epoch `epoch` (seeded from (seed, fold, epoch)), validate it and add its history
+        row; True when it is the best epoch so far."""
+        cfg, group = self.cfg, self.group
+        seed = epoch_seed(cfg, self.fold, epoch)
+        seed_everything(seed + group.rank)  # rank 0 as one process; a dropout stream per rank
+        self.generator.manual_seed(seed)
+        self.dataset.seed = seed
+        self.batches.set_epoch(epoch)
+        desc = f"{cfg.model_name} fold {self.fold} epoch {epoch}"
+        train_loss = train_one_epoch(
+            self.model, self.loader, self.optimizer, self.scheduler, self.scaler, cfg,
+            group.device, desc, loss_weights=self.batches.loss_weights(), group=group,
+        )  # fmt: skip
+        pred = self.predict(self.subset_ids, f"{desc} valid")
+        val_loss = bce(self.subset_target, pred)
+        score = safe_score(self.subset_target, pred, val_loss)
+        row = {
+            "fold": self.fold,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_pauc": score if np.unique(self.subset_target).size == 2 else float("nan"),
+            "lr": self.scheduler.get_last_lr()[0],
         }
-        save_atomic(resume, run.path("last"))
-    group.barrier()  # the epoch's files are complete before any rank goes on
+        self.state["history"].append(row)
+        if group.is_main:
+            shown = ("train_loss", "val_loss", "val_pauc")
+            print(f"{desc}: " + ", ".join(f"{k} {row[k]:.4f}" for k in shown))
+        improved = self.state["best"] is None or score > self.state["best"]["score"]
+        if improved:
+            self.state["best"] = {"score": score, "epoch": epoch}
+        self.state["epoch"] = epoch
+        return improved
 
+    def save_epoch(self, improved: bool) -> None:
+        """Rank 0 saves the best epoch's weights (when this one is) and everything a resume needs
+        (fold{k}.last.pt); every rank waits until both files are complete."""
+        if improved:
+            self.best_state = cpu_state(self.net)
+            if self.group.is_main:
+                save_atomic({"state_dict": self.best_state}, self.path("best"))
+        if self.group.is_main:
+            resume = {
+                "model": cpu_state(self.net),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "state": self.state,
+            }
+            save_atomic(resume, self.path("last"))
+        self.group.barrier()  # the epoch's files are complete before any rank goes on
 
-def predict_held_out(
-    run: FoldRun, images: HDF5Images, valid_rows: pl.DataFrame, group: Group
-) -> dict:
-    """The kept epoch (best or last, cfg.oof_epoch) in fp16 predicts the whole held-out fold:
-    the fold's OOF; rank 0 writes fold{k}.pt and drops the resume files. The checkpoint."""
-    cfg, state = run.cfg, run.state
-    if cfg.oof_epoch == "last":  # net holds the last epoch (trained now or resumed from last.pt)
-        kept, chosen = cpu_state(run.net), state["history"][-1]
-    else:
-        if run.best_state is None:  # the best epoch ran in an earlier session
-            run.best_state = read_state(run.path("best"), group)["state_dict"]
-        kept = run.best_state
-        chosen = next(r for r in state["history"] if r["epoch"] == state["best"]["epoch"])
-    if group.is_main:
-        last_row = state["history"][-1]
-        print(
-            f"{cfg.model_name} fold {run.fold}: keeps epoch {chosen['epoch']} ({cfg.oof_epoch}); "
-            f"val_pauc best epoch {state['best']['epoch']} {state['best']['score']:.4f}, "
-            f"last epoch {last_row['epoch']} {last_row['val_pauc']:.4f}"
-        )
-    weights = half_state(kept)
-    run.net.load_state_dict(weights)  # the OOF comes from the weights the checkpoint keeps
-    valid_ids = valid_rows["isic_id"].to_list()
-    desc = f"{cfg.model_name} fold {run.fold} oof"
-    pred = gather_predictions(
-        group,
-        valid_ids,
-        lambda ids: predict_ids(run.net, images, ids, run.local, group.device, desc),
-    )
-    checkpoint = {
-        "state_dict": weights,
-        "config": dataclasses.asdict(cfg),
-        "fold": run.fold,
-        "best_epoch": state["best"]["epoch"],
-        "score": state["best"]["score"],
-        "oof_epoch": cfg.oof_epoch,
-        "chosen_epoch": chosen["epoch"],
-        "val_ids": valid_ids,
-        "val_pred": torch.from_numpy(pred),
-        "history": state["history"],
-    }
-    if group.is_main:
-        save_atomic(checkpoint, run.path())
-        run.path("best").unlink()
-        run.path("last").unlink()
-    group.barrier()
-    return checkpoint
+    def finish(self) -> dict:
+        """The kept epoch (best or last, cfg.oof_epoch) in fp16 predicts the whole held-out fold:
+        the fold's OOF; rank 0 writes fold{k}.pt and drops the resume files. The checkpoint."""
+        cfg, state = self.cfg, self.state
+        if (
+            cfg.oof_epoch == "last"
+        ):  # net holds the last epoch (trained now or resumed from last.pt)
+            kept, chosen = cpu_state(self.net), state["history"][-1]
+        else:
+            if self.best_state is None:  # the best epoch ran in an earlier session
+                self.best_state = read_state(self.path("best"), self.group)["state_dict"]
+            kept = self.best_state
+            chosen = next(r for r in state["history"] if r["epoch"] == state["best"]["epoch"])
+        if self.group.is_main:
+            last_row = state["history"][-1]
+            print(
+                f"{cfg.model_name} fold {self.fold}: keeps epoch {chosen['epoch']} "
+                f"({cfg.oof_epoch}); val_pauc best epoch {state['best']['epoch']} "
+                f"{state['best']['score']:.4f}, last epoch {last_row['epoch']} "
+                f"{last_row['val_pauc']:.4f}"
+            )
+        weights = half_state(kept)
+        self.net.load_state_dict(weights)  # the OOF comes from the weights the checkpoint keeps
+        valid_ids = self.valid_rows["isic_id"].to_list()
+        pred = self.predict(valid_ids, f"{cfg.model_name} fold {self.fold} oof")
+        checkpoint = {
+            "state_dict": weights,
+            "config": dataclasses.asdict(cfg),
+            "fold": self.fold,
+            "best_epoch": state["best"]["epoch"],
+            "score": state["best"]["score"],
+            "oof_epoch": cfg.oof_epoch,
+            "chosen_epoch": chosen["epoch"],
+            "val_ids": valid_ids,
+            "val_pred": torch.from_numpy(pred),
+            "history": state["history"],
+        }
+        if self.group.is_main:
+            save_atomic(checkpoint, self.path())
+            self.path("best").unlink()
+            self.path("last").unlink()
+        self.group.barrier()
+        return checkpoint
 
 
 def train_fold(
@@ -420,21 +387,10 @@ def train_fold(
     run_dir: Path,
     group: Group,
 ) -> dict:
-    """Train fold `fold` (resuming from fold{k}.last.pt) and write fold{k}.pt; returns it.
-
-    Each epoch validates on `validation_rows` (pAUC on cfg.validate_on's label picks the
-    checkpoint, or the last epoch with cfg.oof_epoch "last");
-    the chosen checkpoint, in the fp16 weights fold{k}.pt keeps, then predicts the whole
-    held-out fold once: those are the fold's OOF predictions. On several ranks (`group`) each
-    trains on its piece of every batch (RankBatches) under DDP and predicts its share of the
-    validation and held-out ids (gather_predictions); every rank reads the resume files,
-    rank 0 alone writes.
-    """
-    train_rows = frame.filter(pl.col("fold") != fold)
-    valid_rows = frame.filter(pl.col("fold") == fold)
-    run = fold_setup(cfg, train_rows, valid_rows, images, fold, run_dir, group)
-    restore_or_init(run, group)
+    """Train fold `fold` (resuming from fold{k}.last.pt) and write fold{k}.pt; returns it (the
+    recipe, resume and the ranks' shares: the module's docstring)."""
+    run = FoldRun(cfg, frame, images, fold, run_dir, group)
+    run.restore()
     for epoch in range(run.state["epoch"] + 1, cfg.epochs):
-        improved = one_epoch(run, images, epoch, group)
-        keep_checkpoint(run, improved, group)
-    return predict_held_out(run, images, valid_rows, group)
+        run.save_epoch(run.train_epoch(epoch))
+    return run.finish()

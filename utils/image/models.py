@@ -14,6 +14,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
@@ -31,9 +32,6 @@ class Backbone:
     no_decay: tuple[str, ...] = ()  # backbone parameters whose name holds one of these: no decay
     frozen: tuple[str, ...] = ()  # backbone parameters the reference never updates
 
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The reference's values. ConvNeXt (train_20240827234748.py): Linear(640, 256) head and
 # AdamW(model.parameters()) at torch's default weight decay 1e-2 on every parameter. ViT
@@ -55,6 +53,11 @@ BACKBONES: dict[str, Backbone] = {
 POOLS: dict[str, tuple[str, ...]] = {
     "multiscale_gem": ("multiscale_gem", "avg"),
     "token": ("token",),
+}
+POOL_LAYERS = {
+    "multiscale_gem": lambda: MultiScaleGeM((3, 5)),
+    "avg": lambda: SelectAdaptivePool2d(pool_type="avg", flatten=True),
+    "token": ClassToken,
 }
 
 
@@ -95,15 +98,6 @@ def take_final_norm(backbone: nn.Module) -> nn.LayerNorm:
     return norm
 
 
-def make_pool(pool: str) -> nn.Module:
-    """The pooling module named `pool` (see POOLS)."""
-    if pool == "multiscale_gem":
-        return MultiScaleGeM((3, 5))
-    if pool == "avg":
-        return SelectAdaptivePool2d(pool_type="avg", flatten=True)
-    return ClassToken()
-
-
 class ImageModel(nn.Module):
     """Backbone + pooling + (optional) final norm + MLP head; forward returns {"logits", "loss"}.
 
@@ -135,7 +129,7 @@ class ImageModel(nn.Module):
                 f"ImageModel: pool {pool!r} does not fit {backbone}; use one of {POOLS[spec.head]}"
             )
         final_norm = take_final_norm(self.backbone)
-        self.pool = make_pool(pool)
+        self.pool = POOL_LAYERS[pool]()
         self.norm: nn.Module = final_norm if head_norm else nn.Identity()
         self.hidden = nn.Sequential(nn.Linear(self.backbone.num_features, spec.hidden), nn.ReLU())
         self.dropouts = nn.ModuleList(nn.Dropout(dropout) for _ in range(max(1, dropout_samples)))
@@ -169,12 +163,9 @@ class ImageModel(nn.Module):
 
 
 def param_groups(model: ImageModel, weight_decay: float | None = None) -> list[dict]:
-    """AdamW parameter groups of the reference for `model`'s backbone (BACKBONES).
-
-    Every trainable parameter gets `weight_decay` (default: the backbone's), except backbone
-    parameters named with one of the backbone's `no_decay` parts, which get none. Frozen
-    parameters are in no group.
-    """
+    """AdamW parameter groups of the reference for `model`'s backbone (BACKBONES): `weight_decay`
+    (default: the backbone's) on every trainable parameter but the backbone's named with one of
+    its `no_decay` parts, which get none; frozen parameters are in no group."""
     spec = BACKBONES[model.backbone_name]
     decay = spec.weight_decay if weight_decay is None else weight_decay
     decayed, exempt = [], []

@@ -8,15 +8,11 @@ the epoch chosen on that held-out fold's own score, so the OOF is a little optim
 smooth than the fold mean a test row gets. fp16 autocast and channels_last on CUDA; CPU works the
 same.
 
-Several GPUs: `predict` on device None or "cuda" (no index) scores on every visible GPU
-(`predict_on_devices`): each GPU takes a contiguous share of the ids with its own copies of the
-fold models, one thread per GPU (the GPU work and the DataLoader workers run outside the GIL),
-and the shares are joined back in id order; the machine's DataLoader workers are shared out
-between the GPUs. "cuda:k" or the CPU: that one device, as before.
-
-Loading is checked: a missing, empty, truncated or foreign `fold{k}.pt` raises CheckpointError
-naming the file and what is wrong (never a bare torch/zip error); `checkpoint_problem` says the
-same without loading (size and zip structure), and `folds=` loads only the folds given.
+Several GPUs: `predict` on device None or "cuda" (no index) scores on every visible GPU at once
+(`predict_on_devices`: a contiguous share of the ids per GPU, one thread each, since the GPU work
+and the DataLoader workers run outside the GIL). Loading is checked: a missing, empty, truncated
+or foreign `fold{k}.pt` raises CheckpointError naming the file and why (never a bare torch/zip
+error).
 """
 
 from __future__ import annotations
@@ -34,13 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from utils.image.data import (
-    ImageDataset,
-    NegativeResampler,
-    collate_batch,
-    eval_transforms,
-    reseed_worker,
-)
+from utils.image.data import ImageDataset, collate_batch, eval_transforms, reseed_worker
 from utils.image.distributed import shard_bounds, workers_per_process
 from utils.image.models import ImageModel
 from utils.io import HDF5Images
@@ -74,16 +64,15 @@ def make_loader(
     dataset: ImageDataset,
     batch_size: int,
     num_workers: int,
-    sampler: NegativeResampler | None = None,
     generator: torch.Generator | None = None,
     batch_sampler: Sampler[list[int]] | None = None,
 ) -> DataLoader:
-    """DataLoader of the item dicts; a `batch_sampler` (utils.image.distributed.RankBatches) gives
-    each batch's indices itself, in place of `batch_size` and `sampler`."""
+    """DataLoader of the item dicts, in order; a `batch_sampler` (utils.image.distributed.
+    RankBatches) gives each batch's indices itself, in place of `batch_size`."""
     if batch_sampler is not None:
         batching = {"batch_sampler": batch_sampler}
     else:
-        batching = {"batch_size": batch_size, "sampler": sampler, "shuffle": False}
+        batching = {"batch_size": batch_size}
     return DataLoader(
         dataset,
         **batching,
@@ -92,7 +81,6 @@ def make_loader(
         worker_init_fn=reseed_worker,
         collate_fn=collate_batch,
         generator=generator,
-        persistent_workers=False,
     )
 
 
@@ -150,11 +138,10 @@ def predict_with_models(
     ok = np.zeros(len(dataset), dtype=bool)
     for model in models:
         model.eval()
-    cuda = device.type == "cuda"
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=5):
         x = batch_images(batch, device)
         index = batch["index"].numpy()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             for j, model in enumerate(models):
                 probs[index, j] = torch.sigmoid(model(x)["logits"].float()).cpu().numpy()
         ok[index] = batch["ok"].numpy()
@@ -186,16 +173,10 @@ def predict_on_devices(
     def run(k: int) -> tuple[np.ndarray, np.ndarray]:
         device, models = replicas[k]
         lo, hi = shard_bounds(len(ids), k, len(replicas))
+        share = ids[lo:hi]
         try:
             return predict_with_models(
-                models,
-                images,
-                ids[lo:hi],
-                image_size,
-                batch_size,
-                workers,
-                device,
-                f"{desc} {device}",
+                models, images, share, image_size, batch_size, workers, device, f"{desc} {device}"
             )
         except Exception as err:
             raise RuntimeError(
@@ -281,8 +262,7 @@ def predict(
 
     `folds` restricts the mean to those fold models (the others damaged or missing).
     Unreadable or missing images get pred NaN and image_ok False (counted and reported), so the
-    caller can fall back to a metadata-only score for those rows. `device` None or "cuda":
-    every visible GPU scores a share of the ids (inference_devices, predict_on_devices).
+    caller can fall back to a metadata-only score for those rows. `device`: inference_devices.
     """
     replicas = []
     for d in inference_devices(device):

@@ -8,7 +8,7 @@ finished, `oof.csv` (every training row exactly once, utils.oof format) and, las
 remaining ones for the next session.
 
 Rerun: other settings or data (another `config_hash`), or `force`, move the old run dir aside
-(`<output_dir>/.previous/<model_name>`) and train from scratch (prepare_run_dir). `resume_from=`
+(`<output_dir>/.previous/<model_name>`) and train from scratch (start_run). `resume_from=`
 copies the folds of an earlier output of the same run first (copy_earlier_run), so one model's
 folds can be split over several Kaggle sessions.
 """
@@ -42,36 +42,20 @@ from utils.manifest import (
 from utils.oof import write_oof
 from utils.settings import TRAIN_IDENTITY_FREE, ImageConfig
 
-# Settings that may change between a run and its resume or reuse (they do not change the result).
-RESUME_FREE = TRAIN_IDENTITY_FREE
-
 
 def run_record(cfg: ImageConfig, frame: pl.DataFrame, folds_source: str) -> dict:
     """What config.json and the manifest record: config, folds, data fingerprint and the hash
-    of all three without the RESUME_FREE settings (the run's identity, which stage 3 records):
-    only what changes stage 1's output, so another recipe or preset name reuses the run."""
+    of all three without the TRAIN_IDENTITY_FREE settings (the run's identity, which stage 3
+    records): what changes stage 1's output, so another recipe or preset name reuses the run."""
     record = {
         "config": dataclasses.asdict(cfg),
         "folds": {"n_folds": cfg.n_folds, "seed": cfg.seed, "source": folds_source},
         "data": data_fingerprint(frame, "label"),  # resume must see the same data
     }
     identity = json.loads(json.dumps(record))
-    for key in RESUME_FREE:
+    for key in TRAIN_IDENTITY_FREE:
         identity["config"].pop(key, None)
     return {**record, "config_hash": config_hash(identity)}
-
-
-def prepare_run_dir(run_dir: Path, record: dict, force: bool = False) -> None:
-    """Start clean when forced or when the run dir holds another run (other settings or data):
-    that run is moved aside, never resumed or mixed in. Same run: resume (keep finished folds)."""
-    path = run_dir / CONFIG_FILE
-    if run_dir.is_dir():
-        old = json.loads(path.read_text()).get("config_hash") if path.is_file() else None
-        if force or old != record["config_hash"]:
-            set_aside(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MANIFEST_FILE).unlink(missing_ok=True)  # written again once the run is complete
-    write_json(path, record)
 
 
 def copy_earlier_run(earlier: Path, run_dir: Path, record: dict) -> list[str]:
@@ -101,9 +85,17 @@ def copy_earlier_run(earlier: Path, run_dir: Path, record: dict) -> list[str]:
 
 
 def start_run(run_dir: Path, record: dict, force: bool, resume_from: str | Path | None) -> None:
-    """The run dir's set-up, done once (one process, or rank 0 / the launching parent):
-    prepare_run_dir, then the folds of `resume_from` copied in."""
-    prepare_run_dir(run_dir, record, force)
+    """The run dir's set-up, done once (one process, or rank 0 / the launching parent): another
+    run there (or `force`) is moved aside, never resumed or mixed in; the same run resumes. Then
+    the folds of `resume_from` are copied in."""
+    path = run_dir / CONFIG_FILE
+    if run_dir.is_dir():
+        old = json.loads(path.read_text()).get("config_hash") if path.is_file() else None
+        if force or old != record["config_hash"]:
+            set_aside(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MANIFEST_FILE).unlink(missing_ok=True)  # written again once the run is complete
+    write_json(path, record)
     if resume_from is not None:
         copy_earlier_run(Path(resume_from) / run_dir.name, run_dir, record)
 
@@ -123,7 +115,7 @@ def finish_run(
     with atomic_output(run_dir / HISTORY_FILE) as tmp:
         pl.DataFrame(history).write_csv(tmp)
     empty = pl.DataFrame(schema={"isic_id": pl.String, "pred": pl.Float64})
-    preds = pl.concat(parts) if parts else empty  # the time budget may leave no fold done
+    preds = pl.concat([empty, *parts])  # the time budget may leave no fold done
     oof = (
         frame.filter(pl.col("isic_id").is_in(preds["isic_id"].implode()))
         .select("isic_id", "patient_id", "fold", "target")

@@ -20,18 +20,14 @@ earlier output of the same run first; oof.csv and the manifest wait until every 
 Time budget (run_image_stage's `time_budget_h`, default 11 h: Kaggle's 12-hour session less an
 hour): no fold starts that cannot finish by the folds timed so far in this session; the run then
 ends cleanly and `progress.json` names the finished and the remaining folds for the next one.
-Rerun: other settings or data (another `config_hash`), or `force`, move the old run dir aside
-(`<output_dir>/.previous/<model_name>`) and train from scratch.
+Rerun: other settings or data, or `force`, start afresh (utils.image.run_files).
 
 Several GPUs (utils.image.distributed, docs/multi_gpu.md): with more than one visible GPU the run
-spawns one DistributedDataParallel process per GPU (NCCL; `world_size=` sets the count, gloo
-processes on the CPU in tests); under `torchrun` (python -m utils.image.train_ddp) each process is a
-rank of torchrun's group, on one machine or several. `batch_size` stays the global batch, so N
-processes take the steps one process takes (utils.image.fold_training). Rank 0 alone writes (the
-set-up of the run dir, last/best/fold checkpoints, history.csv, oof.csv, manifest.json) and the
-others wait at barriers; rank 0 decides which folds are finished, and every rank reads the resume
-files. The process count is no setting: config_hash is unchanged, so a run started on two GPUs
-resumes on one and the other way round.
+spawns one DistributedDataParallel process per GPU (`world_size=` sets the count, gloo processes
+on the CPU in tests); under `torchrun` (python -m utils.image.train_ddp) each process is a rank of
+torchrun's group, on one machine or several. Rank 0 alone writes and decides which folds are
+finished; the others wait at barriers. The process count is no setting (config_hash is
+unchanged), so a run started on two GPUs resumes on one and the other way round.
 """
 
 from __future__ import annotations
@@ -124,20 +120,25 @@ def chosen_folds(folds: Sequence[int] | int | str | None, n_folds: int) -> list[
     return chosen
 
 
-def train_folds(
-    group: Group,
+def train_rank(
     cfg: ImageConfig,
     frame: pl.DataFrame,
-    images: HDF5Images,
+    images: HDF5Images | Path,
     run_dir: Path,
     chosen: list[int],
     record: dict,
     deadline: float | None = None,
+    group: Group | None = None,
 ) -> pl.DataFrame | None:
     """Every rank's part of train_image_model once the run dir is set up: train the chosen
     unfinished folds, starting none that cannot finish before `deadline` (time.time(); by the
     folds trained so far, rank 0's measure); rank 0 writes history.csv, oof.csv and the manifest
-    (the others wait at a barrier) and returns the OOF rows, the other ranks None."""
+    (the others wait at a barrier) and returns the OOF rows, the other ranks None. A launched rank
+    (`group` None: distributed.launch initialised it) opens `images`, a path, itself."""
+    if group is None:
+        group = distributed.current()
+        images = HDF5Images(images)
+        check_images(frame, images)  # caches the extents in this process
     hashes = group.all_gather(record["config_hash"])
     if len(set(hashes)) > 1:
         raise ValueError(
@@ -168,35 +169,12 @@ def train_folds(
                 budget.record(time.time() - started)
         else:
             continue
-        parts.append(
-            pl.DataFrame(
-                {
-                    "isic_id": checkpoint["val_ids"],
-                    "pred": checkpoint["val_pred"].numpy().astype(np.float64),
-                }
-            )
-        )
+        preds = checkpoint["val_pred"].numpy()  # float64, as predict_with_models returns them
+        parts.append(pl.DataFrame({"isic_id": checkpoint["val_ids"], "pred": preds}))
         history.extend(checkpoint["history"])
     oof = finish_run(cfg, frame, run_dir, record, parts, history, over) if group.is_main else None
     group.barrier()
     return oof
-
-
-def train_rank(
-    cfg: ImageConfig,
-    frame: pl.DataFrame,
-    images_path: Path,
-    run_dir: Path,
-    chosen: list[int],
-    record: dict,
-    deadline: float | None = None,
-) -> pl.DataFrame | None:
-    """A launched rank's train_folds (distributed.launch initialised its group; the parent set
-    up the run dir)."""
-    images = HDF5Images(images_path)
-    check_images(frame, images)  # caches the extents in this process
-    group = distributed.current()
-    return train_folds(group, cfg, frame, images, run_dir, chosen, record, deadline)
 
 
 def train_image_model(
@@ -211,24 +189,16 @@ def train_image_model(
     world_size: int | None = None,
     time_budget_h: float | None = None,
 ) -> pl.DataFrame:
-    """Train (or resume) the folds of `cfg.model_name`; write and return the OOF table.
+    """Train (or resume) the folds of `cfg.model_name`; write and return the OOF table, of the
+    finished folds while some remain (resume, `folds`, `resume_from`, `time_budget_h` (None: no
+    limit) and `force`: the module's docstring).
 
     `metadata` needs isic_id, patient_id, target (see prepare_frame); `images` is the hdf5 file
-    holding those ids. Works for the Kaggle data and for external sets in the same form. The run
-    dir starts clean when `force` or when it holds a run of other settings or data; the manifest
-    is written last. `folds` trains only those folds (e.g. [0, 1] in one Kaggle session, the rest
-    in the next); `resume_from` is an earlier output dir of the same run whose folds are copied
-    in first (run_files.copy_earlier_run). oof.csv and the manifest are written once all n_folds
-    folds are finished; before that the OOF rows of the finished folds are returned and the
-    missing folds named.
-
-    Processes: with `device` None (or "cuda" without an index) and several visible GPUs, one
-    DDP process per GPU is spawned (distributed.launch); `world_size` sets the count (gloo
-    processes on a CPU `device`). Inside an initialised group (torchrun) this process is one
-    rank of it and returns None unless it is rank 0.
-
-    `time_budget_h`: no fold starts that cannot finish within that many hours from now by the
-    folds trained so far; those left out are named in progress.json (None: no limit).
+    holding those ids: the Kaggle data or an external set in the same form. Processes: with
+    `device` None (or "cuda" without an index) and several visible GPUs, one DDP process per GPU
+    is spawned (distributed.launch); `world_size` sets the count (gloo processes on a CPU
+    `device`). Inside an initialised group (torchrun) this process is one rank of it and returns
+    None unless it is rank 0.
     """
     deadline = None if time_budget_h is None else time.time() + time_budget_h * 3600
     images = resolve_images(images)
@@ -250,7 +220,7 @@ def train_image_model(
     if group.is_main:
         start_run(run_dir, record, force, resume_from)
     group.barrier()
-    return train_folds(group, cfg, frame, images, run_dir, chosen, record, deadline)
+    return train_rank(cfg, frame, images, run_dir, chosen, record, deadline, group)
 
 
 def check_weights(cfg: ImageConfig, allow_random_init: bool = False) -> None:
@@ -288,11 +258,10 @@ def run_image_stage(
     cfg = image_config(model_name, preset, recipe, **overrides)
     check_weights(cfg, allow_random_init)
     data = DataDir(data_dir)
-    metadata, images = data.train_metadata(), data.train_images()
     oof = train_image_model(
         cfg,
-        metadata,
-        images,
+        data.train_metadata(),
+        data.train_images(),
         output_dir,
         force=force,
         folds=folds,
@@ -307,31 +276,24 @@ def epoch_choice(history: pl.DataFrame) -> pl.DataFrame:
     """Per fold, from history.csv: the validation pAUC of the best epoch and of the last epoch
     (the two choices of ImageConfig.oof_epoch), on the fold's validation subsample. The best
     epoch's figure is optimistic: the same labels chose it."""
-    rows = []
-    for fold in sorted(history["fold"].unique()):
-        part = history.filter(pl.col("fold") == fold).sort("epoch")
-        best = part.sort("val_pauc", descending=True, nulls_last=True, maintain_order=True).row(
-            0, named=True
+    by_score = {"descending": True, "nulls_last": True, "maintain_order": True}
+    return (
+        history.sort("fold", "epoch")
+        .group_by("fold", maintain_order=True)
+        .agg(
+            best_epoch=pl.col("epoch").sort_by("val_pauc", **by_score).first(),
+            best_val_pauc=pl.col("val_pauc").sort_by("val_pauc", **by_score).first(),
+            last_epoch=pl.col("epoch").last(),
+            last_val_pauc=pl.col("val_pauc").last(),
         )
-        last = part.row(-1, named=True)
-        rows.append(
-            {
-                "fold": fold,
-                "best_epoch": best["epoch"],
-                "best_val_pauc": best["val_pauc"],
-                "last_epoch": last["epoch"],
-                "last_val_pauc": last["val_pauc"],
-            }
-        )
-    return pl.DataFrame(rows)
+    )
 
 
 def fold_scores(oof: pl.DataFrame) -> pl.DataFrame:
     """Rows, positives and pAUC per fold and overall ("all") of an OOF table."""
+    folds = [(str(k), oof.filter(pl.col("fold") == k)) for k in sorted(oof["fold"].unique())]
     rows = []
-    for name, part in [
-        (str(k), oof.filter(pl.col("fold") == k)) for k in sorted(oof["fold"].unique())
-    ] + [("all", oof)]:
+    for name, part in [*folds, ("all", oof)]:
         y, p = part["target"].to_numpy(), part["pred"].to_numpy()
         score = pauc(y, p) if np.unique(y).size == 2 else float("nan")
         rows.append({"fold": name, "rows": len(part), "positives": int(y.sum()), "pauc": score})

@@ -17,6 +17,7 @@ docs/multi_gpu.md has the commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from typing import Any
@@ -38,11 +39,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     fields = [f.name for f in dataclasses.fields(ImageConfig) if f.name not in FIXED_FIELDS]
     if not sep or key not in fields:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY one of {fields}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key, value
+    with contextlib.suppress(json.JSONDecodeError):
+        return key, json.loads(raw)
+    return key, raw
 
 
 def build_parser() -> argparse.ArgumentParser:

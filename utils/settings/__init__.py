@@ -25,21 +25,14 @@ from typing import Any
 
 from utils.notebook_params import list_parameter, mapping_parameter
 from utils.settings.configs import (
-    BACKBONE_NAMES,
-    BLENDS,
     FOLD_SEED,
     IMAGE_MODELS,
-    LABELS,
     N_FOLDS,
-    OOF_EPOCHS,
-    POOLINGS,
     STAGES,
     TRAIN_IDENTITY_FREE,
-    VALIDATE_ON,
     ExternalEvalConfig,
     GBDTConfig,
     ImageConfig,
-    ImageModelSpec,
     InferenceConfig,
     Sampling,
     Settings,
@@ -47,37 +40,24 @@ from utils.settings.configs import (
     TuneConfig,
 )
 from utils.settings.presets import DEMO_FOLDS, PRESETS
-from utils.settings.recipes import (
-    GBDT_BINNING,
-    GBDT_PARAMS,
-    PAPER_GBDT_PARAMS,
-    PLUS_GBDT,
-    RECIPES,
-)
+from utils.settings.recipes import GBDT_BINNING, GBDT_PARAMS, PAPER_GBDT_PARAMS, PLUS_GBDT, RECIPES
 
 __all__ = [
-    "BACKBONE_NAMES",
-    "BLENDS",
     "DEMO_FOLDS",
     "FOLD_SEED",
     "GBDT_BINNING",
     "GBDT_PARAMS",
     "IMAGE_MODELS",
-    "LABELS",
     "N_FOLDS",
-    "OOF_EPOCHS",
     "PAPER_GBDT_PARAMS",
     "PLUS_GBDT",
-    "POOLINGS",
     "PRESETS",
     "RECIPES",
     "STAGES",
     "TRAIN_IDENTITY_FREE",
-    "VALIDATE_ON",
     "ExternalEvalConfig",
     "GBDTConfig",
     "ImageConfig",
-    "ImageModelSpec",
     "InferenceConfig",
     "Sampling",
     "Settings",

@@ -80,10 +80,9 @@ class ImageConfig:
     # image (after repetition): 2P + 2P = about 4P images; None = every negative.
     neg_ratio: float | None = 1.0
     pos_repeat: int = 2
-    # Per-epoch validation (checkpoint choice) on every held-out positive plus this many negatives
-    # per positive, drawn once per fold among negatives with tbp_lv_dnn_lesion_confidence >
-    # `val_min_confidence` (the reference's filter; None, or data without the column: any
-    # negative); the chosen checkpoint then predicts the whole held-out fold once for the OOF.
+    # Per-epoch validation (checkpoint choice): every held-out positive plus this many negatives
+    # per positive, drawn once per fold among those with tbp_lv_dnn_lesion_confidence >
+    # `val_min_confidence` (the reference's filter; None, or no such column: any negative).
     val_neg_per_pos: float = 10.0
     val_min_confidence: float | None = 80.0
     # Head: pool None = the backbone's (ConvNeXt: the paper's multi-scale GeM, "avg" is the
@@ -96,42 +95,36 @@ class ImageConfig:
     dropout_samples: int = 1  # > 1: multi-sample dropout (mean over masks while training)
     n_folds: int = N_FOLDS
     seed: int = FOLD_SEED  # fold assignment and training seed
-    # The epoch whose weights a fold keeps and predicts its OOF with: "best" (the reference: the
-    # best validation pAUC on the held-out subsample) or "last" ("best" lifts
-    # the OOF score on the very labels it is scored on). history.csv holds every epoch's
-    # validation pAUC, so utils.image.train.epoch_choice reports both choices per fold.
+    # The epoch whose weights a fold keeps and predicts its OOF with: "best" validation pAUC (the
+    # reference) or "last" ("best" lifts the OOF score on the very labels it is scored on);
+    # utils.image.train.epoch_choice reports both per fold from history.csv.
     oof_epoch: str = "best"
     # What the per-epoch validation subsample is drawn on and scored against: "label" (the
     # reference: train_*.py relabels before the split, so a suspicious-label model's validation
     # positives, eligible negatives and checkpoint-choosing pAUC are all on the suspicious label)
-    # or "target" (the real target). Same thing for target-label models. The OOF always records
-    # the real target: stage 3 scores and fits on it.
+    # or "target" (the real target). The OOF always records the real target: stage 3 scores and
+    # fits on it.
     validate_on: str = "label"
     num_workers: int = 4
     eval_batch_size: int = 128
     weights_path: str | None = None
-    # Augmentations are the reference's, fixed in utils.image.data.train_transforms; CoarseDropout
-    # cuts one hole of 0.375 x the side, what the reference call did under albumentations 1.4.13.
+    # Augmentations: the reference's, fixed in utils.image.data.train_transforms (no setting).
 
     def __post_init__(self):
         if self.backbone not in BACKBONE_NAMES:
             raise ValueError(f"ImageConfig: unknown backbone {self.backbone!r}")
-        if self.label not in LABELS:
-            raise ValueError(f"ImageConfig: label must be one of {LABELS}, got {self.label!r}")
         if self.n_folds < 2:
             raise ValueError(f"ImageConfig: n_folds must be >= 2, got {self.n_folds}")
         if self.pool not in (None, *POOLINGS, "avg"):
             raise ValueError(f"ImageConfig: unknown pool {self.pool!r}")
         if self.pos_repeat < 1:
             raise ValueError(f"ImageConfig: pos_repeat must be >= 1, got {self.pos_repeat}")
-        if self.validate_on not in VALIDATE_ON:
-            raise ValueError(
-                f"ImageConfig: validate_on must be one of {VALIDATE_ON}, got {self.validate_on!r}"
-            )
-        if self.oof_epoch not in OOF_EPOCHS:
-            raise ValueError(
-                f"ImageConfig: oof_epoch must be one of {OOF_EPOCHS}, got {self.oof_epoch!r}"
-            )
+        choices = {"label": LABELS, "validate_on": VALIDATE_ON, "oof_epoch": OOF_EPOCHS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"ImageConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
 
 
 # ImageConfig fields that never change stage 1's output, so they stay out of a run's identity

@@ -43,16 +43,6 @@ def _demo(recipe: str) -> Settings:
     about two minutes on 2 CPU cores, and the same whether a notebook runs alone or in the
     pipeline."""
     full = _full(recipe)
-    image = dataclasses.replace(
-        full.image,
-        preset="demo",
-        n_folds=DEMO_FOLDS,
-        image_size=32,
-        batch_size=64,
-        epochs=1,
-        lr=3e-4,
-        num_workers=0,
-    )
     # a tuning trial takes about a second on ~1,500 rows (few rounds, shallow CatBoost trees,
     # whose cost grows with 2**depth)
     centres = {
@@ -61,31 +51,18 @@ def _demo(recipe: str) -> Settings:
         "xgb": {"n_estimators": 20},
     }
     rounds = {"lgb": {"n_estimators": 60}, "cat": {"iterations": 60}, "xgb": {"n_estimators": 40}}
-    return Settings(
-        preset="demo",
-        recipe=recipe,
-        data=SyntheticConfig(
-            rows=600, patients=30, positive_rate=0.05, test_rows=40, image_size=48
+    # what the demo changes in each stage's full config (besides the preset's name)
+    changes = {
+        "image": dict(
+            n_folds=DEMO_FOLDS, image_size=32, batch_size=64, epochs=1, lr=3e-4, num_workers=0
         ),
-        image=image,
-        tuning=dataclasses.replace(
-            full.tuning,
-            preset="demo",
-            n_trials=3,
-            timeout=60,
-            centres=centres,
-            n_folds=DEMO_FOLDS,
-        ),
-        gbdt=dataclasses.replace(full.gbdt, preset="demo", rounds=rounds, n_folds=DEMO_FOLDS),
-        inference=dataclasses.replace(
-            full.inference, preset="demo", batch_size=64, num_workers=0, estimate_batches=1
-        ),
+        "tuning": dict(n_trials=3, timeout=60, centres=centres, n_folds=DEMO_FOLDS),
+        "gbdt": dict(rounds=rounds, n_folds=DEMO_FOLDS),
+        "inference": dict(batch_size=64, num_workers=0, estimate_batches=1),
         # 2 CPU cores in CI: one small ViT on 32 px crops of 64 px images, 1 epoch, 5 folds.
         # On busy shared cores two spinning torch threads ran 10x slower than one (bench: 87-110 s
         # vs 9 s for this demo's 5 folds while other jobs ran).
-        external=dataclasses.replace(
-            full.external,
-            preset="demo",
+        "external": dict(
             image_models=("vit_tiny",),
             epochs=1,
             image_size=32,
@@ -94,6 +71,17 @@ def _demo(recipe: str) -> Settings:
             max_image_side=64,
             torch_threads=1,
         ),
+    }
+    return dataclasses.replace(
+        full,
+        preset="demo",
+        data=SyntheticConfig(
+            rows=600, patients=30, positive_rate=0.05, test_rows=40, image_size=48
+        ),
+        **{
+            stage: dataclasses.replace(getattr(full, stage), preset="demo", **values)
+            for stage, values in changes.items()
+        },
     )
 
 

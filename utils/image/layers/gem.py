@@ -12,18 +12,17 @@ def gem(
     p: torch.Tensor | float = 3.0,
     eps: float = 1e-6,
     kernel_size: int | None = None,
-    stride: int = 1,
 ) -> torch.Tensor:
     """GeM pooling of an NCHW tensor: global when `kernel_size` is None, else windowed.
 
-    Windowed pooling pads by kernel_size // 2 and averages over valid pixels only, so stride 1
-    keeps the spatial size and borders are not pulled towards zero.
+    Windowed pooling (stride 1) pads by kernel_size // 2 and averages over valid pixels only, so
+    it keeps the spatial size and borders are not pulled towards zero.
     """
     x = x.clamp(min=eps).pow(p)
     if kernel_size is None:
         x = F.adaptive_avg_pool2d(x, 1)
     else:
-        x = F.avg_pool2d(x, kernel_size, stride, kernel_size // 2, count_include_pad=False)
+        x = F.avg_pool2d(x, kernel_size, 1, kernel_size // 2, count_include_pad=False)
     return x.pow(1.0 / p)
 
 
@@ -36,16 +35,14 @@ class GeM(nn.Module):
         eps: float = 1e-6,
         p_trainable: bool = True,
         kernel_size: int | None = None,
-        stride: int = 1,
     ):
         super().__init__()
         self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=p_trainable)
         self.eps = eps
         self.kernel_size = kernel_size
-        self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gem(x, self.p, self.eps, self.kernel_size, self.stride)
+        return gem(x, self.p, self.eps, self.kernel_size)
 
     def __repr__(self) -> str:
         window = "" if self.kernel_size is None else f", kernel_size={self.kernel_size}"

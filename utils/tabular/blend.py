@@ -1,7 +1,7 @@
-"""Blending the GBDT members' predictions: equal weights (the paper's soft vote), rank averaging,
-and non-negative weights summing to 1 that maximise pAUC (the 2nd place of ISIC 2024 fitted its
-ensemble weights: uchiyama33/isic-2024-2nd-place, configs/gbdt_params/*-tuning_weights.yaml,
-`tuning_ensemble_weights: true`).
+"""Blending the GBDT members' predictions beyond the paper's equal weights (tabular.cv): rank
+averaging, and non-negative weights summing to 1 that maximise pAUC (the 2nd place of ISIC 2024
+fitted its ensemble weights: uchiyama33/isic-2024-2nd-place,
+configs/gbdt_params/*-tuning_weights.yaml, `tuning_ensemble_weights: true`).
 
 A floor keeps chosen members at least at a given weight (`floors`, GBDTConfig.blend_floor for
 `lgb_meta`): the metadata-only member is what the submission falls back to for a lesion without
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from itertools import permutations
 
 import numpy as np
-import polars as pl
 from scipy.stats import rankdata
 
 from utils.metric import pauc
@@ -48,11 +47,6 @@ def _matrix(preds: np.ndarray) -> np.ndarray:
     if np.isnan(x).any():
         raise ValueError(f"blend: {int(np.isnan(x).sum())} prediction(s) are NaN")
     return x
-
-
-def equal_weight_blend(preds: np.ndarray) -> np.ndarray:
-    """Mean of the members' predictions per row (the paper's soft vote)."""
-    return _matrix(preds).mean(axis=1)
 
 
 def rank_average_blend(preds: np.ndarray) -> np.ndarray:
@@ -167,38 +161,3 @@ def member_floors(names: Sequence[str], member: str, floor: float) -> np.ndarray
     if floor <= 0 or member not in names:
         return None
     return np.array([floor if n == member else 0.0 for n in names])
-
-
-def compare_blends(
-    preds: np.ndarray,
-    y: np.ndarray,
-    folds: np.ndarray,
-    names: Sequence[str],
-    step: float = DEFAULT_STEP,
-) -> pl.DataFrame:
-    """OOF pAUC of each member, equal weights, rank average, nested optimised weights and (for
-    reference, optimistic) weights fitted on all rows and scored on them."""
-    x = _matrix(preds)
-    if len(names) != x.shape[1]:
-        raise ValueError(f"compare_blends: {len(names)} names for {x.shape[1]} members")
-    nested = nested_blend(x, y, folds, step)
-
-    def text(w: np.ndarray) -> str:
-        return ", ".join(f"{n} {v:.2f}" for n, v in zip(names, w, strict=True))
-
-    equal = np.full(x.shape[1], 1 / x.shape[1])
-    rows = [
-        {"blend": f"member: {n}", "pauc": pauc(y, x[:, i]), "weights": ""}
-        for i, n in enumerate(names)
-    ]
-    rows += [
-        {"blend": "equal weights", "pauc": pauc(y, equal_weight_blend(x)), "weights": text(equal)},
-        {"blend": "rank average", "pauc": pauc(y, rank_average_blend(x)), "weights": text(equal)},
-        {"blend": "optimised (nested)", "pauc": nested.pauc, "weights": text(nested.weights)},
-        {
-            "blend": "optimised (in-sample, optimistic)",
-            "pauc": pauc(y, x @ nested.weights),
-            "weights": text(nested.weights),
-        },
-    ]
-    return pl.DataFrame(rows)

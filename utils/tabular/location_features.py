@@ -53,17 +53,6 @@ OUTLIER_SUMMARY = ("loc_outlier_count", "loc_absz_max", "loc_absz_std")
 c = pl.col
 
 
-def location_norm_feature_names(features: Sequence[str] = NUMERIC_FEATURES) -> list[str]:
-    """Names `location_norm_features` can add, in its order."""
-    return [f"{f}{suffix}" for suffix in NORM_GROUPS for f in features]
-
-
-def location_outlier_feature_names(features: Sequence[str] = NUMERIC_FEATURES) -> list[str]:
-    """Names `location_outlier_features` can add, in its order."""
-    absz = [f"{f}_loc_absz" for f in features]
-    return absz + [f"{f}_patient_pct" for f in features] + list(OUTLIER_SUMMARY)
-
-
 def _with_keys(frame: pl.DataFrame, metadata: pl.DataFrame, keys: Sequence[str]) -> pl.LazyFrame:
     """`frame` with the grouping columns of `metadata` joined on isic_id (null -> NULL_GROUP)."""
     missing = [k for k in ("isic_id", *keys) if k not in metadata.columns]
@@ -76,12 +65,11 @@ def _with_keys(frame: pl.DataFrame, metadata: pl.DataFrame, keys: Sequence[str])
     return joined.with_columns(c(f"_key_{k}").fill_null(NULL_GROUP) for k in keys)
 
 
-def _absz(name: str, over: list[str]) -> pl.Expr:
-    """|x - group mean| / group std (ddof 1); 0 where the std is 0 or null; null stays null."""
-    x = c(name)
-    std = x.std().over(over)
-    z = ((x - x.mean().over(over)) / std).abs()
-    return pl.when(x.is_null()).then(None).when(std > 0).then(z).otherwise(0.0)
+def zscore(expr: pl.Expr, over: str | list[str]) -> pl.Expr:
+    """(x - group mean) / group std (ddof 1); 0 where the std is 0 or null; null stays null."""
+    std = expr.std().over(over)
+    z = (expr - expr.mean().over(over)) / std
+    return pl.when(expr.is_null()).then(None).when(std > 0).then(z).otherwise(0.0)
 
 
 def _check_features(frame: pl.DataFrame, features: Sequence[str]) -> None:
@@ -118,7 +106,7 @@ def location_outlier_features(
     absz = {f: f"{f}_loc_absz" for f in features}
     # the summaries read every feature's |z|, shared columns included; temporary names avoid
     # a clash with a shared column computed by another group
-    lazy = lazy.with_columns(_absz(f, group).alias(f"_absz_{f}") for f in features)
+    lazy = lazy.with_columns(zscore(c(f), group).abs().alias(f"_absz_{f}") for f in features)
     zs = [c(f"_absz_{f}") for f in features]
     mean = pl.mean_horizontal(zs)
     var = pl.mean_horizontal([(z - mean) ** 2 for z in zs])

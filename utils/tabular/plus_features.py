@@ -44,48 +44,30 @@ import polars as pl
 from joblib import Parallel, delayed
 from sklearn.neighbors import LocalOutlierFactor
 
-from utils.tabular.location_features import location_norm_features, location_outlier_features
+from utils.tabular.features import PATIENT_KEY, _finite
+from utils.tabular.location_features import (
+    LOCATION_KEY,
+    OUTLIER_Z,
+    location_norm_features,
+    location_outlier_features,
+    zscore,
+)
 
-PATIENT_KEY = "patient_id"
-LOCATION_KEY = "tbp_lv_location"
 ROW_STATS = ("mean", "std", "min", "max")
 PATIENT_IMAGE_SUFFIXES = ("_patient_z", "_patient_ratio", "_patient_rank")
 
-UGLY_DUCKLING_DESCRIPTORS: tuple[str, ...] = (
-    "clin_size_long_diam_mm",
-    "tbp_lv_areaMM2",
-    "tbp_lv_perimeterMM",
-    "tbp_lv_minorAxisMM",
-    "tbp_lv_area_perim_ratio",
-    "tbp_lv_eccentricity",
-    "tbp_lv_norm_border",
-    "tbp_lv_L",
-    "tbp_lv_H",
-    "tbp_lv_deltaLBnorm",
-    "tbp_lv_norm_color",
-    "tbp_lv_color_std_mean",
+UGLY_DUCKLING_DESCRIPTORS: tuple[str, ...] = tuple(
+    """clin_size_long_diam_mm tbp_lv_areaMM2 tbp_lv_perimeterMM tbp_lv_minorAxisMM
+    tbp_lv_area_perim_ratio tbp_lv_eccentricity tbp_lv_norm_border tbp_lv_L tbp_lv_H
+    tbp_lv_deltaLBnorm tbp_lv_norm_color tbp_lv_color_std_mean""".split()  # noqa: SIM905
 )
 LOF_NEIGHBORS = 20
 LOF_NEUTRAL = 1.0  # LOF of a lesion as dense as its neighbours: "not an outlier"
 LOF_COLUMN = "ud_lof"
-OUTLIER_Z = 2.0
 OUTLIER_COUNT_COLUMN = "ud_loc_outlier_count"
 LOF_BATCH_ROWS = 20_000  # patients per pool task: about this many lesions (few, large tasks)
 
 c = pl.col
-
-
-def _finite(expr: pl.Expr) -> pl.Expr:
-    """expr as Float64 with NaN and +-inf turned into null."""
-    expr = expr.cast(pl.Float64)
-    return pl.when(expr.is_finite()).then(expr)
-
-
-def _zscore(expr: pl.Expr, over: str | list[str]) -> pl.Expr:
-    """(x - group mean) / group std (ddof 1); 0 where the std is 0 or null; null stays null."""
-    std = expr.std().over(over)
-    z = (expr - expr.mean().over(over)) / std
-    return pl.when(expr.is_null()).then(None).when(std > 0).then(z).otherwise(0.0)
 
 
 def _check_columns(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -103,12 +85,12 @@ def patient_image_feature_names(image_columns: Sequence[str]) -> list[str]:
 
 def _patient_image_exprs(col: str) -> list[pl.Expr]:
     """z-score, ratio to the patient mean and percentile rank of one score within the patient."""
-    x = _finite(c(col))
+    x = _finite(c(col).cast(pl.Float64))
     mean = x.mean().over(PATIENT_KEY)
     count = x.count().over(PATIENT_KEY)
     rank = (x.rank("average").over(PATIENT_KEY) - 1) / (count - 1)
     return [
-        _zscore(x, PATIENT_KEY).alias(f"{col}_patient_z"),
+        zscore(x, PATIENT_KEY).alias(f"{col}_patient_z"),
         pl.when(mean != 0).then(x / mean).alias(f"{col}_patient_ratio"),
         pl.when(x.is_null())
         .then(None)
@@ -122,7 +104,7 @@ def _patient_image_exprs(col: str) -> list[pl.Expr]:
 
 def _row_stat_exprs(image_columns: Sequence[str]) -> list[pl.Expr]:
     """Mean, population std, min and max across the image columns of each row."""
-    xs = [_finite(c(col)) for col in image_columns]
+    xs = [_finite(c(col).cast(pl.Float64)) for col in image_columns]
     any_null = reduce(lambda a, b: a | b, [x.is_null() for x in xs])
     mean = reduce(lambda a, b: a + b, xs) / len(xs)
     var = reduce(lambda a, b: a + b, [(x - mean) ** 2 for x in xs]) / len(xs)
@@ -212,7 +194,7 @@ def ugly_duckling_features(
     _check_columns(
         metadata, ["isic_id", PATIENT_KEY, LOCATION_KEY, *descriptors], "ugly_duckling_features"
     )
-    raw = [_finite(c(d)).alias(d) for d in descriptors]
+    raw = [_finite(c(d).cast(pl.Float64)).alias(d) for d in descriptors]
     location = [PATIENT_KEY, c(LOCATION_KEY).fill_null("<null>").alias("_location")]
     code = c(PATIENT_KEY).rank("dense").alias("_patient_code")
     base = metadata.lazy().select("isic_id", *location, code, *raw)
@@ -220,10 +202,10 @@ def ugly_duckling_features(
     # Polars 1.35 allows no window expression inside another
     filled = [c(d).fill_null(c(d).median().over(PATIENT_KEY)).alias(f"_z_{d}") for d in descriptors]
     standardised = [
-        _zscore(c(f"_z_{d}"), PATIENT_KEY).fill_null(0.0).alias(f"_z_{d}") for d in descriptors
+        zscore(c(f"_z_{d}"), PATIENT_KEY).fill_null(0.0).alias(f"_z_{d}") for d in descriptors
     ]
     loc_z = [
-        _zscore(c(d), [PATIENT_KEY, "_location"]).abs().alias(f"{d}_loc_absz") for d in descriptors
+        zscore(c(d), [PATIENT_KEY, "_location"]).abs().alias(f"{d}_loc_absz") for d in descriptors
     ]
     table = base.with_columns(filled).with_columns(standardised + loc_z).collect()
     z = table.select(f"_z_{d}" for d in descriptors).to_numpy().astype(np.float64)

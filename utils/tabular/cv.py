@@ -247,45 +247,37 @@ def feature_importance(result: CVResult) -> pl.DataFrame:
 
 def ablation_table(result: CVResult, image_scores: Mapping[str, np.ndarray]) -> pl.DataFrame:
     """Paper Table 4: image-only (mean of image OOFs), metadata-only (lgb_meta), full ensemble."""
-    rows = []
+    preds = {f"image-only: {k}": v for k, v in image_scores.items()}
     if image_scores:
-        rows += [
-            {"setting": f"image-only: {k}", "pauc": pauc(result.y, v)}
-            for k, v in image_scores.items()
-        ]
-        mean_image = np.mean(list(image_scores.values()), axis=0)
-        rows.append(
-            {"setting": "image-only: mean of image models", "pauc": pauc(result.y, mean_image)}
-        )
+        preds["image-only: mean of image models"] = np.mean(list(image_scores.values()), axis=0)
     if META_MEMBER in result.oof:
-        rows.append(
-            {
-                "setting": f"metadata-only: {META_MEMBER}",
-                "pauc": pauc(result.y, result.oof[META_MEMBER]),
-            }
-        )
+        preds[f"metadata-only: {META_MEMBER}"] = result.oof[META_MEMBER]
     full = "full: soft vote of members" if image_scores else "metadata-only: soft vote of members"
-    rows.append({"setting": full, "pauc": pauc(result.y, result.oof[ENSEMBLE])})
-    return pl.DataFrame(rows)
+    preds[full] = result.oof[ENSEMBLE]
+    return pl.DataFrame([{"setting": k, "pauc": pauc(result.y, v)} for k, v in preds.items()])
+
+
+def _scores(result: CVResult) -> dict[str, dict[str, Any]]:
+    """Overall and per-fold pAUC of each member's and the ensemble's OOF."""
+    folds, overall = result.fold_scores(), result.overall_scores()
+    return {
+        name: {
+            "overall": overall[name],
+            "folds": folds.filter(pl.col("model") == name)["pauc"].to_list(),
+        }
+        for name in result.oof
+    }
 
 
 def cv_report(result: CVResult, ablation: pl.DataFrame, image_columns: Sequence[str]) -> dict:
     """JSON-ready report: per-fold and overall pAUC per member and ensemble, ablation, sampling."""
-    folds = result.fold_scores()
-    overall = result.overall_scores()
     return {
         "metadata_only": not image_columns,
         "image_columns": list(image_columns),
         "seeds": list(result.seeds),
         "rows": int(result.y.size),
         "positives": int(result.y.sum()),
-        "scores": {
-            name: {
-                "overall": overall[name],
-                "folds": folds.filter(pl.col("model") == name)["pauc"].to_list(),
-            }
-            for name in result.oof
-        },
+        "scores": _scores(result),
         "ablation": ablation.to_dicts(),
         "sampling": result.sampling,
     }
@@ -310,8 +302,6 @@ def filtered_report(
     keep = ~np.asarray(filtered, dtype=bool)
     kept = CVResult(result.y[keep], result.folds[keep], result.members, result.seeds)
     kept.oof = {name: pred[keep] for name, pred in result.oof.items()}
-    folds = kept.fold_scores()
-    overall = kept.overall_scores()
     return {
         "rule": FILTER_RULE,
         "available": True,
@@ -319,11 +309,5 @@ def filtered_report(
         "rows_left_out": int((~keep).sum()),
         "rows": int(keep.sum()),
         "positives": int(kept.y.sum()),
-        "scores": {
-            name: {
-                "overall": overall[name],
-                "folds": folds.filter(pl.col("model") == name)["pauc"].to_list(),
-            }
-            for name in kept.oof
-        },
+        "scores": _scores(kept),
     }

@@ -139,8 +139,7 @@ SEARCH_SPACES: dict[str, Space] = {"lgb": lgb_space, "cat": cat_space, "xgb": xg
 
 
 def gbdt_config(config: TuneConfig) -> GBDTConfig:
-    """Stage 3's settings for the tuning run's preset and recipe (params, sampling, training
-    rows)."""
+    """Stage 3's settings (params, sampling, training rows) for the run's preset and recipe."""
     return resolve(config.preset, config.recipe).gbdt
 
 
@@ -262,24 +261,22 @@ def objective(trial: optuna.Trial, kind: str, data: TrainingFrame, config: TuneC
     return pauc(data.y, sums / len(config.model_seeds))
 
 
-def tune_kind(kind: str, data: TrainingFrame, config: TuneConfig, storage: str) -> optuna.Study:
-    """Run `config.n_trials` more trials (or until `config.timeout`) in the study of `kind`."""
-    study = open_study(kind, data, config, storage)
-    study.optimize(
-        functools.partial(objective, kind=kind, data=data, config=config),
-        n_trials=config.n_trials,
-        timeout=config.timeout,
-        show_progress_bar=True,
-    )
-    return study
-
-
 def tune(
     data: TrainingFrame, config: TuneConfig, output_dir: str | Path
 ) -> dict[str, optuna.Study]:
-    """Tune every kind of `config.kinds` in turn; the studies by kind."""
+    """Tune every kind of `config.kinds` in turn: `config.n_trials` more trials (or until
+    `config.timeout`) in its study; the studies by kind."""
     storage = storage_url(output_dir)
-    return {kind: tune_kind(kind, data, config, storage) for kind in config.kinds}
+    studies = {}
+    for kind in config.kinds:
+        studies[kind] = open_study(kind, data, config, storage)
+        studies[kind].optimize(
+            functools.partial(objective, kind=kind, data=data, config=config),
+            n_trials=config.n_trials,
+            timeout=config.timeout,
+            show_progress_bar=True,
+        )
+    return studies
 
 
 def tuned_studies(
@@ -346,20 +343,6 @@ def summary_table(studies: Mapping[str, optuna.Study]) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-def history_frame(study: optuna.Study) -> pl.DataFrame:
-    """Completed trials in order: number, value and the best value so far."""
-    complete = _complete(study)
-    values = [float(t.value) for t in complete]
-    return pl.DataFrame(
-        {
-            "number": [t.number for t in complete],
-            "value": values,
-            "best_so_far": np.maximum.accumulate(values).tolist() if values else [],
-        },
-        schema={"number": pl.Int64, "value": pl.Float64, "best_so_far": pl.Float64},
-    )
-
-
 def _axes_row(n: int, width: float, height: float) -> tuple[Figure, list[plt.Axes]]:
     fig, axes = plt.subplots(1, max(n, 1), figsize=(width * max(n, 1), height), squeeze=False)
     return fig, list(axes[0])
@@ -369,9 +352,10 @@ def plot_history(studies: Mapping[str, optuna.Study]) -> Figure:
     """One panel per kind: each completed trial's OOF pAUC, the best so far, the default's."""
     fig, axes = _axes_row(len(studies), 4.5, 3.5)
     for ax, (kind, study) in zip(axes, studies.items(), strict=False):
-        history = history_frame(study)
-        ax.scatter(history["number"], history["value"], s=14, label="trial")
-        ax.step(history["number"], history["best_so_far"], where="post", label="best so far")
+        complete = _complete(study)
+        numbers, values = [t.number for t in complete], [float(t.value) for t in complete]
+        ax.scatter(numbers, values, s=14, label="trial")
+        ax.step(numbers, np.maximum.accumulate(values), where="post", label="best so far")
         default = _default_value(study)
         if not math.isnan(default):
             ax.axhline(default, color="grey", linestyle=":", label="default params")

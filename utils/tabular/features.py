@@ -174,11 +174,8 @@ def _one_hot_exprs() -> list[pl.Expr]:
     exprs = []
     for col, mapping in ONE_HOT.items():
         known = [v for v in mapping if v != OTHER]
-        exprs += [
-            (c(col) == v).fill_null(False).alias(name) for v, name in mapping.items() if v != OTHER
-        ]
-        other = (c(col).is_not_null() & ~c(col).is_in(known)).alias(mapping[OTHER])
-        exprs.append(other)
+        exprs += [(c(col) == v).fill_null(False).alias(mapping[v]) for v in known]
+        exprs.append((c(col).is_not_null() & ~c(col).is_in(known)).alias(mapping[OTHER]))
     return exprs
 
 
@@ -291,14 +288,6 @@ def join_image_oofs(
     return frame, sources
 
 
-def encoding_spec() -> dict:
-    """How categoricals are encoded (saved in features.json for the inference kernel)."""
-    return {
-        "scheme": "one-hot over fixed lists; unseen value -> <col>__other; null -> all zeros",
-        "columns": {col: dict(mapping) for col, mapping in ONE_HOT.items()},
-    }
-
-
 def features_spec(
     meta_features: Sequence[str],
     image_sources: Mapping[str, Mapping[str, str]],
@@ -308,7 +297,8 @@ def features_spec(
     """What features.json records: the feature lists, each image column's source run (model and
     config hash, which the submission kernel checks), the optional feature groups built
     (`feature_groups`: site_features, ugly_duckling, patient_image; the submission kernel builds
-    the same), the image-derived features and the categorical encoding."""
+    the same), the image-derived features and the categorical encoding (for the inference
+    kernel)."""
     image_columns = list(image_sources)
     return {
         "meta_features": list(meta_features),
@@ -318,5 +308,8 @@ def features_spec(
         "features": list(meta_features) + image_columns + list(image_derived),
         "feature_groups": dict(groups or {}),
         "patient_epsilon": EPS,
-        "categorical_encoding": encoding_spec(),
+        "categorical_encoding": {
+            "scheme": "one-hot over fixed lists; unseen value -> <col>__other; null -> all zeros",
+            "columns": {col: dict(mapping) for col, mapping in ONE_HOT.items()},
+        },
     }

@@ -20,10 +20,8 @@ ever come from that patient's own rows.
 - `patient_lof_features(metadata)`: the LOF alone (GBDTConfig.patient_lof), the 1st place's
   per-patient outlier score (ilyanovo/isic-2024, notebooks/top-model.ipynb, `get_lof_score`:
   LocalOutlierFactor per patient on standardised key descriptors).
-- `add_optional_features(frame, metadata, image_columns, threads, **groups)`: the one registry
-  (`OPTIONAL_GROUPS`) of the groups built after utils.tabular.features - these, and the within
-  patient x location groups of utils.tabular.location_features - joined onto a feature frame as
-  GBDTConfig asks, for stage 3 and the submission kernel alike.
+- `add_optional_features`: the one registry (`OPTIONAL_GROUPS`) of these groups and
+  utils.tabular.location_features', for stage 3 and the submission kernel alike.
 
 Sources on the real data: the patient-relative image score is the 1st place's (top-model.ipynb:
 each image OOF divided by the patient's mean, `oof_eva_score_m`); the within patient x location
@@ -228,7 +226,7 @@ def patient_lof_features(
     )
 
 
-def _join_new(frame: pl.DataFrame, table: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+def join_new(frame: pl.DataFrame, table: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
     """`frame` with the columns of `table` (keyed by isic_id) it lacks, and their names."""
     new = [n for n in table.columns if n != "isic_id" and n not in frame.columns]
     joined = frame.join(
@@ -238,11 +236,11 @@ def _join_new(frame: pl.DataFrame, table: pl.DataFrame) -> tuple[pl.DataFrame, l
 
 
 def _build_ugly_duckling(frame, metadata, image_columns, threads):
-    return _join_new(frame, ugly_duckling_features(metadata, n_jobs=threads))
+    return join_new(frame, ugly_duckling_features(metadata, n_jobs=threads))
 
 
 def _build_patient_lof(frame, metadata, image_columns, threads):
-    return _join_new(frame, patient_lof_features(metadata, n_jobs=threads))
+    return join_new(frame, patient_lof_features(metadata, n_jobs=threads))
 
 
 def _build_location_norm(frame, metadata, image_columns, threads):
@@ -281,9 +279,7 @@ def add_optional_features(
 ) -> tuple[pl.DataFrame, list[str], list[str]]:
     """`frame` (features + image columns, keyed by isic_id) with the optional groups switched on
     in `groups` (names of OPTIONAL_GROUPS) built from `metadata`; the names added (metadata,
-    image-derived). The same call serves training (image OOF columns) and the submission kernel
-    (fold-mean test scores); none reads a label. A name one group shares with an earlier one
-    (same formula) is built once."""
+    image-derived). A name one group shares with an earlier one (same formula) is built once."""
     unknown = sorted(set(groups) - set(OPTIONAL_GROUPS))
     if unknown:
         raise ValueError(

@@ -56,13 +56,7 @@ from utils.tabular.blend import member_floors, nested_blend, rank_average_blend
 from utils.tabular.cv import CVResult, cross_validate
 from utils.tabular.features import IMAGE_PREFIX
 from utils.tabular.gbdt import load_training_frame
-from utils.tabular.libraries import (
-    ENSEMBLE,
-    GBDT_MODELS,
-    META_MEMBER,
-    make_members,
-    resolve_params,
-)
+from utils.tabular.libraries import ENSEMBLE, GBDT_MODELS, META_MEMBER, make_members, resolve_params
 from utils.tabular.plus_features import (
     add_optional_features,
     join_new,

@@ -7,12 +7,13 @@ A floor keeps chosen members at least at a given weight (`floors`, GBDTConfig.bl
 `lgb_meta`): the metadata-only member is what the submission falls back to for a lesion without
 image scores, and a member fitted to weight 0 would leave that fallback untested by the blend.
 
-Optimised weights: greedy hill-climbing from equal weights, each move shifting `step` of weight
+Optimised weights: greedy hill-climbing from equal weights, each move shifting STEP of weight
 from one member to another, taken only while it strictly raises pAUC (a step function of the
 weights, so gradient-free and deterministic; a plateau keeps the weights near equal, which
-limits over-fitting); about 12 pAUC evaluations per move for 4 members. The OOF score of
-optimised weights is honest only when nested: `nested_blend` fits fold f's weights on the other
-folds' rows and applies them to fold f; the final weights for test time are fitted on all rows.
+limits over-fitting; at most MAX_MOVES moves); about 12 pAUC evaluations per move for 4
+members. The OOF score of optimised weights is honest only when nested: `nested_blend` fits
+fold f's weights on the other folds' rows and applies them to fold f; the final weights for test
+time are fitted on all rows.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from scipy.stats import rankdata
 
 from utils.metric import pauc
 
-DEFAULT_STEP = 0.05
+STEP = 0.05  # weight moved from one member to another per hill-climbing move
+MAX_MOVES = 200
 
 
 @dataclass(frozen=True)
@@ -99,32 +101,25 @@ def _floors(floors: np.ndarray | None, members: int) -> np.ndarray:
 
 
 def fit_blend_weights(
-    preds: np.ndarray,
-    y: np.ndarray,
-    step: float = DEFAULT_STEP,
-    min_tpr: float = 0.80,
-    max_moves: int = 200,
-    floors: np.ndarray | None = None,
+    preds: np.ndarray, y: np.ndarray, floors: np.ndarray | None = None
 ) -> np.ndarray:
     """Weights (>= their floors, sum 1) that raise pAUC on these rows: from equal weights (lifted
-    to the floors), take the best move of `step` between two members while it strictly improves
+    to the floors), take the best move of STEP between two members while it strictly improves
     pAUC."""
     x = _matrix(preds)
     y = np.asarray(y)
-    if not 0 < step <= 1:
-        raise ValueError(f"fit_blend_weights: step must be in (0, 1], got {step}")
     low = _floors(floors, x.shape[1])
     weights = np.full(x.shape[1], 1 / x.shape[1])
     if (weights < low).any():  # a floor above 1/members: the rest shared equally
         free = weights >= low
         weights = np.where(free, 0.0, low)
         weights[free] = (1 - weights.sum()) / free.sum()
-    best = fast_pauc(y, x @ weights, min_tpr)
-    for _ in range(max_moves if x.shape[1] > 1 else 0):
-        moves = _transfers(weights, step, low)
+    best = fast_pauc(y, x @ weights)
+    for _ in range(MAX_MOVES if x.shape[1] > 1 else 0):
+        moves = _transfers(weights, STEP, low)
         if not len(moves):
             break
-        scores = np.array([fast_pauc(y, x @ w, min_tpr) for w in moves])
+        scores = np.array([fast_pauc(y, x @ w) for w in moves])
         if scores.max() <= best + 1e-12:
             break
         weights, best = moves[np.argmax(scores)], float(scores.max())
@@ -132,12 +127,7 @@ def fit_blend_weights(
 
 
 def nested_blend(
-    preds: np.ndarray,
-    y: np.ndarray,
-    folds: np.ndarray,
-    step: float = DEFAULT_STEP,
-    min_tpr: float = 0.80,
-    floors: np.ndarray | None = None,
+    preds: np.ndarray, y: np.ndarray, folds: np.ndarray, floors: np.ndarray | None = None
 ) -> BlendResult:
     """Weights per fold fitted on the other folds only, their honest OOF pAUC, and final weights."""
     x = _matrix(preds)
@@ -149,11 +139,10 @@ def nested_blend(
     fold_weights = {}
     for fold in np.unique(folds):
         valid = folds == fold
-        weights = fit_blend_weights(x[~valid], y[~valid], step, min_tpr, floors=floors)
+        weights = fit_blend_weights(x[~valid], y[~valid], floors)
         oof[valid] = x[valid] @ weights
         fold_weights[int(fold)] = weights
-    final = fit_blend_weights(x, y, step, min_tpr, floors=floors)
-    return BlendResult(oof, pauc(y, oof, min_tpr), fold_weights, final)
+    return BlendResult(oof, pauc(y, oof), fold_weights, fit_blend_weights(x, y, floors))
 
 
 def member_floors(names: Sequence[str], member: str, floor: float) -> np.ndarray | None:

@@ -67,16 +67,8 @@ from utils.tabular.plus_features import (
 # the feature groups built by the registry (tabular.plus_features.OPTIONAL_GROUPS) besides the
 # image-derived one, which needs the per-seed stand-ins
 REGISTRY_GROUPS = ("ugly_duckling", "patient_lof", "location_norm", "location_outliers")
-CANDIDATES = (
-    "patient_image",
-    *REGISTRY_GROUPS,
-    "site_features",
-    "blend",
-    "blend_floor",
-    "rank_blend",
-    "seed_bagging",
-)
 BLENDS = ("blend", "blend_floor", "rank_blend")  # blend the OOF of a CV; rank_blend not in plus
+CANDIDATES = ("patient_image", *REGISTRY_GROUPS, "site_features", *BLENDS, "seed_bagging")
 BLEND_FLOOR = 0.1  # lgb_meta's least weight in the `blend_floor` candidate
 PATIENT_PART = "image_patient_part"  # truth column of the image_patient structure
 STRUCTURE_COLUMNS = {

@@ -16,7 +16,7 @@ score, named as such in cv_report.json.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,7 +202,6 @@ def cross_validate(
     seeds: Sequence[int] = (0,),
     sampling: Sampling = DEFAULT_SAMPLING,
     threads: int | None = None,
-    on_fold: Callable[[FoldResult], None] | None = None,
     bin_once: bool = True,
     trainable: np.ndarray | None = None,
 ) -> CVResult:
@@ -223,8 +222,6 @@ def cross_validate(
         result.models.setdefault(fr.member, []).append(fr.model)
         result.model_keys.setdefault(fr.member, []).append((fr.fold, fr.seed))
         result.sampling.append(f"{fr.member} fold {fr.fold} seed {fr.seed}: {fr.note}")
-        if on_fold is not None:
-            on_fold(fr)
     result.oof = {name: s / len(seeds) for name, s in sums.items()}
     result.oof[ENSEMBLE] = np.mean([result.oof[name] for name in members], axis=0)
     return result

@@ -217,13 +217,9 @@ def ugly_duckling_features(
     )
 
 
-def patient_lof_features(
-    metadata: pl.DataFrame, n_neighbors: int = LOF_NEIGHBORS, n_jobs: int | None = None
-) -> pl.DataFrame:
+def patient_lof_features(metadata: pl.DataFrame, n_jobs: int | None = None) -> pl.DataFrame:
     """isic_id plus the per-patient LOF alone (`ud_lof`, as in `ugly_duckling_features`)."""
-    return ugly_duckling_features(metadata, n_neighbors=n_neighbors, n_jobs=n_jobs).select(
-        "isic_id", LOF_COLUMN
-    )
+    return ugly_duckling_features(metadata, n_jobs=n_jobs).select("isic_id", LOF_COLUMN)
 
 
 def join_new(frame: pl.DataFrame, table: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:

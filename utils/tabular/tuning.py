@@ -2,27 +2,26 @@
 
 Entry: `run_tuning(data_dir, output_dir, image_oof_dirs, preset, recipe)`, settings from
 utils.settings (TuneConfig). One study per library kind (`SEARCH_SPACES`: "lgb", "cat", "xgb").
-A trial suggests params around the centre (the recipe's published params, utils.settings, with
-the preset's centres), and scores the stage-3 member of that kind with tabular.cv.iter_cv on stage
-3's own training frame (tabular.gbdt.load_training_frame): the same features, folds, in-fold
-sampling and training rows (with the recipe's GBDTConfig.filter_training the fold models never
-train on the reference's filtered rows: tabular.gbdt.training_rows). The objective is the pAUC
-of the member's OOF over all rows (stage 3's "overall"); after each fold the mean fold pAUC so
-far is reported so a MedianPruner can stop weak trials early. Trial 0 of a new study is the
-centre itself, so every study holds the score of the default params to compare with.
+A trial suggests params around the centre (the recipe's published params with the preset's
+centres) and scores the stage-3 member of that kind with tabular.cv.iter_cv on stage 3's own
+training frame (tabular.gbdt.load_training_frame): the same features, folds, in-fold sampling and
+training rows (tabular.gbdt.training_rows: with GBDTConfig.filter_training never the reference's
+filtered rows). The objective is the pAUC of the member's OOF over all rows (stage 3's
+"overall"); the mean fold pAUC so far is reported after each fold, for a MedianPruner to stop
+weak trials early. Trial 0 of a new study is the centre itself: every study holds the score of
+the default params.
 
 Storage: `<output_dir>/tuning/optuna.sqlite3`, studies `<kind>-<preset>-<setup hash>`. The hash
-covers the data (rows, targets, folds, feature names, image OOF values) and the settings, so
-running again on the same setup adds trials to the same study (an interrupted run resumes);
-another setup (new data, features, retrained image models, other settings) or `force` moves the
-old tuning folder aside and starts clean, so objectives and outputs are never mixed.
+covers the data (rows, targets, folds, feature names, image OOF values) and the settings: the
+same setup adds trials to the same study (an interrupted run resumes); another setup or `force`
+moves the old tuning folder aside and starts clean, so objectives and outputs are never mixed.
 The sampler is TPESampler(seed + trials already in the study): deterministic, and a resumed run
 does not repeat the first run's random start-up points.
 
 `best_params.json` (next to the database) holds the best trial's params of every kind tuned on
-this setup, in the format utils.tabular.libraries.load_params reads ({"lgb": {...}, ...}); the
-tuned "lgb" params also apply to the metadata-only member lgb_meta (resolve_params). Tuned
-rounds replace the preset's: params tuned under "demo" carry demo-sized rounds.
+this setup, as utils.tabular.libraries.load_params reads them ({"lgb": {...}, ...}); the tuned
+"lgb" params also apply to lgb_meta (resolve_params). Tuned rounds replace the preset's: params
+tuned under "demo" carry demo-sized rounds.
 """
 
 from __future__ import annotations
@@ -293,14 +292,10 @@ def tuned_studies(
     }
 
 
-def best_params(studies: Mapping[str, optuna.Study]) -> dict[str, dict[str, Any]]:
-    """The best trial's params per kind (kinds without a completed trial are left out)."""
-    return {kind: dict(study.best_params) for kind, study in studies.items() if _complete(study)}
-
-
 def write_best_params(studies: Mapping[str, optuna.Study], output_dir: str | Path) -> Path:
-    """Write `<output_dir>/tuning/best_params.json` and check gbdt.load_params reads it."""
-    params = best_params(studies)
+    """Write `<output_dir>/tuning/best_params.json` (the best trial's params per kind; kinds
+    without a completed trial are left out) and check gbdt.load_params reads it."""
+    params = {kind: dict(s.best_params) for kind, s in studies.items() if _complete(s)}
     missing = sorted(set(studies) - set(params))
     if missing:
         warnings.warn(

@@ -201,12 +201,9 @@ class GBDTEnsemble:
         threads = threads or os.cpu_count() or 1
         preds = {}
         for name, features in self.features.items():
-            library = LIBRARIES[self.libraries[name]]
-            member = Member(name, self.libraries[name], {}, features)
-            x = member_matrix(frame, member)
-            preds[name] = np.mean(
-                [library.predict(m, x, threads) for m in self.models[name]], axis=0
-            )
+            x = member_matrix(frame, Member(name, self.libraries[name], {}, features))
+            predict = LIBRARIES[self.libraries[name]].predict
+            preds[name] = np.mean([predict(m, x, threads) for m in self.models[name]], axis=0)
         blend = self.blend(preds)
         if META_MEMBER in preds:
             blend = np.where(self.image_missing(frame), preds[META_MEMBER], blend)

@@ -53,8 +53,14 @@ OUTLIER_SUMMARY = ("loc_outlier_count", "loc_absz_max", "loc_absz_std")
 c = pl.col
 
 
-def _with_keys(frame: pl.DataFrame, metadata: pl.DataFrame, keys: Sequence[str]) -> pl.LazyFrame:
-    """`frame` with the grouping columns of `metadata` joined on isic_id (null -> NULL_GROUP)."""
+def _with_keys(
+    frame: pl.DataFrame, metadata: pl.DataFrame, keys: Sequence[str], features: Sequence[str]
+) -> pl.LazyFrame:
+    """`frame` with the grouping columns of `metadata` joined on isic_id (null -> NULL_GROUP);
+    KeyError naming the columns `frame` (patient and `features`) or `metadata` lack."""
+    missing = [f for f in (PATIENT_KEY, *features) if f not in frame.columns]
+    if missing:
+        raise KeyError(f"location features: feature frame lacks column(s) {missing[:5]}")
     missing = [k for k in ("isic_id", *keys) if k not in metadata.columns]
     if missing:
         raise KeyError(f"location features: metadata lacks column(s) {missing}")
@@ -72,19 +78,12 @@ def zscore(expr: pl.Expr, over: str | list[str]) -> pl.Expr:
     return pl.when(expr.is_null()).then(None).when(std > 0).then(z).otherwise(0.0)
 
 
-def _check_features(frame: pl.DataFrame, features: Sequence[str]) -> None:
-    missing = [f for f in (PATIENT_KEY, *features) if f not in frame.columns]
-    if missing:
-        raise KeyError(f"location features: feature frame lacks column(s) {missing[:5]}")
-
-
 def location_norm_features(
     frame: pl.DataFrame, metadata: pl.DataFrame, features: Sequence[str] = NUMERIC_FEATURES
 ) -> tuple[pl.DataFrame, list[str]]:
     """`frame` with the within patient x location / simple location / site normalisations of
     `features` it lacks (Float32), and the names added."""
-    _check_features(frame, features)
-    lazy = _with_keys(frame, metadata, list(NORM_GROUPS.values()))
+    lazy = _with_keys(frame, metadata, list(NORM_GROUPS.values()), features)
     exprs, added = [], []
     for suffix, key in NORM_GROUPS.items():
         for f in features:
@@ -100,8 +99,7 @@ def location_outlier_features(
 ) -> tuple[pl.DataFrame, list[str]]:
     """`frame` with |z| within patient x location and the within-patient percentile of
     `features` (those it lacks), the per-row outlier count / max / std, and the names added."""
-    _check_features(frame, features)
-    lazy = _with_keys(frame, metadata, [LOCATION_KEY])
+    lazy = _with_keys(frame, metadata, [LOCATION_KEY], features)
     group = [PATIENT_KEY, f"_key_{LOCATION_KEY}"]
     absz = {f: f"{f}_loc_absz" for f in features}
     # the summaries read every feature's |z|, shared columns included; temporary names avoid

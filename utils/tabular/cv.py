@@ -234,10 +234,9 @@ def feature_importance(result: CVResult) -> pl.DataFrame:
         library = LIBRARIES[member.library]
         imps = [library.importance(m, len(member.features)) for m in result.models[name]]
         imps = [np.asarray(i, dtype=float) / max(float(np.sum(i)), 1e-12) for i in imps]
+        mean = np.mean(imps, axis=0)
         frames.append(
-            pl.DataFrame(
-                {"member": name, "feature": member.features, "importance": np.mean(imps, axis=0)}
-            )
+            pl.DataFrame({"member": name, "feature": member.features, "importance": mean})
         )
     return pl.concat(frames)
 

@@ -71,9 +71,7 @@ def model_file_problem(check: FolderCheck, rel: str, library: str) -> str | None
         return f"{path}: missing"
     if path.stat().st_size == 0:
         return f"{path}: empty file (0 bytes)"
-    if library == "lgb":
-        return lightgbm_text_problem(path)
-    return None
+    return lightgbm_text_problem(path) if library == "lgb" else None
 
 
 def load_member(check: FolderCheck, files: list[str], library: str) -> tuple[list[Any], str]:

@@ -158,8 +158,7 @@ def one_hot_names(categories: dict[str, Sequence[str]] = CATEGORIES) -> dict[str
     """column -> {category value -> feature name}, plus OTHER -> `<col>__other`."""
     names = {}
     for col, values in categories.items():
-        mapping = {v: f"{col}__{_slug(v)}" for v in values}
-        mapping[OTHER] = f"{col}__{OTHER}"
+        mapping = {**{v: f"{col}__{_slug(v)}" for v in values}, OTHER: f"{col}__{OTHER}"}
         if len(set(mapping.values())) != len(mapping):
             raise ValueError(f"one_hot_names: category names of {col!r} collide after slugging")
         names[col] = mapping

@@ -137,12 +137,11 @@ def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path}")
     data = json.loads(path.read_text())
-    allowed = set(GBDT_MODELS)
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f"{path}: expected an object of objects like {{'lgb': {{...}}}}")
-    unknown = sorted(set(data) - allowed)
+    unknown = sorted(set(data) - set(GBDT_MODELS))
     if unknown:
-        raise ValueError(f"{path}: unknown member(s) {unknown}; allowed {sorted(allowed)}")
+        raise ValueError(f"{path}: unknown member(s) {unknown}; allowed {sorted(GBDT_MODELS)}")
     return data
 
 

@@ -211,14 +211,11 @@ def _default_trials(study: optuna.Study, states: Sequence[TrialState]) -> list[F
 def open_study(kind: str, data: TrainingFrame, config: TuneConfig, storage: str) -> optuna.Study:
     """Create or resume the study of `kind` for this setup; a new one gets the centre as trial 0."""
     setup = setup_of(data, config)
-    pruner = optuna.pruners.MedianPruner(
-        n_startup_trials=config.n_startup_trials, n_warmup_steps=config.n_warmup_steps
-    )
     study = optuna.create_study(
         storage=storage,
         study_name=study_name(kind, setup),
         direction="maximize",
-        pruner=pruner,
+        pruner=optuna.pruners.MedianPruner(config.n_startup_trials, config.n_warmup_steps),
         load_if_exists=True,
     )
     if not study.trials:

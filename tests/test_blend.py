@@ -1,4 +1,4 @@
-"""Blending the members' OOF predictions (tabular.blend): equal, rank average, nested."""
+"""Blending the members' OOF predictions (tabular.blend): rank average, nested."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import pytest
 from utils.metric import pauc
 from utils.settings import GBDTConfig
 from utils.tabular.blend import (
-    compare_blends,
-    equal_weight_blend,
     fast_pauc,
     fit_blend_weights,
     member_floors,
@@ -28,9 +26,8 @@ def members(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.nd
     return x, y, rng.integers(0, 5, n)
 
 
-def test_equal_and_rank_average_by_hand():
+def test_rank_average_by_hand():
     x = np.array([[0.1, 10.0], [0.3, 20.0], [0.2, 40.0]])
-    np.testing.assert_allclose(equal_weight_blend(x), [5.05, 10.15, 20.1])
     # ranks (1, 3, 2) and (1, 2, 3): means 1, 2.5, 2.5 over 3 rows
     np.testing.assert_allclose(rank_average_blend(x), [1 / 3, 2.5 / 3, 2.5 / 3])
 
@@ -51,7 +48,7 @@ def test_fit_weights_are_a_convex_combination_that_drops_noise():
     weights = fit_blend_weights(x, y)
     assert weights.min() >= 0 and weights.sum() == pytest.approx(1.0)
     assert weights[2] < 1 / 3 and weights[0] > weights[2]
-    assert pauc(y, x @ weights) >= pauc(y, equal_weight_blend(x))
+    assert pauc(y, x @ weights) >= pauc(y, x.mean(axis=1))
 
 
 def test_one_member_gets_all_the_weight():
@@ -73,30 +70,13 @@ def test_nested_weights_of_a_fold_never_see_its_rows():
     np.testing.assert_array_equal(reference.weights, fit_blend_weights(x, y))
 
 
-def test_compare_blends_lists_every_method():
-    x, y, folds = members()
-    table = compare_blends(x, y, folds, ["strong", "weak", "noise"])
-    assert table["blend"].to_list() == [
-        "member: strong",
-        "member: weak",
-        "member: noise",
-        "equal weights",
-        "rank average",
-        "optimised (nested)",
-        "optimised (in-sample, optimistic)",
-    ]
-    assert table["pauc"].is_between(0.0, 0.2).all()
-
-
 def test_bad_input_is_named():
     x, y, folds = members(200)
     x[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        equal_weight_blend(x)
+        rank_average_blend(x)
     with pytest.raises(ValueError, match="rows"):
         nested_blend(np.ones((5, 2)), np.zeros(4), np.zeros(5))
-    with pytest.raises(ValueError, match="names"):
-        compare_blends(np.ones((5, 2)), np.array([0, 1, 0, 1, 0]), np.zeros(5), ["a"])
 
 
 def test_a_floor_keeps_a_member_the_fit_would_drop():

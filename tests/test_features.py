@@ -22,7 +22,6 @@ from utils.tabular.features import (
     build_features,
     check_no_train_only,
     join_image_oofs,
-    without_patient_context,
 )
 
 PATIENTS = ["P1", "P1", "P1", "P2", "P3"]
@@ -248,13 +247,6 @@ def test_row_order_does_not_change_a_lesions_features():
 def test_missing_column_names_the_source():
     with pytest.raises(SchemaError, match=r"my\.csv.*tbp_lv_L"):
         build_features(_five_rows().drop("tbp_lv_L"), source="my.csv")
-
-
-def test_without_patient_context_drops_every_context_feature():
-    _, names = build_features(_five_rows(), site_features=True)
-    kept = without_patient_context(names)
-    assert "tbp_lv_L" in kept and "lesion_size_ratio" in kept
-    assert not [n for n in kept if "patient" in n or n.endswith("_site_norm")]
 
 
 def _write_image_oof(root, name, frame, folds, pred, model="vit_tiny"):

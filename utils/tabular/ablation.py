@@ -1,43 +1,38 @@
 """Ablation of the `plus` recipe's candidates: 5-fold CV of the metadata + image GBDT ensemble
 for `paper`, `paper` + each candidate alone and all kept candidates together, over seeds.
+`ablation(data_dir, seeds, candidates, ...)` is the core of bench/ablation.py (the command line)
+and utils.tabular.ablation_stage (notebooks/06_ablation, the Kaggle kernel).
 
-`ablation(data_dir, seeds, candidates, ...)` is the core that bench/ablation.py (the command
-line) and utils.tabular.ablation_stage (notebooks/06_ablation, the Kaggle kernel) call.
+Data: a data dir with `image_oof_dirs` (real stage 1 runs, their folds kept for every seed; a
+seed then varies the GBDT seeds and resampling only), or a synthetic data dir with its truth file
+(`truth_path`, utils.synthetic). Synthetic: the image models trained here cannot learn the
+images, so the image columns are STAND-IN OOFs, one per registered image model
+(utils.settings.IMAGE_MODELS): sigmoid(logit(true prob) + noise), noise sd `STANDIN_NOISE[model]`,
+drawn anew per seed; each column's pAUC alone is printed. Data generated with `--structure
+image_patient` add the truth's `image_patient_part` to every column's logit (the same
+patient-level part for every model, as a shared bias would be). The structures a data dir holds
+(utils.synthetic_structure) are printed first: a candidate that gains nothing on data without
+the structure it targets is "not measured" there, not rejected.
 
-Data: the competition's (or any) data dir with `image_oof_dirs` (real stage 1 runs, their folds
-kept for every seed; a seed then varies the GBDT seeds and resamples only), or a synthetic data
-dir with its truth file (`truth_path`, utils.synthetic). Synthetic: the image models trained
-here cannot learn the images, so the image columns are STAND-IN OOFs, one per registered image
-model (utils.settings.IMAGE_MODELS): sigmoid(logit(true prob) + noise), noise sd
-`STANDIN_NOISE[model]`, drawn anew per seed; each column's pAUC alone is printed. Data generated
-with `--structure image_patient` add the truth's `image_patient_part` to every column's logit
-(the same patient-level part for every model, as a shared bias would be). The structures a
-data dir holds (utils.synthetic_structure) are printed first: a candidate that gains nothing on
-data without the structure it targets is "not measured" there, not rejected.
+Seeds: seed s sets the fold assignment (FOLD_SEED + s; real image OOFs keep theirs), the GBDT
+seed (s; with seed bagging s, s + 1, ..., each drawing its own over/under-sample) and the
+stand-in noise. The data stay the same.
 
-Seeds: each seed s sets the fold assignment (fold seed FOLD_SEED + s; real image OOFs keep
-theirs), the GBDT seed (s; with seed bagging s, s + 1, ...; each seed draws its own over/under-
-sample) and the stand-in noise. The data stay the same.
+Candidates (under utils/): `patient_image` (tabular.plus_features.patient_image_features, seen by
+the image members), `ugly_duckling` (tabular.plus_features, every member, lgb_meta included),
+`site_features` (tabular.features, GBDTConfig.site_features, every member), `patient_lof` (the
+LOF alone), `location_norm` and `location_outliers` (tabular.location_features, every member),
+`blend` (tabular.blend.nested_blend of the members' OOF instead of equal weights, on the CV of
+the row without it: no extra CV), `blend_floor` (the same with `lgb_meta` kept at weight >=
+BLEND_FLOOR), `rank_blend` (tabular.blend.rank_average_blend), `seed_bagging` (`bag_seeds` GBDT
+seeds per member).
 
-Candidates (under utils/): `patient_image` (tabular.plus_features.patient_image_features on the
-image columns, seen by the image members), `ugly_duckling`
-(tabular.plus_features.ugly_duckling_features, seen by every member, lgb_meta included),
-`site_features` (tabular.features' patient x site normalisation and within-patient percentiles,
-GBDTConfig.site_features, seen by every member), `patient_lof` (the LOF alone),
-`location_norm` and `location_outliers` (tabular.location_features, every member; the 2nd place's
-within patient x location groups), `blend` (tabular.blend.nested_blend of the members'
-OOF instead of equal weights, on the OOF of the same row without it: no extra CV), `blend_floor`
-(the same with `lgb_meta` kept at weight >= BLEND_FLOOR), `rank_blend` (the
-same with tabular.blend.rank_average_blend),
-`seed_bagging` (`bag_seeds` GBDT seeds per member, each with its own over/under-sample).
-
-Two phases. Phase 1: `paper` and `paper` + each candidate alone, over every seed. The rule
-then keeps a candidate when its mean paired gain over `paper` exceeds the spread of that gain
-over seeds (its std) (of the blends, the best one). Phase 2: `plus (kept: ...)`,
-all kept candidates together, over the same seeds (a single kept candidate reuses its CV). The
-summary gives, per row, mean and spread (std, min-max) of the ensemble's OOF pAUC over seeds,
-the mean paired gain over `paper` and its std, and wall seconds (the row's features and CV; a
-blend row adds its fitting time to the CV it blends).
+Phase 1: `paper` and `paper` + each candidate alone, over every seed; the rule keeps a candidate
+when its mean paired gain over `paper` exceeds the std of that gain over seeds (of the blends,
+the best one). Phase 2: `plus (kept: ...)`, all kept candidates together, over the same seeds (a
+single kept candidate reuses its CV). The summary gives, per row, mean and spread (std, min-max)
+of the ensemble's OOF pAUC over seeds, the mean paired gain over `paper` and its std, and wall
+seconds (the row's features and CV; a blend row adds its fitting time to the CV it blends).
 """
 
 from __future__ import annotations
@@ -61,16 +56,10 @@ from utils.tabular.blend import member_floors, nested_blend, rank_average_blend
 from utils.tabular.cv import CVResult, cross_validate
 from utils.tabular.features import IMAGE_PREFIX
 from utils.tabular.gbdt import load_training_frame
-from utils.tabular.libraries import (
-    ENSEMBLE,
-    GBDT_MODELS,
-    META_MEMBER,
-    Member,
-    make_members,
-    resolve_params,
-)
+from utils.tabular.libraries import ENSEMBLE, GBDT_MODELS, META_MEMBER, make_members, resolve_params
 from utils.tabular.plus_features import (
     add_optional_features,
+    join_new,
     patient_image_feature_names,
     patient_image_features,
 )
@@ -78,24 +67,16 @@ from utils.tabular.plus_features import (
 # the feature groups built by the registry (tabular.plus_features.OPTIONAL_GROUPS) besides the
 # image-derived one, which needs the per-seed stand-ins
 REGISTRY_GROUPS = ("ugly_duckling", "patient_lof", "location_norm", "location_outliers")
-CANDIDATES = (
-    "patient_image",
-    *REGISTRY_GROUPS,
-    "site_features",
-    "blend",
-    "blend_floor",
-    "rank_blend",
-    "seed_bagging",
-)
 BLENDS = ("blend", "blend_floor", "rank_blend")  # blend the OOF of a CV; rank_blend not in plus
+CANDIDATES = ("patient_image", *REGISTRY_GROUPS, "site_features", *BLENDS, "seed_bagging")
 BLEND_FLOOR = 0.1  # lgb_meta's least weight in the `blend_floor` candidate
-# logit-scale noise sd of each stand-in image OOF (the true logit's sd is about 2.4 at full scale)
 PATIENT_PART = "image_patient_part"  # truth column of the image_patient structure
 STRUCTURE_COLUMNS = {
     "site_outlier": "site_score",
     "site_rates": "site_rate",
     "image_patient": PATIENT_PART,
 }
+# logit-scale noise sd of each stand-in image OOF (the true logit's sd is about 2.4 at full scale)
 STANDIN_NOISE: dict[str, float] = {
     "convnextv2_nano": 2.0,
     "vit_tiny": 2.5,
@@ -125,23 +106,6 @@ def standin_image_oofs(
     return pl.DataFrame({"isic_id": ids, **columns}).with_columns(
         pl.col(name).cast(pl.Float32) for name in columns
     )
-
-
-def run_cv(
-    frame: pl.DataFrame,
-    y: np.ndarray,
-    folds: np.ndarray,
-    members: Mapping[str, Member],
-    seeds: Sequence[int],
-    threads: int | None,
-) -> tuple[CVResult, float]:
-    """One 5-fold CV of the members and its wall seconds. The fitted models are dropped: a row
-    needs the OOF only, and every CV stays cached for the blends (at full size, hundreds of
-    models)."""
-    start = time.perf_counter()
-    result = cross_validate(frame, y, folds, members, seeds, threads=threads)
-    result.models.clear()
-    return result, time.perf_counter() - start
 
 
 def score_row(result: CVResult, blend: str | None) -> tuple[float, float, dict[str, float | str]]:
@@ -249,10 +213,7 @@ def load_inputs(
         built, names, _ = add_optional_features(base, metadata, [], threads, **{group: True})
         seconds[group] = time.perf_counter() - start
         groups[group] = names
-        new = [n for n in names if n not in frame.columns]
-        frame = frame.join(
-            built.select("isic_id", *new), on="isic_id", how="left", maintain_order="left"
-        )
+        frame, _ = join_new(frame, built.select("isic_id", *names))
     if image_oof_dirs:
         return Inputs(frame, data.y, meta, groups, seconds, list(data.image_columns), data.folds)
     images = [f"{IMAGE_PREFIX}{m}" for m in IMAGE_MODELS]
@@ -270,7 +231,6 @@ def seed_frames(
     the real OOFs) and the patient-relative image features when asked, and those seconds."""
     truth = None
     if inputs.folds is None:
-        check_image_source((), truth_path)
         planted = data_structures(pl.read_csv(truth_path, n_rows=1).columns)
         if verbose:
             print(f"structures planted in {Path(truth_path).name}: {planted or 'none (default)'}")
@@ -325,7 +285,9 @@ def run_row(
     bag_seeds: int,
     threads: int | None,
 ) -> tuple[CVResult, float]:
-    """The CV of one set of (non-blend) candidates and its wall seconds."""
+    """The 5-fold CV of one set of (non-blend) candidates and its wall seconds. The fitted models
+    are dropped: a row needs the OOF only, and every CV stays cached for the blends (at full
+    size, hundreds of models)."""
     images = inputs.images
     row_meta = list(inputs.meta)
     for group, names in inputs.groups.items():
@@ -334,7 +296,12 @@ def run_row(
     row_images = images + (patient_image_feature_names(images) if "patient_image" in on else [])
     bag = range(bag_seeds if "seed_bagging" in on else 1)
     members = make_members(row_meta, row_images, params, names=member_names)
-    return run_cv(seeded, inputs.y, folds, members, [seed + k for k in bag], threads)
+    start = time.perf_counter()
+    result = cross_validate(
+        seeded, inputs.y, folds, members, [seed + k for k in bag], threads=threads
+    )
+    result.models.clear()
+    return result, time.perf_counter() - start
 
 
 def ablation(

@@ -29,13 +29,7 @@ import polars as pl
 from utils.layout import ABLATION_FILE, ABLATION_TABLE_FILE
 from utils.manifest import write_atomic, write_json
 from utils.settings import resolve
-from utils.tabular.ablation import (
-    BLENDS,
-    CANDIDATES,
-    ablation,
-    plus_row_name,
-    summarise,
-)
+from utils.tabular.ablation import BLENDS, CANDIDATES, ablation, plus_row_name, summarise
 from utils.tabular.features import image_source
 from utils.tabular.libraries import GBDT_MODELS
 

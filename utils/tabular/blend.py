@@ -1,18 +1,19 @@
-"""Blending the GBDT members' predictions: equal weights (the paper's soft vote), rank averaging,
-and non-negative weights summing to 1 that maximise pAUC (the 2nd place of ISIC 2024 fitted its
-ensemble weights: uchiyama33/isic-2024-2nd-place, configs/gbdt_params/*-tuning_weights.yaml,
-`tuning_ensemble_weights: true`).
+"""Blending the GBDT members' predictions beyond the paper's equal weights (tabular.cv): rank
+averaging, and non-negative weights summing to 1 that maximise pAUC (the 2nd place of ISIC 2024
+fitted its ensemble weights: uchiyama33/isic-2024-2nd-place,
+configs/gbdt_params/*-tuning_weights.yaml, `tuning_ensemble_weights: true`).
 
 A floor keeps chosen members at least at a given weight (`floors`, GBDTConfig.blend_floor for
 `lgb_meta`): the metadata-only member is what the submission falls back to for a lesion without
 image scores, and a member fitted to weight 0 would leave that fallback untested by the blend.
 
-Optimised weights: greedy hill-climbing from equal weights, each move shifting `step` of weight
+Optimised weights: greedy hill-climbing from equal weights, each move shifting STEP of weight
 from one member to another, taken only while it strictly raises pAUC (a step function of the
 weights, so gradient-free and deterministic; a plateau keeps the weights near equal, which
-limits over-fitting); about 12 pAUC evaluations per move for 4 members. The OOF score of
-optimised weights is honest only when nested: `nested_blend` fits fold f's weights on the other
-folds' rows and applies them to fold f; the final weights for test time are fitted on all rows.
+limits over-fitting; at most MAX_MOVES moves); about 12 pAUC evaluations per move for 4
+members. The OOF score of optimised weights is honest only when nested: `nested_blend` fits
+fold f's weights on the other folds' rows and applies them to fold f; the final weights for test
+time are fitted on all rows.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from dataclasses import dataclass
 from itertools import permutations
 
 import numpy as np
-import polars as pl
 from scipy.stats import rankdata
 
 from utils.metric import pauc
 
-DEFAULT_STEP = 0.05
+STEP = 0.05  # weight moved from one member to another per hill-climbing move
+MAX_MOVES = 200
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,6 @@ def _matrix(preds: np.ndarray) -> np.ndarray:
     if np.isnan(x).any():
         raise ValueError(f"blend: {int(np.isnan(x).sum())} prediction(s) are NaN")
     return x
-
-
-def equal_weight_blend(preds: np.ndarray) -> np.ndarray:
-    """Mean of the members' predictions per row (the paper's soft vote)."""
-    return _matrix(preds).mean(axis=1)
 
 
 def rank_average_blend(preds: np.ndarray) -> np.ndarray:
@@ -105,32 +101,25 @@ def _floors(floors: np.ndarray | None, members: int) -> np.ndarray:
 
 
 def fit_blend_weights(
-    preds: np.ndarray,
-    y: np.ndarray,
-    step: float = DEFAULT_STEP,
-    min_tpr: float = 0.80,
-    max_moves: int = 200,
-    floors: np.ndarray | None = None,
+    preds: np.ndarray, y: np.ndarray, floors: np.ndarray | None = None
 ) -> np.ndarray:
     """Weights (>= their floors, sum 1) that raise pAUC on these rows: from equal weights (lifted
-    to the floors), take the best move of `step` between two members while it strictly improves
+    to the floors), take the best move of STEP between two members while it strictly improves
     pAUC."""
     x = _matrix(preds)
     y = np.asarray(y)
-    if not 0 < step <= 1:
-        raise ValueError(f"fit_blend_weights: step must be in (0, 1], got {step}")
     low = _floors(floors, x.shape[1])
     weights = np.full(x.shape[1], 1 / x.shape[1])
     if (weights < low).any():  # a floor above 1/members: the rest shared equally
         free = weights >= low
         weights = np.where(free, 0.0, low)
         weights[free] = (1 - weights.sum()) / free.sum()
-    best = fast_pauc(y, x @ weights, min_tpr)
-    for _ in range(max_moves if x.shape[1] > 1 else 0):
-        moves = _transfers(weights, step, low)
+    best = fast_pauc(y, x @ weights)
+    for _ in range(MAX_MOVES if x.shape[1] > 1 else 0):
+        moves = _transfers(weights, STEP, low)
         if not len(moves):
             break
-        scores = np.array([fast_pauc(y, x @ w, min_tpr) for w in moves])
+        scores = np.array([fast_pauc(y, x @ w) for w in moves])
         if scores.max() <= best + 1e-12:
             break
         weights, best = moves[np.argmax(scores)], float(scores.max())
@@ -138,12 +127,7 @@ def fit_blend_weights(
 
 
 def nested_blend(
-    preds: np.ndarray,
-    y: np.ndarray,
-    folds: np.ndarray,
-    step: float = DEFAULT_STEP,
-    min_tpr: float = 0.80,
-    floors: np.ndarray | None = None,
+    preds: np.ndarray, y: np.ndarray, folds: np.ndarray, floors: np.ndarray | None = None
 ) -> BlendResult:
     """Weights per fold fitted on the other folds only, their honest OOF pAUC, and final weights."""
     x = _matrix(preds)
@@ -155,11 +139,10 @@ def nested_blend(
     fold_weights = {}
     for fold in np.unique(folds):
         valid = folds == fold
-        weights = fit_blend_weights(x[~valid], y[~valid], step, min_tpr, floors=floors)
+        weights = fit_blend_weights(x[~valid], y[~valid], floors)
         oof[valid] = x[valid] @ weights
         fold_weights[int(fold)] = weights
-    final = fit_blend_weights(x, y, step, min_tpr, floors=floors)
-    return BlendResult(oof, pauc(y, oof, min_tpr), fold_weights, final)
+    return BlendResult(oof, pauc(y, oof), fold_weights, fit_blend_weights(x, y, floors))
 
 
 def member_floors(names: Sequence[str], member: str, floor: float) -> np.ndarray | None:
@@ -167,38 +150,3 @@ def member_floors(names: Sequence[str], member: str, floor: float) -> np.ndarray
     if floor <= 0 or member not in names:
         return None
     return np.array([floor if n == member else 0.0 for n in names])
-
-
-def compare_blends(
-    preds: np.ndarray,
-    y: np.ndarray,
-    folds: np.ndarray,
-    names: Sequence[str],
-    step: float = DEFAULT_STEP,
-) -> pl.DataFrame:
-    """OOF pAUC of each member, equal weights, rank average, nested optimised weights and (for
-    reference, optimistic) weights fitted on all rows and scored on them."""
-    x = _matrix(preds)
-    if len(names) != x.shape[1]:
-        raise ValueError(f"compare_blends: {len(names)} names for {x.shape[1]} members")
-    nested = nested_blend(x, y, folds, step)
-
-    def text(w: np.ndarray) -> str:
-        return ", ".join(f"{n} {v:.2f}" for n, v in zip(names, w, strict=True))
-
-    equal = np.full(x.shape[1], 1 / x.shape[1])
-    rows = [
-        {"blend": f"member: {n}", "pauc": pauc(y, x[:, i]), "weights": ""}
-        for i, n in enumerate(names)
-    ]
-    rows += [
-        {"blend": "equal weights", "pauc": pauc(y, equal_weight_blend(x)), "weights": text(equal)},
-        {"blend": "rank average", "pauc": pauc(y, rank_average_blend(x)), "weights": text(equal)},
-        {"blend": "optimised (nested)", "pauc": nested.pauc, "weights": text(nested.weights)},
-        {
-            "blend": "optimised (in-sample, optimistic)",
-            "pauc": pauc(y, x @ nested.weights),
-            "weights": text(nested.weights),
-        },
-    ]
-    return pl.DataFrame(rows)

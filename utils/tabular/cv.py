@@ -16,7 +16,7 @@ score, named as such in cv_report.json.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,7 +202,6 @@ def cross_validate(
     seeds: Sequence[int] = (0,),
     sampling: Sampling = DEFAULT_SAMPLING,
     threads: int | None = None,
-    on_fold: Callable[[FoldResult], None] | None = None,
     bin_once: bool = True,
     trainable: np.ndarray | None = None,
 ) -> CVResult:
@@ -223,8 +222,6 @@ def cross_validate(
         result.models.setdefault(fr.member, []).append(fr.model)
         result.model_keys.setdefault(fr.member, []).append((fr.fold, fr.seed))
         result.sampling.append(f"{fr.member} fold {fr.fold} seed {fr.seed}: {fr.note}")
-        if on_fold is not None:
-            on_fold(fr)
     result.oof = {name: s / len(seeds) for name, s in sums.items()}
     result.oof[ENSEMBLE] = np.mean([result.oof[name] for name in members], axis=0)
     return result
@@ -237,55 +234,46 @@ def feature_importance(result: CVResult) -> pl.DataFrame:
         library = LIBRARIES[member.library]
         imps = [library.importance(m, len(member.features)) for m in result.models[name]]
         imps = [np.asarray(i, dtype=float) / max(float(np.sum(i)), 1e-12) for i in imps]
+        mean = np.mean(imps, axis=0)
         frames.append(
-            pl.DataFrame(
-                {"member": name, "feature": member.features, "importance": np.mean(imps, axis=0)}
-            )
+            pl.DataFrame({"member": name, "feature": member.features, "importance": mean})
         )
     return pl.concat(frames)
 
 
 def ablation_table(result: CVResult, image_scores: Mapping[str, np.ndarray]) -> pl.DataFrame:
     """Paper Table 4: image-only (mean of image OOFs), metadata-only (lgb_meta), full ensemble."""
-    rows = []
+    preds = {f"image-only: {k}": v for k, v in image_scores.items()}
     if image_scores:
-        rows += [
-            {"setting": f"image-only: {k}", "pauc": pauc(result.y, v)}
-            for k, v in image_scores.items()
-        ]
-        mean_image = np.mean(list(image_scores.values()), axis=0)
-        rows.append(
-            {"setting": "image-only: mean of image models", "pauc": pauc(result.y, mean_image)}
-        )
+        preds["image-only: mean of image models"] = np.mean(list(image_scores.values()), axis=0)
     if META_MEMBER in result.oof:
-        rows.append(
-            {
-                "setting": f"metadata-only: {META_MEMBER}",
-                "pauc": pauc(result.y, result.oof[META_MEMBER]),
-            }
-        )
+        preds[f"metadata-only: {META_MEMBER}"] = result.oof[META_MEMBER]
     full = "full: soft vote of members" if image_scores else "metadata-only: soft vote of members"
-    rows.append({"setting": full, "pauc": pauc(result.y, result.oof[ENSEMBLE])})
-    return pl.DataFrame(rows)
+    preds[full] = result.oof[ENSEMBLE]
+    return pl.DataFrame([{"setting": k, "pauc": pauc(result.y, v)} for k, v in preds.items()])
+
+
+def _scores(result: CVResult) -> dict[str, dict[str, Any]]:
+    """Overall and per-fold pAUC of each member's and the ensemble's OOF."""
+    folds, overall = result.fold_scores(), result.overall_scores()
+    return {
+        name: {
+            "overall": overall[name],
+            "folds": folds.filter(pl.col("model") == name)["pauc"].to_list(),
+        }
+        for name in result.oof
+    }
 
 
 def cv_report(result: CVResult, ablation: pl.DataFrame, image_columns: Sequence[str]) -> dict:
     """JSON-ready report: per-fold and overall pAUC per member and ensemble, ablation, sampling."""
-    folds = result.fold_scores()
-    overall = result.overall_scores()
     return {
         "metadata_only": not image_columns,
         "image_columns": list(image_columns),
         "seeds": list(result.seeds),
         "rows": int(result.y.size),
         "positives": int(result.y.sum()),
-        "scores": {
-            name: {
-                "overall": overall[name],
-                "folds": folds.filter(pl.col("model") == name)["pauc"].to_list(),
-            }
-            for name in result.oof
-        },
+        "scores": _scores(result),
         "ablation": ablation.to_dicts(),
         "sampling": result.sampling,
     }
@@ -310,8 +298,6 @@ def filtered_report(
     keep = ~np.asarray(filtered, dtype=bool)
     kept = CVResult(result.y[keep], result.folds[keep], result.members, result.seeds)
     kept.oof = {name: pred[keep] for name, pred in result.oof.items()}
-    folds = kept.fold_scores()
-    overall = kept.overall_scores()
     return {
         "rule": FILTER_RULE,
         "available": True,
@@ -319,11 +305,5 @@ def filtered_report(
         "rows_left_out": int((~keep).sum()),
         "rows": int(keep.sum()),
         "positives": int(kept.y.sum()),
-        "scores": {
-            name: {
-                "overall": overall[name],
-                "folds": folds.filter(pl.col("model") == name)["pauc"].to_list(),
-            }
-            for name in kept.oof
-        },
+        "scores": _scores(kept),
     }

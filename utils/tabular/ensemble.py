@@ -32,17 +32,18 @@ class ArtifactError(ValueError):
     """A GBDT artifact that cannot be used and has no fallback; the message names the file."""
 
 
-def read_json_artifact(check: FolderCheck, name: str) -> tuple[Any, str | None]:
-    """The parsed JSON file `name` of the checked folder and a note when the manifest disagrees;
-    ArtifactError naming the file when it is absent or unreadable."""
+def read_json_artifact(check: FolderCheck, name: str, notes: list[str]) -> Any:
+    """The parsed JSON file `name` of the checked folder, adding to `notes` when the manifest
+    disagrees; ArtifactError naming the file when it is absent or unreadable."""
     path = check.folder / name
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         why = check.problem(name) or f"{type(err).__name__}: {err}"
         raise ArtifactError(f"{path}: unreadable, the GBDT cannot be used ({why})") from err
-    note = check.problem(name)
-    return data, None if note is None else f"{note}; it parses and is used"
+    if (note := check.problem(name)) is not None:
+        notes.append(f"{note}; it parses and is used")
+    return data
 
 
 def lightgbm_text_problem(path: Path) -> str | None:
@@ -70,9 +71,7 @@ def model_file_problem(check: FolderCheck, rel: str, library: str) -> str | None
         return f"{path}: missing"
     if path.stat().st_size == 0:
         return f"{path}: empty file (0 bytes)"
-    if library == "lgb":
-        return lightgbm_text_problem(path)
-    return None
+    return lightgbm_text_problem(path) if library == "lgb" else None
 
 
 def load_member(check: FolderCheck, files: list[str], library: str) -> tuple[list[Any], str]:
@@ -130,10 +129,8 @@ class GBDTEnsemble:
             )
         elif check.unlisted:
             notes.append(f"{check.folder}: file(s) not in the manifest, ignored: {check.unlisted}")
-        members, note = read_json_artifact(check, ENSEMBLE_FILE)
-        notes += [note] if note else []
-        info, note = read_json_artifact(check, FEATURES_FILE)
-        notes += [note] if note else []
+        members = read_json_artifact(check, ENSEMBLE_FILE, notes)
+        info = read_json_artifact(check, FEATURES_FILE, notes)
         try:
             weights = members.get("weights")
             members = members["members"]
@@ -202,12 +199,9 @@ class GBDTEnsemble:
         threads = threads or os.cpu_count() or 1
         preds = {}
         for name, features in self.features.items():
-            library = LIBRARIES[self.libraries[name]]
-            member = Member(name, self.libraries[name], {}, features)
-            x = member_matrix(frame, member)
-            preds[name] = np.mean(
-                [library.predict(m, x, threads) for m in self.models[name]], axis=0
-            )
+            x = member_matrix(frame, Member(name, self.libraries[name], {}, features))
+            predict = LIBRARIES[self.libraries[name]].predict
+            preds[name] = np.mean([predict(m, x, threads) for m in self.models[name]], axis=0)
         blend = self.blend(preds)
         if META_MEMBER in preds:
             blend = np.where(self.image_missing(frame), preds[META_MEMBER], blend)

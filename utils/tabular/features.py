@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
+from functools import reduce
 from pathlib import Path
 
 import polars as pl
@@ -55,8 +57,14 @@ def _finite(expr: pl.Expr) -> pl.Expr:
     return pl.when(expr.is_finite()).then(expr)
 
 
-def _dist3d(x: str, y: str, z: str) -> pl.Expr:
-    return (c(x) ** 2 + c(y) ** 2 + c(z) ** 2).sqrt()
+def _sum(*names: str) -> pl.Expr:
+    """c(a) + c(b) + ..., summed left to right."""
+    return reduce(operator.add, (c(n) for n in names))
+
+
+def _squares(*names: str) -> pl.Expr:
+    """c(a) ** 2 + c(b) ** 2 + ..., summed left to right."""
+    return reduce(operator.add, (c(n) ** 2 for n in names))
 
 
 DERIVED_FEATURES: dict[str, pl.Expr] = {
@@ -64,12 +72,10 @@ DERIVED_FEATURES: dict[str, pl.Expr] = {
     "lesion_shape_index": _ratio(c("tbp_lv_areaMM2"), c("tbp_lv_perimeterMM") ** 2),
     "hue_contrast": (c("tbp_lv_H") - c("tbp_lv_Hext")).abs(),
     "luminance_contrast": (c("tbp_lv_L") - c("tbp_lv_Lext")).abs(),
-    "lesion_color_difference": (
-        c("tbp_lv_deltaA") ** 2 + c("tbp_lv_deltaB") ** 2 + c("tbp_lv_deltaL") ** 2
-    ).sqrt(),
+    "lesion_color_difference": _squares("tbp_lv_deltaA", "tbp_lv_deltaB", "tbp_lv_deltaL").sqrt(),
     "border_complexity": c("tbp_lv_norm_border") + c("tbp_lv_symm_2axis"),
     "color_uniformity": _ratio(c("tbp_lv_color_std_mean"), c("tbp_lv_radial_color_std_max")),
-    "position_distance_3d": _dist3d("tbp_lv_x", "tbp_lv_y", "tbp_lv_z"),
+    "position_distance_3d": _squares("tbp_lv_x", "tbp_lv_y", "tbp_lv_z").sqrt(),
     "perimeter_to_area_ratio": _ratio(c("tbp_lv_perimeterMM"), c("tbp_lv_areaMM2")),
     "area_to_perimeter_ratio": _ratio(c("tbp_lv_areaMM2"), c("tbp_lv_perimeterMM")),
     "lesion_visibility_score": c("tbp_lv_deltaLBnorm") + c("tbp_lv_norm_color"),
@@ -84,35 +90,26 @@ DERIVED_FEATURES: dict[str, pl.Expr] = {
     ),
     "size_age_interaction": c("clin_size_long_diam_mm") * c("age_approx"),
     "hue_color_std_interaction": c("tbp_lv_H") * c("tbp_lv_color_std_mean"),
-    "lesion_severity_index": (
-        c("tbp_lv_norm_border") + c("tbp_lv_norm_color") + c("tbp_lv_eccentricity")
-    )
+    "lesion_severity_index": _sum("tbp_lv_norm_border", "tbp_lv_norm_color", "tbp_lv_eccentricity")
     / 3,
-    "shape_complexity_index": c("tbp_lv_norm_border")
-    + c("tbp_lv_symm_2axis")
+    "shape_complexity_index": _sum("tbp_lv_norm_border", "tbp_lv_symm_2axis")
     + _ratio(c("tbp_lv_areaMM2"), c("tbp_lv_perimeterMM") ** 2),
-    "color_contrast_index": c("tbp_lv_deltaA")
-    + c("tbp_lv_deltaB")
-    + c("tbp_lv_deltaL")
-    + c("tbp_lv_deltaLBnorm"),
+    "color_contrast_index": _sum(
+        "tbp_lv_deltaA", "tbp_lv_deltaB", "tbp_lv_deltaL", "tbp_lv_deltaLBnorm"
+    ),
     "log_lesion_area": (c("tbp_lv_areaMM2") + 1).log(),
     "normalized_lesion_size": _ratio(c("clin_size_long_diam_mm"), c("age_approx")),
     "mean_hue_difference": (c("tbp_lv_H") + c("tbp_lv_Hext")) / 2,
-    "std_dev_contrast": (
-        (c("tbp_lv_deltaA") ** 2 + c("tbp_lv_deltaB") ** 2 + c("tbp_lv_deltaL") ** 2) / 3
-    ).sqrt(),
-    "color_shape_composite_index": (
-        c("tbp_lv_color_std_mean") + c("tbp_lv_area_perim_ratio") + c("tbp_lv_symm_2axis")
+    "std_dev_contrast": (_squares("tbp_lv_deltaA", "tbp_lv_deltaB", "tbp_lv_deltaL") / 3).sqrt(),
+    "color_shape_composite_index": _sum(
+        "tbp_lv_color_std_mean", "tbp_lv_area_perim_ratio", "tbp_lv_symm_2axis"
     )
     / 3,
     "lesion_orientation_3d": pl.arctan2(c("tbp_lv_y"), c("tbp_lv_x")),
-    "overall_color_difference": (c("tbp_lv_deltaA") + c("tbp_lv_deltaB") + c("tbp_lv_deltaL")) / 3,
+    "overall_color_difference": _sum("tbp_lv_deltaA", "tbp_lv_deltaB", "tbp_lv_deltaL") / 3,
     "symmetry_perimeter_interaction": c("tbp_lv_symm_2axis") * c("tbp_lv_perimeterMM"),
-    "comprehensive_lesion_index": (
-        c("tbp_lv_area_perim_ratio")
-        + c("tbp_lv_eccentricity")
-        + c("tbp_lv_norm_color")
-        + c("tbp_lv_symm_2axis")
+    "comprehensive_lesion_index": _sum(
+        "tbp_lv_area_perim_ratio", "tbp_lv_eccentricity", "tbp_lv_norm_color", "tbp_lv_symm_2axis"
     )
     / 4,
     "color_variance_ratio": _ratio(c("tbp_lv_color_std_mean"), c("tbp_lv_stdLExt")),
@@ -123,11 +120,10 @@ DERIVED_FEATURES: dict[str, pl.Expr] = {
     ),
     "size_color_contrast_ratio": _ratio(c("clin_size_long_diam_mm"), c("tbp_lv_deltaLBnorm")),
     "age_normalized_nevi_confidence": _ratio(c("tbp_lv_nevi_confidence"), c("age_approx")),
-    "age_normalized_nevi_confidence_2": (
-        c("clin_size_long_diam_mm") ** 2 + c("age_approx") ** 2
-    ).sqrt(),
+    "age_normalized_nevi_confidence_2": _squares("clin_size_long_diam_mm", "age_approx").sqrt(),
     "color_asymmetry_index": c("tbp_lv_radial_color_std_max") * c("tbp_lv_symm_2axis"),
-    "volume_approximation_3d": c("tbp_lv_areaMM2") * _dist3d("tbp_lv_x", "tbp_lv_y", "tbp_lv_z"),
+    "volume_approximation_3d": c("tbp_lv_areaMM2")
+    * _squares("tbp_lv_x", "tbp_lv_y", "tbp_lv_z").sqrt(),
     "color_range": (c("tbp_lv_L") - c("tbp_lv_Lext")).abs()
     + (c("tbp_lv_A") - c("tbp_lv_Aext")).abs()
     + (c("tbp_lv_B") - c("tbp_lv_Bext")).abs(),
@@ -144,26 +140,12 @@ DERIVED_FEATURES: dict[str, pl.Expr] = {
 NUMERIC_FEATURES: tuple[str, ...] = NUMERIC_COLUMNS + tuple(DERIVED_FEATURES)
 
 # Lesion descriptors that top teams compared against the patient's other lesions ("ugly duckling").
-CONTEXT_FEATURES: tuple[str, ...] = (
-    "clin_size_long_diam_mm",
-    "tbp_lv_areaMM2",
-    "tbp_lv_minorAxisMM",
-    "tbp_lv_L",
-    "tbp_lv_deltaL",
-    "tbp_lv_deltaLBnorm",
-    "tbp_lv_color_std_mean",
-    "tbp_lv_radial_color_std_max",
-    "tbp_lv_norm_color",
-    "tbp_lv_norm_border",
-    "tbp_lv_eccentricity",
-    "tbp_lv_nevi_confidence",
-    "lesion_color_difference",
-    "luminance_contrast",
-    "hue_contrast",
-    "border_complexity",
+CONTEXT_FEATURES: tuple[str, ...] = tuple(
+    """clin_size_long_diam_mm tbp_lv_areaMM2 tbp_lv_minorAxisMM tbp_lv_L tbp_lv_deltaL
+    tbp_lv_deltaLBnorm tbp_lv_color_std_mean tbp_lv_radial_color_std_max tbp_lv_norm_color
+    tbp_lv_norm_border tbp_lv_eccentricity tbp_lv_nevi_confidence lesion_color_difference
+    luminance_contrast hue_contrast border_complexity""".split()  # noqa: SIM905
 )
-PATIENT_CONTEXT_SUFFIXES = ("_patient_norm", "_site_norm", "_patient_pct")
-PATIENT_FEATURES = ("count_per_patient", "patient_total_area", "area_share_of_patient")
 
 
 def _slug(value: str) -> str:
@@ -176,8 +158,7 @@ def one_hot_names(categories: dict[str, Sequence[str]] = CATEGORIES) -> dict[str
     """column -> {category value -> feature name}, plus OTHER -> `<col>__other`."""
     names = {}
     for col, values in categories.items():
-        mapping = {v: f"{col}__{_slug(v)}" for v in values}
-        mapping[OTHER] = f"{col}__{OTHER}"
+        mapping = {**{v: f"{col}__{_slug(v)}" for v in values}, OTHER: f"{col}__{OTHER}"}
         if len(set(mapping.values())) != len(mapping):
             raise ValueError(f"one_hot_names: category names of {col!r} collide after slugging")
         names[col] = mapping
@@ -192,11 +173,8 @@ def _one_hot_exprs() -> list[pl.Expr]:
     exprs = []
     for col, mapping in ONE_HOT.items():
         known = [v for v in mapping if v != OTHER]
-        exprs += [
-            (c(col) == v).fill_null(False).alias(name) for v, name in mapping.items() if v != OTHER
-        ]
-        other = (c(col).is_not_null() & ~c(col).is_in(known)).alias(mapping[OTHER])
-        exprs.append(other)
+        exprs += [(c(col) == v).fill_null(False).alias(mapping[v]) for v in known]
+        exprs.append((c(col).is_not_null() & ~c(col).is_in(known)).alias(mapping[OTHER]))
     return exprs
 
 
@@ -263,13 +241,6 @@ def build_features(
     return plan.with_columns(c(n).cast(pl.Float32) for n in names).collect(), names
 
 
-def without_patient_context(names: Iterable[str]) -> list[str]:
-    """`names` minus every feature that looks at the patient's other lesions."""
-    return [
-        n for n in names if not n.endswith(PATIENT_CONTEXT_SUFFIXES) and n not in PATIENT_FEATURES
-    ]
-
-
 def image_source(model_dir: str | Path) -> dict[str, str]:
     """What stage 1 recorded about the run in `model_dir` (its config.json): the image model's
     name and the run's config hash, plus the sha256 of its oof.csv."""
@@ -316,14 +287,6 @@ def join_image_oofs(
     return frame, sources
 
 
-def encoding_spec() -> dict:
-    """How categoricals are encoded (saved in features.json for the inference kernel)."""
-    return {
-        "scheme": "one-hot over fixed lists; unseen value -> <col>__other; null -> all zeros",
-        "columns": {col: dict(mapping) for col, mapping in ONE_HOT.items()},
-    }
-
-
 def features_spec(
     meta_features: Sequence[str],
     image_sources: Mapping[str, Mapping[str, str]],
@@ -333,7 +296,8 @@ def features_spec(
     """What features.json records: the feature lists, each image column's source run (model and
     config hash, which the submission kernel checks), the optional feature groups built
     (`feature_groups`: site_features, ugly_duckling, patient_image; the submission kernel builds
-    the same), the image-derived features and the categorical encoding."""
+    the same), the image-derived features and the categorical encoding (for the inference
+    kernel)."""
     image_columns = list(image_sources)
     return {
         "meta_features": list(meta_features),
@@ -343,5 +307,8 @@ def features_spec(
         "features": list(meta_features) + image_columns + list(image_derived),
         "feature_groups": dict(groups or {}),
         "patient_epsilon": EPS,
-        "categorical_encoding": encoding_spec(),
+        "categorical_encoding": {
+            "scheme": "one-hot over fixed lists; unseen value -> <col>__other; null -> all zeros",
+            "columns": {col: dict(mapping) for col, mapping in ONE_HOT.items()},
+        },
     }

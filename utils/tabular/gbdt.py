@@ -35,13 +35,7 @@ from utils.folds import with_folds
 from utils.io import TRAIN_METADATA, DataDir, coerced_values
 from utils.labels import reference_filter_mask
 from utils.layout import CV_REPORT_FILE, ENSEMBLE_FILE, FEATURES_FILE, GBDT_DIR, OOF_FILE
-from utils.manifest import (
-    atomic_output,
-    data_fingerprint,
-    set_aside,
-    write_json,
-    write_manifest,
-)
+from utils.manifest import atomic_output, data_fingerprint, set_aside, write_json, write_manifest
 from utils.metric import pauc
 from utils.oof import write_oof
 from utils.plots import plot_fold_scores, plot_importance, plot_roc
@@ -105,10 +99,6 @@ class TrainingFrame:
             f"{self.frame.height:,} rows, {self.y.sum()} positives, "
             f"{len(self.meta_features)} metadata features, image columns: {images}"
         )
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Rows, positives and a hash of (isic_id, fold, target): which data a run saw."""
-        return data_fingerprint(self.frame)
 
 
 # site_features is built inside utils.tabular.features; the rest by the one registry
@@ -333,7 +323,7 @@ def run_gbdt_stage(
         "params": params,
         "params_file": tuned,
         "image_sources": data.image_sources,
-        "data": data.fingerprint(),
+        "data": data_fingerprint(data.frame),  # rows, positives, hash of (isic_id, fold, target)
     }
     write_manifest(out, config, {"stage": "gbdt"})
     return GBDTRun(cfg, data, params, result, report, ablation, importance, figures, out)

@@ -57,10 +57,6 @@ class Library:
     fit_rows: Callable[[Any, np.ndarray, dict], Any] | None = None
 
 
-def _fit_lgb(x: np.ndarray, y: np.ndarray, params: dict) -> lgb.Booster:
-    return lgb.LGBMClassifier(**params).fit(x, y).booster_
-
-
 def _lgb_train_params(params: dict) -> tuple[dict, int]:
     """LGBMClassifier keyword arguments as lgb.train params and rounds (the same model)."""
     params = dict(params)
@@ -76,23 +72,9 @@ def _fit_lgb_rows(binned: lgb.Dataset, rows: np.ndarray, params: dict) -> lgb.Bo
     return lgb.train(core, binned.subset(rows, params=core), num_boost_round=rounds)
 
 
-def _fit_cat(x: np.ndarray, y: np.ndarray, params: dict) -> CatBoostClassifier:
-    return CatBoostClassifier(**params).fit(x, y)
-
-
-def _fit_xgb(x: np.ndarray, y: np.ndarray, params: dict) -> xgb.Booster:
-    return xgb.XGBClassifier(**params).fit(x, y).get_booster()
-
-
 def _xgb_importance(booster: xgb.Booster, n: int) -> np.ndarray:
     gain = booster.get_score(importance_type="gain")
     return np.array([gain.get(f"f{i}", 0.0) for i in range(n)])
-
-
-def _load_xgb(path: Path) -> xgb.Booster:
-    booster = xgb.Booster()
-    booster.load_model(path)
-    return booster
 
 
 def _predict_xgb(booster: xgb.Booster, x: np.ndarray, threads: int) -> np.ndarray:
@@ -102,7 +84,7 @@ def _predict_xgb(booster: xgb.Booster, x: np.ndarray, threads: int) -> np.ndarra
 
 LIBRARIES: dict[str, Library] = {
     "lgb": Library(
-        fit=_fit_lgb,
+        fit=lambda x, y, params: lgb.LGBMClassifier(**params).fit(x, y).booster_,
         predict=lambda m, x, threads: m.predict(x, num_threads=threads),
         save=lambda m, p: m.save_model(p),
         load=lambda p: lgb.Booster(model_file=p),
@@ -112,7 +94,7 @@ LIBRARIES: dict[str, Library] = {
         fit_rows=_fit_lgb_rows,
     ),
     "cat": Library(
-        fit=_fit_cat,
+        fit=lambda x, y, params: CatBoostClassifier(**params).fit(x, y),
         predict=lambda m, x, threads: m.predict_proba(x, thread_count=threads)[:, 1],
         save=lambda m, p: m.save_model(str(p)),
         load=lambda p: CatBoostClassifier().load_model(str(p)),
@@ -120,10 +102,10 @@ LIBRARIES: dict[str, Library] = {
         suffix="cbm",
     ),
     "xgb": Library(
-        fit=_fit_xgb,
+        fit=lambda x, y, params: xgb.XGBClassifier(**params).fit(x, y).get_booster(),
         predict=_predict_xgb,
         save=lambda m, p: m.save_model(p),
-        load=_load_xgb,
+        load=lambda p: xgb.Booster(model_file=p),
         importance=_xgb_importance,
         suffix="ubj",
     ),
@@ -155,12 +137,11 @@ def load_params(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path}")
     data = json.loads(path.read_text())
-    allowed = set(GBDT_MODELS)
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f"{path}: expected an object of objects like {{'lgb': {{...}}}}")
-    unknown = sorted(set(data) - allowed)
+    unknown = sorted(set(data) - set(GBDT_MODELS))
     if unknown:
-        raise ValueError(f"{path}: unknown member(s) {unknown}; allowed {sorted(allowed)}")
+        raise ValueError(f"{path}: unknown member(s) {unknown}; allowed {sorted(GBDT_MODELS)}")
     return data
 
 

@@ -53,19 +53,14 @@ OUTLIER_SUMMARY = ("loc_outlier_count", "loc_absz_max", "loc_absz_std")
 c = pl.col
 
 
-def location_norm_feature_names(features: Sequence[str] = NUMERIC_FEATURES) -> list[str]:
-    """Names `location_norm_features` can add, in its order."""
-    return [f"{f}{suffix}" for suffix in NORM_GROUPS for f in features]
-
-
-def location_outlier_feature_names(features: Sequence[str] = NUMERIC_FEATURES) -> list[str]:
-    """Names `location_outlier_features` can add, in its order."""
-    absz = [f"{f}_loc_absz" for f in features]
-    return absz + [f"{f}_patient_pct" for f in features] + list(OUTLIER_SUMMARY)
-
-
-def _with_keys(frame: pl.DataFrame, metadata: pl.DataFrame, keys: Sequence[str]) -> pl.LazyFrame:
-    """`frame` with the grouping columns of `metadata` joined on isic_id (null -> NULL_GROUP)."""
+def _with_keys(
+    frame: pl.DataFrame, metadata: pl.DataFrame, keys: Sequence[str], features: Sequence[str]
+) -> pl.LazyFrame:
+    """`frame` with the grouping columns of `metadata` joined on isic_id (null -> NULL_GROUP);
+    KeyError naming the columns `frame` (patient and `features`) or `metadata` lack."""
+    missing = [f for f in (PATIENT_KEY, *features) if f not in frame.columns]
+    if missing:
+        raise KeyError(f"location features: feature frame lacks column(s) {missing[:5]}")
     missing = [k for k in ("isic_id", *keys) if k not in metadata.columns]
     if missing:
         raise KeyError(f"location features: metadata lacks column(s) {missing}")
@@ -76,18 +71,11 @@ def _with_keys(frame: pl.DataFrame, metadata: pl.DataFrame, keys: Sequence[str])
     return joined.with_columns(c(f"_key_{k}").fill_null(NULL_GROUP) for k in keys)
 
 
-def _absz(name: str, over: list[str]) -> pl.Expr:
-    """|x - group mean| / group std (ddof 1); 0 where the std is 0 or null; null stays null."""
-    x = c(name)
-    std = x.std().over(over)
-    z = ((x - x.mean().over(over)) / std).abs()
-    return pl.when(x.is_null()).then(None).when(std > 0).then(z).otherwise(0.0)
-
-
-def _check_features(frame: pl.DataFrame, features: Sequence[str]) -> None:
-    missing = [f for f in (PATIENT_KEY, *features) if f not in frame.columns]
-    if missing:
-        raise KeyError(f"location features: feature frame lacks column(s) {missing[:5]}")
+def zscore(expr: pl.Expr, over: str | list[str]) -> pl.Expr:
+    """(x - group mean) / group std (ddof 1); 0 where the std is 0 or null; null stays null."""
+    std = expr.std().over(over)
+    z = (expr - expr.mean().over(over)) / std
+    return pl.when(expr.is_null()).then(None).when(std > 0).then(z).otherwise(0.0)
 
 
 def location_norm_features(
@@ -95,8 +83,7 @@ def location_norm_features(
 ) -> tuple[pl.DataFrame, list[str]]:
     """`frame` with the within patient x location / simple location / site normalisations of
     `features` it lacks (Float32), and the names added."""
-    _check_features(frame, features)
-    lazy = _with_keys(frame, metadata, list(NORM_GROUPS.values()))
+    lazy = _with_keys(frame, metadata, list(NORM_GROUPS.values()), features)
     exprs, added = [], []
     for suffix, key in NORM_GROUPS.items():
         for f in features:
@@ -112,13 +99,12 @@ def location_outlier_features(
 ) -> tuple[pl.DataFrame, list[str]]:
     """`frame` with |z| within patient x location and the within-patient percentile of
     `features` (those it lacks), the per-row outlier count / max / std, and the names added."""
-    _check_features(frame, features)
-    lazy = _with_keys(frame, metadata, [LOCATION_KEY])
+    lazy = _with_keys(frame, metadata, [LOCATION_KEY], features)
     group = [PATIENT_KEY, f"_key_{LOCATION_KEY}"]
     absz = {f: f"{f}_loc_absz" for f in features}
     # the summaries read every feature's |z|, shared columns included; temporary names avoid
     # a clash with a shared column computed by another group
-    lazy = lazy.with_columns(_absz(f, group).alias(f"_absz_{f}") for f in features)
+    lazy = lazy.with_columns(zscore(c(f), group).abs().alias(f"_absz_{f}") for f in features)
     zs = [c(f"_absz_{f}") for f in features]
     mean = pl.mean_horizontal(zs)
     var = pl.mean_horizontal([(z - mean) ** 2 for z in zs])

@@ -20,10 +20,8 @@ ever come from that patient's own rows.
 - `patient_lof_features(metadata)`: the LOF alone (GBDTConfig.patient_lof), the 1st place's
   per-patient outlier score (ilyanovo/isic-2024, notebooks/top-model.ipynb, `get_lof_score`:
   LocalOutlierFactor per patient on standardised key descriptors).
-- `add_optional_features(frame, metadata, image_columns, threads, **groups)`: the one registry
-  (`OPTIONAL_GROUPS`) of the groups built after utils.tabular.features - these, and the within
-  patient x location groups of utils.tabular.location_features - joined onto a feature frame as
-  GBDTConfig asks, for stage 3 and the submission kernel alike.
+- `add_optional_features`: the one registry (`OPTIONAL_GROUPS`) of these groups and
+  utils.tabular.location_features', for stage 3 and the submission kernel alike.
 
 Sources on the real data: the patient-relative image score is the 1st place's (top-model.ipynb:
 each image OOF divided by the patient's mean, `oof_eva_score_m`); the within patient x location
@@ -44,48 +42,30 @@ import polars as pl
 from joblib import Parallel, delayed
 from sklearn.neighbors import LocalOutlierFactor
 
-from utils.tabular.location_features import location_norm_features, location_outlier_features
+from utils.tabular.features import PATIENT_KEY, _finite
+from utils.tabular.location_features import (
+    LOCATION_KEY,
+    OUTLIER_Z,
+    location_norm_features,
+    location_outlier_features,
+    zscore,
+)
 
-PATIENT_KEY = "patient_id"
-LOCATION_KEY = "tbp_lv_location"
 ROW_STATS = ("mean", "std", "min", "max")
 PATIENT_IMAGE_SUFFIXES = ("_patient_z", "_patient_ratio", "_patient_rank")
 
-UGLY_DUCKLING_DESCRIPTORS: tuple[str, ...] = (
-    "clin_size_long_diam_mm",
-    "tbp_lv_areaMM2",
-    "tbp_lv_perimeterMM",
-    "tbp_lv_minorAxisMM",
-    "tbp_lv_area_perim_ratio",
-    "tbp_lv_eccentricity",
-    "tbp_lv_norm_border",
-    "tbp_lv_L",
-    "tbp_lv_H",
-    "tbp_lv_deltaLBnorm",
-    "tbp_lv_norm_color",
-    "tbp_lv_color_std_mean",
+UGLY_DUCKLING_DESCRIPTORS: tuple[str, ...] = tuple(
+    """clin_size_long_diam_mm tbp_lv_areaMM2 tbp_lv_perimeterMM tbp_lv_minorAxisMM
+    tbp_lv_area_perim_ratio tbp_lv_eccentricity tbp_lv_norm_border tbp_lv_L tbp_lv_H
+    tbp_lv_deltaLBnorm tbp_lv_norm_color tbp_lv_color_std_mean""".split()  # noqa: SIM905
 )
 LOF_NEIGHBORS = 20
 LOF_NEUTRAL = 1.0  # LOF of a lesion as dense as its neighbours: "not an outlier"
 LOF_COLUMN = "ud_lof"
-OUTLIER_Z = 2.0
 OUTLIER_COUNT_COLUMN = "ud_loc_outlier_count"
 LOF_BATCH_ROWS = 20_000  # patients per pool task: about this many lesions (few, large tasks)
 
 c = pl.col
-
-
-def _finite(expr: pl.Expr) -> pl.Expr:
-    """expr as Float64 with NaN and +-inf turned into null."""
-    expr = expr.cast(pl.Float64)
-    return pl.when(expr.is_finite()).then(expr)
-
-
-def _zscore(expr: pl.Expr, over: str | list[str]) -> pl.Expr:
-    """(x - group mean) / group std (ddof 1); 0 where the std is 0 or null; null stays null."""
-    std = expr.std().over(over)
-    z = (expr - expr.mean().over(over)) / std
-    return pl.when(expr.is_null()).then(None).when(std > 0).then(z).otherwise(0.0)
 
 
 def _check_columns(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -103,12 +83,12 @@ def patient_image_feature_names(image_columns: Sequence[str]) -> list[str]:
 
 def _patient_image_exprs(col: str) -> list[pl.Expr]:
     """z-score, ratio to the patient mean and percentile rank of one score within the patient."""
-    x = _finite(c(col))
+    x = _finite(c(col).cast(pl.Float64))
     mean = x.mean().over(PATIENT_KEY)
     count = x.count().over(PATIENT_KEY)
     rank = (x.rank("average").over(PATIENT_KEY) - 1) / (count - 1)
     return [
-        _zscore(x, PATIENT_KEY).alias(f"{col}_patient_z"),
+        zscore(x, PATIENT_KEY).alias(f"{col}_patient_z"),
         pl.when(mean != 0).then(x / mean).alias(f"{col}_patient_ratio"),
         pl.when(x.is_null())
         .then(None)
@@ -122,7 +102,7 @@ def _patient_image_exprs(col: str) -> list[pl.Expr]:
 
 def _row_stat_exprs(image_columns: Sequence[str]) -> list[pl.Expr]:
     """Mean, population std, min and max across the image columns of each row."""
-    xs = [_finite(c(col)) for col in image_columns]
+    xs = [_finite(c(col).cast(pl.Float64)) for col in image_columns]
     any_null = reduce(lambda a, b: a | b, [x.is_null() for x in xs])
     mean = reduce(lambda a, b: a + b, xs) / len(xs)
     var = reduce(lambda a, b: a + b, [(x - mean) ** 2 for x in xs]) / len(xs)
@@ -212,7 +192,7 @@ def ugly_duckling_features(
     _check_columns(
         metadata, ["isic_id", PATIENT_KEY, LOCATION_KEY, *descriptors], "ugly_duckling_features"
     )
-    raw = [_finite(c(d)).alias(d) for d in descriptors]
+    raw = [_finite(c(d).cast(pl.Float64)).alias(d) for d in descriptors]
     location = [PATIENT_KEY, c(LOCATION_KEY).fill_null("<null>").alias("_location")]
     code = c(PATIENT_KEY).rank("dense").alias("_patient_code")
     base = metadata.lazy().select("isic_id", *location, code, *raw)
@@ -220,10 +200,10 @@ def ugly_duckling_features(
     # Polars 1.35 allows no window expression inside another
     filled = [c(d).fill_null(c(d).median().over(PATIENT_KEY)).alias(f"_z_{d}") for d in descriptors]
     standardised = [
-        _zscore(c(f"_z_{d}"), PATIENT_KEY).fill_null(0.0).alias(f"_z_{d}") for d in descriptors
+        zscore(c(f"_z_{d}"), PATIENT_KEY).fill_null(0.0).alias(f"_z_{d}") for d in descriptors
     ]
     loc_z = [
-        _zscore(c(d), [PATIENT_KEY, "_location"]).abs().alias(f"{d}_loc_absz") for d in descriptors
+        zscore(c(d), [PATIENT_KEY, "_location"]).abs().alias(f"{d}_loc_absz") for d in descriptors
     ]
     table = base.with_columns(filled).with_columns(standardised + loc_z).collect()
     z = table.select(f"_z_{d}" for d in descriptors).to_numpy().astype(np.float64)
@@ -237,16 +217,12 @@ def ugly_duckling_features(
     )
 
 
-def patient_lof_features(
-    metadata: pl.DataFrame, n_neighbors: int = LOF_NEIGHBORS, n_jobs: int | None = None
-) -> pl.DataFrame:
+def patient_lof_features(metadata: pl.DataFrame, n_jobs: int | None = None) -> pl.DataFrame:
     """isic_id plus the per-patient LOF alone (`ud_lof`, as in `ugly_duckling_features`)."""
-    return ugly_duckling_features(metadata, n_neighbors=n_neighbors, n_jobs=n_jobs).select(
-        "isic_id", LOF_COLUMN
-    )
+    return ugly_duckling_features(metadata, n_jobs=n_jobs).select("isic_id", LOF_COLUMN)
 
 
-def _join_new(frame: pl.DataFrame, table: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+def join_new(frame: pl.DataFrame, table: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
     """`frame` with the columns of `table` (keyed by isic_id) it lacks, and their names."""
     new = [n for n in table.columns if n != "isic_id" and n not in frame.columns]
     joined = frame.join(
@@ -256,11 +232,11 @@ def _join_new(frame: pl.DataFrame, table: pl.DataFrame) -> tuple[pl.DataFrame, l
 
 
 def _build_ugly_duckling(frame, metadata, image_columns, threads):
-    return _join_new(frame, ugly_duckling_features(metadata, n_jobs=threads))
+    return join_new(frame, ugly_duckling_features(metadata, n_jobs=threads))
 
 
 def _build_patient_lof(frame, metadata, image_columns, threads):
-    return _join_new(frame, patient_lof_features(metadata, n_jobs=threads))
+    return join_new(frame, patient_lof_features(metadata, n_jobs=threads))
 
 
 def _build_location_norm(frame, metadata, image_columns, threads):
@@ -299,9 +275,7 @@ def add_optional_features(
 ) -> tuple[pl.DataFrame, list[str], list[str]]:
     """`frame` (features + image columns, keyed by isic_id) with the optional groups switched on
     in `groups` (names of OPTIONAL_GROUPS) built from `metadata`; the names added (metadata,
-    image-derived). The same call serves training (image OOF columns) and the submission kernel
-    (fold-mean test scores); none reads a label. A name one group shares with an earlier one
-    (same formula) is built once."""
+    image-derived). A name one group shares with an earlier one (same formula) is built once."""
     unknown = sorted(set(groups) - set(OPTIONAL_GROUPS))
     if unknown:
         raise ValueError(

@@ -2,27 +2,26 @@
 
 Entry: `run_tuning(data_dir, output_dir, image_oof_dirs, preset, recipe)`, settings from
 utils.settings (TuneConfig). One study per library kind (`SEARCH_SPACES`: "lgb", "cat", "xgb").
-A trial suggests params around the centre (the recipe's published params, utils.settings, with
-the preset's centres), and scores the stage-3 member of that kind with tabular.cv.iter_cv on stage
-3's own training frame (tabular.gbdt.load_training_frame): the same features, folds, in-fold
-sampling and training rows (with the recipe's GBDTConfig.filter_training the fold models never
-train on the reference's filtered rows: tabular.gbdt.training_rows). The objective is the pAUC
-of the member's OOF over all rows (stage 3's "overall"); after each fold the mean fold pAUC so
-far is reported so a MedianPruner can stop weak trials early. Trial 0 of a new study is the
-centre itself, so every study holds the score of the default params to compare with.
+A trial suggests params around the centre (the recipe's published params with the preset's
+centres) and scores the stage-3 member of that kind with tabular.cv.iter_cv on stage 3's own
+training frame (tabular.gbdt.load_training_frame): the same features, folds, in-fold sampling and
+training rows (tabular.gbdt.training_rows: with GBDTConfig.filter_training never the reference's
+filtered rows). The objective is the pAUC of the member's OOF over all rows (stage 3's
+"overall"); the mean fold pAUC so far is reported after each fold, for a MedianPruner to stop
+weak trials early. Trial 0 of a new study is the centre itself: every study holds the score of
+the default params.
 
 Storage: `<output_dir>/tuning/optuna.sqlite3`, studies `<kind>-<preset>-<setup hash>`. The hash
-covers the data (rows, targets, folds, feature names, image OOF values) and the settings, so
-running again on the same setup adds trials to the same study (an interrupted run resumes);
-another setup (new data, features, retrained image models, other settings) or `force` moves the
-old tuning folder aside and starts clean, so objectives and outputs are never mixed.
+covers the data (rows, targets, folds, feature names, image OOF values) and the settings: the
+same setup adds trials to the same study (an interrupted run resumes); another setup or `force`
+moves the old tuning folder aside and starts clean, so objectives and outputs are never mixed.
 The sampler is TPESampler(seed + trials already in the study): deterministic, and a resumed run
 does not repeat the first run's random start-up points.
 
 `best_params.json` (next to the database) holds the best trial's params of every kind tuned on
-this setup, in the format utils.tabular.libraries.load_params reads ({"lgb": {...}, ...}); the
-tuned "lgb" params also apply to the metadata-only member lgb_meta (resolve_params). Tuned
-rounds replace the preset's: params tuned under "demo" carry demo-sized rounds.
+this setup, as utils.tabular.libraries.load_params reads them ({"lgb": {...}, ...}); the tuned
+"lgb" params also apply to lgb_meta (resolve_params). Tuned rounds replace the preset's: params
+tuned under "demo" carry demo-sized rounds.
 """
 
 from __future__ import annotations
@@ -139,8 +138,7 @@ SEARCH_SPACES: dict[str, Space] = {"lgb": lgb_space, "cat": cat_space, "xgb": xg
 
 
 def gbdt_config(config: TuneConfig) -> GBDTConfig:
-    """Stage 3's settings for the tuning run's preset and recipe (params, sampling, training
-    rows)."""
+    """Stage 3's settings (params, sampling, training rows) for the run's preset and recipe."""
     return resolve(config.preset, config.recipe).gbdt
 
 
@@ -213,14 +211,11 @@ def _default_trials(study: optuna.Study, states: Sequence[TrialState]) -> list[F
 def open_study(kind: str, data: TrainingFrame, config: TuneConfig, storage: str) -> optuna.Study:
     """Create or resume the study of `kind` for this setup; a new one gets the centre as trial 0."""
     setup = setup_of(data, config)
-    pruner = optuna.pruners.MedianPruner(
-        n_startup_trials=config.n_startup_trials, n_warmup_steps=config.n_warmup_steps
-    )
     study = optuna.create_study(
         storage=storage,
         study_name=study_name(kind, setup),
         direction="maximize",
-        pruner=pruner,
+        pruner=optuna.pruners.MedianPruner(config.n_startup_trials, config.n_warmup_steps),
         load_if_exists=True,
     )
     if not study.trials:
@@ -262,24 +257,22 @@ def objective(trial: optuna.Trial, kind: str, data: TrainingFrame, config: TuneC
     return pauc(data.y, sums / len(config.model_seeds))
 
 
-def tune_kind(kind: str, data: TrainingFrame, config: TuneConfig, storage: str) -> optuna.Study:
-    """Run `config.n_trials` more trials (or until `config.timeout`) in the study of `kind`."""
-    study = open_study(kind, data, config, storage)
-    study.optimize(
-        functools.partial(objective, kind=kind, data=data, config=config),
-        n_trials=config.n_trials,
-        timeout=config.timeout,
-        show_progress_bar=True,
-    )
-    return study
-
-
 def tune(
     data: TrainingFrame, config: TuneConfig, output_dir: str | Path
 ) -> dict[str, optuna.Study]:
-    """Tune every kind of `config.kinds` in turn; the studies by kind."""
+    """Tune every kind of `config.kinds` in turn: `config.n_trials` more trials (or until
+    `config.timeout`) in its study; the studies by kind."""
     storage = storage_url(output_dir)
-    return {kind: tune_kind(kind, data, config, storage) for kind in config.kinds}
+    studies = {}
+    for kind in config.kinds:
+        studies[kind] = open_study(kind, data, config, storage)
+        studies[kind].optimize(
+            functools.partial(objective, kind=kind, data=data, config=config),
+            n_trials=config.n_trials,
+            timeout=config.timeout,
+            show_progress_bar=True,
+        )
+    return studies
 
 
 def tuned_studies(
@@ -296,14 +289,10 @@ def tuned_studies(
     }
 
 
-def best_params(studies: Mapping[str, optuna.Study]) -> dict[str, dict[str, Any]]:
-    """The best trial's params per kind (kinds without a completed trial are left out)."""
-    return {kind: dict(study.best_params) for kind, study in studies.items() if _complete(study)}
-
-
 def write_best_params(studies: Mapping[str, optuna.Study], output_dir: str | Path) -> Path:
-    """Write `<output_dir>/tuning/best_params.json` and check gbdt.load_params reads it."""
-    params = best_params(studies)
+    """Write `<output_dir>/tuning/best_params.json` (the best trial's params per kind; kinds
+    without a completed trial are left out) and check gbdt.load_params reads it."""
+    params = {kind: dict(s.best_params) for kind, s in studies.items() if _complete(s)}
     missing = sorted(set(studies) - set(params))
     if missing:
         warnings.warn(
@@ -346,20 +335,6 @@ def summary_table(studies: Mapping[str, optuna.Study]) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-def history_frame(study: optuna.Study) -> pl.DataFrame:
-    """Completed trials in order: number, value and the best value so far."""
-    complete = _complete(study)
-    values = [float(t.value) for t in complete]
-    return pl.DataFrame(
-        {
-            "number": [t.number for t in complete],
-            "value": values,
-            "best_so_far": np.maximum.accumulate(values).tolist() if values else [],
-        },
-        schema={"number": pl.Int64, "value": pl.Float64, "best_so_far": pl.Float64},
-    )
-
-
 def _axes_row(n: int, width: float, height: float) -> tuple[Figure, list[plt.Axes]]:
     fig, axes = plt.subplots(1, max(n, 1), figsize=(width * max(n, 1), height), squeeze=False)
     return fig, list(axes[0])
@@ -369,9 +344,10 @@ def plot_history(studies: Mapping[str, optuna.Study]) -> Figure:
     """One panel per kind: each completed trial's OOF pAUC, the best so far, the default's."""
     fig, axes = _axes_row(len(studies), 4.5, 3.5)
     for ax, (kind, study) in zip(axes, studies.items(), strict=False):
-        history = history_frame(study)
-        ax.scatter(history["number"], history["value"], s=14, label="trial")
-        ax.step(history["number"], history["best_so_far"], where="post", label="best so far")
+        complete = _complete(study)
+        numbers, values = [t.number for t in complete], [float(t.value) for t in complete]
+        ax.scatter(numbers, values, s=14, label="trial")
+        ax.step(numbers, np.maximum.accumulate(values), where="post", label="best so far")
         default = _default_value(study)
         if not math.isnan(default):
             ax.axhline(default, color="grey", linestyle=":", label="default params")

@@ -2,36 +2,25 @@
 
 `predict_submission(data_dir, artifacts_dir, cfg)` makes every check before the first image is
 decoded (steps 1-4), so a late error costs seconds, not the image pass:
-1. `read_inputs`: test-metadata.csv with `utils.io.read_test_metadata`: only the columns the
-   features read are required, extra columns are ignored, category spellings are matched after
-   trimming and ignoring case, values a lesion cannot have (utils.schema.VALUE_RANGES) become
-   missing and are counted; an empty file, duplicate ids or a value that is not a number stop
-   the kernel with the file, the column and the rows' isic_id;
+1. `read_inputs`: test-metadata.csv, read and checked by `utils.io.read_test_metadata` (an
+   empty file, duplicate ids or a value that is not a number stop the kernel with the file, the
+   column and the rows' isic_id; values a lesion cannot have become missing and are counted);
 2. `load_artifacts`: every artifact file checked against its folder's manifest before a library
-   opens it; a file that differs is never used (utils.manifest.DAMAGED_FILE_RULES: an edited
-   `config.json` gives way to the configuration the manifest records, an edited ensemble.json /
-   features.json stops the kernel); the image plan (utils.submission_checks.plan_images): the
-   image sources the GBDT recorded decide which image models run, a model dir holding another
-   run is warned about ("GBDT AND IMAGE MODELS DO NOT BELONG TOGETHER"), a damaged `fold{k}.pt`
-   is left out, a model with no usable fold leaves every row to `lgb_meta`, a damaged GBDT
-   member is left out of the vote;
+   opens it (utils.manifest.DAMAGED_FILE_RULES), and the image plan
+   (utils.submission_checks.plan_images): which image models run, on which folds, and every
+   fallback, each warned;
 3. `metadata_features`: the test features that need no image, by the training code;
    `open_images` indexes the hdf5 file (absent ids) and reads every JPEG header (degenerate
-   images, smaller than MIN_IMAGE_SIDE);
-4. `rehearse`: every GBDT member finds each of its columns, and the whole chain scores a handful
-   of test rows in [0, 1]; otherwise the kernel stops naming the file;
-5. `image_pass`: the time estimate against Kaggle's 12 hours (utils.submission_time: measured
-   on a GPU, a T4 projection from counted FLOPs on a CPU), then each needed image model over
-   every row (fold mean, fp16 autocast on CUDA); the GBDT soft vote on the features with the
-   image columns; a row whose image is unreadable or absent gets the `lgb_meta` score, counted
-   and named.
+   images);
+4. `rehearse`: the whole chain scores a handful of test rows in [0, 1], or the kernel stops;
+5. `image_pass`: the time estimate against Kaggle's 12 hours (utils.submission_time), then each
+   needed image model over every row (fold mean, fp16 autocast on CUDA); the GBDT soft vote on
+   the features with the image columns; a row whose image is unreadable or absent gets the
+   `lgb_meta` score, counted and named.
 
-`write_submission` (utils.submission_file) checks the frame with `validate_submission` (exactly
-the test ids in test-metadata order, targets finite and in [0, 1]) and refuses to write a bad file;
-`run_submission` checks the output dir is writable before anything runs, writes
-`submission_report.json` beside the submission, and the report's `text()` is the summary block
-printed at the end of the kernel (utils.submission_report: every warning class, "none" only when
-there is none).
+`run_submission` checks the output dir is writable before anything runs, writes the checked
+submission.csv (utils.submission_file) and `submission_report.json` beside it; the report's
+`text()` is the summary block printed at the end of the kernel (utils.submission_report).
 """
 
 from __future__ import annotations
@@ -58,15 +47,12 @@ from utils.io import (
 from utils.layout import ENSEMBLE_FILE, FEATURES_FILE, GBDT_DIR, REPORT_FILE
 from utils.manifest import write_json
 from utils.settings import InferenceConfig, resolve
-from utils.submission_checks import (  # noqa: F401 - check_image_model, ...: the kernel's API
+from utils.submission_checks import (
     ImagePlan,
-    ModelCheck,
     check_gbdt_description,
-    check_image_model,
     check_member_columns,
     degenerate_images,
     image_sources_of,
-    model_dir_problem,
     plan_images,
     rehearsal_problems,
 )
@@ -248,10 +234,6 @@ def _recorded_groups(ensemble: GBDTEnsemble, kind: str) -> dict[str, bool]:
     }
 
 
-def _quiet(message: str) -> None:
-    """A log for the rehearsal's image pass: its timings on a few rows mean nothing."""
-
-
 def rehearse(
     run: KernelRun, features: pl.DataFrame, ensemble: GBDTEnsemble, plan: ImagePlan, images
 ) -> None:
@@ -261,9 +243,16 @@ def rehearse(
     head = features.head(REHEARSAL_ROWS)
     ids = head["isic_id"].to_list()
     image_frame = head.select("isic_id")
-    if plan.run:
+    if plan.run:  # its timings on a few rows mean nothing: not logged
         image_frame, _ = image_features(
-            run.artifacts_dir, plan.run, images, ids, run.cfg, run.device, _quiet, plan.folds
+            run.artifacts_dir,
+            plan.run,
+            images,
+            ids,
+            run.cfg,
+            run.device,
+            lambda _: None,
+            plan.folds,
         )
     scores = ensemble.predict(with_images(head, image_frame, ensemble, 1), run.cfg.threads)
     problems = rehearsal_problems(scores, ids)

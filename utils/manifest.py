@@ -11,6 +11,7 @@ Writers here are atomic (temporary file + os.replace): an interrupted write leav
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,7 +20,6 @@ import platform
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatch
@@ -29,44 +29,29 @@ from typing import Any
 
 from utils.layout import MANIFEST_FILE, PREVIOUS_DIR
 
-# Distribution names per library; the first one installed is reported (xgboost-cpu off Kaggle).
-LIBRARIES: dict[str, tuple[str, ...]] = {
-    "numpy": ("numpy",),
-    "polars": ("polars",),
-    "pandas": ("pandas",),
-    "scikit-learn": ("scikit-learn",),
-    "torch": ("torch",),
-    "timm": ("timm",),
-    "lightgbm": ("lightgbm",),
-    "catboost": ("catboost",),
+# Libraries whose versions a manifest records, by distribution name; where a library has more than
+# one distribution, the first one installed is reported (xgboost-cpu off Kaggle).
+ALTERNATIVES = {
     "xgboost": ("xgboost", "xgboost-cpu"),
-    "optuna": ("optuna",),
-    "imbalanced-learn": ("imbalanced-learn",),
-    "h5py": ("h5py",),
-    "albumentations": ("albumentations",),
     "opencv": ("opencv-python-headless", "opencv-python"),
 }
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    name: ALTERNATIVES.get(name, (name,)) for name in (
+        "numpy", "polars", "pandas", "scikit-learn", "torch", "timm", "lightgbm", "catboost",
+        "xgboost", "optuna", "imbalanced-learn", "h5py", "albumentations", "opencv",
+    )
+}  # fmt: skip
 CHUNK = 1 << 20
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def temporary_path(path: str | Path) -> Path:
-    """A hidden temporary name beside `path` that keeps its suffix (libraries such as XGBoost
-    choose the format by suffix) and that manifests skip."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    """Write `data` to `path` through a temporary file in the same folder (atomic_output)."""
+    with atomic_output(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
 
 
 def is_temporary(name: str) -> bool:
@@ -74,13 +59,15 @@ def is_temporary(name: str) -> bool:
     return name.endswith(".tmp") or (name.startswith(".") and ".tmp." in name)
 
 
-@contextmanager
+@contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write `path` through; it replaces `path` only when the block
-    ends without an error, so a killed or failed writer never leaves a partial file there."""
+    ends without an error, so a killed or failed writer never leaves a partial file there. The
+    temporary name is hidden, keeps the suffix (libraries such as XGBoost choose the format by
+    suffix) and manifests skip it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -133,11 +120,9 @@ def library_versions() -> dict[str, str | None]:
     for name, dists in LIBRARIES.items():
         versions[name] = None
         for dist in dists:
-            try:
+            with contextlib.suppress(metadata.PackageNotFoundError):
                 versions[name] = metadata.version(dist)
                 break
-            except metadata.PackageNotFoundError:
-                continue
     return versions
 
 
@@ -216,14 +201,14 @@ class FolderCheck:
         return lines
 
 
-def file_problem(path: Path, entry: Mapping[str, Any]) -> str | None:
+def file_problem(path: Path, size: int, sha256: str) -> str | None:
     """How `path` differs from its manifest entry (size first: a truncated file costs no hash)."""
     if not path.is_file():
         return f"{path}: listed in the manifest but missing"
-    size = path.stat().st_size
-    if size != entry["size"]:
-        return f"{path}: size {size}, manifest says {entry['size']} (truncated or replaced)"
-    if file_sha256(path) != entry["sha256"]:
+    found = path.stat().st_size
+    if found != size:
+        return f"{path}: size {found}, manifest says {size} (truncated or replaced)"
+    if file_sha256(path) != sha256:
         return f"{path}: content differs from the manifest (sha256)"
     return None
 
@@ -240,9 +225,7 @@ def check_folder(folder: str | Path) -> FolderCheck:
     except AttributeError as err:
         return FolderCheck(folder, f"no file list ({err})")
     problems = {
-        rel: why
-        for rel, (size, sha) in entries.items()
-        if (why := file_problem(folder / rel, {"size": size, "sha256": sha})) is not None
+        rel: why for rel, entry in entries.items() if (why := file_problem(folder / rel, *entry))
     }
     present = [p.relative_to(folder).as_posix() for p in _files(folder)]
     unlisted = tuple(rel for rel in present if rel not in entries)

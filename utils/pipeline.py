@@ -220,19 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="rerun every stage from a clean output folder"
     )
     parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    options = vars(parser.parse_args(argv))  # make_run's arguments, but for the last two
+    force, notebooks_dir = options.pop("force"), options.pop("notebooks_dir")
     try:
-        run = make_run(
-            args.data_dir,
-            args.work_dir,
-            args.preset,
-            args.tune,
-            args.seed,
-            args.rows,
-            args.recipe,
-            args.weights_dir,
-        )
-        run_pipeline(run, notebooks_dir=args.notebooks_dir, force=args.force)
+        run_pipeline(make_run(**options), notebooks_dir=notebooks_dir, force=force)
     except (PipelineError, WorkDirBusy) as err:
         print(f"ERROR {err}", file=sys.stderr)
         return 1

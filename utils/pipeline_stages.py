@@ -190,6 +190,3 @@ STAGES: list[Stage] = [
         outputs=lambda run: [run.work_dir / SUBMISSION_FILE],
     ),
 ]
-STAGE_WORDS = {  # what the stage line says runs
-    "synthetic_data": "utils.synthetic.generate",
-}

@@ -66,10 +66,9 @@ def work_dir_lock(work_dir: Path) -> Iterator[Path]:
     """Hold `<work_dir>/pipeline.lock` for the block; WorkDirBusy when a live process holds it."""
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with path.open("a+") as lock:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(path)
             raise WorkDirBusy(
@@ -77,19 +76,15 @@ def work_dir_lock(work_dir: Path) -> Iterator[Path]:
                 f"{holder.get('pid', '?')}, started {holder.get('started', '?')}); wait for it to "
                 f"end or stop it, or choose another --work-dir"
             ) from None
-        record = {
-            "pid": os.getpid(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        lock.truncate(0)
+        lock.write(json.dumps({"pid": os.getpid(), "started": started}))
+        lock.flush()
         try:
             yield path
         finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+            lock.truncate(0)
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -80,6 +80,15 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_atomic(path, json.dumps(data, indent=2, allow_nan=True, default=str))
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} when it is absent, unreadable or not an object."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (model files are hundreds of MB)."""
     digest = hashlib.sha256()

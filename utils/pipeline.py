@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
 import shlex
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from utils.cli import RawDefaultsHelpFormatter
 from utils.layout import CV_REPORT_FILE, GBDT_DIR, REPORT_FILE, SUBMISSION_FILE
+from utils.manifest import read_json_object
 from utils.pipeline_runner import exists, run_stages
 from utils.pipeline_stages import (
     DATA_FILES,
@@ -51,10 +51,7 @@ from utils.pipeline_stages import (
 from utils.run_guard import Stopped, WorkDirBusy, stop_on_signals, work_dir_lock
 from utils.settings import IMAGE_MODELS, PRESETS, RECIPES, resolve
 
-
-def _say(message: str) -> None:
-    """print, flushed at once (a log file or CI sees each line as it happens)."""
-    print(message, flush=True)
+_say = functools.partial(print, flush=True)  # a log file or CI sees each line as it happens
 
 
 def run_pipeline(
@@ -79,13 +76,6 @@ PAUC_SCALE = (
 )
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def best_achievable(run: Run) -> float | None:
     """pAUC of the synthetic data's true probabilities (None for real data or no truth file)."""
     path = truth_path(run)
@@ -103,7 +93,7 @@ def results_block(run: Run) -> str:
     per GBDT member and the ensemble, the ablation's image-only and metadata-only rows, and
     where the submission, reports, plots and executed notebooks are."""
     gbdt = run.artifacts / GBDT_DIR
-    report = _read_json(gbdt / CV_REPORT_FILE) or {}
+    report = read_json_object(gbdt / CV_REPORT_FILE)
     lines = ["=" * 34 + " RESULTS " + "=" * 34, *textwrap.wrap(PAUC_SCALE + ".", 77)]
     best = best_achievable(run)
     if best is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import format_duration
-from utils.manifest import file_sha256, set_aside
+from utils.manifest import file_sha256, read_json_object, set_aside
 from utils.pipeline_stages import (
     NOTEBOOKS_DIR,
     REPO_ROOT,
@@ -253,10 +253,7 @@ def cpu_seconds() -> float:
 
 def durations(run: Run) -> dict[str, dict[str, float]]:
     """Wall and CPU seconds of each stage's last run in this work dir."""
-    try:
-        found = json.loads((run.executed / DURATIONS_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    found = read_json_object(run.executed / DURATIONS_FILE)
     return {k: v for k, v in found.items() if isinstance(v, dict) and "wall_s" in v}
 
 

@@ -5,6 +5,7 @@ utils.settings (preset x recipe); a stage's parameters are names and paths only.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,16 +88,7 @@ def _generate_data(params: dict[str, Any]) -> None:
 
 def _data_parameters(run: Run) -> dict[str, Any]:
     """Arguments of utils.synthetic.generate for this run."""
-    s = run.sizes
-    return _given(
-        out_dir=str(run.data_dir),
-        rows=s.rows,
-        seed=run.seed,
-        image_size=s.image_size,
-        patients=s.patients,
-        positive_rate=s.positive_rate,
-        test_rows=s.test_rows,
-    )
+    return _given(out_dir=str(run.data_dir), seed=run.seed, **dataclasses.asdict(run.sizes))
 
 
 def truth_path(run: Run) -> Path | None:

@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+from utils.manifest import read_json_object
+
 LOCK_FILE = "pipeline.lock"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 JOIN_POLL_S = 0.2  # how often the main thread wakes to run a pending signal handler
@@ -52,15 +54,6 @@ class Stopped(BaseException):
         self.exit_code = 128 + signum
 
 
-def _holder(path: Path) -> dict[str, Any]:
-    """What the lock file says about its holder ({} when unreadable)."""
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
 @contextlib.contextmanager
 def work_dir_lock(work_dir: Path) -> Iterator[Path]:
     """Hold `<work_dir>/pipeline.lock` for the block; WorkDirBusy when a live process holds it."""
@@ -70,7 +63,7 @@ def work_dir_lock(work_dir: Path) -> Iterator[Path]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(path)
+            holder = read_json_object(path)
             raise WorkDirBusy(
                 f"work dir {work_dir} is in use by another pipeline run (pid "
                 f"{holder.get('pid', '?')}, started {holder.get('started', '?')}); wait for it to "
@@ -133,10 +126,8 @@ def run_stoppable(work: Callable[[], T], on_stop: Callable[[], None]) -> T:
 def kill_process_group(process: subprocess.Popen | None, wait_s: float = 3.0) -> None:
     """SIGTERM, then SIGKILL after `wait_s`, to the process group led by `process` (a kernel
     started in its own session, with its DataLoader workers); a gone process is fine."""
-    if process is None:
-        return
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is not None:
+        if process is None or process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, sig)

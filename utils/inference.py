@@ -26,7 +26,7 @@ submission.csv (utils.submission_file) and `submission_report.json` beside it; t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,42 +73,6 @@ from utils.tabular.plus_features import OPTIONAL_GROUPS, add_optional_features
 # ---------------------------------------------------------------------------------- predict
 
 
-def image_features(
-    artifacts_dir: Path,
-    models: Sequence[str],
-    images: HDF5Images,
-    ids: Sequence[str],
-    cfg: InferenceConfig,
-    device: torch.device,
-    log: Callable[[str], None] = print,
-    folds: Mapping[str, Sequence[int]] | None = None,
-) -> tuple[pl.DataFrame, dict[str, float]]:
-    """isic_id plus img_<model> (mean over its `folds`, default all; NaN if unreadable) and
-    images/s per model; on "cuda" every visible GPU scores a share of the rows (predict)."""
-
-    devices = inference_devices(device)
-    where = f" on {len(devices)} GPUs" if len(devices) > 1 else ""
-    frame = pl.DataFrame({"isic_id": list(ids)}, schema={"isic_id": pl.String})
-    rates = {}
-    for name in models:
-        start = time.perf_counter()
-        used = None if folds is None else folds.get(name)
-        pred = predict(
-            artifacts_dir / name, images, ids, cfg.batch_size, cfg.num_workers, device, used
-        )
-        rates[name] = len(ids) / max(time.perf_counter() - start, 1e-9)
-        log(f"{name}: {len(ids):,} images in {time.perf_counter() - start:.1f}s{where}")
-        column = pl.col("pred").cast(pl.Float32).alias(f"{IMAGE_PREFIX}{name}")
-        frame = frame.join(
-            pred.select("isic_id", column), on="isic_id", how="left", maintain_order="left"
-        )
-        for d in devices:
-            if d.type == "cuda":
-                with torch.cuda.device(d):
-                    torch.cuda.empty_cache()
-    return frame, rates
-
-
 REHEARSAL_ROWS = 4  # test rows the whole chain runs on before the long image pass
 
 
@@ -129,6 +93,36 @@ class KernelRun:
         if other:
             self.other.append(message)
         self.log(f"WARNING: {message}")
+
+
+def image_features(
+    run: KernelRun, plan: ImagePlan, images, ids: Sequence[str], log: Callable[[str], None]
+) -> tuple[pl.DataFrame, dict[str, float]]:
+    """isic_id plus img_<model> of every model `plan` runs (mean over its usable folds; NaN if
+    unreadable) and images/s per model; on "cuda" every visible GPU scores a share of the rows
+    (predict)."""
+    devices = inference_devices(run.device)
+    where = f" on {len(devices)} GPUs" if len(devices) > 1 else ""
+    frame = pl.DataFrame({"isic_id": list(ids)}, schema={"isic_id": pl.String})
+    rates = {}
+    for name in plan.run:
+        start = time.perf_counter()
+        cfg, used = run.cfg, plan.folds.get(name)
+        pred = predict(
+            run.artifacts_dir / name, images, ids, cfg.batch_size, cfg.num_workers, run.device, used
+        )
+        seconds = time.perf_counter() - start
+        rates[name] = len(ids) / max(seconds, 1e-9)
+        log(f"{name}: {len(ids):,} images in {seconds:.1f}s{where}")
+        column = pl.col("pred").cast(pl.Float32).alias(f"{IMAGE_PREFIX}{name}")
+        frame = frame.join(
+            pred.select("isic_id", column), on="isic_id", how="left", maintain_order="left"
+        )
+        for d in devices:
+            if d.type == "cuda":
+                with torch.cuda.device(d):
+                    torch.cuda.empty_cache()
+    return frame, rates
 
 
 def read_inputs(run: KernelRun) -> tuple[pl.DataFrame, MetadataNotes]:
@@ -242,18 +236,8 @@ def rehearse(
     within seconds rather than after the image pass."""
     head = features.head(REHEARSAL_ROWS)
     ids = head["isic_id"].to_list()
-    image_frame = head.select("isic_id")
-    if plan.run:  # its timings on a few rows mean nothing: not logged
-        image_frame, _ = image_features(
-            run.artifacts_dir,
-            plan.run,
-            images,
-            ids,
-            run.cfg,
-            run.device,
-            lambda _: None,
-            plan.folds,
-        )
+    # its timings on a few rows mean nothing: not logged
+    image_frame, _ = image_features(run, plan, images, ids, lambda _: None)
     scores = ensemble.predict(with_images(head, image_frame, ensemble, 1), run.cfg.threads)
     problems = rehearsal_problems(scores, ids)
     if problems:
@@ -286,21 +270,17 @@ def image_pass(
     run: KernelRun, plan: ImagePlan, images, ids: Sequence[str]
 ) -> tuple[pl.DataFrame, dict[str, float], TimeEstimate | None]:
     """Step 5: the time estimate, then the long pass: every needed image model on every row."""
-    if not plan.run:
-        return pl.DataFrame({"isic_id": ids}, schema={"isic_id": pl.String}), {}, None
-    cfg, estimate = run.cfg, None
-    if cfg.estimate_batches > 0 and ids:
+    estimate = None
+    if plan.run and run.cfg.estimate_batches > 0 and ids:
         estimate = estimate_time(
-            run.artifacts_dir, plan.run, images, ids, cfg, run.device, plan.folds
+            run.artifacts_dir, plan.run, images, ids, run.cfg, run.device, plan.folds
         )
         run.log(f"time estimate of the image models ({_device_name(run.device)}):\n{estimate}")
         if not estimate.fits():
             run.warn(
                 f"image inference needs ~{format_duration(estimate.seconds())}, over 12 h", True
             )
-    frame, rates = image_features(
-        run.artifacts_dir, plan.run, images, ids, cfg, run.device, run.log, plan.folds
-    )
+    frame, rates = image_features(run, plan, images, ids, run.log)
     return frame, rates, estimate
 
 

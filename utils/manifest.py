@@ -229,10 +229,8 @@ def check_folder(folder: str | Path) -> FolderCheck:
     try:
         listed = read_manifest(folder)["files"]
         entries = {rel: (int(e["size"]), str(e["sha256"])) for rel, e in listed.items()}
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as err:  # JSON, no file list
         return FolderCheck(folder, str(err))
-    except AttributeError as err:
-        return FolderCheck(folder, f"no file list ({err})")
     problems = {
         rel: why for rel, entry in entries.items() if (why := file_problem(folder / rel, *entry))
     }

@@ -18,14 +18,7 @@ from typing import Any
 
 from utils.cli import format_duration
 from utils.manifest import file_sha256, read_json_object, set_aside
-from utils.pipeline_stages import (
-    NOTEBOOKS_DIR,
-    REPO_ROOT,
-    STAGES,
-    PipelineError,
-    Run,
-    Stage,
-)
+from utils.pipeline_stages import NOTEBOOKS_DIR, REPO_ROOT, STAGES, PipelineError, Run, Stage
 from utils.run_guard import Stopped, run_stoppable, shut_down_kernels, tracked_kernel_manager
 
 HEARTBEAT_S = 30.0  # a stage that prints nothing for this long gets a "still running" line
@@ -257,11 +250,6 @@ def durations(run: Run) -> dict[str, dict[str, float]]:
     return {k: v for k, v in found.items() if isinstance(v, dict) and "wall_s" in v}
 
 
-def _record_duration(run: Run, name: str, wall_s: float, cpu_s: float) -> None:
-    record = durations(run) | {name: {"wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1)}}
-    (run.executed / DURATIONS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
-
-
 def run_stages(
     run: Run,
     stages: list[Stage],
@@ -294,8 +282,9 @@ def run_stages(
         except Stopped as stop:
             stop.stage = stage.name
             raise
-        wall_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - cpu0
-        _record_duration(run, stage.name, wall_s, cpu_s)
+        wall_s, cpu_s = round(time.perf_counter() - t0, 1), round(cpu_seconds() - cpu0, 1)
+        record = durations(run) | {stage.name: {"wall_s": wall_s, "cpu_s": cpu_s}}
+        (run.executed / DURATIONS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
         log(f"{head}: done in {wall_s:.1f}s (CPU {cpu_s:.1f}s)")
         ran.append(stage.name)
     log(

@@ -98,22 +98,19 @@ def truth_path(run: Run) -> Path | None:
     return default_truth_path(run.data_dir) if run.generate else None
 
 
-def _weights_path(run: Run, model: str) -> str | None:
-    """`<weights_dir>/<backbone>.pth` for an image model, or None (random init)."""
-    if run.weights_dir is None:
-        return None
-    return str(run.weights_dir / f"{IMAGE_MODELS[model].backbone}.pth")
-
-
 def _image_stage(model: str) -> Stage:
     """Stage 1 for one image model: no recipe among its parameters, since no recipe changes
     stage 1 (ImageConfig's identity leaves it out too), so switching it reuses every image run."""
+    backbone = IMAGE_MODELS[model].backbone
+
+    def parameters(run: Run) -> dict[str, Any]:  # weights_path None: random init
+        weights = None if run.weights_dir is None else str(run.weights_dir / f"{backbone}.pth")
+        return _given(**_common(run, run.artifacts, recipe=False), weights_path=weights)
+
     return Stage(
         name=f"image_{model}",
         notebook=f"01_image_{model}.ipynb",
-        parameters=lambda run: _given(
-            **_common(run, run.artifacts, recipe=False), weights_path=_weights_path(run, model)
-        ),
+        parameters=parameters,
         outputs=lambda run: [
             run.artifacts / model / name
             for name in (OOF_FILE, CONFIG_FILE, fold_file("*"), MANIFEST_FILE)

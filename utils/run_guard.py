@@ -49,7 +49,6 @@ class Stopped(BaseException):
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
         self.name = signal.Signals(signum).name
         self.exit_code = 128 + signum
 

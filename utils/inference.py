@@ -287,14 +287,12 @@ def image_pass(
 def predict_submission(
     data_dir: str | Path,
     artifacts_dir: str | Path,
-    cfg: InferenceConfig | None = None,
-    device: torch.device | None = None,
+    cfg: InferenceConfig,
     log: Callable[[str], None] = print,
 ) -> tuple[pl.DataFrame, InferenceReport]:
     """The submission frame (isic_id, target in test-metadata order) and what was done: every
     check first (steps 1-4), then the long image pass and the vote."""
-    cfg = cfg or resolve("full").inference
-    device = device or default_device()
+    device = default_device()
     run = KernelRun(DataDir(data_dir), Path(artifacts_dir), cfg, device, log)
     metadata, notes = read_inputs(run)
     ids = metadata["isic_id"].to_list()

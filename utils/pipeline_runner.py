@@ -54,8 +54,7 @@ def output_hashes(stage: Stage, run: Run) -> dict[str, str]:
 
 
 def why_incomplete(stage: Stage, run: Run) -> str | None:
-    """Why `stage` must run (None when it is complete): an output missing, no stamp, other
-    parameters, or outputs that are not the files this pipeline's run wrote."""
+    """Why `stage` must run, in words (None when it is complete)."""
     missing = [p.name for p in stage.outputs(run) if not exists(p)]
     if len(missing) == len(stage.outputs(run)):
         return "not run yet"
@@ -159,8 +158,7 @@ def _execute_notebook(
     notebooks_dir: Path,
     output: StageOutput | None = None,
 ) -> None:
-    """Run one stage notebook with papermill, its printed lines to `output`; PipelineError with
-    the error and executed path."""
+    """Run one stage notebook with papermill, its printed lines to `output`; PipelineError."""
     import papermill as pm
 
     executed = run.executed / stage.notebook

@@ -36,8 +36,7 @@ class PipelineError(RuntimeError):
 
 @dataclass(frozen=True)
 class Run:
-    """One pipeline invocation: where data and outputs live, the preset and recipe (every stage
-    reads its settings from utils.settings; the pipeline passes only names and paths)."""
+    """One pipeline invocation: where data and outputs live, the preset and recipe."""
 
     data_dir: Path
     work_dir: Path

@@ -48,6 +48,7 @@ from utils.layout import ENSEMBLE_FILE, FEATURES_FILE, GBDT_DIR, REPORT_FILE
 from utils.manifest import write_json
 from utils.settings import InferenceConfig, resolve
 from utils.submission_checks import (
+    SHOW_IDS,
     ImagePlan,
     check_gbdt_description,
     check_member_columns,
@@ -63,7 +64,7 @@ from utils.submission_file import (
     validate_submission,
     write_submission,
 )
-from utils.submission_report import SHOW_IDS, InferenceReport, _count_ids
+from utils.submission_report import InferenceReport, _count_ids
 from utils.submission_time import TimeEstimate, estimate_time
 from utils.tabular.ensemble import ArtifactError, GBDTEnsemble, recorded_recipe
 from utils.tabular.features import IMAGE_PREFIX, build_features

@@ -37,7 +37,7 @@ from utils.tabular.ensemble import ArtifactError, GBDTEnsemble
 # A test crop this small carries no lesion to score (real crops are 100-200 px a side); such
 # images are still scored, like any other, but counted and named in the report.
 MIN_IMAGE_SIDE = 16
-SHOW = 5  # ids or columns named in a message
+SHOW_IDS = 5  # ids or columns named in a message
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def check_member_columns(ensemble: GBDTEnsemble, frame: pl.DataFrame, gbdt_dir: 
     it was trained on in `frame` (one line per member that does not)."""
     problems = [
         f"member {name!r}: {len(missing)} column(s) missing from the test features, e.g. "
-        f"{missing[:SHOW]}"
+        f"{missing[:SHOW_IDS]}"
         for name, columns in ensemble.features.items()
         if (missing := [c for c in columns if c not in frame.columns])
     ]
@@ -203,7 +203,7 @@ def rehearsal_problems(scores: Mapping[str, np.ndarray], ids: Sequence[str]) -> 
     for name, values in scores.items():
         bad = ~np.isfinite(values) | (values < 0) | (values > 1)
         if bad.any():
-            shown = list(np.asarray(ids, dtype=object)[bad][:SHOW])
+            shown = list(np.asarray(ids, dtype=object)[bad][:SHOW_IDS])
             problems.append(f"{name}: {int(bad.sum())} score(s) not in [0, 1] for {shown}")
     return problems
 

@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from utils.io import MetadataNotes
-from utils.submission_checks import MIN_IMAGE_SIDE, ImagePlan
+from utils.submission_checks import MIN_IMAGE_SIDE, SHOW_IDS, ImagePlan
 from utils.tabular.libraries import META_MEMBER
 
 if TYPE_CHECKING:
     from utils.submission_time import TimeEstimate
-
-SHOW_IDS = 5  # ids named in messages
 
 
 @dataclass(frozen=True)

@@ -135,16 +135,17 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def _files(folder: Path) -> list[Path]:
-    """Every regular file under `folder` but the manifest, temporary files and runs set aside."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
+def _files(folder: Path) -> dict[str, Path]:
+    """Every regular file under `folder` but the manifest, temporary files and runs set aside,
+    by its relative posix path."""
+    return {
+        p.relative_to(folder).as_posix(): p
+        for p in sorted(folder.rglob("*"))
         if p.is_file()
         and p.name != MANIFEST_FILE
         and not is_temporary(p.name)
         and PREVIOUS_DIR not in p.relative_to(folder).parts
-    )
+    }
 
 
 def write_manifest(
@@ -153,8 +154,8 @@ def write_manifest(
     """Write `<folder>/manifest.json` (call it last): files, config, hashes, library versions."""
     folder = Path(folder)
     files = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in _files(folder)
+        rel: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for rel, p in _files(folder).items()
     }
     record = {
         "config": config,
@@ -234,8 +235,7 @@ def check_folder(folder: str | Path) -> FolderCheck:
     problems = {
         rel: why for rel, entry in entries.items() if (why := file_problem(folder / rel, *entry))
     }
-    present = [p.relative_to(folder).as_posix() for p in _files(folder)]
-    unlisted = tuple(rel for rel in present if rel not in entries)
+    unlisted = tuple(rel for rel in _files(folder) if rel not in entries)
     return FolderCheck(folder, None, problems, unlisted, tuple(entries))
 
 

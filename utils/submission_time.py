@@ -3,9 +3,9 @@
 On a GPU `estimate_time` measures each image model's images/s on the first batches of the test
 ids (measure_images_per_s: the extra time of more batches, so fixed start-up costs do not
 inflate a 500,000-row projection) and multiplies by the GPUs `predict` shares the rows between;
-on a CPU it projects one Kaggle T4 from the models' counted forward FLOPs (t4_images_per_s), reading
-no checkpoint and predicting no image. `TimeEstimate` prints the figures for this test set and
-for the hidden one.
+on a CPU it projects one Kaggle T4 from the models' counted forward FLOPs (t4_images_per_s),
+reading no checkpoint and predicting no image. `TimeEstimate` prints the figures for this test
+set and for the hidden one.
 """
 
 from __future__ import annotations
@@ -44,12 +44,8 @@ DECODE_IMAGES_PER_S = 5_000.0
 
 @dataclass(frozen=True)
 class TimeEstimate:
-    """Image inference time: images/s per model (decode + every used fold model) times rows.
-
-    On a GPU the rates are measured here; on a CPU they are projected for one T4 from the
-    models' counted forward FLOPs at T4_UTILISATION of its fp16 peak (`gflops` holds them), so
-    the kernel's 12 h budget is judged for the machine it runs on, not for this CPU.
-    """
+    """Image inference time: images/s per model (decode + every used fold model) times rows;
+    `projected` rates are for a T4, not this CPU, so the 12 h budget is judged for Kaggle."""
 
     rows: int
     images_per_s: dict[str, float]

@@ -39,15 +39,7 @@ from utils.cli import RawDefaultsHelpFormatter
 from utils.layout import CV_REPORT_FILE, GBDT_DIR, REPORT_FILE, SUBMISSION_FILE
 from utils.manifest import read_json_object
 from utils.pipeline_runner import exists, run_stages
-from utils.pipeline_stages import (
-    DATA_FILES,
-    NOTEBOOKS_DIR,
-    STAGES,
-    PipelineError,
-    Run,
-    Stage,
-    truth_path,
-)
+from utils.pipeline_stages import DATA_FILES, NOTEBOOKS_DIR, STAGES, PipelineError, Run, Stage
 from utils.run_guard import Stopped, WorkDirBusy, stop_on_signals, work_dir_lock
 from utils.settings import IMAGE_MODELS, PRESETS, RECIPES, resolve
 
@@ -77,15 +69,14 @@ PAUC_SCALE = (
 
 
 def best_achievable(run: Run) -> float | None:
-    """pAUC of the synthetic data's true probabilities (None for real data or no truth file)."""
-    path = truth_path(run)
-    if path is None or not path.is_file():
-        return None
+    """pAUC of the synthetic data's true probabilities, utils.synthetic's `<data dir>-truth.csv`
+    (None for real data or no truth file)."""
     import polars as pl
 
-    from utils.synthetic import best_pauc
+    from utils.synthetic import best_pauc, default_truth_path
 
-    return best_pauc(pl.read_csv(path))
+    path = default_truth_path(run.data_dir)
+    return best_pauc(pl.read_csv(path)) if run.generate and path.is_file() else None
 
 
 def results_block(run: Run) -> str:

@@ -90,13 +90,6 @@ def _data_parameters(run: Run) -> dict[str, Any]:
     return _given(out_dir=str(run.data_dir), seed=run.seed, **dataclasses.asdict(run.sizes))
 
 
-def truth_path(run: Run) -> Path | None:
-    """The generated data's true probabilities (utils.synthetic's `<data dir>-truth.csv`)."""
-    from utils.synthetic import default_truth_path
-
-    return default_truth_path(run.data_dir) if run.generate else None
-
-
 def _image_stage(model: str) -> Stage:
     """Stage 1 for one image model: no recipe among its parameters, since no recipe changes
     stage 1 (ImageConfig's identity leaves it out too), so switching it reuses every image run."""

@@ -41,7 +41,6 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
         "xgboost", "optuna", "imbalanced-learn", "h5py", "albumentations", "opencv",
     )
 }  # fmt: skip
-CHUNK = 1 << 20
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -93,7 +92,7 @@ def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (model files are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(CHUNK):
+        while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 

@@ -25,7 +25,6 @@ from utils.pipeline import make_run, results_block, run_pipeline
 from utils.pipeline_runner import (
     StageOutput,
     heartbeat,
-    is_complete,
     output_hashes,
     plan,
     run_stage,
@@ -146,7 +145,7 @@ def test_changed_parameters_or_corrupt_stamp_rerun_the_stage(tmp_path: Path, dat
     assert [s.name for s, will in plan(other) if will][0] == "image_convnextv2_nano"
     gbdt = next(s for s in STAGES if s.name == "gbdt")
     stamp_path(gbdt, run).write_text("{not json")
-    assert not is_complete(gbdt, run)
+    assert why_incomplete(gbdt, run) is not None
     assert [s.name for s, will in plan(run) if will] == ["gbdt", "inference"]
 
 
@@ -301,7 +300,7 @@ def test_stage_run_by_hand_into_the_work_dir_is_detected_and_rerun(tmp_path, dat
     assert [s.name for s, will in plan(run) if will] == ["gbdt", "inference"]
     legacy = json.loads(stamp_path(gbdt, run).read_text())["parameters"]
     stamp_path(gbdt, run).write_text(json.dumps({"parameters": legacy}))  # no hashes recorded
-    assert not is_complete(gbdt, run)
+    assert why_incomplete(gbdt, run) is not None
 
 
 def test_weights_dir_gives_each_image_stage_its_backbone_file(tmp_path: Path, data_dir: Path):

@@ -29,11 +29,12 @@ from inference_artifacts import (
 )
 
 from utils.image.predict import CheckpointError, load_checkpoint
-from utils.inference import check_image_model, predict_submission
+from utils.inference import predict_submission
 from utils.io import TEST_IMAGES, TEST_METADATA, read_metadata, read_test_metadata
 from utils.layout import MANIFEST_FILE, REPORT_FILE
 from utils.manifest import atomic_output, check_folder, write_manifest
 from utils.schema import FEATURE_INPUT_COLUMNS, SchemaError
+from utils.submission_checks import check_image_model
 from utils.tabular.ensemble import ArtifactError, GBDTEnsemble, lightgbm_text_problem
 from utils.tabular.features import build_features
 from utils.tabular.libraries import ENSEMBLE

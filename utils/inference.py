@@ -2,42 +2,31 @@
 
 `predict_submission(data_dir, artifacts_dir, cfg)` makes every check before the first image is
 decoded (steps 1-4), so a late error costs seconds, not the image pass:
-1. `read_inputs`: test-metadata.csv with `utils.io.read_test_metadata`: only the columns the
-   features read are required, extra columns are ignored, category spellings are matched after
-   trimming and ignoring case, values a lesion cannot have (utils.schema.VALUE_RANGES) become
-   missing and are counted; an empty file, duplicate ids or a value that is not a number stop
-   the kernel with the file, the column and the rows' isic_id;
+1. `read_inputs`: test-metadata.csv, read and checked by `utils.io.read_test_metadata` (an
+   empty file, duplicate ids or a value that is not a number stop the kernel with the file, the
+   column and the rows' isic_id; values a lesion cannot have become missing and are counted);
 2. `load_artifacts`: every artifact file checked against its folder's manifest before a library
-   opens it; a file that differs is never used (utils.manifest.DAMAGED_FILE_RULES: an edited
-   `config.json` gives way to the configuration the manifest records, an edited ensemble.json /
-   features.json stops the kernel); the image plan (utils.submission_checks.plan_images): the
-   image sources the GBDT recorded decide which image models run, a model dir holding another
-   run is warned about ("GBDT AND IMAGE MODELS DO NOT BELONG TOGETHER"), a damaged `fold{k}.pt`
-   is left out, a model with no usable fold leaves every row to `lgb_meta`, a damaged GBDT
-   member is left out of the vote;
+   opens it (utils.manifest.DAMAGED_FILE_RULES), and the image plan
+   (utils.submission_checks.plan_images): which image models run, on which folds, and every
+   fallback, each warned;
 3. `metadata_features`: the test features that need no image, by the training code;
    `open_images` indexes the hdf5 file (absent ids) and reads every JPEG header (degenerate
-   images, smaller than MIN_IMAGE_SIDE);
-4. `rehearse`: every GBDT member finds each of its columns, and the whole chain scores a handful
-   of test rows in [0, 1]; otherwise the kernel stops naming the file;
-5. `image_pass`: the time estimate against Kaggle's 12 hours (utils.submission_time: measured
-   on a GPU, a T4 projection from counted FLOPs on a CPU), then each needed image model over
-   every row (fold mean, fp16 autocast on CUDA); the GBDT soft vote on the features with the
-   image columns; a row whose image is unreadable or absent gets the `lgb_meta` score, counted
-   and named.
+   images);
+4. `rehearse`: the whole chain scores a handful of test rows in [0, 1], or the kernel stops;
+5. `image_pass`: the time estimate against Kaggle's 12 hours (utils.submission_time), then each
+   needed image model over every row (fold mean, fp16 autocast on CUDA); the GBDT soft vote on
+   the features with the image columns; a row whose image is unreadable or absent gets the
+   `lgb_meta` score, counted and named.
 
-`write_submission` (utils.submission_file) checks the frame with `validate_submission` (exactly
-the test ids in test-metadata order, targets finite and in [0, 1]) and refuses to write a bad file;
-`run_submission` checks the output dir is writable before anything runs, writes
-`submission_report.json` beside the submission, and the report's `text()` is the summary block
-printed at the end of the kernel (utils.submission_report: every warning class, "none" only when
-there is none).
+`run_submission` checks the output dir is writable before anything runs, writes the checked
+submission.csv (utils.submission_file) and `submission_report.json` beside it; the report's
+`text()` is the summary block printed at the end of the kernel (utils.submission_report).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,15 +47,13 @@ from utils.io import (
 from utils.layout import ENSEMBLE_FILE, FEATURES_FILE, GBDT_DIR, REPORT_FILE
 from utils.manifest import write_json
 from utils.settings import InferenceConfig, resolve
-from utils.submission_checks import (  # noqa: F401 - check_image_model, ...: the kernel's API
+from utils.submission_checks import (
+    SHOW_IDS,
     ImagePlan,
-    ModelCheck,
     check_gbdt_description,
-    check_image_model,
     check_member_columns,
     degenerate_images,
     image_sources_of,
-    model_dir_problem,
     plan_images,
     rehearsal_problems,
 )
@@ -77,7 +64,7 @@ from utils.submission_file import (
     validate_submission,
     write_submission,
 )
-from utils.submission_report import SHOW_IDS, InferenceReport, _count_ids
+from utils.submission_report import InferenceReport, _count_ids
 from utils.submission_time import TimeEstimate, estimate_time
 from utils.tabular.ensemble import ArtifactError, GBDTEnsemble, recorded_recipe
 from utils.tabular.features import IMAGE_PREFIX, build_features
@@ -85,42 +72,6 @@ from utils.tabular.libraries import ENSEMBLE, META_MEMBER
 from utils.tabular.plus_features import OPTIONAL_GROUPS, add_optional_features
 
 # ---------------------------------------------------------------------------------- predict
-
-
-def image_features(
-    artifacts_dir: Path,
-    models: Sequence[str],
-    images: HDF5Images,
-    ids: Sequence[str],
-    cfg: InferenceConfig,
-    device: torch.device,
-    log: Callable[[str], None] = print,
-    folds: Mapping[str, Sequence[int]] | None = None,
-) -> tuple[pl.DataFrame, dict[str, float]]:
-    """isic_id plus img_<model> (mean over its `folds`, default all; NaN if unreadable) and
-    images/s per model; on "cuda" every visible GPU scores a share of the rows (predict)."""
-
-    devices = inference_devices(device)
-    where = f" on {len(devices)} GPUs" if len(devices) > 1 else ""
-    frame = pl.DataFrame({"isic_id": list(ids)}, schema={"isic_id": pl.String})
-    rates = {}
-    for name in models:
-        start = time.perf_counter()
-        used = None if folds is None else folds.get(name)
-        pred = predict(
-            artifacts_dir / name, images, ids, cfg.batch_size, cfg.num_workers, device, used
-        )
-        rates[name] = len(ids) / max(time.perf_counter() - start, 1e-9)
-        log(f"{name}: {len(ids):,} images in {time.perf_counter() - start:.1f}s{where}")
-        column = pl.col("pred").cast(pl.Float32).alias(f"{IMAGE_PREFIX}{name}")
-        frame = frame.join(
-            pred.select("isic_id", column), on="isic_id", how="left", maintain_order="left"
-        )
-        for d in devices:
-            if d.type == "cuda":
-                with torch.cuda.device(d):
-                    torch.cuda.empty_cache()
-    return frame, rates
 
 
 REHEARSAL_ROWS = 4  # test rows the whole chain runs on before the long image pass
@@ -143,6 +94,36 @@ class KernelRun:
         if other:
             self.other.append(message)
         self.log(f"WARNING: {message}")
+
+
+def image_features(
+    run: KernelRun, plan: ImagePlan, images, ids: Sequence[str], log: Callable[[str], None]
+) -> tuple[pl.DataFrame, dict[str, float]]:
+    """isic_id plus img_<model> of every model `plan` runs (mean over its usable folds; NaN if
+    unreadable) and images/s per model; on "cuda" every visible GPU scores a share of the rows
+    (predict)."""
+    devices = inference_devices(run.device)
+    where = f" on {len(devices)} GPUs" if len(devices) > 1 else ""
+    frame = pl.DataFrame({"isic_id": list(ids)}, schema={"isic_id": pl.String})
+    rates = {}
+    for name in plan.run:
+        start = time.perf_counter()
+        cfg, used = run.cfg, plan.folds.get(name)
+        pred = predict(
+            run.artifacts_dir / name, images, ids, cfg.batch_size, cfg.num_workers, run.device, used
+        )
+        seconds = time.perf_counter() - start
+        rates[name] = len(ids) / max(seconds, 1e-9)
+        log(f"{name}: {len(ids):,} images in {seconds:.1f}s{where}")
+        column = pl.col("pred").cast(pl.Float32).alias(f"{IMAGE_PREFIX}{name}")
+        frame = frame.join(
+            pred.select("isic_id", column), on="isic_id", how="left", maintain_order="left"
+        )
+        for d in devices:
+            if d.type == "cuda":
+                with torch.cuda.device(d):
+                    torch.cuda.empty_cache()
+    return frame, rates
 
 
 def read_inputs(run: KernelRun) -> tuple[pl.DataFrame, MetadataNotes]:
@@ -248,10 +229,6 @@ def _recorded_groups(ensemble: GBDTEnsemble, kind: str) -> dict[str, bool]:
     }
 
 
-def _quiet(message: str) -> None:
-    """A log for the rehearsal's image pass: its timings on a few rows mean nothing."""
-
-
 def rehearse(
     run: KernelRun, features: pl.DataFrame, ensemble: GBDTEnsemble, plan: ImagePlan, images
 ) -> None:
@@ -260,11 +237,8 @@ def rehearse(
     within seconds rather than after the image pass."""
     head = features.head(REHEARSAL_ROWS)
     ids = head["isic_id"].to_list()
-    image_frame = head.select("isic_id")
-    if plan.run:
-        image_frame, _ = image_features(
-            run.artifacts_dir, plan.run, images, ids, run.cfg, run.device, _quiet, plan.folds
-        )
+    # its timings on a few rows mean nothing: not logged
+    image_frame, _ = image_features(run, plan, images, ids, lambda _: None)
     scores = ensemble.predict(with_images(head, image_frame, ensemble, 1), run.cfg.threads)
     problems = rehearsal_problems(scores, ids)
     if problems:
@@ -297,35 +271,29 @@ def image_pass(
     run: KernelRun, plan: ImagePlan, images, ids: Sequence[str]
 ) -> tuple[pl.DataFrame, dict[str, float], TimeEstimate | None]:
     """Step 5: the time estimate, then the long pass: every needed image model on every row."""
-    if not plan.run:
-        return pl.DataFrame({"isic_id": ids}, schema={"isic_id": pl.String}), {}, None
-    cfg, estimate = run.cfg, None
-    if cfg.estimate_batches > 0 and ids:
+    estimate = None
+    if plan.run and run.cfg.estimate_batches > 0 and ids:
         estimate = estimate_time(
-            run.artifacts_dir, plan.run, images, ids, cfg, run.device, plan.folds
+            run.artifacts_dir, plan.run, images, ids, run.cfg, run.device, plan.folds
         )
         run.log(f"time estimate of the image models ({_device_name(run.device)}):\n{estimate}")
         if not estimate.fits():
             run.warn(
                 f"image inference needs ~{format_duration(estimate.seconds())}, over 12 h", True
             )
-    frame, rates = image_features(
-        run.artifacts_dir, plan.run, images, ids, cfg, run.device, run.log, plan.folds
-    )
+    frame, rates = image_features(run, plan, images, ids, run.log)
     return frame, rates, estimate
 
 
 def predict_submission(
     data_dir: str | Path,
     artifacts_dir: str | Path,
-    cfg: InferenceConfig | None = None,
-    device: torch.device | None = None,
+    cfg: InferenceConfig,
     log: Callable[[str], None] = print,
 ) -> tuple[pl.DataFrame, InferenceReport]:
     """The submission frame (isic_id, target in test-metadata order) and what was done: every
     check first (steps 1-4), then the long image pass and the vote."""
-    cfg = cfg or resolve("full").inference
-    device = device or default_device()
+    device = default_device()
     run = KernelRun(DataDir(data_dir), Path(artifacts_dir), cfg, device, log)
     metadata, notes = read_inputs(run)
     ids = metadata["isic_id"].to_list()

@@ -11,6 +11,7 @@ Writers here are atomic (temporary file + os.replace): an interrupted write leav
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,7 +20,6 @@ import platform
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatch
@@ -29,44 +29,28 @@ from typing import Any
 
 from utils.layout import MANIFEST_FILE, PREVIOUS_DIR
 
-# Distribution names per library; the first one installed is reported (xgboost-cpu off Kaggle).
-LIBRARIES: dict[str, tuple[str, ...]] = {
-    "numpy": ("numpy",),
-    "polars": ("polars",),
-    "pandas": ("pandas",),
-    "scikit-learn": ("scikit-learn",),
-    "torch": ("torch",),
-    "timm": ("timm",),
-    "lightgbm": ("lightgbm",),
-    "catboost": ("catboost",),
+# Libraries whose versions a manifest records, by distribution name; where a library has more than
+# one distribution, the first one installed is reported (xgboost-cpu off Kaggle).
+ALTERNATIVES = {
     "xgboost": ("xgboost", "xgboost-cpu"),
-    "optuna": ("optuna",),
-    "imbalanced-learn": ("imbalanced-learn",),
-    "h5py": ("h5py",),
-    "albumentations": ("albumentations",),
     "opencv": ("opencv-python-headless", "opencv-python"),
 }
-CHUNK = 1 << 20
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    name: ALTERNATIVES.get(name, (name,)) for name in (
+        "numpy", "polars", "pandas", "scikit-learn", "torch", "timm", "lightgbm", "catboost",
+        "xgboost", "optuna", "imbalanced-learn", "h5py", "albumentations", "opencv",
+    )
+}  # fmt: skip
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
-def temporary_path(path: str | Path) -> Path:
-    """A hidden temporary name beside `path` that keeps its suffix (libraries such as XGBoost
-    choose the format by suffix) and that manifests skip."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    """Write `data` to `path` through a temporary file in the same folder (atomic_output)."""
+    with atomic_output(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
 
 
 def is_temporary(name: str) -> bool:
@@ -74,13 +58,15 @@ def is_temporary(name: str) -> bool:
     return name.endswith(".tmp") or (name.startswith(".") and ".tmp." in name)
 
 
-@contextmanager
+@contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write `path` through; it replaces `path` only when the block
-    ends without an error, so a killed or failed writer never leaves a partial file there."""
+    ends without an error, so a killed or failed writer never leaves a partial file there. The
+    temporary name is hidden, keeps the suffix (libraries such as XGBoost choose the format by
+    suffix) and manifests skip it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -93,11 +79,20 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_atomic(path, json.dumps(data, indent=2, allow_nan=True, default=str))
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} when it is absent, unreadable or not an object."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks (model files are hundreds of MB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(CHUNK):
+        while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
@@ -133,24 +128,23 @@ def library_versions() -> dict[str, str | None]:
     for name, dists in LIBRARIES.items():
         versions[name] = None
         for dist in dists:
-            try:
+            with contextlib.suppress(metadata.PackageNotFoundError):
                 versions[name] = metadata.version(dist)
                 break
-            except metadata.PackageNotFoundError:
-                continue
     return versions
 
 
-def _files(folder: Path) -> list[Path]:
-    """Every regular file under `folder` but the manifest, temporary files and runs set aside."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
+def _files(folder: Path) -> dict[str, Path]:
+    """Every regular file under `folder` but the manifest, temporary files and runs set aside,
+    by its relative posix path."""
+    return {
+        p.relative_to(folder).as_posix(): p
+        for p in sorted(folder.rglob("*"))
         if p.is_file()
         and p.name != MANIFEST_FILE
         and not is_temporary(p.name)
         and PREVIOUS_DIR not in p.relative_to(folder).parts
-    )
+    }
 
 
 def write_manifest(
@@ -159,8 +153,8 @@ def write_manifest(
     """Write `<folder>/manifest.json` (call it last): files, config, hashes, library versions."""
     folder = Path(folder)
     files = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in _files(folder)
+        rel: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for rel, p in _files(folder).items()
     }
     record = {
         "config": config,
@@ -216,14 +210,14 @@ class FolderCheck:
         return lines
 
 
-def file_problem(path: Path, entry: Mapping[str, Any]) -> str | None:
+def file_problem(path: Path, size: int, sha256: str) -> str | None:
     """How `path` differs from its manifest entry (size first: a truncated file costs no hash)."""
     if not path.is_file():
         return f"{path}: listed in the manifest but missing"
-    size = path.stat().st_size
-    if size != entry["size"]:
-        return f"{path}: size {size}, manifest says {entry['size']} (truncated or replaced)"
-    if file_sha256(path) != entry["sha256"]:
+    found = path.stat().st_size
+    if found != size:
+        return f"{path}: size {found}, manifest says {size} (truncated or replaced)"
+    if file_sha256(path) != sha256:
         return f"{path}: content differs from the manifest (sha256)"
     return None
 
@@ -235,17 +229,12 @@ def check_folder(folder: str | Path) -> FolderCheck:
     try:
         listed = read_manifest(folder)["files"]
         entries = {rel: (int(e["size"]), str(e["sha256"])) for rel, e in listed.items()}
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as err:  # JSON, no file list
         return FolderCheck(folder, str(err))
-    except AttributeError as err:
-        return FolderCheck(folder, f"no file list ({err})")
     problems = {
-        rel: why
-        for rel, (size, sha) in entries.items()
-        if (why := file_problem(folder / rel, {"size": size, "sha256": sha})) is not None
+        rel: why for rel, entry in entries.items() if (why := file_problem(folder / rel, *entry))
     }
-    present = [p.relative_to(folder).as_posix() for p in _files(folder)]
-    unlisted = tuple(rel for rel in present if rel not in entries)
+    unlisted = tuple(rel for rel in _files(folder) if rel not in entries)
     return FolderCheck(folder, None, problems, unlisted, tuple(entries))
 
 

@@ -15,21 +15,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
+def _from_json(value: str, name: str, problem: str, example: str) -> Any:
+    """`value` parsed; ValueError naming the parameter and how to write it otherwise."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{name}: {value!r} {problem} ({err.msg}); write it as -p {name} '{example}' (double "
+            "quotes inside)"
+        ) from err
+
+
 def list_parameter(value: Any, name: str = "parameter") -> list[Any]:
     """`value` as a list; ValueError naming the parameter for anything else."""
     if value is None:
         return []
     if isinstance(value, str):
-        text = value.strip()
-        if not text.startswith("["):
-            return [value] if text else []
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{name}: {value!r} looks like a list but is not valid JSON ({err.msg}); "
-                f'write it as -p {name} \'["a", "b"]\' (double quotes inside)'
-            ) from err
+        if not value.strip().startswith("["):
+            return [value] if value.strip() else []
+        value = _from_json(value, name, "looks like a list but is not valid JSON", '["a", "b"]')
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         return list(value)
     raise ValueError(f"{name}: expected a list (or a JSON string of one), got {value!r}")
@@ -40,13 +44,7 @@ def mapping_parameter(value: Any, name: str = "parameter") -> dict[str, Any] | N
     if value is None:
         return None
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{name}: {value!r} is not a JSON object ({err.msg}); write it as "
-                f'-p {name} \'{{"key": "value"}}\' (double quotes inside)'
-            ) from err
+        value = _from_json(value, name, "is not a JSON object", '{"key": "value"}')
     if isinstance(value, Mapping):
         return dict(value)
     raise ValueError(f"{name}: expected a mapping (or a JSON string of one), got {value!r}")

@@ -28,33 +28,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
 import shlex
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from utils.cli import RawDefaultsHelpFormatter
 from utils.layout import CV_REPORT_FILE, GBDT_DIR, REPORT_FILE, SUBMISSION_FILE
+from utils.manifest import read_json_object
 from utils.pipeline_runner import exists, run_stages
-from utils.pipeline_stages import (
-    DATA_FILES,
-    NOTEBOOKS_DIR,
-    STAGES,
-    PipelineError,
-    Run,
-    Stage,
-    truth_path,
-)
+from utils.pipeline_stages import DATA_FILES, NOTEBOOKS_DIR, STAGES, PipelineError, Run, Stage
 from utils.run_guard import Stopped, WorkDirBusy, stop_on_signals, work_dir_lock
 from utils.settings import IMAGE_MODELS, PRESETS, RECIPES, resolve
 
-
-def _say(message: str) -> None:
-    """print, flushed at once (a log file or CI sees each line as it happens)."""
-    print(message, flush=True)
+_say = functools.partial(print, flush=True)  # a log file or CI sees each line as it happens
 
 
 def run_pipeline(
@@ -79,23 +68,15 @@ PAUC_SCALE = (
 )
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def best_achievable(run: Run) -> float | None:
-    """pAUC of the synthetic data's true probabilities (None for real data or no truth file)."""
-    path = truth_path(run)
-    if path is None or not path.is_file():
-        return None
+    """pAUC of the synthetic data's true probabilities, utils.synthetic's `<data dir>-truth.csv`
+    (None for real data or no truth file)."""
     import polars as pl
 
-    from utils.synthetic import best_pauc
+    from utils.synthetic import best_pauc, default_truth_path
 
-    return best_pauc(pl.read_csv(path))
+    path = default_truth_path(run.data_dir)
+    return best_pauc(pl.read_csv(path)) if run.generate and path.is_file() else None
 
 
 def results_block(run: Run) -> str:
@@ -103,7 +84,7 @@ def results_block(run: Run) -> str:
     per GBDT member and the ensemble, the ablation's image-only and metadata-only rows, and
     where the submission, reports, plots and executed notebooks are."""
     gbdt = run.artifacts / GBDT_DIR
-    report = _read_json(gbdt / CV_REPORT_FILE) or {}
+    report = read_json_object(gbdt / CV_REPORT_FILE)
     lines = ["=" * 34 + " RESULTS " + "=" * 34, *textwrap.wrap(PAUC_SCALE + ".", 77)]
     best = best_achievable(run)
     if best is not None:
@@ -220,19 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="rerun every stage from a clean output folder"
     )
     parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    options = vars(parser.parse_args(argv))  # make_run's arguments, but for the last two
+    force, notebooks_dir = options.pop("force"), options.pop("notebooks_dir")
     try:
-        run = make_run(
-            args.data_dir,
-            args.work_dir,
-            args.preset,
-            args.tune,
-            args.seed,
-            args.rows,
-            args.recipe,
-            args.weights_dir,
-        )
-        run_pipeline(run, notebooks_dir=args.notebooks_dir, force=args.force)
+        run_pipeline(make_run(**options), notebooks_dir=notebooks_dir, force=force)
     except (PipelineError, WorkDirBusy) as err:
         print(f"ERROR {err}", file=sys.stderr)
         return 1

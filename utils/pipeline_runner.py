@@ -1,10 +1,7 @@
-"""Running the pipeline's stages (utils.pipeline): which stages are complete and which must
-run, one stage's notebook in a kernel with its printed lines echoed and a heartbeat while it is
-silent, the stamp that marks it done, and the stages in order with their durations.
-
-A stage is complete when its outputs exist, its stamp holds the same parameters and its outputs
-are still the files it wrote (the stamp records their sha256); once one stage runs, every later
-stage runs too.
+"""Running the pipeline's stages (utils.pipeline, whose docstring says when a stage is complete):
+which stages must run, one stage's notebook in a kernel with its printed lines echoed and a
+heartbeat while it is silent, the stamp that marks it done, and the stages in order with their
+durations.
 """
 
 from __future__ import annotations
@@ -20,16 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from utils.cli import format_duration
-from utils.manifest import file_sha256, set_aside
-from utils.pipeline_stages import (
-    NOTEBOOKS_DIR,
-    REPO_ROOT,
-    STAGE_WORDS,
-    STAGES,
-    PipelineError,
-    Run,
-    Stage,
-)
+from utils.manifest import file_sha256, read_json_object, set_aside
+from utils.pipeline_stages import NOTEBOOKS_DIR, REPO_ROOT, STAGES, PipelineError, Run, Stage
 from utils.run_guard import Stopped, run_stoppable, shut_down_kernels, tracked_kernel_manager
 
 HEARTBEAT_S = 30.0  # a stage that prints nothing for this long gets a "still running" line
@@ -65,8 +54,7 @@ def output_hashes(stage: Stage, run: Run) -> dict[str, str]:
 
 
 def why_incomplete(stage: Stage, run: Run) -> str | None:
-    """Why `stage` must run (None when it is complete): an output missing, no stamp, other
-    parameters, or outputs that are not the files this pipeline's run wrote."""
+    """Why `stage` must run, in words (None when it is complete)."""
     missing = [p.name for p in stage.outputs(run) if not exists(p)]
     if len(missing) == len(stage.outputs(run)):
         return "not run yet"
@@ -88,19 +76,13 @@ def why_incomplete(stage: Stage, run: Run) -> str | None:
     return None
 
 
-def is_complete(stage: Stage, run: Run) -> bool:
-    """Outputs all present, written by this pipeline's last run of the stage, which had the same
-    parameters as this run's."""
-    return why_incomplete(stage, run) is None
-
-
 def plan(run: Run, stages: list[Stage] = STAGES, force: bool = False) -> list[tuple[Stage, bool]]:
     """(stage, will_run) for every enabled stage; after the first stage that runs, all run."""
     steps, rerun = [], force
     for stage in stages:
         if not stage.enabled(run):
             continue
-        rerun = rerun or not is_complete(stage, run)
+        rerun = rerun or why_incomplete(stage, run) is not None
         steps.append((stage, rerun))
     return steps
 
@@ -176,8 +158,7 @@ def _execute_notebook(
     notebooks_dir: Path,
     output: StageOutput | None = None,
 ) -> None:
-    """Run one stage notebook with papermill, its printed lines to `output`; PipelineError with
-    the error and executed path."""
+    """Run one stage notebook with papermill, its printed lines to `output`; PipelineError."""
     import papermill as pm
 
     executed = run.executed / stage.notebook
@@ -198,14 +179,13 @@ def _execute_notebook(
                 ),
                 on_stop=lambda: shut_down_kernels(kernels),
             )
-    except pm.PapermillExecutionError as err:
+    except Exception as err:  # the notebook raised, the kernel died, bad notebook JSON, ...
+        if isinstance(err, pm.PapermillExecutionError):
+            what = f"{err.ename}: {err.evalue}"
+        else:
+            what = f"{type(err).__name__}: {err}"
         raise PipelineError(
-            f"stage {stage.name} failed: {err.ename}: {err.evalue}\n  executed notebook: {executed}"
-        ) from err
-    except Exception as err:  # kernel died, bad notebook JSON, ...: same report
-        raise PipelineError(
-            f"stage {stage.name} failed: {type(err).__name__}: {err}\n"
-            f"  executed notebook: {executed}"
+            f"stage {stage.name} failed: {what}\n  executed notebook: {executed}"
         ) from err
 
 
@@ -258,25 +238,14 @@ def cpu_seconds() -> float:
     """User + sys CPU seconds of this process and its finished children (the stage kernels): on
     an idle machine with enough cores, what wall time approaches; unlike wall time, other
     processes' load hardly changes it."""
-    own, kids = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
 
 
 def durations(run: Run) -> dict[str, dict[str, float]]:
     """Wall and CPU seconds of each stage's last run in this work dir."""
-    try:
-        found = json.loads((run.executed / DURATIONS_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    found = read_json_object(run.executed / DURATIONS_FILE)
     return {k: v for k, v in found.items() if isinstance(v, dict) and "wall_s" in v}
-
-
-def _record_duration(run: Run, name: str, wall_s: float, cpu_s: float) -> None:
-    record = durations(run) | {name: {"wall_s": round(wall_s, 1), "cpu_s": round(cpu_s, 1)}}
-    (run.executed / DURATIONS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
 
 
 def run_stages(
@@ -298,7 +267,8 @@ def run_stages(
             log(f"{head}: skipped (outputs complete; --force reruns)")
             continue
         why = "forced" if force else why_incomplete(stage, run) or "an earlier stage ran"
-        log(f"{head}: running {stage.notebook or STAGE_WORDS[stage.name]} ({why}) ...")
+        what = stage.notebook or "utils.synthetic.generate"  # the one stage without a notebook
+        log(f"{head}: running {what} ({why}) ...")
         t0, cpu0 = time.perf_counter(), cpu_seconds()
         output = StageOutput(log, f"  {stage.name} |")
         previous = durations(run).get(stage.name, {}).get("wall_s")
@@ -310,8 +280,9 @@ def run_stages(
         except Stopped as stop:
             stop.stage = stage.name
             raise
-        wall_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - cpu0
-        _record_duration(run, stage.name, wall_s, cpu_s)
+        wall_s, cpu_s = round(time.perf_counter() - t0, 1), round(cpu_seconds() - cpu0, 1)
+        record = durations(run) | {stage.name: {"wall_s": wall_s, "cpu_s": cpu_s}}
+        (run.executed / DURATIONS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
         log(f"{head}: done in {wall_s:.1f}s (CPU {cpu_s:.1f}s)")
         ran.append(stage.name)
     log(

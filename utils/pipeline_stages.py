@@ -5,6 +5,7 @@ utils.settings (preset x recipe); a stage's parameters are names and paths only.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,7 @@ class PipelineError(RuntimeError):
 
 @dataclass(frozen=True)
 class Run:
-    """One pipeline invocation: where data and outputs live, the preset and recipe (every stage
-    reads its settings from utils.settings; the pipeline passes only names and paths)."""
+    """One pipeline invocation: where data and outputs live, the preset and recipe."""
 
     data_dir: Path
     work_dir: Path
@@ -87,41 +87,22 @@ def _generate_data(params: dict[str, Any]) -> None:
 
 def _data_parameters(run: Run) -> dict[str, Any]:
     """Arguments of utils.synthetic.generate for this run."""
-    s = run.sizes
-    return _given(
-        out_dir=str(run.data_dir),
-        rows=s.rows,
-        seed=run.seed,
-        image_size=s.image_size,
-        patients=s.patients,
-        positive_rate=s.positive_rate,
-        test_rows=s.test_rows,
-    )
-
-
-def truth_path(run: Run) -> Path | None:
-    """The generated data's true probabilities (utils.synthetic's `<data dir>-truth.csv`)."""
-    from utils.synthetic import default_truth_path
-
-    return default_truth_path(run.data_dir) if run.generate else None
-
-
-def _weights_path(run: Run, model: str) -> str | None:
-    """`<weights_dir>/<backbone>.pth` for an image model, or None (random init)."""
-    if run.weights_dir is None:
-        return None
-    return str(run.weights_dir / f"{IMAGE_MODELS[model].backbone}.pth")
+    return _given(out_dir=str(run.data_dir), seed=run.seed, **dataclasses.asdict(run.sizes))
 
 
 def _image_stage(model: str) -> Stage:
     """Stage 1 for one image model: no recipe among its parameters, since no recipe changes
     stage 1 (ImageConfig's identity leaves it out too), so switching it reuses every image run."""
+    backbone = IMAGE_MODELS[model].backbone
+
+    def parameters(run: Run) -> dict[str, Any]:  # weights_path None: random init
+        weights = None if run.weights_dir is None else str(run.weights_dir / f"{backbone}.pth")
+        return _given(**_common(run, run.artifacts, recipe=False), weights_path=weights)
+
     return Stage(
         name=f"image_{model}",
         notebook=f"01_image_{model}.ipynb",
-        parameters=lambda run: _given(
-            **_common(run, run.artifacts, recipe=False), weights_path=_weights_path(run, model)
-        ),
+        parameters=parameters,
         outputs=lambda run: [
             run.artifacts / model / name
             for name in (OOF_FILE, CONFIG_FILE, fold_file("*"), MANIFEST_FILE)
@@ -190,6 +171,3 @@ STAGES: list[Stage] = [
         outputs=lambda run: [run.work_dir / SUBMISSION_FILE],
     ),
 ]
-STAGE_WORDS = {  # what the stage line says runs
-    "synthetic_data": "utils.synthetic.generate",
-}

@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+from utils.manifest import read_json_object
+
 LOCK_FILE = "pipeline.lock"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 JOIN_POLL_S = 0.2  # how often the main thread wakes to run a pending signal handler
@@ -47,18 +49,8 @@ class Stopped(BaseException):
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
         self.name = signal.Signals(signum).name
         self.exit_code = 128 + signum
-
-
-def _holder(path: Path) -> dict[str, Any]:
-    """What the lock file says about its holder ({} when unreadable)."""
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 @contextlib.contextmanager
@@ -66,30 +58,25 @@ def work_dir_lock(work_dir: Path) -> Iterator[Path]:
     """Hold `<work_dir>/pipeline.lock` for the block; WorkDirBusy when a live process holds it."""
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with path.open("a+") as lock:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(path)
+            holder = read_json_object(path)
             raise WorkDirBusy(
                 f"work dir {work_dir} is in use by another pipeline run (pid "
                 f"{holder.get('pid', '?')}, started {holder.get('started', '?')}); wait for it to "
                 f"end or stop it, or choose another --work-dir"
             ) from None
-        record = {
-            "pid": os.getpid(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        lock.truncate(0)
+        lock.write(json.dumps({"pid": os.getpid(), "started": started}))
+        lock.flush()
         try:
             yield path
         finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+            lock.truncate(0)
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -138,10 +125,8 @@ def run_stoppable(work: Callable[[], T], on_stop: Callable[[], None]) -> T:
 def kill_process_group(process: subprocess.Popen | None, wait_s: float = 3.0) -> None:
     """SIGTERM, then SIGKILL after `wait_s`, to the process group led by `process` (a kernel
     started in its own session, with its DataLoader workers); a gone process is fine."""
-    if process is None:
-        return
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is not None:
+        if process is None or process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, sig)

@@ -5,7 +5,7 @@
   model dir holding another run than the one the GBDT was trained on (`mismatched`);
 - `check_gbdt_description`: `gbdt/ensemble.json` and `features.json` against the manifest (a
   difference stops the kernel, utils.manifest.DAMAGED_FILE_RULES) before anything else is read;
-- `member_column_problems`: every GBDT member finds each of its columns in the test features;
+- `check_member_columns`: every GBDT member finds each of its columns in the test features;
 - `rehearsal_problems`: the whole chain's scores on a handful of rows are finite and in [0, 1];
 - `degenerate_images`: test images smaller than MIN_IMAGE_SIDE pixels, found from the JPEG
   headers (no decode).
@@ -37,7 +37,7 @@ from utils.tabular.ensemble import ArtifactError, GBDTEnsemble
 # A test crop this small carries no lesion to score (real crops are 100-200 px a side); such
 # images are still scored, like any other, but counted and named in the report.
 MIN_IMAGE_SIDE = 16
-SHOW = 5  # ids or columns named in a message
+SHOW_IDS = 5  # ids or columns named in a message
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,7 @@ def fold_problem(model_dir: Path, k: int, check) -> str | None:
     if check.has_manifest:
         if rel not in check.listed and rel not in check.unlisted:
             return f"{model_dir / rel}: missing"
-        if (why := check.problem(rel)) is not None:
-            return why
-        return checkpoint_problem(model_dir / rel)
+        return check.problem(rel) or checkpoint_problem(model_dir / rel)
     if (why := checkpoint_problem(model_dir / rel)) is not None:
         return why
     try:  # no manifest vouches for it: read it once, here, rather than die in the long pass
@@ -99,11 +97,6 @@ def check_image_model(model_dir: Path) -> ModelCheck:
     return ModelCheck(cfg.n_folds, folds, damaged, problem, tuple(notes))
 
 
-def model_dir_problem(model_dir: Path) -> str | None:
-    """Why an image model dir cannot be used at all (absent, no config.json, no usable fold)."""
-    return check_image_model(model_dir).problem
-
-
 def recorded_run_hash(model_dir: Path) -> str | None:
     """The config_hash stage 1 recorded in `model_dir`/config.json (None if unreadable)."""
     try:
@@ -133,11 +126,6 @@ class ImagePlan:
     unused: tuple[str, ...]  # complete under artifacts_dir but not read by the GBDT
     mismatched: dict[str, str] = field(default_factory=dict)  # another run than the GBDT's -> why
     checks: dict[str, ModelCheck] = field(default_factory=dict)  # needed model -> file check
-
-    @property
-    def metadata_only(self) -> bool:
-        """True when no row can use an image feature."""
-        return not self.needed or bool(self.missing)
 
     @property
     def folds(self) -> dict[str, tuple[int, ...]]:
@@ -175,7 +163,7 @@ def plan_images(artifacts_dir: Path, image_sources: Mapping[str, Mapping[str, st
         for p in artifacts_dir.iterdir()
         if p.name != GBDT_DIR and p.name not in needed and (p / CONFIG_FILE).is_file()
     )
-    unused = tuple(n for n in present if model_dir_problem(artifacts_dir / n) is None)
+    unused = tuple(n for n in present if check_image_model(artifacts_dir / n).problem is None)
     run = () if missing else needed
     return ImagePlan(needed, run, missing, unused, mismatched, checks)
 
@@ -191,20 +179,15 @@ def check_gbdt_description(gbdt_dir: Path) -> None:
         verified_json(gbdt_dir, name, check)
 
 
-def member_column_problems(ensemble: GBDTEnsemble, frame: pl.DataFrame) -> list[str]:
-    """One line per GBDT member that does not find every column it was trained on in `frame`."""
-    present = set(frame.columns)
-    return [
-        f"member {name!r}: {len(missing)} column(s) missing from the test features, e.g. "
-        f"{missing[:SHOW]}"
-        for name, columns in ensemble.features.items()
-        if (missing := [c for c in columns if c not in present])
-    ]
-
-
 def check_member_columns(ensemble: GBDTEnsemble, frame: pl.DataFrame, gbdt_dir: Path) -> None:
-    """ArtifactError naming ensemble.json / features.json unless every member finds its columns."""
-    problems = member_column_problems(ensemble, frame)
+    """ArtifactError naming ensemble.json / features.json unless every member finds each column
+    it was trained on in `frame` (one line per member that does not)."""
+    problems = [
+        f"member {name!r}: {len(missing)} column(s) missing from the test features, e.g. "
+        f"{missing[:SHOW_IDS]}"
+        for name, columns in ensemble.features.items()
+        if (missing := [c for c in columns if c not in frame.columns])
+    ]
     if problems:
         raise ArtifactError(
             f"{gbdt_dir / ENSEMBLE_FILE} / {FEATURES_FILE}: the members read columns the test "
@@ -220,7 +203,7 @@ def rehearsal_problems(scores: Mapping[str, np.ndarray], ids: Sequence[str]) -> 
     for name, values in scores.items():
         bad = ~np.isfinite(values) | (values < 0) | (values > 1)
         if bad.any():
-            shown = list(np.asarray(ids, dtype=object)[bad][:SHOW])
+            shown = list(np.asarray(ids, dtype=object)[bad][:SHOW_IDS])
             problems.append(f"{name}: {int(bad.sum())} score(s) not in [0, 1] for {shown}")
     return problems
 

@@ -13,7 +13,7 @@ import polars as pl
 from utils.io import TEST_METADATA, read_test_metadata
 from utils.layout import SUBMISSION_FILE
 from utils.manifest import atomic_output, write_json
-from utils.submission_report import SHOW_IDS
+from utils.submission_checks import SHOW_IDS
 
 SUBMISSION_COLUMNS = ("isic_id", "target")
 

@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from utils.io import MetadataNotes
-from utils.submission_checks import MIN_IMAGE_SIDE, ImagePlan
+from utils.submission_checks import MIN_IMAGE_SIDE, SHOW_IDS, ImagePlan
 from utils.tabular.libraries import META_MEMBER
 
 if TYPE_CHECKING:
     from utils.submission_time import TimeEstimate
-
-SHOW_IDS = 5  # ids named in messages
 
 
 @dataclass(frozen=True)
@@ -127,25 +125,19 @@ class InferenceReport:
             "member_means": self.member_means,
         }
 
-    def degenerate_lines(self) -> list[str]:
-        """The images too small to hold a lesion, counted and named (they are still scored)."""
-        if not self.degenerate:
-            return []
-        shown = dict(list(self.degenerate.items())[:SHOW_IDS])
-        return [
-            f"{len(self.degenerate):,} test image(s) smaller than {MIN_IMAGE_SIDE} px a side, "
-            f"scored as they are: {shown}"
-        ]
-
     def sections(self) -> dict[str, list[str]]:
         """Every warning class and its lines (empty: none of that class), in the block's order."""
         meta = self.metadata or MetadataNotes(self.rows)
         coerced = meta.coerced_lines()
+        degenerate = [  # images too small to hold a lesion (still scored)
+            f"{len(self.degenerate):,} test image(s) smaller than {MIN_IMAGE_SIDE} px a side, "
+            f"scored as they are: {dict(list(self.degenerate.items())[:SHOW_IDS])}"
+        ]
         return {
             "runs that do not belong together": list(self.plan.mismatched.values()),
             "fallback decisions": self.decisions(),
             "coerced values (made missing)": coerced,
-            "degenerate images": self.degenerate_lines(),
+            "degenerate images": degenerate if self.degenerate else [],
             "manifest differences": list(self.artifact_notes),
             "test-metadata.csv notes": [n for n in meta.lines() if n not in coerced],
             "other warnings": list(self.other_warnings),

@@ -3,9 +3,9 @@
 On a GPU `estimate_time` measures each image model's images/s on the first batches of the test
 ids (measure_images_per_s: the extra time of more batches, so fixed start-up costs do not
 inflate a 500,000-row projection) and multiplies by the GPUs `predict` shares the rows between;
-on a CPU it projects one Kaggle T4 from the models' counted forward FLOPs (project_t4), reading
-no checkpoint and predicting no image. `TimeEstimate` prints the figures for this test set and
-for the hidden one.
+on a CPU it projects one Kaggle T4 from the models' counted forward FLOPs (t4_images_per_s),
+reading no checkpoint and predicting no image. `TimeEstimate` prints the figures for this test
+set and for the hidden one.
 """
 
 from __future__ import annotations
@@ -44,12 +44,8 @@ DECODE_IMAGES_PER_S = 5_000.0
 
 @dataclass(frozen=True)
 class TimeEstimate:
-    """Image inference time: images/s per model (decode + every used fold model) times rows.
-
-    On a GPU the rates are measured here; on a CPU they are projected for one T4 from the
-    models' counted forward FLOPs at T4_UTILISATION of its fp16 peak (`gflops` holds them), so
-    the kernel's 12 h budget is judged for the machine it runs on, not for this CPU.
-    """
+    """Image inference time: images/s per model (decode + every used fold model) times rows;
+    `projected` rates are for a T4, not this CPU, so the 12 h budget is judged for Kaggle."""
 
     rows: int
     images_per_s: dict[str, float]
@@ -134,23 +130,12 @@ def forward_gflops(model_cfg: ImageConfig) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def project_t4(
-    artifacts_dir: Path,
-    models: Sequence[str],
-    rows: int,
-    cfg: InferenceConfig,
-    folds: Mapping[str, Sequence[int]] | None = None,
-) -> TimeEstimate:
-    """The T4 projection of each image model (its `folds`, default all) from counted FLOPs: no
-    checkpoint is read and no image predicted (a few seconds on a CPU)."""
-    gflops, rates = {}, {}
-    for name in models:
-        model_cfg = load_config(artifacts_dir / name)
-        used = model_cfg.n_folds if folds is None else len(folds.get(name, ()))
-        gflops[name] = forward_gflops(model_cfg) * used
-        compute = T4_UTILISATION * T4_FP16_TFLOPS * 1e3 / max(gflops[name], 1e-9)
-        rates[name] = min(compute, DECODE_IMAGES_PER_S * max(cfg.num_workers, 1))
-    return TimeEstimate(rows, rates, gflops, projected=True)
+def t4_images_per_s(gflops: float, cfg: InferenceConfig, gpus: int = 1) -> float:
+    """Images/s of `gpus` Kaggle T4s on a model of `gflops` per image: T4_UTILISATION of each
+    card's fp16 peak, at most the JPEG decode of cfg.num_workers DataLoader workers (the same
+    CPUs feed every card)."""
+    compute = gpus * T4_UTILISATION * T4_FP16_TFLOPS * 1e3 / max(gflops, 1e-9)
+    return min(compute, DECODE_IMAGES_PER_S * max(cfg.num_workers, 1))
 
 
 def estimate_time(
@@ -165,16 +150,20 @@ def estimate_time(
     """On a GPU: images/s of each image model (its `folds`, default all) measured on the first
     batches of `ids` on one GPU with its share of the DataLoader workers, times the GPUs that
     `predict` shares the rows between (image.predict.inference_devices), projected to all rows.
-    On a CPU: the T4 projection (project_t4, one T4), with the T4 x 2 figure printed beside it
-    (twice the compute, the same CPUs decoding); the real pass then reports this machine's
-    images/s."""
-
+    On a CPU: the projection for one T4 from counted FLOPs, reading no checkpoint and predicting
+    no image (a few seconds), with the T4 x 2 figure printed beside it (twice the compute, the
+    same CPUs decoding); the real pass then reports this machine's images/s."""
     if device.type != "cuda":
-        one = project_t4(artifacts_dir, models, len(ids), cfg, folds)
-        decode = DECODE_IMAGES_PER_S * max(cfg.num_workers, 1)
-        compute = T4_UTILISATION * T4_FP16_TFLOPS * 1e3
-        two = TimeEstimate(
-            len(ids), {m: min(2 * compute / max(g, 1e-9), decode) for m, g in one.gflops.items()}
+        gflops = {}
+        for name in models:
+            model_cfg = load_config(artifacts_dir / name)
+            used = model_cfg.n_folds if folds is None else len(folds.get(name, ()))
+            gflops[name] = forward_gflops(model_cfg) * used
+        one, two = (
+            TimeEstimate(
+                len(ids), {m: t4_images_per_s(g, cfg, n) for m, g in gflops.items()}, gflops, True
+            )
+            for n in (1, 2)
         )
         print(
             f"GPUs: projected for one T4; on Kaggle's T4 x 2 predict scores on both: "

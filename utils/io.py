@@ -91,20 +91,15 @@ def cast_columns(df: pl.DataFrame, schema: dict, source: str | Path) -> pl.DataF
     return df.with_columns(casts)
 
 
-def read_metadata(path: str | Path, kind: str, *, validate: bool = True) -> pl.DataFrame:
-    """Read a train or test metadata CSV into the schema's dtypes (columns in file order).
-
-    Extra columns are kept as strings only when `validate` is False; otherwise a missing or
-    unexpected column raises SchemaError naming the file.
-    """
+def read_metadata(path: str | Path, kind: str) -> pl.DataFrame:
+    """Read a train or test metadata CSV into the schema's dtypes (columns in file order); a
+    missing or unexpected column raises SchemaError naming the file."""
     path = Path(path)
     df = _read_text(path, kind)
-    if validate:
-        validate_columns(df.columns, kind, path)
+    validate_columns(df.columns, kind, path)
     df, _ = normalise_categories(cast_columns(df, SCHEMAS[kind], path))
     df, _ = coerce_impossible(df)
-    if validate:
-        validate_frame(df, kind, path)
+    validate_frame(df, kind, path)
     return df
 
 
@@ -123,9 +118,8 @@ class MetadataNotes:
     rows: int
     ignored_columns: tuple[str, ...] = ()  # not in the schema: dropped
     absent_columns: tuple[str, ...] = ()  # in the schema, not read by the features: added empty
-    respelled: dict[str, int] = field(
-        default_factory=dict
-    )  # column -> values matched by case/space
+    # column -> values matched by case/space
+    respelled: dict[str, int] = field(default_factory=dict)
     unseen: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> value -> rows
     empty_columns: tuple[str, ...] = ()  # feature columns with no value in any row
     # column -> {why -> values made missing}: text NaN/inf, outside the schema's range

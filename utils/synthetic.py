@@ -100,17 +100,13 @@ def _intercept(score: np.ndarray, rate: float) -> float:
 
 
 def _frame(columns: dict[str, np.ndarray], schema: dict) -> pl.DataFrame:
-    return pl.DataFrame(
-        [
-            pl.Series(name, _values(columns[name]), dtype=dtype, strict=False, nan_to_null=True)
-            for name, dtype in schema.items()
-        ]
-    )
-
-
-def _values(col: np.ndarray) -> np.ndarray | list:
-    """Object arrays go to Polars as lists; None and NaN become nulls (empty CSV cells)."""
-    return col.tolist() if col.dtype == object else col
+    """The schema's columns; object arrays go to Polars as lists, None and NaN become nulls
+    (empty CSV cells)."""
+    series = []
+    for name, dtype in schema.items():
+        values = columns[name].tolist() if columns[name].dtype == object else columns[name]
+        series.append(pl.Series(name, values, dtype=dtype, strict=False, nan_to_null=True))
+    return pl.DataFrame(series)
 
 
 def best_pauc(truth: pl.DataFrame) -> float:
@@ -123,16 +119,6 @@ def best_pauc(truth: pl.DataFrame) -> float:
 
 class FewPositivesWarning(UserWarning):
     """Fewer patients with a positive lesion than cross-validation folds: some folds get none."""
-
-
-def few_positives_message(positive_patients: int, patients: int, positives: int) -> str:
-    """Why such data cannot be cross-validated, and what to change."""
-    return (
-        f"{positive_patients} of {patients} train patient(s) have a positive lesion "
-        f"({positives} positive(s)), fewer than the {N_FOLDS} cross-validation folds: a fold "
-        "without positives has no pAUC and stage 1/3 fail on it. Raise --rows, --patients or "
-        "--positive-rate (e.g. --rows 600 --patients 30 --positive-rate 0.05, the demo sizes)"
-    )
 
 
 def default_truth_path(out_dir: str | Path) -> Path:
@@ -284,7 +270,12 @@ def _count_positives(
     positives = int(target.sum())
     positive_patients = len(set(train.meta["patient_id"][target == 1]))
     if positive_patients < (required or N_FOLDS):
-        message = few_positives_message(positive_patients, patients, positives)
+        message = (
+            f"{positive_patients} of {patients} train patient(s) have a positive lesion "
+            f"({positives} positive(s)), fewer than the {N_FOLDS} cross-validation folds: a fold "
+            "without positives has no pAUC and stage 1/3 fail on it. Raise --rows, --patients or "
+            "--positive-rate (e.g. --rows 600 --patients 30 --positive-rate 0.05, the demo sizes)"
+        )
         if required:
             raise ValueError(f"generate: {message}")
         warnings.warn(message, FewPositivesWarning, stacklevel=3)  # at generate's caller
@@ -378,21 +369,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=STRUCTURES,
         help="optional structures to plant (utils.synthetic_structure); none: the default data",
     )
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))  # the other options are generate's parameters
+    out_dir, args["truth_path"] = args.pop("out"), args.pop("truth")
+    args["require_positive_patients"] = None if args.pop("allow_few_positives") else N_FOLDS
+    args["structure"] = Structure.of(args["structure"])
     try:
-        summary = generate(
-            args.out,
-            rows=args.rows,
-            seed=args.seed,
-            image_size=args.image_size,
-            patients=args.patients,
-            positive_rate=args.positive_rate,
-            test_rows=args.test_rows,
-            truth_path=args.truth,
-            workers=args.workers,
-            require_positive_patients=None if args.allow_few_positives else N_FOLDS,
-            structure=Structure.of(args.structure),
-        )
+        summary = generate(out_dir, **args)
     except ValueError as err:
         print(f"ERROR {err}", file=sys.stderr)
         return 2

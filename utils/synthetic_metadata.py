@@ -78,7 +78,9 @@ def draw_patients(rng: np.random.Generator, n: int, attributions: dict) -> dict[
     names = list(attributions)
     shares = np.array([attributions[a][0] for a in names])
     attribution = rng.choice(len(names), n, p=shares / shares.sum())
-    age = rng.choice(np.arange(15, 90, 5), n, p=_age_weights()).astype(float)
+    ages = np.arange(15, 90, 5)
+    age_weights = np.exp(-0.5 * ((ages - 60) / 14.0) ** 2)
+    age = rng.choice(ages, n, p=age_weights / age_weights.sum()).astype(float)
     age[rng.random(n) < AGE_NULL_RATE] = np.nan
     return {
         "attribution": np.array(names, dtype=object)[attribution],
@@ -96,12 +98,6 @@ def draw_patients(rng: np.random.Generator, n: int, attributions: dict) -> dict[
         # shift of deltaA unless it is read relative to the patient
         "lesion_da": rng.normal(4.0, 3.0, n),
     }
-
-
-def _age_weights() -> np.ndarray:
-    ages = np.arange(15, 90, 5)
-    w = np.exp(-0.5 * ((ages - 60) / 14.0) ** 2)
-    return w / w.sum()
 
 
 def lesion_counts(rng: np.random.Generator, rows: int, patients: int) -> np.ndarray:
@@ -124,10 +120,8 @@ def _sites(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np
     site[missing] = None
     location[missing] = "Unknown"
     simple = np.array([loc.split(" - ")[0] for loc in location], dtype=object)
-    simple = np.where(np.char.startswith(location.astype(str), "Torso Back"), "Torso Back", simple)
-    simple = np.where(
-        np.char.startswith(location.astype(str), "Torso Front"), "Torso Front", simple
-    )
+    for torso in ("Torso Back", "Torso Front"):  # "Torso Back Top Third" -> "Torso Back"
+        simple = np.where(np.char.startswith(location.astype(str), torso), torso, simple)
     return site, location, simple
 
 
@@ -170,13 +164,7 @@ def draw_lesions(
     colour = _colour_columns(rng, pat, p, m, c)
     location = _location_columns(rng, n)
     descriptors = _descriptor_columns(rng, m, c, raggedness, variegation, colour["tbp_lv_deltaLB"])
-    meta = {
-        **_patient_columns(pat, p, first_id),
-        **shape,
-        **colour,
-        **location,
-        **descriptors,
-    }
+    meta = _patient_columns(pat, p, first_id) | shape | colour | location | descriptors
     return meta, _latent(m, c, raggedness, variegation, pat["age"][p])
 
 
@@ -339,21 +327,11 @@ def draw_diagnoses(
         f"IL_{k:07d}" for k in rng.choice(10**7, tracked.sum(), replace=False)
     ]
     parts = [cols[f"iddx_{level}"] for level in range(1, 6)]
-    iddx_full = np.array(
+    cols["iddx_full"] = np.array(
         ["::".join(v for v in row if v) for row in zip(*parts, strict=True)], dtype=object
     )
-    return {
-        "lesion_id": cols["lesion_id"],
-        "iddx_full": iddx_full,
-        "iddx_1": cols["iddx_1"],
-        "iddx_2": cols["iddx_2"],
-        "iddx_3": cols["iddx_3"],
-        "iddx_4": cols["iddx_4"],
-        "iddx_5": cols["iddx_5"],
-        "mel_mitotic_index": cols["mel_mitotic_index"],
-        "mel_thick_mm": cols["mel_thick_mm"],
-        "tbp_lv_dnn_lesion_confidence": 100 / (1 + np.exp(-rng.normal(3.0, 2.0, n))),
-    }
+    cols["tbp_lv_dnn_lesion_confidence"] = 100 / (1 + np.exp(-rng.normal(3.0, 2.0, n)))
+    return cols
 
 
 def _suspicious_benign(

@@ -55,7 +55,6 @@ from utils.tabular.gbdt import apply_blend, feature_groups
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER, make_members, resolve_params
 from utils.tabular.plus_features import patient_image_feature_names, patient_image_features
 
-METRICS = ("accuracy", "auc", "ap", "pauc")
 # FusionNetX paper, external evaluation (accuracy in %, as printed there).
 PAPER_RESULTS: dict[str, dict[str, float]] = {
     "HAM10000": {"accuracy": 95.2, "auc": 0.995, "ap": 0.885},
@@ -261,18 +260,10 @@ def fusion_variants(
 
 def external_image_config(model: str, cfg: ExternalEvalConfig) -> ImageConfig:
     """Stage 1 config of `model` for this evaluation (same folds and seed)."""
-    return image_config(
-        model,
-        cfg.preset,
-        cfg.recipe,
-        n_folds=cfg.n_folds,
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        image_size=cfg.image_size,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        weights_path=(cfg.weights_path or {}).get(model),
-    )
+    names = ("n_folds", "seed", "epochs", "image_size", "batch_size", "num_workers")
+    shared = {name: getattr(cfg, name) for name in names}
+    weights = (cfg.weights_path or {}).get(model)
+    return image_config(model, cfg.preset, cfg.recipe, weights_path=weights, **shared)
 
 
 @contextmanager

@@ -53,10 +53,16 @@ class ExternalDataset:
         return self.numeric_columns + self.categorical_columns
 
 
-def _require_columns(df: pl.DataFrame, required, source: Path) -> None:
-    missing = [c for c in required if c not in df.columns]
+def _read_csv(source: Path, what: str, required: tuple[str, ...]) -> pl.DataFrame:
+    """`source` as text; FileNotFoundError naming `what` when absent, ValueError naming the
+    `required` columns it lacks."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{what} not found: {source}")
+    raw = pl.read_csv(source, infer_schema=False)
+    missing = [c for c in required if c not in raw.columns]
     if missing:
         raise ValueError(f"{source}: missing column(s) {missing}")
+    return raw
 
 
 def _map_codes(df: pl.DataFrame, column: str, codes: dict, source: Path) -> pl.Expr:
@@ -73,12 +79,9 @@ def load_ph2(root: str | Path) -> ExternalDataset:
     """PH2 from `root` (ph2_labels.csv + images/IMDxxx.jpg): melanoma vs. nevus."""
     root = Path(root)
     source = root / PH2_LABELS
-    if not source.is_file():
-        raise FileNotFoundError(f"PH2 labels not found: {source}")
-    raw = pl.read_csv(source, infer_schema=False)
     required = ("image_name", "clinical_diagnosis", "asymmetry", "pigment_network")
     required += ("dots_globules", "streaks", "regression_areas", "blue_whitish_veil", *PH2_COLOURS)
-    _require_columns(raw, required, source)
+    raw = _read_csv(source, "PH2 labels", required)
     frame = raw.select(
         pl.col("image_name").alias("isic_id"),
         pl.col("image_name").alias("patient_id"),
@@ -107,10 +110,7 @@ def load_ph2(root: str | Path) -> ExternalDataset:
 def load_ham10000(metadata_csv: str | Path, image_dir: str | Path | None = None) -> ExternalDataset:
     """HAM10000 from its metadata CSV (and, when given, a folder holding <image_id>.jpg files)."""
     source = Path(metadata_csv)
-    if not source.is_file():
-        raise FileNotFoundError(f"HAM10000 metadata not found: {source}")
-    raw = pl.read_csv(source, infer_schema=False)
-    _require_columns(raw, HAM_COLUMNS, source)
+    raw = _read_csv(source, "HAM10000 metadata", HAM_COLUMNS)
     unknown = raw.filter(~pl.col("dx").is_in(HAM_DIAGNOSES))
     if unknown.height:
         raise ValueError(

@@ -13,6 +13,7 @@ outside utils.schema.VALUE_RANGES), so train and test see the same missing value
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,9 +202,7 @@ def jpeg_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
             i += 1
             continue
         if marker in SOF_MARKERS:
-            return int.from_bytes(buf[i + 5 : i + 7], "big"), int.from_bytes(
-                buf[i + 7 : i + 9], "big"
-            )
+            return struct.unpack(">HH", buf[i + 5 : i + 9])
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
             i += 2
             continue

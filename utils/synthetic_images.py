@@ -9,6 +9,7 @@ whichever process renders it.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
@@ -127,19 +128,13 @@ def write_images(path: Path, ids: np.ndarray, params: np.ndarray, workers: int, 
     chunk = max(1, min(1000, -(-len(params) // max(workers, 1))))
     chunks = [params[i : i + chunk] for i in range(0, len(params), chunk)]
     workers = min(workers, len(params) // MIN_IMAGES_PER_WORKER)
-    with h5py.File(path, "w", libver="earliest") as h5:
+    parallel = workers > 1 and len(chunks) > 1
+    pool = get_context("spawn").Pool(workers) if parallel else nullcontext()
+    with pool, h5py.File(path, "w", libver="earliest") as h5:
+        results = pool.imap(_encode_chunk, chunks) if parallel else map(_encode_chunk, chunks)
         bar = tqdm(total=len(ids), desc=desc, unit="img", mininterval=2.0)
-        if workers > 1 and len(chunks) > 1:
-            with get_context("spawn").Pool(workers) as pool:
-                results = pool.imap(_encode_chunk, chunks)
-                _store(h5, ids, results, chunk, bar)
-        else:
-            _store(h5, ids, map(_encode_chunk, chunks), chunk, bar)
+        for k, jpegs in enumerate(results):
+            for isic_id, jpeg in zip(ids[k * chunk : k * chunk + len(jpegs)], jpegs, strict=True):
+                h5.create_dataset(isic_id, data=np.bytes_(jpeg))
+            bar.update(len(jpegs))
         bar.close()
-
-
-def _store(h5: h5py.File, ids: np.ndarray, results, chunk: int, bar) -> None:
-    for k, jpegs in enumerate(results):
-        for isic_id, jpeg in zip(ids[k * chunk : k * chunk + len(jpegs)], jpegs, strict=True):
-            h5.create_dataset(isic_id, data=np.bytes_(jpeg))
-        bar.update(len(jpegs))

@@ -162,7 +162,9 @@ def generate(
     rng = np.random.default_rng(seed)
     train, test = _draw_splits(rng, rows, patients, test_rows, test_patients)
     risk, score = _risk(train, test, seed, structure or Structure())
-    prob, target = _draw_labels(rng, risk, rows, positive_rate)
+    # true probabilities, their mean over the train rows (first) positive_rate, and the labels
+    prob = 1 / (1 + np.exp(-(_intercept(risk[:rows], positive_rate) + risk)))
+    target = (rng.random(prob.size) < prob).astype(np.int8)
     positives, positive_patients = _count_positives(
         train, target[:rows], patients, require_positive_patients
     )
@@ -170,7 +172,12 @@ def generate(
     train.meta.update(draw_diagnoses(rng, target[:rows], risk[:rows]))
     _write_metadata(out_dir, train, test)
     truth = _write_truth(truth_path, train, test, prob, target, score)
-    _write_split_images(out_dir, rng, train, test, image_size, workers)
+    for split, name, desc in (
+        (train, TRAIN_IMAGES, "train images"),
+        (test, TEST_IMAGES, "test images"),
+    ):
+        params = image_params(split.meta, split.latent, rng, image_size)
+        write_images(out_dir / name, split.meta["isic_id"], params, workers, desc)
     return Summary(
         out_dir=out_dir,
         truth_path=truth_path,
@@ -251,17 +258,6 @@ def _risk(
     return risk, score
 
 
-def _draw_labels(
-    rng: np.random.Generator, risk: np.ndarray, rows: int, positive_rate: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """True probabilities (mean `positive_rate` over the first `rows`, the train rows) and the
-    labels drawn from them."""
-    logit = _intercept(risk[:rows], positive_rate) + risk
-    prob = 1 / (1 + np.exp(-logit))
-    target = (rng.random(prob.size) < prob).astype(np.int8)
-    return prob, target
-
-
 def _count_positives(
     train: _Split, target: np.ndarray, patients: int, required: int | None
 ) -> tuple[int, int]:
@@ -315,23 +311,6 @@ def _write_truth(
     path.parent.mkdir(parents=True, exist_ok=True)
     truth.write_csv(path)
     return truth
-
-
-def _write_split_images(
-    out_dir: Path,
-    rng: np.random.Generator,
-    train: _Split,
-    test: _Split,
-    image_size: int,
-    workers: int,
-) -> None:
-    """train-image.hdf5, then test-image.hdf5 (utils.synthetic_images)."""
-    for split, name, desc in (
-        (train, TRAIN_IMAGES, "train images"),
-        (test, TEST_IMAGES, "test images"),
-    ):
-        params = image_params(split.meta, split.latent, rng, image_size)
-        write_images(out_dir / name, split.meta["isic_id"], params, workers, desc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,8 +106,8 @@ def lesion_counts(rng: np.random.Generator, rows: int, patients: int) -> np.ndar
     return 1 + rng.multinomial(rows - patients, weights / weights.sum())
 
 
-def _sites(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """anatom_site_general (with nulls), tbp_lv_location and tbp_lv_location_simple."""
+def _location_columns(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Body site (with nulls), location, simple location and 3D coordinates of `n` lesions."""
     names = list(SITES)
     p = np.array([SITES[s][0] for s in names])
     idx = rng.choice(len(names), n, p=p / p.sum())
@@ -122,7 +122,15 @@ def _sites(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np
     simple = np.array([loc.split(" - ")[0] for loc in location], dtype=object)
     for torso in ("Torso Back", "Torso Front"):  # "Torso Back Top Third" -> "Torso Back"
         simple = np.where(np.char.startswith(location.astype(str), torso), torso, simple)
-    return site, location, simple
+    xyz = _coordinates(rng, location)
+    return {
+        "anatom_site_general": site,
+        "tbp_lv_location": location,
+        "tbp_lv_location_simple": simple,
+        "tbp_lv_x": xyz[:, 0],
+        "tbp_lv_y": xyz[:, 1],
+        "tbp_lv_z": xyz[:, 2],
+    }
 
 
 def _coordinates(rng: np.random.Generator, location: np.ndarray) -> np.ndarray:
@@ -243,20 +251,6 @@ def _colour_columns(
         "tbp_lv_deltaB": d_b,
         "tbp_lv_deltaL": d_l,
         "tbp_lv_deltaLB": np.hypot(d_l, d_b),
-    }
-
-
-def _location_columns(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-    """Body site, location and 3D coordinates of `n` lesions."""
-    site, location, simple = _sites(rng, n)
-    xyz = _coordinates(rng, location)
-    return {
-        "anatom_site_general": site,
-        "tbp_lv_location": location,
-        "tbp_lv_location_simple": simple,
-        "tbp_lv_x": xyz[:, 0],
-        "tbp_lv_y": xyz[:, 1],
-        "tbp_lv_z": xyz[:, 2],
     }
 
 

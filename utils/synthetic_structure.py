@@ -79,17 +79,14 @@ class Structure:
 STRUCTURES = tuple(f.name for f in fields(Structure))
 
 
-def _group_codes(*keys: np.ndarray) -> np.ndarray:
-    """Integer code per row of the distinct combinations of `keys` (None is a value)."""
-    joined = np.array(["\x1f".join(map(str, row)) for row in zip(*keys, strict=True)])
-    return np.unique(joined, return_inverse=True)[1]
-
-
 def _site_outlier(meta: dict, rng: np.random.Generator) -> np.ndarray:
     """Plant the within patient x location latent into `meta`; returns site_score."""
     n = len(meta["isic_id"])
     score = rng.standard_normal(n)
-    groups = _group_codes(meta["patient_id"], meta["tbp_lv_location"])
+    keys = zip(meta["patient_id"], meta["tbp_lv_location"], strict=True)  # a null is a value
+    groups = np.unique(
+        [f"{patient}\x1f{location}" for patient, location in keys], return_inverse=True
+    )[1]
     offsets = rng.normal(
         0.0, SITE_OUTLIER_LOCATION_SD, (groups.max() + 1, len(SITE_OUTLIER_COLUMNS))
     )

@@ -134,13 +134,12 @@ def load_ham10000(metadata_csv: str | Path, image_dir: str | Path | None = None)
         if not image_dir.is_dir():
             raise FileNotFoundError(f"HAM10000 image folder not found: {image_dir}")
         found = {p.stem: p for p in image_dir.rglob("*.jpg")}
-        paths = {i: found[i] for i in frame["isic_id"] if i in found}
-        missing = frame.height - len(paths)
-        if missing:
-            absent = [i for i in frame["isic_id"] if i not in found][:3]
+        if absent := [i for i in frame["isic_id"] if i not in found]:
             raise FileNotFoundError(
-                f"{image_dir}: {missing} of {frame.height} HAM10000 images missing, e.g. {absent}"
+                f"{image_dir}: {len(absent)} of {frame.height} HAM10000 images missing, "
+                f"e.g. {absent[:3]}"
             )
+        paths = {i: found[i] for i in frame["isic_id"]}
     return ExternalDataset(
         name="HAM10000",
         frame=frame,

@@ -31,8 +31,7 @@ def validate_oof(df: pl.DataFrame, source: str | Path) -> pl.DataFrame:
     if len(dupes):
         raise OOFError(f"{source}: duplicate isic_id(s) in OOF, e.g. {dupes.head(3).to_list()}")
     for col in OOF_COLUMNS:
-        nulls = df[col].null_count()
-        if nulls:
+        if nulls := df[col].null_count():
             raise OOFError(f"{source}: column {col!r} has {nulls} empty value(s)")
     bad = df.filter(pl.col("pred").is_nan() | pl.col("pred").is_infinite())["isic_id"]
     if len(bad):

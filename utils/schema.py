@@ -132,9 +132,7 @@ def coerce_impossible(df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, dict[st
     cells change: a patient's other rows keep their values."""
     counts: dict[str, dict[str, int]] = {}
     exprs = []
-    for col in (c for c in NUMERIC_COLUMNS if c in df.columns):
-        if not df.schema[col].is_float():
-            continue
+    for col in (c for c in NUMERIC_COLUMNS if c in df.columns and df.schema[c].is_float()):
         value_range = VALUE_RANGES.get(col, ValueRange())
         not_finite = pl.col(col).is_nan() | pl.col(col).is_infinite()
         outside = ~not_finite & value_range.outside(col)
@@ -155,15 +153,11 @@ def validate_columns(
     columns: Iterable[str], kind: str, source: str | Path, *, allow_extra: bool = False
 ) -> None:
     """Raise SchemaError naming `source` and the missing (or unexpected) columns for `kind`."""
-    expected = SCHEMAS[kind]
-    present = list(columns)
+    expected, present = SCHEMAS[kind], list(columns)
     missing = [c for c in expected if c not in present]
-    extra = [c for c in present if c not in expected]
-    problems = []
-    if missing:
-        problems.append(f"missing column(s) {missing}")
-    if extra and not allow_extra:
-        problems.append(f"unexpected column(s) {extra}")
+    extra = [] if allow_extra else [c for c in present if c not in expected]
+    found = (("missing", missing), ("unexpected", extra))
+    problems = [f"{what} column(s) {cols}" for what, cols in found if cols]
     if problems:
         raise SchemaError(f"{source}: {kind} metadata has " + " and ".join(problems))
 
@@ -172,8 +166,7 @@ def validate_frame(df: pl.DataFrame, kind: str, source: str | Path) -> None:
     """Check columns, unique non-null ids, and (train) a 0/1 target without nulls."""
     validate_columns(df.columns, kind, source)
     for col in ID_COLUMNS:
-        nulls = df[col].null_count()
-        if nulls:
+        if nulls := df[col].null_count():
             raise SchemaError(f"{source}: column {col!r} has {nulls} empty value(s)")
     dupes = df.filter(pl.col("isic_id").is_duplicated())["isic_id"].unique().sort()
     if len(dupes):

@@ -88,9 +88,8 @@ def _draw(params: np.ndarray) -> np.ndarray:
     inside = np.clip((radius - np.sqrt(u * u + v * v)) * 6.0 + 0.5, 0.0, 1.0).astype(np.float32)
     # Variegation: low-frequency colour blotches and dark (black / blue-grey) clods.
     blotch = rng.normal(0, 1, (5, 5, 4))
-    shade = lesion * (1.0 + 0.35 * varieg * blotch[..., :1]) + 20.0 * varieg * blotch[
-        ..., 1:3
-    ].mean(-1, keepdims=True)
+    warm = blotch[..., 1:3].mean(-1, keepdims=True)
+    shade = lesion * (1.0 + 0.35 * varieg * blotch[..., :1]) + 20.0 * varieg * warm
     small = shade - 80.0 * varieg * np.clip(blotch[..., 3:], 0, None) * np.array([1.0, 0.9, 0.6])
     colour = cv2.resize(
         np.clip(small, 0, 255).astype(np.uint8), (s, s), interpolation=cv2.INTER_LINEAR

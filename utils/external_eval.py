@@ -81,8 +81,7 @@ def load_datasets(
     ham_image_dir: str | Path | None = None,
 ) -> list[ExternalDataset]:
     """The datasets `names`; paths left None default to `<data_dir>/ph2`, `<data_dir>/ham10000`."""
-    unknown = [n for n in names if n not in DATASETS]
-    if unknown:
+    if unknown := [n for n in names if n not in DATASETS]:
         raise KeyError(f"unknown external dataset(s) {unknown}; known: {list(DATASETS)}")
     data_dir = Path(data_dir)
     if ham_image_dir is None and (data_dir / HAM_IMAGES).is_dir():

@@ -165,8 +165,7 @@ def read_test_metadata(path: str | Path) -> tuple[pl.DataFrame, MetadataNotes]:
     """
     path = Path(path)
     df = _read_text(path, "test")
-    missing = [c for c in FEATURE_INPUT_COLUMNS if c not in df.columns]
-    if missing:
+    if missing := [c for c in FEATURE_INPUT_COLUMNS if c not in df.columns]:
         raise SchemaError(
             f"{path}: test metadata has no column(s) {missing}, which the features read"
         )

@@ -23,8 +23,7 @@ class OOFError(ValueError):
 
 def validate_oof(df: pl.DataFrame, source: str | Path) -> pl.DataFrame:
     """Return `df` cast to the OOF dtypes and column order, or raise OOFError naming `source`."""
-    missing = [c for c in OOF_COLUMNS if c not in df.columns]
-    if missing:
+    if missing := [c for c in OOF_COLUMNS if c not in df.columns]:
         raise OOFError(f"{source}: OOF is missing column(s) {missing}")
     df = df.select([pl.col(c).cast(t) for c, t in OOF_COLUMNS.items()])
     dupes = df.filter(pl.col("isic_id").is_duplicated())["isic_id"].unique()

@@ -210,8 +210,7 @@ def _checked_paths(
 
 def _split_sizes(rows: int, patients: int | None, test_rows: int | None) -> tuple[int, int, int]:
     """Train patients, test rows and test patients (None: the real data's proportions)."""
-    patients = patients or max(2, round(REAL_PATIENTS * rows / REAL_ROWS))
-    patients = min(patients, rows)
+    patients = min(patients or max(2, round(REAL_PATIENTS * rows / REAL_ROWS)), rows)
     test_rows = test_rows if test_rows is not None else max(3, rows // 50)
     test_patients = max(1, min(test_rows, round(patients * test_rows / rows)))
     return patients, test_rows, test_patients
@@ -322,20 +321,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--out", required=True, type=Path, help="data dir to write (Kaggle layout)")
-    parser.add_argument("--rows", type=int, default=20_000, help="train rows (real: 401059)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--image-size", type=int, default=128, help="typical crop side in px")
-    parser.add_argument(
-        "--patients", type=int, default=None, help="train patients; none: 1042 x rows / 401059"
-    )
-    parser.add_argument("--positive-rate", type=float, default=0.001, help="share of positives")
-    parser.add_argument("--test-rows", type=int, default=None, help="none: rows // 50")
-    parser.add_argument(
-        "--truth", type=Path, default=None, help="none: <out>-truth.csv beside the data dir"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="image-rendering processes; none: CPUs, <= 8"
-    )
+    for flag, kind, default, text in (
+        ("--rows", int, 20_000, "train rows (real: 401059)"),
+        ("--seed", int, 0, "random seed"),
+        ("--image-size", int, 128, "typical crop side in px"),
+        ("--patients", int, None, "train patients; none: 1042 x rows / 401059"),
+        ("--positive-rate", float, 0.001, "share of positives"),
+        ("--test-rows", int, None, "none: rows // 50"),
+        ("--truth", Path, None, "none: <out>-truth.csv beside the data dir"),
+        ("--workers", int, None, "image-rendering processes; none: CPUs, <= 8"),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument(
         "--allow-few-positives",
         action="store_true",

@@ -66,8 +66,7 @@ class Structure:
     def of(cls, names: Iterable[str]) -> Structure:
         """Structure with `names` switched on; raises ValueError naming an unknown one."""
         names = list(names)
-        unknown = sorted(set(names) - set(STRUCTURES))
-        if unknown:
+        if unknown := sorted(set(names) - set(STRUCTURES)):
             raise ValueError(f"unknown synthetic structure(s) {unknown}; known: {list(STRUCTURES)}")
         return cls(**{n: True for n in names})
 

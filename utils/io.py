@@ -261,9 +261,6 @@ class HDF5Images:
         self._extents = state["extents"]
         self._reset()
 
-    def __contains__(self, isic_id: str) -> bool:
-        return isic_id in self._handle()
-
     def __len__(self) -> int:
         return len(self._handle())
 

@@ -131,15 +131,6 @@ def binary_metrics(y_true, y_score, threshold: float = 0.5) -> dict[str, float]:
     }
 
 
-def fold_scheme(dataset: ExternalDataset, n_folds: int, seed: int) -> dict[str, Any]:
-    """The fold scheme as recorded with every metric entry."""
-    return {
-        "n_folds": n_folds,
-        "seed": seed,
-        "description": f"{n_folds}-fold {dataset.fold_scheme}, seed {seed} (utils.folds)",
-    }
-
-
 def metric_entry(
     dataset: ExternalDataset,
     variant: str,
@@ -149,13 +140,14 @@ def metric_entry(
     folds: np.ndarray,
     cfg: ExternalEvalConfig,
 ) -> dict[str, Any]:
-    """One JSON entry: dataset, variant, OOF metrics, per-fold AUC, threshold and fold scheme."""
+    """One JSON entry: dataset, variant, OOF metrics, per-fold AUC, settings and fold scheme."""
     per_fold = [
         float(roc_auc_score(y[folds == k], score[folds == k]))
         if np.unique(y[folds == k]).size == 2
         else float("nan")
         for k in range(cfg.n_folds)
     ]
+    scheme = f"{cfg.n_folds}-fold {dataset.fold_scheme}, seed {cfg.seed} (utils.folds)"
     return {
         "dataset": dataset.name,
         "variant": variant,
@@ -164,10 +156,8 @@ def metric_entry(
         "positives": int(y.sum()),
         **binary_metrics(y, score, cfg.threshold),
         "fold_auc": per_fold,
-        "threshold": cfg.threshold,
-        "preset": cfg.preset,
-        "recipe": cfg.recipe,
-        "fold_scheme": fold_scheme(dataset, cfg.n_folds, cfg.seed),
+        **{name: getattr(cfg, name) for name in ("threshold", "preset", "recipe")},
+        "fold_scheme": {"n_folds": cfg.n_folds, "seed": cfg.seed, "description": scheme},
     }
 
 

@@ -36,10 +36,7 @@ TRAIN_ATTRIBUTIONS = {  # attribution -> (share of patients, copyright_license)
     "Memorial Sloan Kettering Cancer Center": (0.33, "CC-BY"),
     "Department of Dermatology, Hospital Clínic de Barcelona": (0.26, "CC-BY-NC"),
     "University Hospital of Basel": (0.16, "CC-BY-NC"),
-    "Frazer Institute, The University of Queensland, Dermatology Research Centre": (
-        0.13,
-        "CC-BY",
-    ),
+    CATEGORIES["attribution"][4]: (0.13, "CC-BY"),  # Frazer Institute, Univ. of Queensland
     "ACEMID MIA": (0.07, "CC-0"),
     "ViDIR Group, Department of Dermatology, Medical University of Vienna": (0.03, "CC-BY-NC"),
     CATEGORIES["attribution"][2]: (0.02, "CC-BY-NC"),  # Athens, Andreas Syggros Hospital

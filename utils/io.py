@@ -197,15 +197,14 @@ def jpeg_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
         if buf[i] != 0xFF:
             return None
         marker = buf[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
-            continue
         if marker in SOF_MARKERS:
             return struct.unpack(">HH", buf[i + 5 : i + 9])
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
             i += 2
-            continue
-        i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
+        else:
+            i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
     return None
 
 

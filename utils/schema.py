@@ -14,16 +14,13 @@ from pathlib import Path
 
 import polars as pl
 
-Str = pl.String
-F64 = pl.Float64
-
 # The 44 columns of test-metadata.csv, in file order: the text ones are strings, the rest Float64.
 _TEXT_COLUMNS = frozenset(
     "isic_id patient_id sex anatom_site_general image_type tbp_tile_type tbp_lv_location "  # noqa: SIM905
     "tbp_lv_location_simple attribution copyright_license".split()
 )
 TEST_COLUMNS: dict[str, pl.DataType] = {
-    name: Str if name in _TEXT_COLUMNS else F64
+    name: pl.String if name in _TEXT_COLUMNS else pl.Float64
     for name in """
     isic_id patient_id age_approx sex anatom_site_general clin_size_long_diam_mm image_type
     tbp_tile_type tbp_lv_A tbp_lv_Aext tbp_lv_B tbp_lv_Bext tbp_lv_C tbp_lv_Cext tbp_lv_H
@@ -39,16 +36,15 @@ TEST_COLUMNS: dict[str, pl.DataType] = {
 # The 11 columns only train-metadata.csv has (labels and pathology); never model inputs.
 TRAIN_ONLY_COLUMNS: dict[str, pl.DataType] = {
     "target": pl.Int8,
-    **dict.fromkeys("lesion_id iddx_full iddx_1 iddx_2 iddx_3 iddx_4 iddx_5".split(), Str),  # noqa: SIM905
-    "mel_mitotic_index": Str,
-    "mel_thick_mm": F64,
-    "tbp_lv_dnn_lesion_confidence": F64,
+    **dict.fromkeys("lesion_id iddx_full iddx_1 iddx_2 iddx_3 iddx_4 iddx_5".split(), pl.String),  # noqa: SIM905
+    "mel_mitotic_index": pl.String,
+    "mel_thick_mm": pl.Float64,
+    "tbp_lv_dnn_lesion_confidence": pl.Float64,
 }
-
 
 # The 55 train columns in the real file's order: target after isic_id, the rest at the end.
 TRAIN_COLUMNS: dict[str, pl.DataType] = (
-    {"isic_id": Str, "target": pl.Int8} | TEST_COLUMNS | TRAIN_ONLY_COLUMNS
+    {"isic_id": pl.String, "target": pl.Int8} | TEST_COLUMNS | TRAIN_ONLY_COLUMNS
 )
 
 ID_COLUMNS = ("isic_id", "patient_id")
@@ -83,7 +79,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
         "ViDIR Group, Department of Dermatology, Medical University of Vienna",
     ),
 }
-NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c, t in TEST_COLUMNS.items() if t == F64)
+NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c, t in TEST_COLUMNS.items() if t == pl.Float64)
 # What utils.tabular.features.build_features reads: a test file needs these, the rest may be absent.
 FEATURE_INPUT_COLUMNS: tuple[str, ...] = ID_COLUMNS + tuple(CATEGORIES) + NUMERIC_COLUMNS
 
@@ -186,12 +182,12 @@ def normalise_categories(df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]
     changed = {}
     exprs = []
     for col, values in CATEGORIES.items():
-        if col not in df.columns or df.schema[col] != Str:
+        if col not in df.columns or df.schema[col] != pl.String:
             continue
         lookup = {value.lower(): value for value in values}  # the values are trimmed already
         trimmed = pl.col(col).str.replace_all(r"\s+", " ").str.strip_chars()
         key = trimmed.str.to_lowercase()
-        canonical = key.replace_strict(lookup, default=trimmed, return_dtype=Str)
+        canonical = key.replace_strict(lookup, default=trimmed, return_dtype=pl.String)
         exprs.append(pl.when(trimmed != "").then(canonical).alias(col))
     if not exprs:
         return df, changed

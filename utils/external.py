@@ -97,12 +97,15 @@ def load_ph2(root: str | Path) -> ExternalDataset:
     ).with_columns(pl.sum_horizontal(PH2_COLOURS).cast(pl.Int8).alias("n_colours"))
     numeric = tuple(c for c in frame.columns if c not in ID_COLUMNS)
     paths = {i: root / "images" / f"{i}.jpg" for i in frame["isic_id"]}
+    missing = [i for i, p in paths.items() if not p.is_file()]
+    if 0 < len(missing) < len(paths):  # all missing: metadata only
+        raise FileNotFoundError(f"{source}: {len(missing)} image(s) missing, e.g. {missing[:3]}")
     return ExternalDataset(
         name="PH2",
         frame=frame,
         numeric_columns=numeric,
         categorical_columns=(),
-        image_paths=_existing(paths, source),
+        image_paths={} if missing else paths,
         fold_scheme="StratifiedGroupKFold, one image per patient (= stratified k-fold)",
     )
 
@@ -148,16 +151,6 @@ def load_ham10000(metadata_csv: str | Path, image_dir: str | Path | None = None)
         image_paths=paths,
         fold_scheme="StratifiedGroupKFold grouped by lesion_id",
     )
-
-
-def _existing(paths: dict[str, Path], source: Path) -> dict[str, Path]:
-    """`paths` when every file exists; {} when none does (metadata only); else an error."""
-    missing = [i for i, p in paths.items() if not p.is_file()]
-    if len(missing) == len(paths):
-        return {}
-    if missing:
-        raise FileNotFoundError(f"{source}: {len(missing)} image(s) missing, e.g. {missing[:3]}")
-    return paths
 
 
 def _jpeg_bytes(path: Path) -> bytes:

@@ -64,6 +64,10 @@ MALIGNANT_PATHS = (  # (share, iddx_2, iddx_3, iddx_4 options)
     ),
 )
 MITOTIC_INDEX = ("<1/mm^2", "1/mm^2", "2/mm^2", "3/mm^2", "4/mm^2")
+BENIGN_BIOPSIES = {  # iddx_2 -> iddx_3 of a biopsied benign lesion
+    "Benign melanocytic proliferations": "Nevus",
+    "Benign epidermal proliferations": "Seborrheic keratosis",
+}
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -338,17 +342,9 @@ def _suspicious_benign(
     cols["iddx_2"][indeterminate] = "Indeterminate melanocytic proliferations"
     cols["iddx_3"][indeterminate] = "Atypical melanocytic neoplasm"
     benign_biopsy = suspicious & ~indeterminate
-    cols["iddx_2"][benign_biopsy] = rng.choice(
-        np.array(
-            ["Benign melanocytic proliferations", "Benign epidermal proliferations"], dtype=object
-        ),
-        benign_biopsy.sum(),
-    )
-    cols["iddx_3"][benign_biopsy] = np.where(
-        cols["iddx_2"][benign_biopsy] == "Benign melanocytic proliferations",
-        "Nevus",
-        "Seborrheic keratosis",
-    )
+    iddx_2 = rng.choice(np.array(list(BENIGN_BIOPSIES), dtype=object), benign_biopsy.sum())
+    cols["iddx_2"][benign_biopsy] = iddx_2
+    cols["iddx_3"][benign_biopsy] = [BENIGN_BIOPSIES[value] for value in iddx_2]
     return suspicious
 
 

@@ -189,8 +189,6 @@ def normalise_categories(df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]
         key = trimmed.str.to_lowercase()
         canonical = key.replace_strict(lookup, default=trimmed, return_dtype=pl.String)
         exprs.append(pl.when(trimmed != "").then(canonical).alias(col))
-    if not exprs:
-        return df, changed
     out = df.with_columns(exprs)
     for col in (e.meta.output_name() for e in exprs):
         differs = df[col].ne_missing(out[col]) & df[col].is_not_null()

@@ -16,7 +16,7 @@ from utils.image.data import (
     validation_subsample,
 )
 from utils.io import HDF5Images, ImageReadError, read_metadata
-from utils.labels import suspicious_label, with_suspicious
+from utils.labels import suspicious_label
 
 
 @pytest.fixture
@@ -238,7 +238,7 @@ def test_suspicious_label_on_real_rows(fixtures_dir):
         for t, i1, i2 in meta.select("target", "iddx_1", "iddx_2").rows()
     ]
     assert suspicious_label(meta).to_list() == expected
-    assert with_suspicious(meta)["suspicious"].dtype == pl.Int8
+    assert meta.with_columns(suspicious_label(meta))["suspicious"].dtype == pl.Int8
 
 
 def test_suspicious_label_each_rule():

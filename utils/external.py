@@ -53,10 +53,16 @@ class ExternalDataset:
         return self.numeric_columns + self.categorical_columns
 
 
-def _require_columns(df: pl.DataFrame, required, source: Path) -> None:
-    missing = [c for c in required if c not in df.columns]
+def _read_csv(source: Path, what: str, required: tuple[str, ...]) -> pl.DataFrame:
+    """`source` as text; FileNotFoundError naming `what` when absent, ValueError naming the
+    `required` columns it lacks."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{what} not found: {source}")
+    raw = pl.read_csv(source, infer_schema=False)
+    missing = [c for c in required if c not in raw.columns]
     if missing:
         raise ValueError(f"{source}: missing column(s) {missing}")
+    return raw
 
 
 def _map_codes(df: pl.DataFrame, column: str, codes: dict, source: Path) -> pl.Expr:
@@ -73,12 +79,9 @@ def load_ph2(root: str | Path) -> ExternalDataset:
     """PH2 from `root` (ph2_labels.csv + images/IMDxxx.jpg): melanoma vs. nevus."""
     root = Path(root)
     source = root / PH2_LABELS
-    if not source.is_file():
-        raise FileNotFoundError(f"PH2 labels not found: {source}")
-    raw = pl.read_csv(source, infer_schema=False)
     required = ("image_name", "clinical_diagnosis", "asymmetry", "pigment_network")
     required += ("dots_globules", "streaks", "regression_areas", "blue_whitish_veil", *PH2_COLOURS)
-    _require_columns(raw, required, source)
+    raw = _read_csv(source, "PH2 labels", required)
     frame = raw.select(
         pl.col("image_name").alias("isic_id"),
         pl.col("image_name").alias("patient_id"),
@@ -94,12 +97,15 @@ def load_ph2(root: str | Path) -> ExternalDataset:
     ).with_columns(pl.sum_horizontal(PH2_COLOURS).cast(pl.Int8).alias("n_colours"))
     numeric = tuple(c for c in frame.columns if c not in ID_COLUMNS)
     paths = {i: root / "images" / f"{i}.jpg" for i in frame["isic_id"]}
+    missing = [i for i, p in paths.items() if not p.is_file()]
+    if 0 < len(missing) < len(paths):  # all missing: metadata only
+        raise FileNotFoundError(f"{source}: {len(missing)} image(s) missing, e.g. {missing[:3]}")
     return ExternalDataset(
         name="PH2",
         frame=frame,
         numeric_columns=numeric,
         categorical_columns=(),
-        image_paths=_existing(paths, source),
+        image_paths={} if missing else paths,
         fold_scheme="StratifiedGroupKFold, one image per patient (= stratified k-fold)",
     )
 
@@ -107,10 +113,7 @@ def load_ph2(root: str | Path) -> ExternalDataset:
 def load_ham10000(metadata_csv: str | Path, image_dir: str | Path | None = None) -> ExternalDataset:
     """HAM10000 from its metadata CSV (and, when given, a folder holding <image_id>.jpg files)."""
     source = Path(metadata_csv)
-    if not source.is_file():
-        raise FileNotFoundError(f"HAM10000 metadata not found: {source}")
-    raw = pl.read_csv(source, infer_schema=False)
-    _require_columns(raw, HAM_COLUMNS, source)
+    raw = _read_csv(source, "HAM10000 metadata", HAM_COLUMNS)
     unknown = raw.filter(~pl.col("dx").is_in(HAM_DIAGNOSES))
     if unknown.height:
         raise ValueError(
@@ -134,13 +137,12 @@ def load_ham10000(metadata_csv: str | Path, image_dir: str | Path | None = None)
         if not image_dir.is_dir():
             raise FileNotFoundError(f"HAM10000 image folder not found: {image_dir}")
         found = {p.stem: p for p in image_dir.rglob("*.jpg")}
-        paths = {i: found[i] for i in frame["isic_id"] if i in found}
-        missing = frame.height - len(paths)
-        if missing:
-            absent = [i for i in frame["isic_id"] if i not in found][:3]
+        if absent := [i for i in frame["isic_id"] if i not in found]:
             raise FileNotFoundError(
-                f"{image_dir}: {missing} of {frame.height} HAM10000 images missing, e.g. {absent}"
+                f"{image_dir}: {len(absent)} of {frame.height} HAM10000 images missing, "
+                f"e.g. {absent[:3]}"
             )
+        paths = {i: found[i] for i in frame["isic_id"]}
     return ExternalDataset(
         name="HAM10000",
         frame=frame,
@@ -149,16 +151,6 @@ def load_ham10000(metadata_csv: str | Path, image_dir: str | Path | None = None)
         image_paths=paths,
         fold_scheme="StratifiedGroupKFold grouped by lesion_id",
     )
-
-
-def _existing(paths: dict[str, Path], source: Path) -> dict[str, Path]:
-    """`paths` when every file exists; {} when none does (metadata only); else an error."""
-    missing = [i for i, p in paths.items() if not p.is_file()]
-    if len(missing) == len(paths):
-        return {}
-    if missing:
-        raise FileNotFoundError(f"{source}: {len(missing)} image(s) missing, e.g. {missing[:3]}")
-    return paths
 
 
 def _jpeg_bytes(path: Path) -> bytes:

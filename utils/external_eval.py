@@ -55,7 +55,6 @@ from utils.tabular.gbdt import apply_blend, feature_groups
 from utils.tabular.libraries import ENSEMBLE, META_MEMBER, make_members, resolve_params
 from utils.tabular.plus_features import patient_image_feature_names, patient_image_features
 
-METRICS = ("accuracy", "auc", "ap", "pauc")
 # FusionNetX paper, external evaluation (accuracy in %, as printed there).
 PAPER_RESULTS: dict[str, dict[str, float]] = {
     "HAM10000": {"accuracy": 95.2, "auc": 0.995, "ap": 0.885},
@@ -82,8 +81,7 @@ def load_datasets(
     ham_image_dir: str | Path | None = None,
 ) -> list[ExternalDataset]:
     """The datasets `names`; paths left None default to `<data_dir>/ph2`, `<data_dir>/ham10000`."""
-    unknown = [n for n in names if n not in DATASETS]
-    if unknown:
+    if unknown := [n for n in names if n not in DATASETS]:
         raise KeyError(f"unknown external dataset(s) {unknown}; known: {list(DATASETS)}")
     data_dir = Path(data_dir)
     if ham_image_dir is None and (data_dir / HAM_IMAGES).is_dir():
@@ -133,15 +131,6 @@ def binary_metrics(y_true, y_score, threshold: float = 0.5) -> dict[str, float]:
     }
 
 
-def fold_scheme(dataset: ExternalDataset, n_folds: int, seed: int) -> dict[str, Any]:
-    """The fold scheme as recorded with every metric entry."""
-    return {
-        "n_folds": n_folds,
-        "seed": seed,
-        "description": f"{n_folds}-fold {dataset.fold_scheme}, seed {seed} (utils.folds)",
-    }
-
-
 def metric_entry(
     dataset: ExternalDataset,
     variant: str,
@@ -151,13 +140,14 @@ def metric_entry(
     folds: np.ndarray,
     cfg: ExternalEvalConfig,
 ) -> dict[str, Any]:
-    """One JSON entry: dataset, variant, OOF metrics, per-fold AUC, threshold and fold scheme."""
+    """One JSON entry: dataset, variant, OOF metrics, per-fold AUC, settings and fold scheme."""
     per_fold = [
         float(roc_auc_score(y[folds == k], score[folds == k]))
         if np.unique(y[folds == k]).size == 2
         else float("nan")
         for k in range(cfg.n_folds)
     ]
+    scheme = f"{cfg.n_folds}-fold {dataset.fold_scheme}, seed {cfg.seed} (utils.folds)"
     return {
         "dataset": dataset.name,
         "variant": variant,
@@ -166,10 +156,8 @@ def metric_entry(
         "positives": int(y.sum()),
         **binary_metrics(y, score, cfg.threshold),
         "fold_auc": per_fold,
-        "threshold": cfg.threshold,
-        "preset": cfg.preset,
-        "recipe": cfg.recipe,
-        "fold_scheme": fold_scheme(dataset, cfg.n_folds, cfg.seed),
+        **{name: getattr(cfg, name) for name in ("threshold", "preset", "recipe")},
+        "fold_scheme": {"n_folds": cfg.n_folds, "seed": cfg.seed, "description": scheme},
     }
 
 
@@ -261,18 +249,10 @@ def fusion_variants(
 
 def external_image_config(model: str, cfg: ExternalEvalConfig) -> ImageConfig:
     """Stage 1 config of `model` for this evaluation (same folds and seed)."""
-    return image_config(
-        model,
-        cfg.preset,
-        cfg.recipe,
-        n_folds=cfg.n_folds,
-        seed=cfg.seed,
-        epochs=cfg.epochs,
-        image_size=cfg.image_size,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        weights_path=(cfg.weights_path or {}).get(model),
-    )
+    names = ("n_folds", "seed", "epochs", "image_size", "batch_size", "num_workers")
+    shared = {name: getattr(cfg, name) for name in names}
+    weights = (cfg.weights_path or {}).get(model)
+    return image_config(model, cfg.preset, cfg.recipe, weights_path=weights, **shared)
 
 
 @contextmanager
@@ -384,9 +364,7 @@ def paper_table(entries: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
                 "dataset": dataset,
                 "model": e["variant"],
                 "accuracy_%": round(100 * e["accuracy"], 1),
-                "auc": round(e["auc"], 4),
-                "ap": round(e["ap"], 4),
-                "pauc": round(e["pauc"], 4),
+                **{metric: round(e[metric], 4) for metric in ("auc", "ap", "pauc")},
                 "folds": e["fold_scheme"]["description"],
             }
             for e in ours
@@ -398,9 +376,7 @@ def paper_table(entries: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
                     "dataset": dataset,
                     "model": "FusionNetX paper (reported)",
                     "accuracy_%": paper["accuracy"],
-                    "auc": paper["auc"],
-                    "ap": paper["ap"],
-                    "pauc": None,
+                    **{metric: paper.get(metric) for metric in ("auc", "ap", "pauc")},
                     "folds": "as reported",
                 }
             )

@@ -13,6 +13,7 @@ outside utils.schema.VALUE_RANGES), so train and test see the same missing value
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,20 +92,15 @@ def cast_columns(df: pl.DataFrame, schema: dict, source: str | Path) -> pl.DataF
     return df.with_columns(casts)
 
 
-def read_metadata(path: str | Path, kind: str, *, validate: bool = True) -> pl.DataFrame:
-    """Read a train or test metadata CSV into the schema's dtypes (columns in file order).
-
-    Extra columns are kept as strings only when `validate` is False; otherwise a missing or
-    unexpected column raises SchemaError naming the file.
-    """
+def read_metadata(path: str | Path, kind: str) -> pl.DataFrame:
+    """Read a train or test metadata CSV into the schema's dtypes (columns in file order); a
+    missing or unexpected column raises SchemaError naming the file."""
     path = Path(path)
     df = _read_text(path, kind)
-    if validate:
-        validate_columns(df.columns, kind, path)
+    validate_columns(df.columns, kind, path)
     df, _ = normalise_categories(cast_columns(df, SCHEMAS[kind], path))
     df, _ = coerce_impossible(df)
-    if validate:
-        validate_frame(df, kind, path)
+    validate_frame(df, kind, path)
     return df
 
 
@@ -123,9 +119,8 @@ class MetadataNotes:
     rows: int
     ignored_columns: tuple[str, ...] = ()  # not in the schema: dropped
     absent_columns: tuple[str, ...] = ()  # in the schema, not read by the features: added empty
-    respelled: dict[str, int] = field(
-        default_factory=dict
-    )  # column -> values matched by case/space
+    # column -> values matched by case/space
+    respelled: dict[str, int] = field(default_factory=dict)
     unseen: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> value -> rows
     empty_columns: tuple[str, ...] = ()  # feature columns with no value in any row
     # column -> {why -> values made missing}: text NaN/inf, outside the schema's range
@@ -170,8 +165,7 @@ def read_test_metadata(path: str | Path) -> tuple[pl.DataFrame, MetadataNotes]:
     """
     path = Path(path)
     df = _read_text(path, "test")
-    missing = [c for c in FEATURE_INPUT_COLUMNS if c not in df.columns]
-    if missing:
+    if missing := [c for c in FEATURE_INPUT_COLUMNS if c not in df.columns]:
         raise SchemaError(
             f"{path}: test metadata has no column(s) {missing}, which the features read"
         )
@@ -203,17 +197,14 @@ def jpeg_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
         if buf[i] != 0xFF:
             return None
         marker = buf[i + 1]
+        if marker in SOF_MARKERS:
+            return struct.unpack(">HH", buf[i + 5 : i + 9])
         if marker == 0xFF:  # fill byte before a marker
             i += 1
-            continue
-        if marker in SOF_MARKERS:
-            return int.from_bytes(buf[i + 5 : i + 7], "big"), int.from_bytes(
-                buf[i + 7 : i + 9], "big"
-            )
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
             i += 2
-            continue
-        i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
+        else:
+            i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
     return None
 
 
@@ -268,9 +259,6 @@ class HDF5Images:
         self.path = state["path"]
         self._extents = state["extents"]
         self._reset()
-
-    def __contains__(self, isic_id: str) -> bool:
-        return isic_id in self._handle()
 
     def __len__(self) -> int:
         return len(self._handle())

@@ -8,28 +8,28 @@ import polars as pl
 SUSPICIOUS_COLUMNS = ("target", "iddx_1", "iddx_2")
 
 
+def _check_labels(df: pl.DataFrame, caller: str) -> None:
+    """KeyError for a missing SUSPICIOUS_COLUMNS column, ValueError for a row without target."""
+    missing = [c for c in SUSPICIOUS_COLUMNS if c not in df.columns]
+    if missing:
+        raise KeyError(f"{caller}: metadata lacks column(s) {missing}")
+    if df["target"].null_count():
+        raise ValueError(f"{caller}: {df['target'].null_count()} row(s) have no target")
+
+
 def suspicious_label(df: pl.DataFrame) -> pl.Series:
     """1 where target is 1, or iddx_1 == "Indeterminate", or iddx_2 is not null; else 0 (Int8).
 
     The method's "suspicious" label: lesions a dermatologist sent for a closer look are treated as
     positives for training, which gives the image model many more positives than target alone.
     """
-    missing = [c for c in SUSPICIOUS_COLUMNS if c not in df.columns]
-    if missing:
-        raise KeyError(f"suspicious_label: metadata lacks column(s) {missing}")
-    if df["target"].null_count():
-        raise ValueError(f"suspicious_label: {df['target'].null_count()} row(s) have no target")
+    _check_labels(df, "suspicious_label")
     label = (
         (pl.col("target") == 1)
         | (pl.col("iddx_1") == "Indeterminate").fill_null(False)
         | pl.col("iddx_2").is_not_null()
     )
-    return df.select(label.cast(pl.Int8).alias("suspicious"))["suspicious"]
-
-
-def with_suspicious(df: pl.DataFrame) -> pl.DataFrame:
-    """`df` with an Int8 `suspicious` column."""
-    return df.with_columns(suspicious_label(df))
+    return df.select(label.cast(pl.Int8).alias("suspicious")).to_series()
 
 
 def reference_filtered(df: pl.DataFrame) -> pl.Series:
@@ -41,18 +41,12 @@ def reference_filtered(df: pl.DataFrame) -> pl.Series:
     without them; its final refit keeps them. An empty iddx_2 string counts as null, as there
     (it reads the CSV with pandas, which turns "" into NaN).
     """
-    missing = [c for c in SUSPICIOUS_COLUMNS if c not in df.columns]
-    if missing:
-        raise KeyError(f"reference_filtered: metadata lacks column(s) {missing}")
-    if df["target"].null_count():
-        raise ValueError(f"reference_filtered: {df['target'].null_count()} row(s) have no target")
+    _check_labels(df, "reference_filtered")
     iddx_2 = pl.col("iddx_2").cast(pl.String)
     flagged = (pl.col("iddx_1") == "Indeterminate").fill_null(False) | (
         iddx_2.is_not_null() & (iddx_2 != "")
     )
-    return df.select(((pl.col("target") == 0) & flagged).alias("reference_filtered"))[
-        "reference_filtered"
-    ]
+    return df.select(((pl.col("target") == 0) & flagged).alias("reference_filtered")).to_series()
 
 
 def reference_filter_mask(metadata: pl.DataFrame, isic_ids: pl.Series) -> np.ndarray | None:

@@ -23,16 +23,14 @@ class OOFError(ValueError):
 
 def validate_oof(df: pl.DataFrame, source: str | Path) -> pl.DataFrame:
     """Return `df` cast to the OOF dtypes and column order, or raise OOFError naming `source`."""
-    missing = [c for c in OOF_COLUMNS if c not in df.columns]
-    if missing:
+    if missing := [c for c in OOF_COLUMNS if c not in df.columns]:
         raise OOFError(f"{source}: OOF is missing column(s) {missing}")
     df = df.select([pl.col(c).cast(t) for c, t in OOF_COLUMNS.items()])
     dupes = df.filter(pl.col("isic_id").is_duplicated())["isic_id"].unique()
     if len(dupes):
         raise OOFError(f"{source}: duplicate isic_id(s) in OOF, e.g. {dupes.head(3).to_list()}")
     for col in OOF_COLUMNS:
-        nulls = df[col].null_count()
-        if nulls:
+        if nulls := df[col].null_count():
             raise OOFError(f"{source}: column {col!r} has {nulls} empty value(s)")
     bad = df.filter(pl.col("pred").is_nan() | pl.col("pred").is_infinite())["isic_id"]
     if len(bad):

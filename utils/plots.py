@@ -66,9 +66,7 @@ def plot_fold_scores(scores: pl.DataFrame, ax: Axes | None = None) -> Axes:
     width = 0.8 / max(len(models), 1)
     for i, model in enumerate(models):
         rows = scores.filter(pl.col("model") == model).sort("fold")
-        ax.bar(
-            np.array(rows["fold"].to_list()) + i * width, rows["pauc"].to_list(), width, label=model
-        )
+        ax.bar(rows["fold"].to_numpy() + i * width, rows["pauc"].to_numpy(), width, label=model)
     ax.set_xticks(np.array(folds) + width * (len(models) - 1) / 2, [f"fold {f}" for f in folds])
     ax.set(ylabel="pAUC", title="pAUC per fold")
     legend_outside(ax, fontsize="small")

@@ -8,135 +8,64 @@ spelling variant is never encoded as an unseen category.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-Str = pl.String
-F64 = pl.Float64
-
-# The 44 columns of test-metadata.csv, in file order.
+# The 44 columns of test-metadata.csv, in file order: the text ones are strings, the rest Float64.
+_TEXT_COLUMNS = frozenset(
+    "isic_id patient_id sex anatom_site_general image_type tbp_tile_type tbp_lv_location "  # noqa: SIM905
+    "tbp_lv_location_simple attribution copyright_license".split()
+)
 TEST_COLUMNS: dict[str, pl.DataType] = {
-    "isic_id": Str,
-    "patient_id": Str,
-    "age_approx": F64,
-    "sex": Str,
-    "anatom_site_general": Str,
-    "clin_size_long_diam_mm": F64,
-    "image_type": Str,
-    "tbp_tile_type": Str,
-    "tbp_lv_A": F64,
-    "tbp_lv_Aext": F64,
-    "tbp_lv_B": F64,
-    "tbp_lv_Bext": F64,
-    "tbp_lv_C": F64,
-    "tbp_lv_Cext": F64,
-    "tbp_lv_H": F64,
-    "tbp_lv_Hext": F64,
-    "tbp_lv_L": F64,
-    "tbp_lv_Lext": F64,
-    "tbp_lv_areaMM2": F64,
-    "tbp_lv_area_perim_ratio": F64,
-    "tbp_lv_color_std_mean": F64,
-    "tbp_lv_deltaA": F64,
-    "tbp_lv_deltaB": F64,
-    "tbp_lv_deltaL": F64,
-    "tbp_lv_deltaLB": F64,
-    "tbp_lv_deltaLBnorm": F64,
-    "tbp_lv_eccentricity": F64,
-    "tbp_lv_location": Str,
-    "tbp_lv_location_simple": Str,
-    "tbp_lv_minorAxisMM": F64,
-    "tbp_lv_nevi_confidence": F64,
-    "tbp_lv_norm_border": F64,
-    "tbp_lv_norm_color": F64,
-    "tbp_lv_perimeterMM": F64,
-    "tbp_lv_radial_color_std_max": F64,
-    "tbp_lv_stdL": F64,
-    "tbp_lv_stdLExt": F64,
-    "tbp_lv_symm_2axis": F64,
-    "tbp_lv_symm_2axis_angle": F64,
-    "tbp_lv_x": F64,
-    "tbp_lv_y": F64,
-    "tbp_lv_z": F64,
-    "attribution": Str,
-    "copyright_license": Str,
+    name: pl.String if name in _TEXT_COLUMNS else pl.Float64
+    for name in """
+    isic_id patient_id age_approx sex anatom_site_general clin_size_long_diam_mm image_type
+    tbp_tile_type tbp_lv_A tbp_lv_Aext tbp_lv_B tbp_lv_Bext tbp_lv_C tbp_lv_Cext tbp_lv_H
+    tbp_lv_Hext tbp_lv_L tbp_lv_Lext tbp_lv_areaMM2 tbp_lv_area_perim_ratio tbp_lv_color_std_mean
+    tbp_lv_deltaA tbp_lv_deltaB tbp_lv_deltaL tbp_lv_deltaLB tbp_lv_deltaLBnorm tbp_lv_eccentricity
+    tbp_lv_location tbp_lv_location_simple tbp_lv_minorAxisMM tbp_lv_nevi_confidence
+    tbp_lv_norm_border tbp_lv_norm_color tbp_lv_perimeterMM tbp_lv_radial_color_std_max
+    tbp_lv_stdL tbp_lv_stdLExt tbp_lv_symm_2axis tbp_lv_symm_2axis_angle tbp_lv_x tbp_lv_y tbp_lv_z
+    attribution copyright_license
+    """.split()  # noqa: SIM905
 }
 
 # The 11 columns only train-metadata.csv has (labels and pathology); never model inputs.
 TRAIN_ONLY_COLUMNS: dict[str, pl.DataType] = {
     "target": pl.Int8,
-    "lesion_id": Str,
-    "iddx_full": Str,
-    "iddx_1": Str,
-    "iddx_2": Str,
-    "iddx_3": Str,
-    "iddx_4": Str,
-    "iddx_5": Str,
-    "mel_mitotic_index": Str,
-    "mel_thick_mm": F64,
-    "tbp_lv_dnn_lesion_confidence": F64,
+    **dict.fromkeys("lesion_id iddx_full iddx_1 iddx_2 iddx_3 iddx_4 iddx_5".split(), pl.String),  # noqa: SIM905
+    "mel_mitotic_index": pl.String,
+    "mel_thick_mm": pl.Float64,
+    "tbp_lv_dnn_lesion_confidence": pl.Float64,
 }
 
-
-def _train_order() -> dict[str, pl.DataType]:
-    """The 55 train columns in the real file's order: target after isic_id, the rest at the end."""
-    cols = {"isic_id": Str, "target": pl.Int8}
-    cols.update({k: v for k, v in TEST_COLUMNS.items() if k != "isic_id"})
-    cols.update({k: v for k, v in TRAIN_ONLY_COLUMNS.items() if k != "target"})
-    return cols
-
-
-TRAIN_COLUMNS: dict[str, pl.DataType] = _train_order()
+# The 55 train columns in the real file's order: target after isic_id, the rest at the end.
+TRAIN_COLUMNS: dict[str, pl.DataType] = (
+    {"isic_id": pl.String, "target": pl.Int8} | TEST_COLUMNS | TRAIN_ONLY_COLUMNS
+)
 
 ID_COLUMNS = ("isic_id", "patient_id")
 
 # Categorical model inputs and the values the real data uses (train plus the public test rows).
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "sex": ("female", "male"),
-    "anatom_site_general": (
-        "anterior torso",
-        "head/neck",
-        "lower extremity",
-        "posterior torso",
-        "upper extremity",
+    "anatom_site_general": tuple(
+        "anterior torso, head/neck, lower extremity, posterior torso, upper extremity".split(", ")  # noqa: SIM905
     ),
     "tbp_tile_type": ("3D: white", "3D: XP"),
-    "tbp_lv_location": (
-        "Head & Neck",
-        "Left Arm",
-        "Left Arm - Lower",
-        "Left Arm - Upper",
-        "Left Leg",
-        "Left Leg - Lower",
-        "Left Leg - Upper",
-        "Right Arm",
-        "Right Arm - Lower",
-        "Right Arm - Upper",
-        "Right Leg",
-        "Right Leg - Lower",
-        "Right Leg - Upper",
-        "Torso Back",
-        "Torso Back Bottom Third",
-        "Torso Back Middle Third",
-        "Torso Back Top Third",
-        "Torso Front",
-        "Torso Front Bottom Half",
-        "Torso Front Top Half",
-        "Unknown",
+    "tbp_lv_location": tuple(
+        "Head & Neck, Left Arm, Left Arm - Lower, Left Arm - Upper, Left Leg, Left Leg - Lower, "  # noqa: SIM905
+        "Left Leg - Upper, Right Arm, Right Arm - Lower, Right Arm - Upper, Right Leg, "
+        "Right Leg - Lower, Right Leg - Upper, Torso Back, Torso Back Bottom Third, "
+        "Torso Back Middle Third, Torso Back Top Third, Torso Front, Torso Front Bottom Half, "
+        "Torso Front Top Half, Unknown".split(", ")
     ),
-    "tbp_lv_location_simple": (
-        "Head & Neck",
-        "Left Arm",
-        "Left Leg",
-        "Right Arm",
-        "Right Leg",
-        "Torso Back",
-        "Torso Front",
-        "Unknown",
+    "tbp_lv_location_simple": tuple(
+        "Head & Neck, Left Arm, Left Leg, Right Arm, Right Leg, Torso Back, Torso Front, "  # noqa: SIM905
+        "Unknown".split(", ")
     ),
     "attribution": (
         "ACEMID MIA",
@@ -150,7 +79,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
         "ViDIR Group, Department of Dermatology, Medical University of Vienna",
     ),
 }
-NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c, t in TEST_COLUMNS.items() if t == F64)
+NUMERIC_COLUMNS: tuple[str, ...] = tuple(c for c, t in TEST_COLUMNS.items() if t == pl.Float64)
 # What utils.tabular.features.build_features reads: a test file needs these, the rest may be absent.
 FEATURE_INPUT_COLUMNS: tuple[str, ...] = ID_COLUMNS + tuple(CATEGORIES) + NUMERIC_COLUMNS
 
@@ -199,9 +128,7 @@ def coerce_impossible(df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, dict[st
     cells change: a patient's other rows keep their values."""
     counts: dict[str, dict[str, int]] = {}
     exprs = []
-    for col in (c for c in NUMERIC_COLUMNS if c in df.columns):
-        if not df.schema[col].is_float():
-            continue
+    for col in (c for c in NUMERIC_COLUMNS if c in df.columns and df.schema[c].is_float()):
         value_range = VALUE_RANGES.get(col, ValueRange())
         not_finite = pl.col(col).is_nan() | pl.col(col).is_infinite()
         outside = ~not_finite & value_range.outside(col)
@@ -222,15 +149,11 @@ def validate_columns(
     columns: Iterable[str], kind: str, source: str | Path, *, allow_extra: bool = False
 ) -> None:
     """Raise SchemaError naming `source` and the missing (or unexpected) columns for `kind`."""
-    expected = SCHEMAS[kind]
-    present = list(columns)
+    expected, present = SCHEMAS[kind], list(columns)
     missing = [c for c in expected if c not in present]
-    extra = [c for c in present if c not in expected]
-    problems = []
-    if missing:
-        problems.append(f"missing column(s) {missing}")
-    if extra and not allow_extra:
-        problems.append(f"unexpected column(s) {extra}")
+    extra = [] if allow_extra else [c for c in present if c not in expected]
+    found = (("missing", missing), ("unexpected", extra))
+    problems = [f"{what} column(s) {cols}" for what, cols in found if cols]
     if problems:
         raise SchemaError(f"{source}: {kind} metadata has " + " and ".join(problems))
 
@@ -239,8 +162,7 @@ def validate_frame(df: pl.DataFrame, kind: str, source: str | Path) -> None:
     """Check columns, unique non-null ids, and (train) a 0/1 target without nulls."""
     validate_columns(df.columns, kind, source)
     for col in ID_COLUMNS:
-        nulls = df[col].null_count()
-        if nulls:
+        if nulls := df[col].null_count():
             raise SchemaError(f"{source}: column {col!r} has {nulls} empty value(s)")
     dupes = df.filter(pl.col("isic_id").is_duplicated())["isic_id"].unique().sort()
     if len(dupes):
@@ -254,30 +176,19 @@ def validate_frame(df: pl.DataFrame, kind: str, source: str | Path) -> None:
             )
 
 
-def category_key(value: str) -> str:
-    """The form two category spellings are compared in: trimmed, single spaces, lower case."""
-    return re.sub(r"\s+", " ", value).strip().lower()
-
-
-def category_lookup(categories: Mapping[str, Iterable[str]] = CATEGORIES) -> dict[str, dict]:
-    """column -> {category_key(value) -> the canonical value}."""
-    return {col: {category_key(v): v for v in values} for col, values in categories.items()}
-
-
 def normalise_categories(df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
     """`df` with every known category spelled canonically (a value blank after trimming is
     null), and per column how many values were respelled; unknown values are only trimmed."""
     changed = {}
     exprs = []
-    for col, lookup in category_lookup().items():
-        if col not in df.columns or df.schema[col] != Str:
+    for col, values in CATEGORIES.items():
+        if col not in df.columns or df.schema[col] != pl.String:
             continue
+        lookup = {value.lower(): value for value in values}  # the values are trimmed already
         trimmed = pl.col(col).str.replace_all(r"\s+", " ").str.strip_chars()
         key = trimmed.str.to_lowercase()
-        canonical = key.replace_strict(lookup, default=trimmed, return_dtype=Str)
+        canonical = key.replace_strict(lookup, default=trimmed, return_dtype=pl.String)
         exprs.append(pl.when(trimmed != "").then(canonical).alias(col))
-    if not exprs:
-        return df, changed
     out = df.with_columns(exprs)
     for col in (e.meta.output_name() for e in exprs):
         differs = df[col].ne_missing(out[col]) & df[col].is_not_null()

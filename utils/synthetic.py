@@ -100,17 +100,13 @@ def _intercept(score: np.ndarray, rate: float) -> float:
 
 
 def _frame(columns: dict[str, np.ndarray], schema: dict) -> pl.DataFrame:
-    return pl.DataFrame(
-        [
-            pl.Series(name, _values(columns[name]), dtype=dtype, strict=False, nan_to_null=True)
-            for name, dtype in schema.items()
-        ]
-    )
-
-
-def _values(col: np.ndarray) -> np.ndarray | list:
-    """Object arrays go to Polars as lists; None and NaN become nulls (empty CSV cells)."""
-    return col.tolist() if col.dtype == object else col
+    """The schema's columns; object arrays go to Polars as lists, None and NaN become nulls
+    (empty CSV cells)."""
+    series = []
+    for name, dtype in schema.items():
+        values = columns[name].tolist() if columns[name].dtype == object else columns[name]
+        series.append(pl.Series(name, values, dtype=dtype, strict=False, nan_to_null=True))
+    return pl.DataFrame(series)
 
 
 def best_pauc(truth: pl.DataFrame) -> float:
@@ -123,16 +119,6 @@ def best_pauc(truth: pl.DataFrame) -> float:
 
 class FewPositivesWarning(UserWarning):
     """Fewer patients with a positive lesion than cross-validation folds: some folds get none."""
-
-
-def few_positives_message(positive_patients: int, patients: int, positives: int) -> str:
-    """Why such data cannot be cross-validated, and what to change."""
-    return (
-        f"{positive_patients} of {patients} train patient(s) have a positive lesion "
-        f"({positives} positive(s)), fewer than the {N_FOLDS} cross-validation folds: a fold "
-        "without positives has no pAUC and stage 1/3 fail on it. Raise --rows, --patients or "
-        "--positive-rate (e.g. --rows 600 --patients 30 --positive-rate 0.05, the demo sizes)"
-    )
 
 
 def default_truth_path(out_dir: str | Path) -> Path:
@@ -176,7 +162,9 @@ def generate(
     rng = np.random.default_rng(seed)
     train, test = _draw_splits(rng, rows, patients, test_rows, test_patients)
     risk, score = _risk(train, test, seed, structure or Structure())
-    prob, target = _draw_labels(rng, risk, rows, positive_rate)
+    # true probabilities, their mean over the train rows (first) positive_rate, and the labels
+    prob = 1 / (1 + np.exp(-(_intercept(risk[:rows], positive_rate) + risk)))
+    target = (rng.random(prob.size) < prob).astype(np.int8)
     positives, positive_patients = _count_positives(
         train, target[:rows], patients, require_positive_patients
     )
@@ -184,7 +172,12 @@ def generate(
     train.meta.update(draw_diagnoses(rng, target[:rows], risk[:rows]))
     _write_metadata(out_dir, train, test)
     truth = _write_truth(truth_path, train, test, prob, target, score)
-    _write_split_images(out_dir, rng, train, test, image_size, workers)
+    for split, name, desc in (
+        (train, TRAIN_IMAGES, "train images"),
+        (test, TEST_IMAGES, "test images"),
+    ):
+        params = image_params(split.meta, split.latent, rng, image_size)
+        write_images(out_dir / name, split.meta["isic_id"], params, workers, desc)
     return Summary(
         out_dir=out_dir,
         truth_path=truth_path,
@@ -217,8 +210,7 @@ def _checked_paths(
 
 def _split_sizes(rows: int, patients: int | None, test_rows: int | None) -> tuple[int, int, int]:
     """Train patients, test rows and test patients (None: the real data's proportions)."""
-    patients = patients or max(2, round(REAL_PATIENTS * rows / REAL_ROWS))
-    patients = min(patients, rows)
+    patients = min(patients or max(2, round(REAL_PATIENTS * rows / REAL_ROWS)), rows)
     test_rows = test_rows if test_rows is not None else max(3, rows // 50)
     test_patients = max(1, min(test_rows, round(patients * test_rows / rows)))
     return patients, test_rows, test_patients
@@ -265,17 +257,6 @@ def _risk(
     return risk, score
 
 
-def _draw_labels(
-    rng: np.random.Generator, risk: np.ndarray, rows: int, positive_rate: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """True probabilities (mean `positive_rate` over the first `rows`, the train rows) and the
-    labels drawn from them."""
-    logit = _intercept(risk[:rows], positive_rate) + risk
-    prob = 1 / (1 + np.exp(-logit))
-    target = (rng.random(prob.size) < prob).astype(np.int8)
-    return prob, target
-
-
 def _count_positives(
     train: _Split, target: np.ndarray, patients: int, required: int | None
 ) -> tuple[int, int]:
@@ -284,7 +265,12 @@ def _count_positives(
     positives = int(target.sum())
     positive_patients = len(set(train.meta["patient_id"][target == 1]))
     if positive_patients < (required or N_FOLDS):
-        message = few_positives_message(positive_patients, patients, positives)
+        message = (
+            f"{positive_patients} of {patients} train patient(s) have a positive lesion "
+            f"({positives} positive(s)), fewer than the {N_FOLDS} cross-validation folds: a fold "
+            "without positives has no pAUC and stage 1/3 fail on it. Raise --rows, --patients or "
+            "--positive-rate (e.g. --rows 600 --patients 30 --positive-rate 0.05, the demo sizes)"
+        )
         if required:
             raise ValueError(f"generate: {message}")
         warnings.warn(message, FewPositivesWarning, stacklevel=3)  # at generate's caller
@@ -326,23 +312,6 @@ def _write_truth(
     return truth
 
 
-def _write_split_images(
-    out_dir: Path,
-    rng: np.random.Generator,
-    train: _Split,
-    test: _Split,
-    image_size: int,
-    workers: int,
-) -> None:
-    """train-image.hdf5, then test-image.hdf5 (utils.synthetic_images)."""
-    for split, name, desc in (
-        (train, TRAIN_IMAGES, "train images"),
-        (test, TEST_IMAGES, "test images"),
-    ):
-        params = image_params(split.meta, split.latent, rng, image_size)
-        write_images(out_dir / name, split.meta["isic_id"], params, workers, desc)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: refuses (exit 2, nothing written) data with fewer positive
     patients than folds unless --allow-few-positives."""
@@ -352,20 +321,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--out", required=True, type=Path, help="data dir to write (Kaggle layout)")
-    parser.add_argument("--rows", type=int, default=20_000, help="train rows (real: 401059)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--image-size", type=int, default=128, help="typical crop side in px")
-    parser.add_argument(
-        "--patients", type=int, default=None, help="train patients; none: 1042 x rows / 401059"
-    )
-    parser.add_argument("--positive-rate", type=float, default=0.001, help="share of positives")
-    parser.add_argument("--test-rows", type=int, default=None, help="none: rows // 50")
-    parser.add_argument(
-        "--truth", type=Path, default=None, help="none: <out>-truth.csv beside the data dir"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="image-rendering processes; none: CPUs, <= 8"
-    )
+    for flag, kind, default, text in (
+        ("--rows", int, 20_000, "train rows (real: 401059)"),
+        ("--seed", int, 0, "random seed"),
+        ("--image-size", int, 128, "typical crop side in px"),
+        ("--patients", int, None, "train patients; none: 1042 x rows / 401059"),
+        ("--positive-rate", float, 0.001, "share of positives"),
+        ("--test-rows", int, None, "none: rows // 50"),
+        ("--truth", Path, None, "none: <out>-truth.csv beside the data dir"),
+        ("--workers", int, None, "image-rendering processes; none: CPUs, <= 8"),
+    ):
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument(
         "--allow-few-positives",
         action="store_true",
@@ -378,21 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=STRUCTURES,
         help="optional structures to plant (utils.synthetic_structure); none: the default data",
     )
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))  # the other options are generate's parameters
+    out_dir, args["truth_path"] = args.pop("out"), args.pop("truth")
+    args["require_positive_patients"] = None if args.pop("allow_few_positives") else N_FOLDS
+    args["structure"] = Structure.of(args["structure"])
     try:
-        summary = generate(
-            args.out,
-            rows=args.rows,
-            seed=args.seed,
-            image_size=args.image_size,
-            patients=args.patients,
-            positive_rate=args.positive_rate,
-            test_rows=args.test_rows,
-            truth_path=args.truth,
-            workers=args.workers,
-            require_positive_patients=None if args.allow_few_positives else N_FOLDS,
-            structure=Structure.of(args.structure),
-        )
+        summary = generate(out_dir, **args)
     except ValueError as err:
         print(f"ERROR {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ whichever process renders it.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
@@ -87,9 +88,8 @@ def _draw(params: np.ndarray) -> np.ndarray:
     inside = np.clip((radius - np.sqrt(u * u + v * v)) * 6.0 + 0.5, 0.0, 1.0).astype(np.float32)
     # Variegation: low-frequency colour blotches and dark (black / blue-grey) clods.
     blotch = rng.normal(0, 1, (5, 5, 4))
-    shade = lesion * (1.0 + 0.35 * varieg * blotch[..., :1]) + 20.0 * varieg * blotch[
-        ..., 1:3
-    ].mean(-1, keepdims=True)
+    warm = blotch[..., 1:3].mean(-1, keepdims=True)
+    shade = lesion * (1.0 + 0.35 * varieg * blotch[..., :1]) + 20.0 * varieg * warm
     small = shade - 80.0 * varieg * np.clip(blotch[..., 3:], 0, None) * np.array([1.0, 0.9, 0.6])
     colour = cv2.resize(
         np.clip(small, 0, 255).astype(np.uint8), (s, s), interpolation=cv2.INTER_LINEAR
@@ -127,19 +127,13 @@ def write_images(path: Path, ids: np.ndarray, params: np.ndarray, workers: int, 
     chunk = max(1, min(1000, -(-len(params) // max(workers, 1))))
     chunks = [params[i : i + chunk] for i in range(0, len(params), chunk)]
     workers = min(workers, len(params) // MIN_IMAGES_PER_WORKER)
-    with h5py.File(path, "w", libver="earliest") as h5:
+    parallel = workers > 1 and len(chunks) > 1
+    pool = get_context("spawn").Pool(workers) if parallel else nullcontext()
+    with pool, h5py.File(path, "w", libver="earliest") as h5:
+        results = pool.imap(_encode_chunk, chunks) if parallel else map(_encode_chunk, chunks)
         bar = tqdm(total=len(ids), desc=desc, unit="img", mininterval=2.0)
-        if workers > 1 and len(chunks) > 1:
-            with get_context("spawn").Pool(workers) as pool:
-                results = pool.imap(_encode_chunk, chunks)
-                _store(h5, ids, results, chunk, bar)
-        else:
-            _store(h5, ids, map(_encode_chunk, chunks), chunk, bar)
+        for k, jpegs in enumerate(results):
+            for isic_id, jpeg in zip(ids[k * chunk : k * chunk + len(jpegs)], jpegs, strict=True):
+                h5.create_dataset(isic_id, data=np.bytes_(jpeg))
+            bar.update(len(jpegs))
         bar.close()
-
-
-def _store(h5: h5py.File, ids: np.ndarray, results, chunk: int, bar) -> None:
-    for k, jpegs in enumerate(results):
-        for isic_id, jpeg in zip(ids[k * chunk : k * chunk + len(jpegs)], jpegs, strict=True):
-            h5.create_dataset(isic_id, data=np.bytes_(jpeg))
-        bar.update(len(jpegs))

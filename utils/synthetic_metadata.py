@@ -36,10 +36,7 @@ TRAIN_ATTRIBUTIONS = {  # attribution -> (share of patients, copyright_license)
     "Memorial Sloan Kettering Cancer Center": (0.33, "CC-BY"),
     "Department of Dermatology, Hospital Clínic de Barcelona": (0.26, "CC-BY-NC"),
     "University Hospital of Basel": (0.16, "CC-BY-NC"),
-    "Frazer Institute, The University of Queensland, Dermatology Research Centre": (
-        0.13,
-        "CC-BY",
-    ),
+    CATEGORIES["attribution"][4]: (0.13, "CC-BY"),  # Frazer Institute, Univ. of Queensland
     "ACEMID MIA": (0.07, "CC-0"),
     "ViDIR Group, Department of Dermatology, Medical University of Vienna": (0.03, "CC-BY-NC"),
     CATEGORIES["attribution"][2]: (0.02, "CC-BY-NC"),  # Athens, Andreas Syggros Hospital
@@ -67,6 +64,10 @@ MALIGNANT_PATHS = (  # (share, iddx_2, iddx_3, iddx_4 options)
     ),
 )
 MITOTIC_INDEX = ("<1/mm^2", "1/mm^2", "2/mm^2", "3/mm^2", "4/mm^2")
+BENIGN_BIOPSIES = {  # iddx_2 -> iddx_3 of a biopsied benign lesion
+    "Benign melanocytic proliferations": "Nevus",
+    "Benign epidermal proliferations": "Seborrheic keratosis",
+}
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -78,7 +79,9 @@ def draw_patients(rng: np.random.Generator, n: int, attributions: dict) -> dict[
     names = list(attributions)
     shares = np.array([attributions[a][0] for a in names])
     attribution = rng.choice(len(names), n, p=shares / shares.sum())
-    age = rng.choice(np.arange(15, 90, 5), n, p=_age_weights()).astype(float)
+    ages = np.arange(15, 90, 5)
+    age_weights = np.exp(-0.5 * ((ages - 60) / 14.0) ** 2)
+    age = rng.choice(ages, n, p=age_weights / age_weights.sum()).astype(float)
     age[rng.random(n) < AGE_NULL_RATE] = np.nan
     return {
         "attribution": np.array(names, dtype=object)[attribution],
@@ -98,20 +101,14 @@ def draw_patients(rng: np.random.Generator, n: int, attributions: dict) -> dict[
     }
 
 
-def _age_weights() -> np.ndarray:
-    ages = np.arange(15, 90, 5)
-    w = np.exp(-0.5 * ((ages - 60) / 14.0) ** 2)
-    return w / w.sum()
-
-
 def lesion_counts(rng: np.random.Generator, rows: int, patients: int) -> np.ndarray:
     """Very unequal lesions per patient (heavy-tailed, every patient at least one)."""
     weights = rng.lognormal(0.0, 1.3, patients)
     return 1 + rng.multinomial(rows - patients, weights / weights.sum())
 
 
-def _sites(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """anatom_site_general (with nulls), tbp_lv_location and tbp_lv_location_simple."""
+def _location_columns(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Body site (with nulls), location, simple location and 3D coordinates of `n` lesions."""
     names = list(SITES)
     p = np.array([SITES[s][0] for s in names])
     idx = rng.choice(len(names), n, p=p / p.sum())
@@ -124,11 +121,17 @@ def _sites(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np
     site[missing] = None
     location[missing] = "Unknown"
     simple = np.array([loc.split(" - ")[0] for loc in location], dtype=object)
-    simple = np.where(np.char.startswith(location.astype(str), "Torso Back"), "Torso Back", simple)
-    simple = np.where(
-        np.char.startswith(location.astype(str), "Torso Front"), "Torso Front", simple
-    )
-    return site, location, simple
+    for torso in ("Torso Back", "Torso Front"):  # "Torso Back Top Third" -> "Torso Back"
+        simple = np.where(np.char.startswith(location.astype(str), torso), torso, simple)
+    xyz = _coordinates(rng, location)
+    return {
+        "anatom_site_general": site,
+        "tbp_lv_location": location,
+        "tbp_lv_location_simple": simple,
+        "tbp_lv_x": xyz[:, 0],
+        "tbp_lv_y": xyz[:, 1],
+        "tbp_lv_z": xyz[:, 2],
+    }
 
 
 def _coordinates(rng: np.random.Generator, location: np.ndarray) -> np.ndarray:
@@ -170,13 +173,7 @@ def draw_lesions(
     colour = _colour_columns(rng, pat, p, m, c)
     location = _location_columns(rng, n)
     descriptors = _descriptor_columns(rng, m, c, raggedness, variegation, colour["tbp_lv_deltaLB"])
-    meta = {
-        **_patient_columns(pat, p, first_id),
-        **shape,
-        **colour,
-        **location,
-        **descriptors,
-    }
+    meta = _patient_columns(pat, p, first_id) | shape | colour | location | descriptors
     return meta, _latent(m, c, raggedness, variegation, pat["age"][p])
 
 
@@ -258,20 +255,6 @@ def _colour_columns(
     }
 
 
-def _location_columns(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-    """Body site, location and 3D coordinates of `n` lesions."""
-    site, location, simple = _sites(rng, n)
-    xyz = _coordinates(rng, location)
-    return {
-        "anatom_site_general": site,
-        "tbp_lv_location": location,
-        "tbp_lv_location_simple": simple,
-        "tbp_lv_x": xyz[:, 0],
-        "tbp_lv_y": xyz[:, 1],
-        "tbp_lv_z": xyz[:, 2],
-    }
-
-
 def _descriptor_columns(
     rng: np.random.Generator,
     m: np.ndarray,
@@ -339,21 +322,11 @@ def draw_diagnoses(
         f"IL_{k:07d}" for k in rng.choice(10**7, tracked.sum(), replace=False)
     ]
     parts = [cols[f"iddx_{level}"] for level in range(1, 6)]
-    iddx_full = np.array(
+    cols["iddx_full"] = np.array(
         ["::".join(v for v in row if v) for row in zip(*parts, strict=True)], dtype=object
     )
-    return {
-        "lesion_id": cols["lesion_id"],
-        "iddx_full": iddx_full,
-        "iddx_1": cols["iddx_1"],
-        "iddx_2": cols["iddx_2"],
-        "iddx_3": cols["iddx_3"],
-        "iddx_4": cols["iddx_4"],
-        "iddx_5": cols["iddx_5"],
-        "mel_mitotic_index": cols["mel_mitotic_index"],
-        "mel_thick_mm": cols["mel_thick_mm"],
-        "tbp_lv_dnn_lesion_confidence": 100 / (1 + np.exp(-rng.normal(3.0, 2.0, n))),
-    }
+    cols["tbp_lv_dnn_lesion_confidence"] = 100 / (1 + np.exp(-rng.normal(3.0, 2.0, n)))
+    return cols
 
 
 def _suspicious_benign(
@@ -369,17 +342,9 @@ def _suspicious_benign(
     cols["iddx_2"][indeterminate] = "Indeterminate melanocytic proliferations"
     cols["iddx_3"][indeterminate] = "Atypical melanocytic neoplasm"
     benign_biopsy = suspicious & ~indeterminate
-    cols["iddx_2"][benign_biopsy] = rng.choice(
-        np.array(
-            ["Benign melanocytic proliferations", "Benign epidermal proliferations"], dtype=object
-        ),
-        benign_biopsy.sum(),
-    )
-    cols["iddx_3"][benign_biopsy] = np.where(
-        cols["iddx_2"][benign_biopsy] == "Benign melanocytic proliferations",
-        "Nevus",
-        "Seborrheic keratosis",
-    )
+    iddx_2 = rng.choice(np.array(list(BENIGN_BIOPSIES), dtype=object), benign_biopsy.sum())
+    cols["iddx_2"][benign_biopsy] = iddx_2
+    cols["iddx_3"][benign_biopsy] = [BENIGN_BIOPSIES[value] for value in iddx_2]
     return suspicious
 
 

@@ -10,7 +10,7 @@ real data, planted so that an ablation can judge the candidates built for it.
   location normalisation and |z| features target (uchiyama33/isic-2024-2nd-place,
   src/isic_utils/feature_engineering.py: `_patient_loc_norm`, `ugly_duckling_processing`).
 - `site_rates`: the base rate and the scale of the risk-carrying descriptors depend on
-  anatom_site_general (`SITE_LOGIT`, `SITE_SCALE`): a raw value means something else on the
+  anatom_site_general (`SITE_EFFECTS`): a raw value means something else on the
   head than on a leg. What the 2nd place's within patient x site normalisation
   (`_patient_site_general_norm`) and every solution's site one-hots can use.
 - `image_patient`: the image scores have a patient-level part: every lesion of a patient is
@@ -39,21 +39,16 @@ SITE_OUTLIER_COLUMNS = (  # log-scale offsets (positive descriptors)
 )
 SITE_OUTLIER_LOCATION_SD = 0.6  # log-scale sd of a (patient, location) offset
 SITE_OUTLIER_SHIFT = 0.35  # log-scale shift per unit of site_score
-# additive logit per site (null: 0); head/neck lesions the most often malignant
-SITE_LOGIT: dict[str | None, float] = {
-    "head/neck": 1.0,
-    "posterior torso": 0.2,
-    "anterior torso": 0.1,
-    "upper extremity": -0.2,
-    "lower extremity": -0.4,
+# per site: additive logit (head/neck lesions the most often malignant) and factor on the
+# risk-carrying descriptors; a null site gets NO_SITE_EFFECT
+SITE_EFFECTS: dict[str | None, tuple[float, float]] = {
+    "head/neck": (1.0, 1.5),
+    "posterior torso": (0.2, 1.0),
+    "anterior torso": (0.1, 1.1),
+    "upper extremity": (-0.2, 0.8),
+    "lower extremity": (-0.4, 0.7),
 }
-SITE_SCALE: dict[str | None, float] = {  # factor on the risk-carrying descriptors per site
-    "head/neck": 1.5,
-    "posterior torso": 1.0,
-    "anterior torso": 1.1,
-    "upper extremity": 0.8,
-    "lower extremity": 0.7,
-}
+NO_SITE_EFFECT = (0.0, 1.0)
 SITE_SCALED_COLUMNS = ("tbp_lv_deltaLBnorm", "tbp_lv_norm_border", "tbp_lv_norm_color")
 CLIPPED_0_10 = ("tbp_lv_norm_border", "tbp_lv_norm_color")
 IMAGE_PATIENT_SD = 1.5  # logit-scale sd of a patient's image-score offset
@@ -71,8 +66,7 @@ class Structure:
     def of(cls, names: Iterable[str]) -> Structure:
         """Structure with `names` switched on; raises ValueError naming an unknown one."""
         names = list(names)
-        unknown = sorted(set(names) - set(STRUCTURES))
-        if unknown:
+        if unknown := sorted(set(names) - set(STRUCTURES)):
             raise ValueError(f"unknown synthetic structure(s) {unknown}; known: {list(STRUCTURES)}")
         return cls(**{n: True for n in names})
 
@@ -84,17 +78,14 @@ class Structure:
 STRUCTURES = tuple(f.name for f in fields(Structure))
 
 
-def _group_codes(*keys: np.ndarray) -> np.ndarray:
-    """Integer code per row of the distinct combinations of `keys` (None is a value)."""
-    joined = np.array(["\x1f".join(map(str, row)) for row in zip(*keys, strict=True)])
-    return np.unique(joined, return_inverse=True)[1]
-
-
 def _site_outlier(meta: dict, rng: np.random.Generator) -> np.ndarray:
     """Plant the within patient x location latent into `meta`; returns site_score."""
     n = len(meta["isic_id"])
     score = rng.standard_normal(n)
-    groups = _group_codes(meta["patient_id"], meta["tbp_lv_location"])
+    keys = zip(meta["patient_id"], meta["tbp_lv_location"], strict=True)  # a null is a value
+    groups = np.unique(
+        [f"{patient}\x1f{location}" for patient, location in keys], return_inverse=True
+    )[1]
     offsets = rng.normal(
         0.0, SITE_OUTLIER_LOCATION_SD, (groups.max() + 1, len(SITE_OUTLIER_COLUMNS))
     )
@@ -107,11 +98,11 @@ def _site_outlier(meta: dict, rng: np.random.Generator) -> np.ndarray:
 def _site_rates(meta: dict) -> np.ndarray:
     """Scale the risk-carrying descriptors by site in `meta`; returns the site's logit offset."""
     site = meta["anatom_site_general"]
-    scale = np.array([SITE_SCALE.get(s, 1.0) for s in site])
+    scale = np.array([SITE_EFFECTS.get(s, NO_SITE_EFFECT)[1] for s in site])
     for col in SITE_SCALED_COLUMNS:
         value = np.asarray(meta[col], dtype=np.float64) * scale
         meta[col] = np.clip(value, 0, 10) if col in CLIPPED_0_10 else value
-    return np.array([SITE_LOGIT.get(s, 0.0) for s in site])
+    return np.array([SITE_EFFECTS.get(s, NO_SITE_EFFECT)[0] for s in site])
 
 
 def plant(meta: dict, rng: np.random.Generator, structure: Structure) -> dict[str, np.ndarray]:

@@ -292,9 +292,17 @@ class FoldRun:
         self.batches.set_epoch(epoch)
         desc = f"{cfg.model_name} fold {self.fold} epoch {epoch}"
         train_loss = train_one_epoch(
-            self.model, self.loader, self.optimizer, self.scheduler, self.scaler, cfg,
-            group.device, desc, loss_weights=self.batches.loss_weights(), group=group,
-        )  # fmt: skip
+            self.model,
+            self.loader,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            cfg,
+            group.device,
+            desc,
+            loss_weights=self.batches.loss_weights(),
+            group=group,
+        )
         pred = self.predict(self.subset_ids, f"{desc} valid")
         val_loss = bce(self.subset_target, pred)
         score = safe_score(self.subset_target, pred, val_loss)

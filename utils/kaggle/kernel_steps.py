@@ -370,9 +370,13 @@ class KernelSteps:
         )
         repo_ids = frozenset(kb.defined_datasets().values())
         folder = kb.build_kernel(
-            kb.KERNELS_DIR / kernel, self.build_dir / "continue", self.opts.owner, params,
-            repo_ids=repo_ids, kernel_sources=own,
-        )  # fmt: skip
+            kb.KERNELS_DIR / kernel,
+            self.build_dir / "continue",
+            self.opts.owner,
+            params,
+            repo_ids=repo_ids,
+            kernel_sources=own,
+        )
         notebook = code_digest(folder / f"{kernel}.ipynb")
         done = record["progress"]["finished"]
         why = f"continue folds {remaining} of v{record['version']} (folds {done} finished)"
